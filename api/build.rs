@@ -1,0 +1,25 @@
+//! Compiles `proto/flotilla/v1/*.proto` with protox (pure Rust), so no system `protoc` is needed.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/flotilla/v1/kv.proto",
+        "proto/flotilla/v1/raft.proto",
+        "proto/flotilla/v1/admin.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // The encoded descriptor set feeds gRPC server reflection (grpcurl works without .proto files).
+    std::fs::write(out.join("flotilla_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Conversions between wire types (`v1`) and `flotilla-core` domain types, one module per family.
+
+pub mod kv;

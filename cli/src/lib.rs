@@ -1,0 +1,1 @@
+//! `flotctl`, the Flotilla CLI. Not built yet: see the membership issue.

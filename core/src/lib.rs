@@ -1,0 +1,4 @@
+//! Flotilla's pure domain: types, decisions and the store backend trait. No I/O, no runtime.
+
+pub mod kv;
+pub mod lincheck;

@@ -1,0 +1,1 @@
+//! End-to-end suite driving the real binaries. Store crash tests live in `hub/tests` for now.

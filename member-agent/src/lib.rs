@@ -1,0 +1,1 @@
+//! The member agent. Not built yet: see the membership issue.
