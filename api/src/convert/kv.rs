@@ -411,3 +411,148 @@ mod tests {
         );
     }
 }
+
+/// gRPC metadata key carrying a [`core::KvError`] label; its presence means the server itself
+/// decided the outcome (so, e.g., UNAVAILABLE with it means "not applied").
+pub const ERROR_LABEL_KEY: &str = "flotilla-error";
+/// gRPC metadata key naming the invalid field.
+pub const ERROR_FIELD_KEY: &str = "flotilla-field";
+/// gRPC metadata key with the oldest available revision after a compaction error.
+pub const COMPACT_REVISION_KEY: &str = "flotilla-compact-revision";
+/// gRPC metadata key with the revision asked for (compacted or future).
+pub const REQUESTED_REVISION_KEY: &str = "flotilla-requested-revision";
+
+/// Maps a store error to a gRPC status whose code tells the caller what to do.
+pub fn to_status(e: core::KvError) -> tonic::Status {
+    use tonic::Code;
+    let code = match &e {
+        core::KvError::InvalidArgument { .. } => Code::InvalidArgument,
+        core::KvError::Compacted { .. } | core::KvError::FutureRevision { .. } => Code::OutOfRange,
+        core::KvError::Unavailable(_) => Code::Unavailable,
+        core::KvError::OutcomeUnknown(_) => Code::Unknown,
+        core::KvError::Internal(_) => Code::Internal,
+    };
+    let mut s = tonic::Status::new(code, e.to_string());
+    let md = s.metadata_mut();
+    md.insert(
+        ERROR_LABEL_KEY,
+        tonic::metadata::MetadataValue::from_static(e.label()),
+    );
+    match &e {
+        core::KvError::InvalidArgument { field, .. } => {
+            if let Ok(v) = field.parse() {
+                md.insert(ERROR_FIELD_KEY, v);
+            }
+        }
+        core::KvError::Compacted { requested, oldest } => {
+            md.insert(COMPACT_REVISION_KEY, (*oldest).into());
+            md.insert(REQUESTED_REVISION_KEY, (*requested).into());
+        }
+        core::KvError::FutureRevision { requested, current } => {
+            md.insert(COMPACT_REVISION_KEY, (*current).into());
+            md.insert(REQUESTED_REVISION_KEY, (*requested).into());
+        }
+        _ => {}
+    }
+    s
+}
+
+/// Maps a gRPC status back to a store error. `write` says whether the call was a write: a
+/// failure the server did not itself report (a broken connection, a timeout) leaves a write's
+/// outcome unknown, but a read can simply be retried.
+pub fn from_status(s: &tonic::Status, write: bool) -> core::KvError {
+    let md = s.metadata();
+    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let num = |k: &str| get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    match get(ERROR_LABEL_KEY).as_deref() {
+        Some("invalid_argument") => core::KvError::InvalidArgument {
+            field: get(ERROR_FIELD_KEY).unwrap_or_default(),
+            reason: s.message().to_string(),
+        },
+        Some("compacted") => core::KvError::Compacted {
+            requested: num(REQUESTED_REVISION_KEY),
+            oldest: num(COMPACT_REVISION_KEY),
+        },
+        Some("future_revision") => core::KvError::FutureRevision {
+            requested: num(REQUESTED_REVISION_KEY),
+            current: num(COMPACT_REVISION_KEY),
+        },
+        Some("unavailable") => core::KvError::Unavailable(s.message().to_string()),
+        Some("outcome_unknown") => core::KvError::OutcomeUnknown(s.message().to_string()),
+        Some(_) => core::KvError::Internal(s.message().to_string()),
+        None => {
+            let msg = format!("{}: {}", s.code(), s.message());
+            // A request that never left (connection refused) was certainly not applied.
+            let lower = msg.to_ascii_lowercase();
+            let not_sent = s.code() == tonic::Code::Unavailable
+                && [
+                    "tcp connect error",
+                    "connection refused",
+                    "error trying to connect",
+                ]
+                .iter()
+                .any(|p| lower.contains(p));
+            if write && !not_sent {
+                core::KvError::OutcomeUnknown(msg)
+            } else {
+                core::KvError::Unavailable(msg)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn errors_round_trip_through_status() {
+        for e in [
+            core::KvError::invalid("success[0].put.key", "must not be empty"),
+            core::KvError::Compacted {
+                requested: 3,
+                oldest: 10,
+            },
+            core::KvError::FutureRevision {
+                requested: 30,
+                current: 10,
+            },
+            core::KvError::Unavailable("no leader".into()),
+        ] {
+            let s = to_status(e.clone());
+            let back = from_status(&s, true);
+            match (&e, &back) {
+                (
+                    core::KvError::InvalidArgument { field: a, .. },
+                    core::KvError::InvalidArgument { field: b, .. },
+                ) => {
+                    assert_eq!(a, b)
+                }
+                (core::KvError::Unavailable(_), core::KvError::Unavailable(_)) => {}
+                _ => assert_eq!(e, back),
+            }
+        }
+        assert_eq!(
+            to_status(core::KvError::invalid("key", "x")).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn transport_failure_of_a_write_is_outcome_unknown() {
+        let s = tonic::Status::unavailable("connection reset");
+        assert!(matches!(
+            from_status(&s, true),
+            core::KvError::OutcomeUnknown(_)
+        ));
+        assert!(matches!(
+            from_status(&s, false),
+            core::KvError::Unavailable(_)
+        ));
+        let refused = tonic::Status::unavailable("tcp connect error: Connection refused");
+        assert!(matches!(
+            from_status(&refused, true),
+            core::KvError::Unavailable(_)
+        ));
+    }
+}

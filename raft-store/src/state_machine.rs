@@ -1,0 +1,821 @@
+//! The revisioned key-value state machine on redb (`sm.redb`).
+//!
+//! Tables: `kv` (current record per key), `mvcc` ((key, revision) → record or tombstone, for
+//! reads at a past revision), `events` (revision → that revision's events, for watches), and
+//! `sm_meta` (last applied log id, membership, revision, compact revision).
+//!
+//! Applies commit without fsync: the log is fsynced, so after a crash the state machine
+//! restarts from its last durable point and openraft re-applies the committed entries that
+//! follow. Building or installing a snapshot commits durably, and the log is only purged up to
+//! a snapshot, so no entry is purged before the state it produced is on disk.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Cursor;
+use std::sync::Arc;
+
+use flotilla_core::kv::{
+    Event, EventKind, KeyRange, KeyValue, KvError, Op, OpResult, RangeRequest, RangeResult,
+    Revision, TxnRequest, TxnResult, WatchBatch, WatchRequest, WatchStream,
+};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use crate::types::{
+    Applied, Command, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+pub(crate) const KV: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("kv");
+pub(crate) const MVCC: TableDefinition<'_, (&[u8], i64), &[u8]> = TableDefinition::new("mvcc");
+pub(crate) const EVENTS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("events");
+pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
+pub(crate) const SNAP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
+
+pub(crate) const FORMAT_SM: &[u8] = b"flotilla-raft-sm/1";
+const KEY_STATE: &str = "state";
+
+/// Most revisions one watch catch-up read returns before yielding them.
+const CATCH_UP_CHUNK: usize = 1024;
+
+fn any(e: impl Into<redb::Error>) -> AnyError {
+    AnyError::new(&e.into())
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encoding of an in-memory value cannot fail")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, redb::Error> {
+    postcard::from_bytes(b).map_err(|e| redb::Error::Corrupted(format!("undecodable record: {e}")))
+}
+
+fn internal(e: impl std::fmt::Display) -> KvError {
+    KvError::Internal(e.to_string())
+}
+
+/// A key's record as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Rec {
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
+    value: Vec<u8>,
+}
+
+impl Rec {
+    fn to_kv(&self, key: &[u8], keys_only: bool) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: if keys_only {
+                Vec::new()
+            } else {
+                self.value.clone()
+            },
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+        }
+    }
+}
+
+/// The state machine's own bookkeeping, stored as one record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct SmState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    revision: Revision,
+    compact_revision: Revision,
+}
+
+/// Everything a snapshot carries: the tables, raw.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayload {
+    state: SmState,
+    kv: Vec<(Vec<u8>, Vec<u8>)>,
+    mvcc: Vec<(Vec<u8>, i64, Vec<u8>)>,
+    events: Vec<(i64, Vec<u8>)>,
+}
+
+/// What watchers hear after each apply.
+#[derive(Clone, Debug)]
+pub(crate) enum Notice {
+    /// All events of one new revision.
+    Batch(Arc<WatchBatch>),
+    /// The state was replaced by a snapshot: re-read from the tables.
+    Reset,
+}
+
+/// State machine tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct SmConfig {
+    /// Revisions of history kept for watches and past reads; older history is compacted
+    /// automatically (0 = never compact automatically).
+    pub history_revisions: i64,
+}
+
+impl Default for SmConfig {
+    fn default() -> Self {
+        Self {
+            history_revisions: 100_000,
+        }
+    }
+}
+
+/// Read access to the state machine, shared by the gRPC services and watchers.
+pub struct SmReader {
+    db: Arc<Database>,
+    notify: broadcast::Sender<Notice>,
+}
+
+impl SmReader {
+    fn state(&self, r: &redb::ReadTransaction) -> Result<SmState, redb::Error> {
+        let t = r.open_table(SM_META)?;
+        match t.get(KEY_STATE)? {
+            Some(v) => dec(v.value()),
+            None => Ok(SmState::default()),
+        }
+    }
+
+    /// The current revision and the oldest revision still readable.
+    pub fn revisions(&self) -> Result<(Revision, Revision), KvError> {
+        let r = self.db.begin_read().map_err(internal)?;
+        let s = self.state(&r).map_err(internal)?;
+        Ok((s.revision, s.compact_revision))
+    }
+
+    /// The last applied log index.
+    pub fn last_applied_index(&self) -> Result<u64, KvError> {
+        let r = self.db.begin_read().map_err(internal)?;
+        Ok(self
+            .state(&r)
+            .map_err(internal)?
+            .last_applied
+            .map_or(0, |l| l.index))
+    }
+
+    /// Reads from the local replica (the caller ensures the consistency it promised).
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResult, KvError> {
+        let r = self.db.begin_read().map_err(internal)?;
+        let s = self.state(&r).map_err(internal)?;
+        if req.revision > s.revision {
+            return Err(KvError::FutureRevision {
+                requested: req.revision,
+                current: s.revision,
+            });
+        }
+        if req.revision > 0 && req.revision < s.compact_revision {
+            return Err(KvError::Compacted {
+                requested: req.revision,
+                oldest: s.compact_revision,
+            });
+        }
+        let mut res = if req.revision == 0 || req.revision == s.revision {
+            let t = r.open_table(KV).map_err(internal)?;
+            range_latest(&t, req).map_err(internal)?
+        } else {
+            let t = r.open_table(MVCC).map_err(internal)?;
+            range_at(&t, req, req.revision).map_err(internal)?
+        };
+        res.revision = s.revision;
+        Ok(res)
+    }
+
+    /// A SHA-256 over every key's current record and the revision: equal on in-sync replicas.
+    pub fn digest(&self) -> Result<String, KvError> {
+        let r = self.db.begin_read().map_err(internal)?;
+        let s = self.state(&r).map_err(internal)?;
+        let t = r.open_table(KV).map_err(internal)?;
+        let mut h = Sha256::new();
+        h.update(s.revision.to_be_bytes());
+        for item in t.iter().map_err(internal)? {
+            let (k, v) = item.map_err(internal)?;
+            h.update((k.value().len() as u64).to_be_bytes());
+            h.update(k.value());
+            h.update((v.value().len() as u64).to_be_bytes());
+            h.update(v.value());
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Reads up to [`CATCH_UP_CHUNK`] revisions from `from`, filtered for a watch.
+    /// Returns the matching batches and the next revision to read.
+    fn read_events(
+        &self,
+        from: Revision,
+        w: &WatchRequest,
+    ) -> Result<(Vec<WatchBatch>, Revision), KvError> {
+        let r = self.db.begin_read().map_err(internal)?;
+        let s = self.state(&r).map_err(internal)?;
+        if from < s.compact_revision {
+            return Err(KvError::Compacted {
+                requested: from,
+                oldest: s.compact_revision,
+            });
+        }
+        let t = r.open_table(EVENTS).map_err(internal)?;
+        let mut out = Vec::new();
+        let mut next = from;
+        for item in t.range(from..).map_err(internal)?.take(CATCH_UP_CHUNK) {
+            let (rev, v) = item.map_err(internal)?;
+            let events: Vec<Event> = dec(v.value()).map_err(internal)?;
+            let batch = WatchBatch {
+                revision: rev.value(),
+                events,
+            };
+            if let Some(b) = filter(&batch, w) {
+                out.push(b);
+            }
+            next = rev.value() + 1;
+        }
+        Ok((out, next))
+    }
+
+    /// Streams changes matching `w`, in revision order, each revision once.
+    pub fn watch(self: &Arc<Self>, w: WatchRequest) -> Result<WatchStream, KvError> {
+        // Subscribe before reading history so no revision falls between the two.
+        let rx = self.notify.subscribe();
+        let (current, compact) = self.revisions()?;
+        let next = if w.start_revision == 0 {
+            current + 1
+        } else {
+            w.start_revision
+        };
+        if next < compact {
+            return Err(KvError::Compacted {
+                requested: next,
+                oldest: compact,
+            });
+        }
+        let st = WatchState {
+            reader: self.clone(),
+            w,
+            next,
+            rx,
+            pending: VecDeque::new(),
+            catch_up: true,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            Some(st),
+            |st| async move {
+                let mut st = st?;
+                match st.next_batch().await {
+                    Ok(Some(b)) => Some((Ok(b), Some(st))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            },
+        )))
+    }
+}
+
+/// One watcher's position: the next revision it owes the client.
+struct WatchState {
+    reader: Arc<SmReader>,
+    w: WatchRequest,
+    next: Revision,
+    rx: broadcast::Receiver<Notice>,
+    pending: VecDeque<WatchBatch>,
+    catch_up: bool,
+}
+
+impl WatchState {
+    async fn next_batch(&mut self) -> Result<Option<WatchBatch>, KvError> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Ok(Some(b));
+            }
+            if self.catch_up {
+                let (batches, next) = self.reader.read_events(self.next, &self.w)?;
+                let progressed = next > self.next;
+                self.next = next;
+                self.pending.extend(batches);
+                // Keep reading the tables until they are exhausted, then switch to live.
+                self.catch_up = progressed;
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(Notice::Batch(b)) if b.revision < self.next => {}
+                Ok(Notice::Batch(b)) if b.revision == self.next => {
+                    self.next += 1;
+                    if let Some(f) = filter(&b, &self.w) {
+                        return Ok(Some(f));
+                    }
+                }
+                // A gap (we fell behind), a lag, or a snapshot install: re-read the tables.
+                Ok(Notice::Batch(_))
+                | Ok(Notice::Reset)
+                | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.catch_up = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(None),
+            }
+        }
+    }
+}
+
+fn filter(b: &WatchBatch, w: &WatchRequest) -> Option<WatchBatch> {
+    let events: Vec<Event> = b
+        .events
+        .iter()
+        .filter(|e| w.range.contains(&e.kv.key))
+        .map(|e| Event {
+            prev_kv: if w.prev_kv { e.prev_kv.clone() } else { None },
+            ..e.clone()
+        })
+        .collect();
+    (!events.is_empty()).then(|| WatchBatch {
+        revision: b.revision,
+        events,
+    })
+}
+
+fn key_bounds(range: &KeyRange) -> (Vec<u8>, Option<Vec<u8>>) {
+    (range.key.clone(), range.end())
+}
+
+fn range_latest<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    req: &RangeRequest,
+) -> Result<RangeResult, redb::Error> {
+    let (start, end) = key_bounds(&req.range);
+    let iter = match &end {
+        Some(e) => t.range::<&[u8]>(start.as_slice()..e.as_slice())?,
+        None => t.range::<&[u8]>(start.as_slice()..)?,
+    };
+    let mut res = RangeResult::default();
+    for item in iter {
+        let (k, v) = item?;
+        res.count += 1;
+        if req.limit > 0 && res.kvs.len() as i64 >= req.limit {
+            res.more = true;
+            continue;
+        }
+        let rec: Rec = dec(v.value())?;
+        res.kvs.push(rec.to_kv(k.value(), req.keys_only));
+    }
+    Ok(res)
+}
+
+fn range_at<T: ReadableTable<(&'static [u8], i64), &'static [u8]>>(
+    t: &T,
+    req: &RangeRequest,
+    at: Revision,
+) -> Result<RangeResult, redb::Error> {
+    let (start, end) = key_bounds(&req.range);
+    let lo = (start.as_slice(), i64::MIN);
+    let iter = match &end {
+        Some(e) => t.range::<(&[u8], i64)>(lo..(e.as_slice(), i64::MIN))?,
+        None => t.range::<(&[u8], i64)>(lo..)?,
+    };
+    let mut res = RangeResult::default();
+    // Versions come sorted by (key, revision): remember the newest visible one per key.
+    let mut current: Option<(Vec<u8>, Option<Rec>)> = None;
+    let flush = |cur: Option<(Vec<u8>, Option<Rec>)>, res: &mut RangeResult| {
+        if let Some((k, Some(rec))) = cur {
+            res.count += 1;
+            if req.limit > 0 && res.kvs.len() as i64 >= req.limit {
+                res.more = true;
+            } else {
+                res.kvs.push(rec.to_kv(&k, req.keys_only));
+            }
+        }
+    };
+    for item in iter {
+        let (k, v) = item?;
+        let (key, rev) = k.value();
+        if current.as_ref().is_some_and(|(ck, _)| ck.as_slice() != key) {
+            flush(current.take(), &mut res);
+        }
+        if current.is_none() {
+            current = Some((key.to_vec(), None));
+        }
+        if rev <= at {
+            let rec: Option<Rec> = dec(v.value())?;
+            if let Some(c) = current.as_mut() {
+                c.1 = rec;
+            }
+        }
+    }
+    flush(current.take(), &mut res);
+    Ok(res)
+}
+
+/// The Raft state machine. Owned by openraft; readers use [`SmReader`].
+pub struct StateMachine {
+    reader: Arc<SmReader>,
+    state: SmState,
+    config: SmConfig,
+}
+
+impl StateMachine {
+    /// Opens the state machine in an opened `sm.redb` (see [`crate::data_dir`]).
+    pub(crate) fn open(db: Arc<Database>, config: SmConfig) -> Result<Self, redb::Error> {
+        let (notify, _) = broadcast::channel(1024);
+        let reader = Arc::new(SmReader { db, notify });
+        let r = reader.db.begin_read()?;
+        let state = reader.state(&r)?;
+        Ok(Self {
+            reader,
+            state,
+            config,
+        })
+    }
+
+    /// The shared read handle.
+    pub fn reader(&self) -> Arc<SmReader> {
+        self.reader.clone()
+    }
+
+    fn apply_batch(
+        db: &Database,
+        state: &mut SmState,
+        config: SmConfig,
+        entries: Vec<Entry>,
+    ) -> Result<(Vec<Applied>, Vec<WatchBatch>), redb::Error> {
+        let mut w = db.begin_write()?;
+        w.set_durability(Durability::None)?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut batches = Vec::new();
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            let applied = match entry.payload {
+                EntryPayload::Blank => Applied::None,
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Applied::None
+                }
+                EntryPayload::Normal(Command::Txn(t)) => {
+                    let (res, events) = apply_txn(&w, state, &t)?;
+                    if !events.is_empty() {
+                        batches.push(WatchBatch {
+                            revision: state.revision,
+                            events,
+                        });
+                    }
+                    Applied::Txn(res)
+                }
+                EntryPayload::Normal(Command::Compact(rev)) => {
+                    if rev > state.revision {
+                        Applied::Rejected(KvError::FutureRevision {
+                            requested: rev,
+                            current: state.revision,
+                        })
+                    } else {
+                        compact(&w, state, rev)?;
+                        Applied::Compacted(state.compact_revision)
+                    }
+                }
+            };
+            out.push(applied);
+        }
+        let window = config.history_revisions;
+        // Compact in steps of a quarter window so the cost is amortized.
+        if window > 0 && state.revision - state.compact_revision >= window + (window / 4).max(1) {
+            compact(&w, state, state.revision - window)?;
+        }
+        w.open_table(SM_META)?
+            .insert(KEY_STATE, enc(state).as_slice())?;
+        w.commit()?;
+        Ok((out, batches))
+    }
+}
+
+fn get_rec<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    key: &[u8],
+) -> Result<Option<Rec>, redb::Error> {
+    match t.get(key)? {
+        Some(v) => Ok(Some(dec(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn apply_txn(
+    w: &WriteTransaction,
+    state: &mut SmState,
+    req: &TxnRequest,
+) -> Result<(TxnResult, Vec<Event>), redb::Error> {
+    let mut kv = w.open_table(KV)?;
+    let mut mvcc = w.open_table(MVCC)?;
+    let mut succeeded = true;
+    for c in &req.compare {
+        let cur = get_rec(&kv, &c.key)?.map(|r| r.to_kv(&c.key, false));
+        if !c.holds(cur.as_ref()) {
+            succeeded = false;
+            break;
+        }
+    }
+    let ops = if succeeded {
+        &req.success
+    } else {
+        &req.failure
+    };
+    let rev = state.revision + 1;
+    let mut events = Vec::new();
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Range(r) => {
+                // Reads inside a txn see the txn's earlier writes, at the txn's revision.
+                let mut rr = range_latest(&kv, r)?;
+                rr.revision = if events.is_empty() {
+                    state.revision
+                } else {
+                    rev
+                };
+                results.push(OpResult::Range(rr));
+            }
+            Op::Put {
+                key,
+                value,
+                prev_kv,
+            } => {
+                let prev = get_rec(&kv, key)?;
+                let rec = Rec {
+                    create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                    mod_revision: rev,
+                    version: prev.as_ref().map_or(1, |p| p.version + 1),
+                    value: value.clone(),
+                };
+                let bytes = enc(&rec);
+                kv.insert(key.as_slice(), bytes.as_slice())?;
+                mvcc.insert((key.as_slice(), rev), enc(&Some(&rec)).as_slice())?;
+                let prev_kv_rec = prev.map(|p| p.to_kv(key, false));
+                events.push(Event {
+                    kind: EventKind::Put,
+                    kv: rec.to_kv(key, false),
+                    prev_kv: prev_kv_rec.clone(),
+                });
+                results.push(OpResult::Put {
+                    prev_kv: if *prev_kv { prev_kv_rec } else { None },
+                });
+            }
+            Op::Delete { range, prev_kv } => {
+                let all = RangeRequest::new(range.clone());
+                let doomed = range_latest(&kv, &all)?.kvs;
+                for d in &doomed {
+                    kv.remove(d.key.as_slice())?;
+                    mvcc.insert((d.key.as_slice(), rev), enc(&None::<Rec>).as_slice())?;
+                    events.push(Event {
+                        kind: EventKind::Delete,
+                        kv: KeyValue {
+                            key: d.key.clone(),
+                            mod_revision: rev,
+                            ..Default::default()
+                        },
+                        prev_kv: Some(d.clone()),
+                    });
+                }
+                results.push(OpResult::Delete {
+                    deleted: doomed.len() as i64,
+                    prev_kvs: if *prev_kv { doomed } else { Vec::new() },
+                });
+            }
+        }
+    }
+    if !events.is_empty() {
+        state.revision = rev;
+        w.open_table(EVENTS)?.insert(rev, enc(&events).as_slice())?;
+    }
+    Ok((
+        TxnResult {
+            succeeded,
+            revision: state.revision,
+            results,
+        },
+        events,
+    ))
+}
+
+/// Discards history before `to`: events below it, and every version that no read at a
+/// revision >= `to` can see.
+fn compact(w: &WriteTransaction, state: &mut SmState, to: Revision) -> Result<(), redb::Error> {
+    if to <= state.compact_revision {
+        return Ok(());
+    }
+    let mut events = w.open_table(EVENTS)?;
+    let mut mvcc = w.open_table(MVCC)?;
+    // Only keys changed since the last compaction can have versions to drop.
+    let mut keys = BTreeSet::new();
+    for item in events.range(state.compact_revision..to)? {
+        let (_, v) = item?;
+        for e in dec::<Vec<Event>>(v.value())? {
+            keys.insert(e.kv.key);
+        }
+    }
+    for key in &keys {
+        let mut versions: Vec<(i64, bool)> = Vec::new();
+        for item in mvcc.range::<(&[u8], i64)>((key.as_slice(), i64::MIN)..=(key.as_slice(), to))? {
+            let (k, v) = item?;
+            versions.push((k.value().1, dec::<Option<Rec>>(v.value())?.is_none()));
+        }
+        // Keep the newest version at or below `to`, unless it is a tombstone.
+        let keep = versions.last().filter(|(_, tomb)| !tomb).map(|(r, _)| *r);
+        for (rev, _) in versions {
+            if Some(rev) != keep {
+                mvcc.remove((key.as_slice(), rev))?;
+            }
+        }
+    }
+    events.retain_in(..to, |_, _| false)?;
+    state.compact_revision = to;
+    Ok(())
+}
+
+fn build_payload(db: &Database) -> Result<SnapshotPayload, redb::Error> {
+    let r = db.begin_read()?;
+    let state = {
+        let t = r.open_table(SM_META)?;
+        match t.get(KEY_STATE)? {
+            Some(v) => dec(v.value())?,
+            None => SmState::default(),
+        }
+    };
+    let mut p = SnapshotPayload {
+        state,
+        kv: Vec::new(),
+        mvcc: Vec::new(),
+        events: Vec::new(),
+    };
+    for item in r.open_table(KV)?.iter()? {
+        let (k, v) = item?;
+        p.kv.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    for item in r.open_table(MVCC)?.iter()? {
+        let (k, v) = item?;
+        let (key, rev) = k.value();
+        p.mvcc.push((key.to_vec(), rev, v.value().to_vec()));
+    }
+    for item in r.open_table(EVENTS)?.iter()? {
+        let (k, v) = item?;
+        p.events.push((k.value(), v.value().to_vec()));
+    }
+    Ok(p)
+}
+
+fn store_snapshot(
+    w: &WriteTransaction,
+    meta: &SnapshotMeta,
+    data: &[u8],
+) -> Result<(), redb::Error> {
+    let mut t = w.open_table(SNAP)?;
+    t.insert("meta", enc(meta).as_slice())?;
+    t.insert("data", data)?;
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, redb::Error> + Send + 'static,
+) -> Result<T, AnyError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AnyError::new(&e))?
+        .map_err(any)
+}
+
+/// Builds snapshots from the current state.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let db = self.db.clone();
+        let res = blocking(move || {
+            let payload = build_payload(&db)?;
+            let last = payload.state.last_applied;
+            let snapshot_id = match last {
+                Some(l) => format!(
+                    "{}-{}-{}",
+                    l.leader_id,
+                    l.index,
+                    uuid::Uuid::new_v4().simple()
+                ),
+                None => format!("empty-{}", uuid::Uuid::new_v4().simple()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: payload.state.membership.clone(),
+                snapshot_id,
+            };
+            let data = enc(&payload);
+            // Durable: this commit also persists every earlier non-fsynced apply.
+            let w = db.begin_write()?;
+            store_snapshot(&w, &meta, &data)?;
+            w.commit()?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await;
+        res.map_err(|e| StorageIOError::write_snapshot(None, e).into())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.state.last_applied, self.state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let db = self.reader.db.clone();
+        let mut state = self.state.clone();
+        let config = self.config;
+        let (out, batches, state) = blocking(move || {
+            let (out, batches) = Self::apply_batch(&db, &mut state, config, entries)?;
+            Ok((out, batches, state))
+        })
+        .await
+        .map_err(StorageIOError::write_state_machine)?;
+        self.state = state;
+        for b in batches {
+            // No receivers is fine: nobody is watching.
+            let _ = self.reader.notify.send(Notice::Batch(Arc::new(b)));
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.reader.db.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let db = self.reader.db.clone();
+        let meta = meta.clone();
+        let state = blocking(move || {
+            let p: SnapshotPayload = dec(&data)?;
+            let mut state = p.state;
+            // The snapshot's own meta is authoritative for what it covers.
+            state.last_applied = meta.last_log_id;
+            state.membership = meta.last_membership.clone();
+            let w = db.begin_write()?;
+            {
+                let mut kv = w.open_table(KV)?;
+                kv.retain(|_, _| false)?;
+                for (k, v) in &p.kv {
+                    kv.insert(k.as_slice(), v.as_slice())?;
+                }
+                let mut mvcc = w.open_table(MVCC)?;
+                mvcc.retain(|_, _| false)?;
+                for (k, r, v) in &p.mvcc {
+                    mvcc.insert((k.as_slice(), *r), v.as_slice())?;
+                }
+                let mut ev = w.open_table(EVENTS)?;
+                ev.retain(|_, _| false)?;
+                for (r, v) in &p.events {
+                    ev.insert(*r, v.as_slice())?;
+                }
+                w.open_table(SM_META)?
+                    .insert(KEY_STATE, enc(&state).as_slice())?;
+                store_snapshot(&w, &meta, &data)?;
+            }
+            w.commit()?;
+            Ok(state)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, e))?;
+        self.state = state;
+        let _ = self.reader.notify.send(Notice::Reset);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let read = || -> Result<Option<Snapshot<TypeConfig>>, redb::Error> {
+            let r = self.reader.db.begin_read()?;
+            let t = r.open_table(SNAP)?;
+            let (Some(meta), Some(data)) = (t.get("meta")?, t.get("data")?) else {
+                return Ok(None);
+            };
+            let meta: SnapshotMeta = dec(meta.value())?;
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data.value().to_vec())),
+            }))
+        };
+        read().map_err(|e| StorageIOError::read_snapshot(None, any(e)).into())
+    }
+}
