@@ -122,7 +122,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let state = || -> Result<LogState<TypeConfig>, AnyError> {
-            let last_purged_log_id: Option<LogId> = self.read_meta::<Option<LogId>>(KEY_PURGED)?.flatten();
+            let last_purged_log_id: Option<LogId> =
+                self.read_meta::<Option<LogId>>(KEY_PURGED)?.flatten();
             let r = self.db.begin_read().map_err(any)?;
             let t = r.open_table(LOG).map_err(any)?;
             let last = match t.last().map_err(any)? {

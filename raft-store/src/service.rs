@@ -37,6 +37,7 @@ pub(crate) async fn serve(
         .add_service(reflection)
         .add_service(v1::kv_server::KvServer::new(KvService {
             node: node.clone(),
+            token: token.clone(),
         }))
         .add_service(
             v1::raft_server::RaftServer::new(RaftService { node: node.clone() })
@@ -56,6 +57,8 @@ fn is_forwarded<T>(r: &Request<T>) -> bool {
 /// The client key-value API.
 pub struct KvService {
     node: StoreNode,
+    // Ends open watch streams on shutdown; graceful shutdown would otherwise wait on them forever.
+    token: CancellationToken,
 }
 
 impl KvService {
@@ -185,7 +188,9 @@ impl v1::kv_server::Kv for KvService {
             }
             Err(e) => Err(conv::to_status(e)),
         });
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(Box::pin(
+            out.take_until(self.token.clone().cancelled_owned()),
+        )))
     }
 
     async fn compact(

@@ -12,7 +12,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = DataDir::open(dir.path(), 1).expect("open data dir");
-        let sm = data.state_machine(SmConfig::default()).expect("state machine");
+        let sm = data
+            .state_machine(SmConfig::default())
+            .expect("state machine");
         Ok((dir, data.log_store(), sm))
     }
 }
