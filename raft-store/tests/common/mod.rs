@@ -33,7 +33,7 @@ impl Cluster {
     /// Starts `n` members: member 1 bootstraps, the others join through it.
     pub async fn start(n: usize, tuning: Tuning) -> Cluster {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into()))
             .with_test_writer()
             .try_init();
         let mut c = Cluster {
