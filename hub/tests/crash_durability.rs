@@ -16,7 +16,11 @@ use flotilla_raft_store::client::StoreClient;
 use sha2::{Digest, Sha256};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
@@ -39,8 +43,14 @@ fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
 }
 
 async fn status(port: u16) -> Option<v1::StatusResponse> {
-    let mut c = v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}")).await.ok()?;
-    c.status(v1::StatusRequest {}).await.ok().map(|r| r.into_inner())
+    let mut c =
+        v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .ok()?;
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
 }
 
 async fn wait_until<F, Fut>(what: &str, mut f: F)
@@ -58,7 +68,10 @@ where
 async fn digest_of(port: u16) -> String {
     let c = StoreClient::new(&[format!("127.0.0.1:{port}")]).unwrap();
     let r = c
-        .range(RangeRequest { consistency: Consistency::Serializable, ..RangeRequest::new(KeyRange::prefix("")) })
+        .range(RangeRequest {
+            consistency: Consistency::Serializable,
+            ..RangeRequest::new(KeyRange::prefix(""))
+        })
         .await
         .unwrap();
     let mut h = Sha256::new();
@@ -77,11 +90,16 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port(), free_port()];
     let mut children: Vec<Option<Child>> = vec![Some(spawn(1, dir.path(), ports[0], None))];
-    wait_until("member 1 to lead", || async { status(ports[0]).await.is_some_and(|s| s.role == "leader") }).await;
+    wait_until("member 1 to lead", || async {
+        status(ports[0]).await.is_some_and(|s| s.role == "leader")
+    })
+    .await;
     children.push(Some(spawn(2, dir.path(), ports[1], Some(ports[0]))));
     children.push(Some(spawn(3, dir.path(), ports[2], Some(ports[0]))));
     wait_until("three voters", || async {
-        status(ports[0]).await.is_some_and(|s| s.members.len() == 3 && s.members.iter().all(|m| m.voter))
+        status(ports[0])
+            .await
+            .is_some_and(|s| s.members.len() == 3 && s.members.iter().all(|m| m.voter))
     })
     .await;
 
@@ -91,13 +109,18 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..8 {
-        let client = StoreClient::new(&addrs).unwrap().with_timeout(Duration::from_secs(3));
+        let client = StoreClient::new(&addrs)
+            .unwrap()
+            .with_timeout(Duration::from_secs(3));
         let (acked, unknown, stop) = (acked.clone(), unknown.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("/crash/{w}/{i}");
-                match client.txn(TxnRequest::put(key.clone(), "v".repeat(256))).await {
+                match client
+                    .txn(TxnRequest::put(key.clone(), "v".repeat(256)))
+                    .await
+                {
                     Ok(_) => {
                         acked.lock().unwrap().insert(key);
                     }
@@ -113,16 +136,24 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     assert!(leader >= 1);
     let before = acked.lock().unwrap().len();
     // SIGKILL: no chance to flush anything that was not already fsynced.
-    children[leader as usize - 1].take().unwrap().kill().unwrap();
+    children[leader as usize - 1]
+        .take()
+        .unwrap()
+        .kill()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    children[leader as usize - 1] = Some(spawn(leader, dir.path(), ports[leader as usize - 1], None));
+    children[leader as usize - 1] =
+        Some(spawn(leader, dir.path(), ports[leader as usize - 1], None));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > before, "writes continued after the leader was killed");
+    assert!(
+        acked.len() > before,
+        "writes continued after the leader was killed"
+    );
 
     wait_until("replicas to converge", || async {
         let mut s = Vec::new();
@@ -137,12 +168,31 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     .await;
 
     let client = StoreClient::new(&addrs).unwrap();
-    let all = client.range(RangeRequest::new(KeyRange::prefix("/crash/"))).await.unwrap();
-    let present: BTreeSet<String> = all.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect();
+    let all = client
+        .range(RangeRequest::new(KeyRange::prefix("/crash/")))
+        .await
+        .unwrap();
+    let present: BTreeSet<String> = all
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
     let missing: Vec<&String> = acked.difference(&present).collect();
-    assert!(missing.is_empty(), "{} acknowledged writes lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
-    let digests = [digest_of(ports[0]).await, digest_of(ports[1]).await, digest_of(ports[2]).await];
-    assert!(digests.windows(2).all(|w| w[0] == w[1]), "replica digests differ: {digests:?}");
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let digests = [
+        digest_of(ports[0]).await,
+        digest_of(ports[1]).await,
+        digest_of(ports[2]).await,
+    ];
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "replica digests differ: {digests:?}"
+    );
     println!(
         "{} acknowledged writes, {} with unknown outcome, all present; killed leader {leader}",
         acked.len(),

@@ -328,7 +328,7 @@ fn filter(b: &WatchBatch, w: &WatchRequest) -> Option<WatchBatch> {
             ..e.clone()
         })
         .collect();
-    (!events.is_empty()).then(|| WatchBatch {
+    (!events.is_empty()).then_some(WatchBatch {
         revision: b.revision,
         events,
     })

@@ -20,6 +20,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
-fn redb_store_passes_openraft_conformance_suite() -> Result<(), StorageError> {
-    Suite::test_all(Builder)
+fn redb_store_passes_openraft_conformance_suite() {
+    Suite::test_all(Builder).expect("conformance suite");
 }

@@ -39,34 +39,65 @@ async fn client_loop(
         let call = now();
         let (op, outcome): (RegOp, Result<RegRet, KvError>) = match rng.random_range(0..3) {
             0 => {
-                let r = client.txn(TxnRequest::put(key, value.to_string())).await.map(|_| RegRet::Ok);
+                let r = client
+                    .txn(TxnRequest::put(key, value.to_string()))
+                    .await
+                    .map(|_| RegRet::Ok);
                 (RegOp::Put(value), r)
             }
             1 => {
                 let r = client.range(RangeRequest::new(KeyRange::key(key))).await;
-                (RegOp::Get, r.map(|r| RegRet::Value(r.kvs.first().map(|kv| parse(&kv.value)))))
+                (
+                    RegOp::Get,
+                    r.map(|r| RegRet::Value(r.kvs.first().map(|kv| parse(&kv.value)))),
+                )
             }
             _ => {
                 // Expect either absence or a recently written value, so some CAS succeed.
                 let expected = if rng.random_bool(0.2) {
                     None
                 } else {
-                    Some(rng.random_range(1..=id.max(1)) * 1_000_000 + seq.saturating_sub(rng.random_range(0..3)))
+                    Some(
+                        rng.random_range(1..=id.max(1)) * 1_000_000
+                            + seq.saturating_sub(rng.random_range(0..3)),
+                    )
                 };
                 let compare = match expected {
                     None => Compare::exists(key, false),
                     Some(e) => Compare::value(key, e.to_string()),
                 };
-                let t = TxnRequest { compare: vec![compare], success: vec![Op::put(key, value.to_string())], failure: vec![] };
+                let t = TxnRequest {
+                    compare: vec![compare],
+                    success: vec![Op::put(key, value.to_string())],
+                    failure: vec![],
+                };
                 let r = client.txn(t).await.map(|r| RegRet::CasResult(r.succeeded));
-                (RegOp::Cas { expected, new: value }, r)
+                (
+                    RegOp::Cas {
+                        expected,
+                        new: value,
+                    },
+                    r,
+                )
             }
         };
         let ret = now();
         let entry = match outcome {
-            Ok(result) => Some(HistoryOp { key: key.into(), call, ret: Some(ret), op, result: Some(result) }),
+            Ok(result) => Some(HistoryOp {
+                key: key.into(),
+                call,
+                ret: Some(ret),
+                op,
+                result: Some(result),
+            }),
             // Unknown: it may have happened at any time after the call, or never.
-            Err(KvError::OutcomeUnknown(_)) => Some(HistoryOp { key: key.into(), call, ret: None, op, result: None }),
+            Err(KvError::OutcomeUnknown(_)) => Some(HistoryOp {
+                key: key.into(),
+                call,
+                ret: None,
+                op,
+                result: None,
+            }),
             // The server said it was not applied (or it was a read): no effect to account for.
             Err(_) => None,
         };
@@ -76,7 +107,11 @@ async fn client_loop(
     }
 }
 
-async fn nemesis(cluster: &mut Cluster, seed: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<String> {
+async fn nemesis(
+    cluster: &mut Cluster,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut log = Vec::new();
     let ids = cluster.ids();
@@ -131,8 +166,18 @@ async fn run_schedule(seed: u64, clients: u64, ops: usize) {
         // Each client prefers a different member first.
         let mut mine = addrs.clone();
         mine.rotate_left(id as usize % addrs.len());
-        let client = StoreClient::new(&mine).unwrap().with_timeout(Duration::from_secs(3)).with_max_retries(4);
-        tasks.push(tokio::spawn(client_loop(id, seed * 1000 + id, client, ops, start, history.clone())));
+        let client = StoreClient::new(&mine)
+            .unwrap()
+            .with_timeout(Duration::from_secs(3))
+            .with_max_retries(4);
+        tasks.push(tokio::spawn(client_loop(
+            id,
+            seed * 1000 + id,
+            client,
+            ops,
+            start,
+            history.clone(),
+        )));
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = {
@@ -148,7 +193,10 @@ async fn run_schedule(seed: u64, clients: u64, ops: usize) {
     done.await.unwrap();
     let history = history.lock().unwrap().clone();
     let known = history.iter().filter(|h| h.ret.is_some()).count();
-    println!("seed {seed}: {} operations recorded ({known} with known outcome); faults: {faults:?}", history.len());
+    println!(
+        "seed {seed}: {} operations recorded ({known} with known outcome); faults: {faults:?}",
+        history.len()
+    );
     assert!(known > 0, "seed {seed}: some operations completed");
     if let Err(e) = lincheck::check(&history) {
         panic!("seed {seed}: {e}; faults: {faults:?}");
@@ -158,8 +206,14 @@ async fn run_schedule(seed: u64, clients: u64, ops: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn histories_under_faults_are_linearizable() {
-    let schedules: u64 = std::env::var("FLOTILLA_LINCHECK_SCHEDULES").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let first: u64 = std::env::var("FLOTILLA_LINCHECK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let schedules: u64 = std::env::var("FLOTILLA_LINCHECK_SCHEDULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let first: u64 = std::env::var("FLOTILLA_LINCHECK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let ops = if schedules > 1 { 150 } else { 80 };
     for seed in first..first + schedules {
         run_schedule(seed, 4, ops).await;

@@ -123,14 +123,12 @@ impl Cluster {
                 .iter()
                 .map(|i| self.node(*i).raft().metrics().borrow().current_leader)
                 .collect();
-            if let Some(Some(l)) = views.first() {
-                if among.contains(l)
-                    && views.iter().all(|v| *v == Some(*l))
-                    && self.node(*l).raft().metrics().borrow().state
-                        == openraft::ServerState::Leader
-                {
-                    return *l;
-                }
+            if let Some(Some(l)) = views.first()
+                && among.contains(l)
+                && views.iter().all(|v| *v == Some(*l))
+                && self.node(*l).raft().metrics().borrow().state == openraft::ServerState::Leader
+            {
+                return *l;
             }
             assert!(
                 Instant::now() < deadline,
