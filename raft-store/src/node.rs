@@ -18,6 +18,7 @@ use flotilla_core::kv::{
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -112,6 +113,64 @@ pub(crate) struct Inner {
     pub(crate) write_timeout: Duration,
     pub(crate) cluster_id: Arc<RwLock<Option<String>>>,
     pub(crate) data: std::sync::Mutex<DataDir>,
+    proposals: mpsc::Sender<Proposal>,
+}
+
+/// A client transaction waiting to be proposed, with where to send its outcome.
+type Proposal = (TxnRequest, oneshot::Sender<Result<TxnResult, WriteError>>);
+
+/// Most transactions proposed in one log entry.
+const MAX_BATCH: usize = 512;
+/// Log entries of transactions in flight at once (pipelining the leader's fsync with replication).
+const MAX_IN_FLIGHT: usize = 2;
+
+/// Group commit: drains queued transactions into one log entry each round, so one fsync (and
+/// one replication round trip) serves many writes. openraft 0.9 fsyncs once per entry.
+async fn propose_loop(node: StoreNode, mut rx: mpsc::Receiver<Proposal>, token: CancellationToken) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let first = tokio::select! {
+            _ = token.cancelled() => return,
+            p = rx.recv() => match p { Some(p) => p, None => return },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        // Whatever queued while we waited for a slot joins this entry.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let node = node.clone();
+        tokio::spawn(
+            async move {
+                let (reqs, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let n = reqs.len();
+                let outcome = node.write(Command::Txns(reqs)).await;
+                drop(permit);
+                match outcome {
+                    Ok(Applied::Txns(results)) if results.len() == n => {
+                        for (w, r) in waiters.into_iter().zip(results) {
+                            let _ = w.send(Ok(r));
+                        }
+                    }
+                    Ok(other) => {
+                        let e = KvError::Internal(format!("unexpected apply result {other:?}"));
+                        for w in waiters {
+                            let _ = w.send(Err(WriteError::Kv(e.clone())));
+                        }
+                    }
+                    Err(e) => {
+                        for w in waiters {
+                            let _ = w.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// A handle to a running member. Cheap to clone.
@@ -265,6 +324,7 @@ impl StoreNode {
         .await
         .map_err(|e| StoreError::Raft(e.to_string()))?;
 
+        let (proposals_tx, proposals_rx) = mpsc::channel(4 * MAX_BATCH);
         let node = StoreNode {
             inner: Arc::new(Inner {
                 id: node_id,
@@ -276,9 +336,14 @@ impl StoreNode {
                 write_timeout: tuning.write_timeout,
                 cluster_id,
                 data: std::sync::Mutex::new(data),
+                proposals: proposals_tx,
             }),
         };
         let token = shutdown.child_token();
+        tokio::spawn(
+            propose_loop(node.clone(), proposals_rx, token.clone())
+                .instrument(info_span!("store-proposer", node = node_id)),
+        );
         let server = tokio::spawn(
             crate::service::serve(node.clone(), listener, token.clone())
                 .instrument(info_span!("store-grpc", node = node_id)),
@@ -460,12 +525,15 @@ impl StoreNode {
         forwarded: bool,
     ) -> Result<TxnResult, KvError> {
         validate_txn(&req, &self.inner.limits)?;
-        match self.write(Command::Txn(req.clone())).await {
-            Ok(Applied::Txn(r)) => Ok(r),
-            Ok(Applied::Rejected(e)) => Err(e),
-            Ok(other) => Err(KvError::Internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+        let (tx, rx) = oneshot::channel();
+        if self.inner.proposals.send((req.clone(), tx)).await.is_err() {
+            return Err(KvError::Unavailable("member is shutting down".into()));
+        }
+        let outcome = rx
+            .await
+            .unwrap_or_else(|_| Err(WriteError::Kv(KvError::OutcomeUnknown("member stopped".into()))));
+        match outcome {
+            Ok(r) => Ok(r),
             Err(WriteError::Forward(f)) if !forwarded => {
                 let (to, addr) = self.forward_target(&f)?;
                 let mut c = self.kv_client(to, &addr).await?;
@@ -699,6 +767,7 @@ impl StoreNode {
     }
 }
 
+#[derive(Clone)]
 enum WriteError {
     Forward(ForwardToLeader<NodeId, BasicNode>),
     Kv(KvError),

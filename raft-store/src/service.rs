@@ -31,8 +31,14 @@ pub(crate) async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
+    // With our own listener tonic's `tcp_nodelay` does not apply: without it, Nagle's algorithm
+    // meets delayed ACKs and small replies stall for ~40 ms.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(v1::kv_server::KvServer::new(KvService {
@@ -46,7 +52,7 @@ pub(crate) async fn serve(
         .add_service(v1::store_admin_server::StoreAdminServer::new(
             AdminService { node },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
         .await
 }
 

@@ -449,15 +449,19 @@ impl StateMachine {
                     state.membership = StoredMembership::new(Some(entry.log_id), m);
                     Applied::None
                 }
-                EntryPayload::Normal(Command::Txn(t)) => {
-                    let (res, events) = apply_txn(&w, state, &t)?;
-                    if !events.is_empty() {
-                        batches.push(WatchBatch {
-                            revision: state.revision,
-                            events,
-                        });
+                EntryPayload::Normal(Command::Txns(txns)) => {
+                    let mut results = Vec::with_capacity(txns.len());
+                    for t in &txns {
+                        let (res, events) = apply_txn(&w, state, t)?;
+                        if !events.is_empty() {
+                            batches.push(WatchBatch {
+                                revision: state.revision,
+                                events,
+                            });
+                        }
+                        results.push(res);
                     }
-                    Applied::Txn(res)
+                    Applied::Txns(results)
                 }
                 EntryPayload::Normal(Command::Compact(rev)) => {
                     if rev > state.revision {

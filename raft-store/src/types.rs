@@ -36,8 +36,9 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
 /// A state-machine command carried by one log entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// A (validated) transaction.
-    Txn(TxnRequest),
+    /// Validated transactions, applied in order, each with its own revision. Many client
+    /// writes share one entry (group commit): openraft 0.9 fsyncs once per entry.
+    Txns(Vec<TxnRequest>),
     /// Discard history before this revision.
     Compact(Revision),
 }
@@ -47,8 +48,8 @@ pub enum Command {
 pub enum Applied {
     /// A blank or membership entry.
     None,
-    /// A transaction's result.
-    Txn(TxnResult),
+    /// One result per transaction of a [`Command::Txns`].
+    Txns(Vec<TxnResult>),
     /// A compaction, with the resulting oldest available revision.
     Compacted(Revision),
     /// The command was rejected deterministically (e.g. compacting a future revision).
