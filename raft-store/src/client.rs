@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 /// A client for one store cluster.
 #[derive(Clone)]
 pub struct StoreClient {
+    endpoints: Arc<Vec<String>>,
     channels: Arc<Vec<Channel>>,
     next: Arc<AtomicUsize>,
     timeout: Duration,
@@ -57,7 +58,12 @@ impl StoreClient {
                     .map_err(|err| KvError::invalid("endpoints", format!("{e:?}: {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let endpoints = endpoints
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_string())
+            .collect();
         Ok(Self {
+            endpoints: Arc::new(endpoints),
             channels: Arc::new(channels),
             next: Arc::new(AtomicUsize::new(0)),
             timeout: Duration::from_secs(8),
@@ -84,6 +90,20 @@ impl StoreClient {
     fn client(&self) -> KvClient<Channel> {
         let i = self.next.load(Ordering::Relaxed) % self.channels.len();
         KvClient::new(self.channels[i].clone())
+    }
+
+    /// Follows the server's leader hint when the leader is one of our endpoints, so writes and
+    /// linearizable reads skip the forwarding hop.
+    fn follow_hint(&self, md: &tonic::metadata::MetadataMap) {
+        let Some(hint) = md.get(conv::LEADER_HINT_KEY).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        let cur = self.next.load(Ordering::Relaxed) % self.channels.len();
+        if self.endpoints[cur] != hint
+            && let Some(i) = self.endpoints.iter().position(|e| e == hint)
+        {
+            self.next.store(i, Ordering::Relaxed);
+        }
     }
 
     /// After a failure, prefer the next member.
@@ -116,8 +136,11 @@ impl KvBackend for StoreClient {
                 .client()
                 .range(self.request(v1::RangeRequest::from(req.clone())))
                 .await;
-            r.map(|r| conv::range_result(r.into_inner()))
-                .map_err(|s| conv::from_status(&s, false))
+            r.map(|r| {
+                self.follow_hint(r.metadata());
+                conv::range_result(r.into_inner())
+            })
+            .map_err(|s| conv::from_status(&s, false))
         })
         .await
     }
@@ -128,8 +151,11 @@ impl KvBackend for StoreClient {
                 .client()
                 .txn(self.request(v1::TxnRequest::from(req.clone())))
                 .await;
-            r.map(|r| conv::txn_result(r.into_inner()))
-                .map_err(|s| conv::from_status(&s, true))
+            r.map(|r| {
+                self.follow_hint(r.metadata());
+                conv::txn_result(r.into_inner())
+            })
+            .map_err(|s| conv::from_status(&s, true))
         })
         .await
     }

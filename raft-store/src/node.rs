@@ -121,8 +121,9 @@ type Proposal = (TxnRequest, oneshot::Sender<Result<TxnResult, WriteError>>);
 
 /// Most transactions proposed in one log entry.
 const MAX_BATCH: usize = 512;
-/// Log entries of transactions in flight at once (pipelining the leader's fsync with replication).
-const MAX_IN_FLIGHT: usize = 2;
+/// Log entries of transactions in flight at once. One gives the largest batches; openraft 0.9
+/// serializes appends anyway (measured: 2 was ~5% slower at 256 clients).
+const MAX_IN_FLIGHT: usize = 1;
 
 /// Group commit: drains queued transactions into one log entry each round, so one fsync (and
 /// one replication round trip) serves many writes. openraft 0.9 fsyncs once per entry.
@@ -133,7 +134,9 @@ async fn propose_loop(node: StoreNode, mut rx: mpsc::Receiver<Proposal>, token: 
             _ = token.cancelled() => return,
             p = rx.recv() => match p { Some(p) => p, None => return },
         };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         // Whatever queued while we waited for a slot joins this entry.
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -440,7 +443,8 @@ impl StoreNode {
 
     /// The address of the leader as this member knows it.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?;
         Some((id, node.addr.clone()))
@@ -529,9 +533,11 @@ impl StoreNode {
         if self.inner.proposals.send((req.clone(), tx)).await.is_err() {
             return Err(KvError::Unavailable("member is shutting down".into()));
         }
-        let outcome = rx
-            .await
-            .unwrap_or_else(|_| Err(WriteError::Kv(KvError::OutcomeUnknown("member stopped".into()))));
+        let outcome = rx.await.unwrap_or_else(|_| {
+            Err(WriteError::Kv(KvError::OutcomeUnknown(
+                "member stopped".into(),
+            )))
+        });
         match outcome {
             Ok(r) => Ok(r),
             Err(WriteError::Forward(f)) if !forwarded => {

@@ -70,8 +70,20 @@ pub struct KvService {
 impl KvService {
     fn header(&self, revision: i64) -> v1::ResponseHeader {
         let term = self.node.raft().metrics().borrow().current_term;
-        let compact = self.node.reader().revisions().map_or(0, |(_, c)| c);
+        let compact = self.node.reader().compact_revision();
         conv::header(revision, term, self.node.id(), compact)
+    }
+
+    /// Wraps a reply with the leader's address, so clients can send the next request there
+    /// directly instead of through a forwarding member.
+    fn reply<T>(&self, msg: T) -> Response<T> {
+        let mut r = Response::new(msg);
+        if let Some((_, addr)) = self.node.leader()
+            && let Ok(v) = addr.parse()
+        {
+            r.metadata_mut().insert(conv::LEADER_HINT_KEY, v);
+        }
+        r
     }
 }
 
@@ -90,7 +102,7 @@ impl v1::kv_server::Kv for KvService {
             .await
             .map_err(conv::to_status)?;
         let h = self.header(res.revision);
-        Ok(Response::new(conv::range_response(res, h)))
+        Ok(self.reply(conv::range_response(res, h)))
     }
 
     async fn put(
@@ -116,7 +128,7 @@ impl v1::kv_server::Kv for KvService {
             Some(flotilla_core::kv::OpResult::Put { prev_kv }) => prev_kv.map(Into::into),
             _ => None,
         };
-        Ok(Response::new(v1::PutResponse {
+        Ok(self.reply(v1::PutResponse {
             header: Some(self.header(res.revision)),
             prev_kv,
         }))
@@ -147,7 +159,7 @@ impl v1::kv_server::Kv for KvService {
             Some(flotilla_core::kv::OpResult::Delete { deleted, prev_kvs }) => (deleted, prev_kvs),
             _ => (0, Vec::new()),
         };
-        Ok(Response::new(v1::DeleteResponse {
+        Ok(self.reply(v1::DeleteResponse {
             header: Some(self.header(res.revision)),
             deleted,
             prev_kvs: prev_kvs.into_iter().map(Into::into).collect(),
@@ -166,7 +178,7 @@ impl v1::kv_server::Kv for KvService {
             .await
             .map_err(conv::to_status)?;
         let h = self.header(res.revision);
-        Ok(Response::new(conv::txn_response(res, h)))
+        Ok(self.reply(conv::txn_response(res, h)))
     }
 
     type WatchStream = WatchResponseStream;
@@ -185,7 +197,7 @@ impl v1::kv_server::Kv for KvService {
         let out = stream.map(move |item| match item {
             Ok(b) => {
                 let term = node.raft().metrics().borrow().current_term;
-                let compact = node.reader().revisions().map_or(0, |(_, c)| c);
+                let compact = node.reader().compact_revision();
                 Ok(v1::WatchResponse {
                     header: Some(conv::header(b.revision, term, node.id(), compact)),
                     revision: b.revision,

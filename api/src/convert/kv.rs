@@ -415,6 +415,8 @@ mod tests {
 /// gRPC metadata key carrying a [`core::KvError`] label; its presence means the server itself
 /// decided the outcome (so, e.g., UNAVAILABLE with it means "not applied").
 pub const ERROR_LABEL_KEY: &str = "flotilla-error";
+/// gRPC response metadata key with the leader's address (host:port), a routing hint.
+pub const LEADER_HINT_KEY: &str = "flotilla-leader";
 /// gRPC metadata key naming the invalid field.
 pub const ERROR_FIELD_KEY: &str = "flotilla-field";
 /// gRPC metadata key with the oldest available revision after a compaction error.

@@ -24,7 +24,12 @@ use tokio::sync::Mutex;
 #[command(about = "Write benchmark: Flotilla store vs etcd, 3 members each on loopback")]
 struct Args {
     /// Concurrent clients for the closed-loop runs.
-    #[arg(long, env = "BENCH_CLIENTS", value_delimiter = ',', default_value = "1,16,256")]
+    #[arg(
+        long,
+        env = "BENCH_CLIENTS",
+        value_delimiter = ',',
+        default_value = "1,16,256"
+    )]
     clients: Vec<usize>,
     /// Seconds per closed-loop run.
     #[arg(long, env = "BENCH_SECONDS", default_value_t = 10)]
@@ -50,7 +55,11 @@ struct Args {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Kills child processes on drop so a failed run leaves nothing behind.
@@ -86,7 +95,10 @@ impl Writer for FlotillaWriter {
     async fn put(&self, key: String, value: Vec<u8>) -> bool {
         // Spread clients over members as etcd's client balances over endpoints.
         let i = key.len() + key.bytes().map(usize::from).sum::<usize>();
-        self.0[i % self.0.len()].txn(TxnRequest::put(key, value)).await.is_ok()
+        self.0[i % self.0.len()]
+            .txn(TxnRequest::put(key, value))
+            .await
+            .is_ok()
     }
 }
 
@@ -103,8 +115,12 @@ async fn closed_loop<W: Writer>(w: W, clients: usize, seconds: u64, value_bytes:
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                if w.put(format!("/bench/{c}/{i}"), vec![b'x'; value_bytes]).await {
-                    local.record(t.elapsed().as_micros() as u64).expect("record");
+                if w.put(format!("/bench/{c}/{i}"), vec![b'x'; value_bytes])
+                    .await
+                {
+                    local
+                        .record(t.elapsed().as_micros() as u64)
+                        .expect("record");
                 } else {
                     errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -140,7 +156,10 @@ async fn open_loop<W: Writer>(w: W, rate: u64, seconds: u64, value_bytes: usize)
         let (w, hist, errors) = (w.clone(), hist.clone(), errors.clone());
         tasks.spawn(async move {
             if w.put(format!("/open/{i}"), vec![b'x'; value_bytes]).await {
-                hist.lock().await.record(at.elapsed().as_micros() as u64).expect("record");
+                hist.lock()
+                    .await
+                    .record(at.elapsed().as_micros() as u64)
+                    .expect("record");
             } else {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -161,14 +180,23 @@ fn hub_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name("flotilla-hub");
     if !p.exists() {
-        bail!("{} not found: build it first (cargo build --release -p flotilla-hub)", p.display());
+        bail!(
+            "{} not found: build it first (cargo build --release -p flotilla-hub)",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 async fn flotilla_status(port: u16) -> Option<v1::StatusResponse> {
-    let mut c = v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}")).await.ok()?;
-    c.status(v1::StatusRequest {}).await.ok().map(|r| r.into_inner())
+    let mut c =
+        v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .ok()?;
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
 }
 
 async fn start_flotilla(dir: &Path, members: usize) -> anyhow::Result<(Procs, Vec<String>)> {
@@ -177,25 +205,40 @@ async fn start_flotilla(dir: &Path, members: usize) -> anyhow::Result<(Procs, Ve
     let mut procs = Procs(Vec::new());
     for (i, port) in ports.iter().enumerate() {
         let mut cmd = Command::new(&bin);
-        cmd.args(["--node-id", &(i + 1).to_string(), "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.join(format!("flotilla-{}", i + 1)))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--node-id",
+            &(i + 1).to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.join(format!("flotilla-{}", i + 1)))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if i > 0 {
             cmd.args(["--join", &format!("127.0.0.1:{}", ports[0])]);
         }
         procs.0.push(cmd.spawn().context("spawn flotilla-hub")?);
         if i == 0 {
-            wait_for("flotilla member 1", || async { flotilla_status(ports[0]).await.is_some_and(|s| s.role == "leader") }).await?;
+            wait_for("flotilla member 1", || async {
+                flotilla_status(ports[0])
+                    .await
+                    .is_some_and(|s| s.role == "leader")
+            })
+            .await?;
         }
     }
     wait_for("flotilla voters", || async {
-        flotilla_status(ports[0]).await.is_some_and(|s| s.members.len() == ports.len() && s.members.iter().all(|m| m.voter))
+        flotilla_status(ports[0])
+            .await
+            .is_some_and(|s| s.members.len() == ports.len() && s.members.iter().all(|m| m.voter))
     })
     .await?;
-    Ok((procs, ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()))
+    Ok((
+        procs,
+        ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+    ))
 }
 
 async fn wait_for<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
@@ -230,7 +273,10 @@ mod etcd {
     pub async fn start(bin: &str, dir: &Path) -> anyhow::Result<(Procs, Vec<String>)> {
         let client_ports = [free_port(), free_port(), free_port()];
         let peer_ports = [free_port(), free_port(), free_port()];
-        let cluster = (0..3).map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i])).collect::<Vec<_>>().join(",");
+        let cluster = (0..3)
+            .map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i]))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut procs = Procs(Vec::new());
         for i in 0..3 {
             let c = format!("http://127.0.0.1:{}", client_ports[i]);
@@ -240,16 +286,34 @@ mod etcd {
                 .arg("--data-dir")
                 .arg(dir.join(format!("etcd-{i}")))
                 .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "flotilla-bench", "--log-level", "error"])
+                .args([
+                    "--listen-peer-urls",
+                    &p,
+                    "--initial-advertise-peer-urls",
+                    &p,
+                ])
+                .args([
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .args([
+                    "--initial-cluster-token",
+                    "flotilla-bench",
+                    "--log-level",
+                    "error",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .with_context(|| format!("spawn {bin}"))?;
             procs.0.push(child);
         }
-        let eps: Vec<String> = client_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let eps: Vec<String> = client_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         wait_for("etcd cluster", || async {
             match etcd_client::Client::connect(&eps, None).await {
                 Ok(mut c) => c.put("/ready", "1", None).await.is_ok(),
@@ -271,8 +335,15 @@ fn line(system: &str, what: &str, s: &Stats) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-").tempdir()?;
-    println!("machine: {} cores; values {} bytes; {} s per run", std::thread::available_parallelism()?.get(), args.value_bytes, args.seconds);
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-")
+        .tempdir()?;
+    println!(
+        "machine: {} cores; values {} bytes; {} s per run",
+        std::thread::available_parallelism()?.get(),
+        args.value_bytes,
+        args.seconds
+    );
     println!("| system | workload | writes/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|---|");
 
@@ -322,11 +393,17 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             if let Some((_, _, e)) = results.iter().find(|(s, w, _)| s == "etcd" && w == what) {
-                println!("| {what} | {:.2} | {:.2} |", f.writes_per_sec / e.writes_per_sec, f.p99_ms / e.p99_ms);
+                println!(
+                    "| {what} | {:.2} | {:.2} |",
+                    f.writes_per_sec / e.writes_per_sec,
+                    f.p99_ms / e.p99_ms
+                );
             }
         }
     }
     #[cfg(not(feature = "etcd"))]
-    println!("\netcd comparison not built: rebuild with --features etcd (needs protoc) and an etcd binary");
+    println!(
+        "\netcd comparison not built: rebuild with --features etcd (needs protoc) and an etcd binary"
+    );
     Ok(())
 }
