@@ -398,14 +398,6 @@ pub enum KvError {
         /// The oldest revision still available.
         oldest: Revision,
     },
-    /// The requested revision does not exist yet.
-    #[error("revision {requested} is in the future; the current revision is {current}")]
-    FutureRevision {
-        /// The revision asked for.
-        requested: Revision,
-        /// The store's current revision.
-        current: Revision,
-    },
     /// No leader or no quorum right now; the request was not applied. Safe to retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -426,12 +418,19 @@ impl KvError {
         }
     }
 
+    /// A revision beyond the store's current one: invalid argument `field`.
+    pub fn future_revision(field: &str, requested: Revision, current: Revision) -> Self {
+        Self::invalid(
+            field,
+            format!("{requested} is in the future; the current revision is {current}"),
+        )
+    }
+
     /// A short stable label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
             KvError::InvalidArgument { .. } => "invalid_argument",
             KvError::Compacted { .. } => "compacted",
-            KvError::FutureRevision { .. } => "future_revision",
             KvError::Unavailable(_) => "unavailable",
             KvError::OutcomeUnknown(_) => "outcome_unknown",
             KvError::Internal(_) => "internal",

@@ -49,6 +49,8 @@ pub struct Tuning {
     pub history_revisions: i64,
     /// How long a write may wait for commit before its outcome is reported unknown.
     pub write_timeout: Duration,
+    /// Largest snapshot chunk sent in one InstallSnapshot message, in bytes.
+    pub snapshot_chunk_bytes: u64,
 }
 
 impl Default for Tuning {
@@ -61,6 +63,7 @@ impl Default for Tuning {
             logs_kept_after_snapshot: 2_000,
             history_revisions: SmConfig::default().history_revisions,
             write_timeout: Duration::from_secs(5),
+            snapshot_chunk_bytes: 3 * 1024 * 1024,
         }
     }
 }
@@ -305,6 +308,7 @@ impl StoreNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_after_logs),
             max_in_snapshot_log_to_keep: tuning.logs_kept_after_snapshot,
             install_snapshot_timeout: 10_000,
+            snapshot_max_chunk_size: tuning.snapshot_chunk_bytes,
             ..Default::default()
         }
         .validate()

@@ -172,10 +172,11 @@ impl SmReader {
         let r = self.db.begin_read().map_err(internal)?;
         let s = self.state(&r).map_err(internal)?;
         if req.revision > s.revision {
-            return Err(KvError::FutureRevision {
-                requested: req.revision,
-                current: s.revision,
-            });
+            return Err(KvError::future_revision(
+                "revision",
+                req.revision,
+                s.revision,
+            ));
         }
         if req.revision > 0 && req.revision < s.compact_revision {
             return Err(KvError::Compacted {
@@ -481,10 +482,7 @@ impl StateMachine {
                 }
                 EntryPayload::Normal(Command::Compact(rev)) => {
                     if rev > state.revision {
-                        Applied::Rejected(KvError::FutureRevision {
-                            requested: rev,
-                            current: state.revision,
-                        })
+                        Applied::Rejected(KvError::future_revision("revision", rev, state.revision))
                     } else {
                         compact(&w, state, rev)?;
                         Applied::Compacted(state.compact_revision)

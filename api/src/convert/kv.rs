@@ -429,7 +429,7 @@ pub fn to_status(e: core::KvError) -> tonic::Status {
     use tonic::Code;
     let code = match &e {
         core::KvError::InvalidArgument { .. } => Code::InvalidArgument,
-        core::KvError::Compacted { .. } | core::KvError::FutureRevision { .. } => Code::OutOfRange,
+        core::KvError::Compacted { .. } => Code::OutOfRange,
         core::KvError::Unavailable(_) => Code::Unavailable,
         core::KvError::OutcomeUnknown(_) => Code::Unknown,
         core::KvError::Internal(_) => Code::Internal,
@@ -448,10 +448,6 @@ pub fn to_status(e: core::KvError) -> tonic::Status {
         }
         core::KvError::Compacted { requested, oldest } => {
             md.insert(COMPACT_REVISION_KEY, (*oldest).into());
-            md.insert(REQUESTED_REVISION_KEY, (*requested).into());
-        }
-        core::KvError::FutureRevision { requested, current } => {
-            md.insert(COMPACT_REVISION_KEY, (*current).into());
             md.insert(REQUESTED_REVISION_KEY, (*requested).into());
         }
         _ => {}
@@ -474,10 +470,6 @@ pub fn from_status(s: &tonic::Status, write: bool) -> core::KvError {
         Some("compacted") => core::KvError::Compacted {
             requested: num(REQUESTED_REVISION_KEY),
             oldest: num(COMPACT_REVISION_KEY),
-        },
-        Some("future_revision") => core::KvError::FutureRevision {
-            requested: num(REQUESTED_REVISION_KEY),
-            current: num(COMPACT_REVISION_KEY),
         },
         Some("unavailable") => core::KvError::Unavailable(s.message().to_string()),
         Some("outcome_unknown") => core::KvError::OutcomeUnknown(s.message().to_string()),
@@ -514,10 +506,6 @@ mod status_tests {
             core::KvError::Compacted {
                 requested: 3,
                 oldest: 10,
-            },
-            core::KvError::FutureRevision {
-                requested: 30,
-                current: 10,
             },
             core::KvError::Unavailable("no leader".into()),
         ] {

@@ -1,0 +1,84 @@
+//! A member refuses a data directory that is corrupt, foreign, another node's, or another
+//! cluster's, and says which.
+
+mod common;
+
+use flotilla_raft_store::data_dir::DataDir;
+use flotilla_raft_store::{NodeConfig, StoreError, StoreNode};
+use tokio_util::sync::CancellationToken;
+
+#[test]
+fn garbage_file_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("log.redb"), b"definitely not a database").unwrap();
+    let err = DataDir::open(dir.path(), 1).err().expect("must refuse");
+    assert!(
+        matches!(err, StoreError::CorruptDataDir { ref file, .. } if file == "log.redb"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("log.redb"), "{err}");
+}
+
+#[test]
+fn foreign_redb_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // A valid redb database written by someone else: no Flotilla format marker.
+    {
+        let db = redb::Database::create(dir.path().join("sm.redb")).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(redb::TableDefinition::<&str, &str>::new("other"))
+            .unwrap()
+            .insert("a", "b")
+            .unwrap();
+        w.commit().unwrap();
+    }
+    let err = DataDir::open(dir.path(), 1).err().expect("must refuse");
+    assert!(
+        matches!(err, StoreError::CorruptDataDir { ref file, .. } if file == "sm.redb"),
+        "{err}"
+    );
+}
+
+#[test]
+fn another_nodes_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(DataDir::open(dir.path(), 1).unwrap());
+    let err = DataDir::open(dir.path(), 2).err().expect("must refuse");
+    assert!(
+        matches!(
+            err,
+            StoreError::WrongNode {
+                stored: 1,
+                requested: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clusters_directory_is_refused_on_join() {
+    // Two independent single-member clusters.
+    let a = common::Cluster::start(1, common::fast_tuning()).await;
+    let b = common::Cluster::start(1, common::fast_tuning()).await;
+    // Member 2 joins cluster A, then is stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new(2, dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.join = Some(a.addrs[0].to_string());
+    cfg.tuning = common::fast_tuning();
+    let n = StoreNode::start(cfg.clone(), CancellationToken::new())
+        .await
+        .unwrap();
+    n.shutdown().await.unwrap();
+    // Pointing the same directory at cluster B is refused before anything is written.
+    cfg.join = Some(b.addrs[0].to_string());
+    let err = StoreNode::start(cfg, CancellationToken::new())
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, StoreError::WrongCluster { .. }), "{err}");
+    assert_eq!(b.node(1).members().len(), 1, "cluster B was not touched");
+    a.shutdown().await;
+    b.shutdown().await;
+}
