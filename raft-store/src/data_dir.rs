@@ -8,7 +8,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::error::StoreError;
 use crate::log_store::{self, FORMAT_LOG, KEY_CLUSTER_ID, KEY_FORMAT, KEY_NODE_ID, LOG, META};
-use crate::state_machine::{self, EVENTS, FORMAT_SM, KV, MVCC, SM_META, SNAP};
+use crate::state_machine::{self, EVENTS, FORMAT_SM, KV, SM_META, SNAP};
 
 /// An opened data directory.
 pub struct DataDir {
@@ -92,7 +92,6 @@ impl DataDir {
         })?;
         let sm = open_db(dir, "sm.redb", FORMAT_SM, SM_META, |w| {
             w.open_table(KV)?;
-            w.open_table(MVCC)?;
             w.open_table(EVENTS)?;
             w.open_table(SNAP)?;
             Ok(())

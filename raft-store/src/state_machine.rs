@@ -1,15 +1,16 @@
 //! The revisioned key-value state machine on redb (`sm.redb`).
 //!
-//! Tables: `kv` (current record per key), `mvcc` ((key, revision) → record or tombstone, for
-//! reads at a past revision), `events` (revision → that revision's events, for watches), and
-//! `sm_meta` (last applied log id, membership, revision, compact revision).
+//! Tables: `kv` (current record per key), `events` (revision → that revision's events, each
+//! with the key's previous record), and `sm_meta` (last applied log id, membership, revision,
+//! compact revision). A read at a past revision starts from `kv` and undoes the events after
+//! it, so a write costs one random B-tree insert (`kv`) and one append (`events`).
 //!
 //! Applies commit without fsync: the log is fsynced, so after a crash the state machine
 //! restarts from its last durable point and openraft re-applies the committed entries that
 //! follow. Building or installing a snapshot commits durably, and the log is only purged up to
 //! a snapshot, so no entry is purged before the state it produced is on disk.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -31,7 +32,6 @@ use crate::types::{
 };
 
 pub(crate) const KV: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("kv");
-pub(crate) const MVCC: TableDefinition<'_, (&[u8], i64), &[u8]> = TableDefinition::new("mvcc");
 pub(crate) const EVENTS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("events");
 pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
 pub(crate) const SNAP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
@@ -97,7 +97,6 @@ struct SmState {
 struct SnapshotPayload {
     state: SmState,
     kv: Vec<(Vec<u8>, Vec<u8>)>,
-    mvcc: Vec<(Vec<u8>, i64, Vec<u8>)>,
     events: Vec<(i64, Vec<u8>)>,
 }
 
@@ -188,8 +187,9 @@ impl SmReader {
             let t = r.open_table(KV).map_err(internal)?;
             range_latest(&t, req).map_err(internal)?
         } else {
-            let t = r.open_table(MVCC).map_err(internal)?;
-            range_at(&t, req, req.revision).map_err(internal)?
+            let kv = r.open_table(KV).map_err(internal)?;
+            let events = r.open_table(EVENTS).map_err(internal)?;
+            range_at(&kv, &events, req).map_err(internal)?
         };
         res.revision = s.revision;
         Ok(res)
@@ -371,47 +371,49 @@ fn range_latest<T: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(res)
 }
 
-fn range_at<T: ReadableTable<(&'static [u8], i64), &'static [u8]>>(
-    t: &T,
-    req: &RangeRequest,
-    at: Revision,
-) -> Result<RangeResult, redb::Error> {
-    let (start, end) = key_bounds(&req.range);
-    let lo = (start.as_slice(), i64::MIN);
-    let iter = match &end {
-        Some(e) => t.range::<(&[u8], i64)>(lo..(e.as_slice(), i64::MIN))?,
-        None => t.range::<(&[u8], i64)>(lo..)?,
+/// Reads `req.range` as of `req.revision` (< current): the current records with every later
+/// event undone, newest first. Cost: the range plus the events after the revision.
+fn range_at<K, E>(kv: &K, events: &E, req: &RangeRequest) -> Result<RangeResult, redb::Error>
+where
+    K: ReadableTable<&'static [u8], &'static [u8]>,
+    E: ReadableTable<i64, &'static [u8]>,
+{
+    let all = RangeRequest {
+        limit: 0,
+        keys_only: false,
+        ..req.clone()
     };
-    let mut res = RangeResult::default();
-    // Versions come sorted by (key, revision): remember the newest visible one per key.
-    let mut current: Option<(Vec<u8>, Option<Rec>)> = None;
-    let flush = |cur: Option<(Vec<u8>, Option<Rec>)>, res: &mut RangeResult| {
-        if let Some((k, Some(rec))) = cur {
-            res.count += 1;
-            if req.limit > 0 && res.kvs.len() as i64 >= req.limit {
-                res.more = true;
-            } else {
-                res.kvs.push(rec.to_kv(&k, req.keys_only));
+    let mut state: std::collections::BTreeMap<Vec<u8>, KeyValue> = range_latest(kv, &all)?
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key.clone(), kv))
+        .collect();
+    for item in events.range(req.revision + 1..)?.rev() {
+        let (_, v) = item?;
+        for e in dec::<Vec<Event>>(v.value())?.into_iter().rev() {
+            if !req.range.contains(&e.kv.key) {
+                continue;
             }
-        }
-    };
-    for item in iter {
-        let (k, v) = item?;
-        let (key, rev) = k.value();
-        if current.as_ref().is_some_and(|(ck, _)| ck.as_slice() != key) {
-            flush(current.take(), &mut res);
-        }
-        if current.is_none() {
-            current = Some((key.to_vec(), None));
-        }
-        if rev <= at {
-            let rec: Option<Rec> = dec(v.value())?;
-            if let Some(c) = current.as_mut() {
-                c.1 = rec;
-            }
+            match e.prev_kv {
+                Some(prev) => state.insert(e.kv.key, prev),
+                None => state.remove(&e.kv.key),
+            };
         }
     }
-    flush(current.take(), &mut res);
+    let mut res = RangeResult {
+        count: state.len() as i64,
+        ..Default::default()
+    };
+    for (_, mut kv) in state {
+        if req.limit > 0 && res.kvs.len() as i64 >= req.limit {
+            res.more = true;
+            break;
+        }
+        if req.keys_only {
+            kv.value.clear();
+        }
+        res.kvs.push(kv);
+    }
     Ok(res)
 }
 
@@ -519,7 +521,6 @@ fn apply_txn(
     req: &TxnRequest,
 ) -> Result<(TxnResult, Vec<Event>), redb::Error> {
     let mut kv = w.open_table(KV)?;
-    let mut mvcc = w.open_table(MVCC)?;
     let mut succeeded = true;
     for c in &req.compare {
         let cur = get_rec(&kv, &c.key)?.map(|r| r.to_kv(&c.key, false));
@@ -562,7 +563,6 @@ fn apply_txn(
                 };
                 let bytes = enc(&rec);
                 kv.insert(key.as_slice(), bytes.as_slice())?;
-                mvcc.insert((key.as_slice(), rev), enc(&Some(&rec)).as_slice())?;
                 let prev_kv_rec = prev.map(|p| p.to_kv(key, false));
                 events.push(Event {
                     kind: EventKind::Put,
@@ -578,7 +578,6 @@ fn apply_txn(
                 let doomed = range_latest(&kv, &all)?.kvs;
                 for d in &doomed {
                     kv.remove(d.key.as_slice())?;
-                    mvcc.insert((d.key.as_slice(), rev), enc(&None::<Rec>).as_slice())?;
                     events.push(Event {
                         kind: EventKind::Delete,
                         kv: KeyValue {
@@ -610,37 +609,12 @@ fn apply_txn(
     ))
 }
 
-/// Discards history before `to`: events below it, and every version that no read at a
-/// revision >= `to` can see.
+/// Discards history before `to`: reads at, and watches from, earlier revisions then fail.
 fn compact(w: &WriteTransaction, state: &mut SmState, to: Revision) -> Result<(), redb::Error> {
     if to <= state.compact_revision {
         return Ok(());
     }
-    let mut events = w.open_table(EVENTS)?;
-    let mut mvcc = w.open_table(MVCC)?;
-    // Only keys changed since the last compaction can have versions to drop.
-    let mut keys = BTreeSet::new();
-    for item in events.range(state.compact_revision..to)? {
-        let (_, v) = item?;
-        for e in dec::<Vec<Event>>(v.value())? {
-            keys.insert(e.kv.key);
-        }
-    }
-    for key in &keys {
-        let mut versions: Vec<(i64, bool)> = Vec::new();
-        for item in mvcc.range::<(&[u8], i64)>((key.as_slice(), i64::MIN)..=(key.as_slice(), to))? {
-            let (k, v) = item?;
-            versions.push((k.value().1, dec::<Option<Rec>>(v.value())?.is_none()));
-        }
-        // Keep the newest version at or below `to`, unless it is a tombstone.
-        let keep = versions.last().filter(|(_, tomb)| !tomb).map(|(r, _)| *r);
-        for (rev, _) in versions {
-            if Some(rev) != keep {
-                mvcc.remove((key.as_slice(), rev))?;
-            }
-        }
-    }
-    events.retain_in(..to, |_, _| false)?;
+    w.open_table(EVENTS)?.retain_in(..to, |_, _| false)?;
     state.compact_revision = to;
     Ok(())
 }
@@ -657,17 +631,11 @@ fn build_payload(db: &Database) -> Result<SnapshotPayload, redb::Error> {
     let mut p = SnapshotPayload {
         state,
         kv: Vec::new(),
-        mvcc: Vec::new(),
         events: Vec::new(),
     };
     for item in r.open_table(KV)?.iter()? {
         let (k, v) = item?;
         p.kv.push((k.value().to_vec(), v.value().to_vec()));
-    }
-    for item in r.open_table(MVCC)?.iter()? {
-        let (k, v) = item?;
-        let (key, rev) = k.value();
-        p.mvcc.push((key.to_vec(), rev, v.value().to_vec()));
     }
     for item in r.open_table(EVENTS)?.iter()? {
         let (k, v) = item?;
@@ -800,11 +768,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 kv.retain(|_, _| false)?;
                 for (k, v) in &p.kv {
                     kv.insert(k.as_slice(), v.as_slice())?;
-                }
-                let mut mvcc = w.open_table(MVCC)?;
-                mvcc.retain(|_, _| false)?;
-                for (k, r, v) in &p.mvcc {
-                    mvcc.insert((k.as_slice(), *r), v.as_slice())?;
                 }
                 let mut ev = w.open_table(EVENTS)?;
                 ev.retain(|_, _| false)?;

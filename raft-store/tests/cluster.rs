@@ -422,3 +422,70 @@ async fn serves_grpc_health_and_reflection() {
     drop(stream);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_past_revisions_see_exactly_that_state() {
+    use flotilla_core::kv::Op;
+    let c = Cluster::start(1, fast_tuning()).await;
+    let client = c.client();
+    put(&client, "/h/a", "1").await; // r1
+    put(&client, "/h/b", "1").await; // r2
+    client
+        .txn(TxnRequest {
+            success: vec![Op::delete("/h/a")],
+            ..Default::default()
+        })
+        .await
+        .unwrap(); // r3
+    put(&client, "/h/a", "2").await; // r4
+    let t = TxnRequest {
+        success: vec![Op::put("/h/a", "3"), Op::delete("/h/b")],
+        ..Default::default()
+    };
+    assert_eq!(client.txn(t).await.unwrap().revision, 5); // r5
+    let expect: [&[(&str, &str, i64)]; 5] = [
+        &[("/h/a", "1", 1)],
+        &[("/h/a", "1", 1), ("/h/b", "1", 1)],
+        &[("/h/b", "1", 1)],
+        &[("/h/a", "2", 1), ("/h/b", "1", 1)],
+        &[("/h/a", "3", 2)],
+    ];
+    for (i, want) in expect.iter().enumerate() {
+        let rev = i as i64 + 1;
+        let r = client
+            .range(RangeRequest {
+                revision: rev,
+                ..RangeRequest::new(KeyRange::prefix("/h/"))
+            })
+            .await
+            .unwrap();
+        let got: Vec<(String, String, i64)> = r
+            .kvs
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8(kv.key.clone()).unwrap(),
+                    String::from_utf8(kv.value.clone()).unwrap(),
+                    kv.version,
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, i64)> = want
+            .iter()
+            .map(|(k, v, ver)| (k.to_string(), v.to_string(), *ver))
+            .collect();
+        assert_eq!(got, want, "state at revision {rev}");
+        assert_eq!(r.count as usize, want.len());
+    }
+    // limit applies to the past view too.
+    let r = client
+        .range(RangeRequest {
+            revision: 4,
+            limit: 1,
+            ..RangeRequest::new(KeyRange::prefix("/h/"))
+        })
+        .await
+        .unwrap();
+    assert_eq!((r.kvs.len(), r.count, r.more), (1, 2, true));
+    c.shutdown().await;
+}
