@@ -648,13 +648,9 @@ impl StoreNode {
         {
             Ok(r) => Ok(r.log_id.index),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let (_, leader) = self
-                    .forward_target(&f)
-                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-                let mut c = admin_client(&leader)
-                    .await
-                    .map_err(AdminError::Unavailable)?;
-                let r = c
+                let r = self
+                    .leader_admin(&f)
+                    .await?
                     .add_learner(v1::AddLearnerRequest { node_id: id, addr })
                     .await
                     .map_err(AdminError::Remote)?;
@@ -703,13 +699,9 @@ impl StoreNode {
             remove: remove.clone(),
         };
         let leader_forward = |f: ForwardToLeader<NodeId, BasicNode>| async move {
-            let (_, leader) = self
-                .forward_target(&f)
-                .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-            let mut c = admin_client(&leader)
-                .await
-                .map_err(AdminError::Unavailable)?;
-            let r = c
+            let r = self
+                .leader_admin(&f)
+                .await?
                 .change_membership(request)
                 .await
                 .map_err(AdminError::Remote)?;
@@ -764,16 +756,32 @@ impl StoreNode {
             purged_index: m.purged.map_or(0, |l| l.index),
             revision,
             compact_revision,
-            members: self
-                .members()
-                .into_iter()
-                .map(|(node_id, (addr, voter))| v1::Member {
-                    node_id,
-                    addr,
-                    voter,
-                })
-                .collect(),
+            members: self.wire_members(),
         }
+    }
+
+    /// Current members as wire messages.
+    pub(crate) fn wire_members(&self) -> Vec<v1::Member> {
+        self.members()
+            .into_iter()
+            .map(|(node_id, (addr, voter))| v1::Member {
+                node_id,
+                addr,
+                voter,
+            })
+            .collect()
+    }
+
+    /// An admin client for the leader named in `f`.
+    async fn leader_admin(
+        &self,
+        f: &ForwardToLeader<NodeId, BasicNode>,
+    ) -> Result<v1::store_admin_client::StoreAdminClient<tonic::transport::Channel>, AdminError>
+    {
+        let (_, leader) = self
+            .forward_target(f)
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+        admin_client(&leader).await.map_err(AdminError::Unavailable)
     }
 }
 

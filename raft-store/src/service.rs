@@ -316,16 +316,7 @@ fn admin_status(e: AdminError) -> Status {
 impl AdminService {
     fn members_response(&self, log_index: u64) -> v1::MembershipResponse {
         v1::MembershipResponse {
-            members: self
-                .node
-                .members()
-                .into_iter()
-                .map(|(node_id, (addr, voter))| v1::Member {
-                    node_id,
-                    addr,
-                    voter,
-                })
-                .collect(),
+            members: self.node.wire_members(),
             log_index,
             cluster_id: self.node.cluster_id().unwrap_or_default(),
         }
