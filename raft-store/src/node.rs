@@ -296,7 +296,20 @@ impl StoreNode {
                         "join {j}: that member has no cluster yet"
                     )));
                 }
-                None => data.set_cluster_id(&status.cluster_id)?,
+                None => {
+                    // A fresh directory under an id the cluster already knows means this
+                    // member lost its data: rejoining would revert a log the leader counted on.
+                    if status.members.iter().any(|m| m.node_id == node_id) {
+                        return Err(StoreError::Config(format!(
+                            "node id {node_id} is already a member of cluster {} but {} holds no \
+                             data for it (data lost?); remove it with StoreAdmin.ChangeMembership \
+                             and rejoin under a new --node-id",
+                            status.cluster_id,
+                            data_dir.display()
+                        )));
+                    }
+                    data.set_cluster_id(&status.cluster_id)?
+                }
             }
         }
 

@@ -82,3 +82,23 @@ async fn another_clusters_directory_is_refused_on_join() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_that_lost_its_data_cannot_rejoin_under_the_same_id() {
+    let mut c = common::Cluster::start(3, common::fast_tuning()).await;
+    c.kill(3).await;
+    let dir = c.dir.path().join("n3");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut cfg = NodeConfig::new(3, &dir, "127.0.0.1:0".parse().unwrap());
+    cfg.join = Some(c.addrs[0].to_string());
+    cfg.tuning = common::fast_tuning();
+    let err = StoreNode::start(cfg, CancellationToken::new())
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(
+        matches!(err, StoreError::Config(ref m) if m.contains("node id 3 is already a member")),
+        "{err}"
+    );
+    c.shutdown().await;
+}
