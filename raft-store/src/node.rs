@@ -199,16 +199,7 @@ impl RunningNode {
     /// Stops Raft and the server, and waits until the data directory is released.
     pub async fn shutdown(self) -> Result<(), StoreError> {
         self.token.cancel();
-        let raft = self.node.inner.raft.clone();
-        drop(self.node);
-        raft.shutdown()
-            .await
-            .map_err(|e| StoreError::Raft(e.to_string()))?;
-        match self.server.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Network(e.to_string())),
-            Err(e) => Err(StoreError::Network(e.to_string())),
-        }
+        self.wait().await
     }
 
     /// Resolves when the server stops (after the shutdown token fires).
@@ -218,11 +209,9 @@ impl RunningNode {
         raft.shutdown()
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))?;
-        match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Network(e.to_string())),
-            Err(e) => Err(StoreError::Network(e.to_string())),
-        }
+        served
+            .map_err(|e| StoreError::Network(e.to_string()))?
+            .map_err(|e| StoreError::Network(e.to_string()))
     }
 }
 
