@@ -332,6 +332,25 @@ fn line(system: &str, what: &str, s: &Stats) {
     );
 }
 
+/// Runs every closed-loop client count, then the open loop, printing and recording each.
+async fn run_workloads<W: Writer>(
+    system: &str,
+    w: W,
+    args: &Args,
+    results: &mut Vec<(String, String, Stats)>,
+) {
+    for &n in &args.clients {
+        let s = closed_loop(w.clone(), n, args.seconds, args.value_bytes).await;
+        line(system, &format!("{n} clients"), &s);
+        results.push((system.into(), format!("{n} clients"), s));
+    }
+    if args.rate > 0 {
+        let s = open_loop(w.clone(), args.rate, args.seconds, args.value_bytes).await;
+        line(system, &format!("open loop {}/s", args.rate), &s);
+        results.push((system.into(), format!("open loop {}/s", args.rate), s));
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -358,33 +377,14 @@ async fn main() -> anyhow::Result<()> {
                 StoreClient::new(&e).map_err(anyhow::Error::from)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let w = FlotillaWriter(clients);
-        for &n in &args.clients {
-            let s = closed_loop(w.clone(), n, args.seconds, args.value_bytes).await;
-            line("flotilla", &format!("{n} clients"), &s);
-            results.push(("flotilla".into(), format!("{n} clients"), s));
-        }
-        if args.rate > 0 {
-            let s = open_loop(w.clone(), args.rate, args.seconds, args.value_bytes).await;
-            line("flotilla", &format!("open loop {}/s", args.rate), &s);
-            results.push(("flotilla".into(), format!("open loop {}/s", args.rate), s));
-        }
+        run_workloads("flotilla", FlotillaWriter(clients), &args, &mut results).await;
     }
 
     #[cfg(feature = "etcd")]
     if !args.no_etcd {
         let (_procs, eps) = etcd::start(&args.etcd, dir.path()).await?;
         let w = etcd::EtcdWriter(etcd_client::Client::connect(&eps, None).await?);
-        for &n in &args.clients {
-            let s = closed_loop(w.clone(), n, args.seconds, args.value_bytes).await;
-            line("etcd", &format!("{n} clients"), &s);
-            results.push(("etcd".into(), format!("{n} clients"), s));
-        }
-        if args.rate > 0 {
-            let s = open_loop(w.clone(), args.rate, args.seconds, args.value_bytes).await;
-            line("etcd", &format!("open loop {}/s", args.rate), &s);
-            results.push(("etcd".into(), format!("open loop {}/s", args.rate), s));
-        }
+        run_workloads("etcd", w, &args, &mut results).await;
         println!();
         println!("| workload | flotilla/etcd writes/s | flotilla/etcd p99 |");
         println!("|---|---|---|");
