@@ -83,6 +83,18 @@ struct Stats {
     errors: u64,
 }
 
+impl Stats {
+    /// Summarizes a run: successful writes per second and latency quantiles (histogram in µs).
+    fn of(h: &Histogram<u64>, elapsed: Duration, errors: &std::sync::atomic::AtomicU64) -> Self {
+        Stats {
+            writes_per_sec: h.len() as f64 / elapsed.as_secs_f64(),
+            p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 /// Something that can take one write.
 trait Writer: Clone + Send + Sync + 'static {
     fn put(&self, key: String, value: Vec<u8>) -> impl std::future::Future<Output = bool> + Send;
@@ -132,14 +144,7 @@ async fn closed_loop<W: Writer>(w: W, clients: usize, seconds: u64, value_bytes:
     for t in tasks {
         t.await.expect("client task");
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let h = hist.lock().await;
-    Stats {
-        writes_per_sec: h.len() as f64 / elapsed,
-        p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
-        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
-    }
+    Stats::of(&*hist.lock().await, start.elapsed(), &errors)
 }
 
 /// Offers `rate` writes/s for `seconds`; latency counts from the scheduled send time.
@@ -166,14 +171,7 @@ async fn open_loop<W: Writer>(w: W, rate: u64, seconds: u64, value_bytes: usize)
         });
     }
     while tasks.join_next().await.is_some() {}
-    let elapsed = start.elapsed().as_secs_f64();
-    let h = hist.lock().await;
-    Stats {
-        writes_per_sec: h.len() as f64 / elapsed,
-        p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
-        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
-    }
+    Stats::of(&*hist.lock().await, start.elapsed(), &errors)
 }
 
 fn hub_binary() -> anyhow::Result<PathBuf> {

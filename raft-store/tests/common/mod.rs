@@ -146,30 +146,18 @@ impl Cluster {
     pub async fn converge(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let idx: Vec<u64> = self
+            // (applied index, last log index) per running member.
+            let (idx, last): (Vec<u64>, Vec<u64>) = self
                 .running()
                 .iter()
                 .map(|i| {
-                    self.node(*i)
-                        .raft()
-                        .metrics()
-                        .borrow()
-                        .last_applied
-                        .map_or(0, |l| l.index)
+                    let m = self.node(*i).raft().metrics().borrow().clone();
+                    (
+                        m.last_applied.map_or(0, |l| l.index),
+                        m.last_log_index.unwrap_or(0),
+                    )
                 })
-                .collect();
-            let last: Vec<u64> = self
-                .running()
-                .iter()
-                .map(|i| {
-                    self.node(*i)
-                        .raft()
-                        .metrics()
-                        .borrow()
-                        .last_log_index
-                        .unwrap_or(0)
-                })
-                .collect();
+                .unzip();
             let max = last.iter().copied().max().unwrap_or(0);
             if idx.iter().all(|a| *a == max) {
                 return;
