@@ -1,0 +1,492 @@
+//! One simulated cluster at run time: its state, its HTTP listener (which faults can take
+//! away), and its controller loop. [`SimFleet`] starts many of them in one process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::faults::{ApiFaults, Fault};
+use crate::resources::RESOURCES;
+use crate::scenario::{ClusterSpec, Scenario};
+use crate::sim::SimState;
+use crate::store::{ApiError, DEFAULT_HISTORY};
+
+/// How simulated clusters are served.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Address to listen on (loopback by default).
+    pub host: IpAddr,
+    /// First port; cluster `i` listens on `first_port + i`. 0 picks free ports.
+    pub first_port: u16,
+    /// Changes each cluster keeps for watches to resume from; older ones get 410.
+    pub history: usize,
+    /// How often watches that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+    /// Serve HTTPS with a generated certificate (kubectl only sends bearer tokens over TLS).
+    pub tls: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            first_port: 0,
+            history: DEFAULT_HISTORY,
+            bookmark_interval: Duration::from_secs(10),
+            tls: true,
+        }
+    }
+}
+
+/// Shared core of one cluster (state, faults, listener control).
+pub struct ClusterCore {
+    /// Cluster name.
+    pub name: String,
+    /// Bearer token the API requires.
+    pub token: String,
+    /// Ends watches and the listener.
+    pub shutdown: CancellationToken,
+    /// Bookmark period for watches.
+    pub bookmark_interval: Duration,
+    addr: SocketAddr,
+    version: String,
+    tls: Option<Arc<Tls>>,
+    state: Mutex<SimState>,
+    api_faults: RwLock<ApiFaults>,
+    changed: Notify,
+    reachable: watch::Sender<bool>,
+}
+
+impl ClusterCore {
+    /// Read the state under the lock.
+    pub fn read<T>(&self, f: impl FnOnce(&SimState) -> T) -> T {
+        f(&self.state.lock().expect("cluster state poisoned"))
+    }
+
+    /// Change the state under the lock and wake the controllers.
+    pub fn write<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
+        let out = f(&mut self.state.lock().expect("cluster state poisoned"));
+        self.changed.notify_one();
+        out
+    }
+
+    /// A copy of the API faults in force.
+    pub fn api_faults(&self) -> ApiFaults {
+        self.api_faults.read().expect("faults poisoned").clone()
+    }
+
+    /// `host:port` the cluster listens on.
+    pub fn addr_string(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The `/version` document.
+    pub fn version_info(&self) -> Value {
+        let v = self.version.trim_start_matches('v');
+        let mut parts = v.split('.');
+        json!({
+            "major": parts.next().unwrap_or("1"),
+            "minor": parts.next().unwrap_or("0"),
+            "gitVersion": self.version,
+            "gitCommit": "kube-sim",
+            "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z",
+            "goVersion": "n/a (kube-sim, a simulated API server)",
+            "compiler": "rustc",
+            "platform": "linux/amd64",
+        })
+    }
+}
+
+/// A handle to one running simulated cluster.
+#[derive(Clone)]
+pub struct SimCluster {
+    core: Arc<ClusterCore>,
+}
+
+fn plural_index(plural: &str) -> Result<usize, ApiError> {
+    RESOURCES
+        .iter()
+        .position(|r| r.plural == plural)
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "NotFound",
+                format!("kube-sim does not serve {plural:?}"),
+            )
+        })
+}
+
+impl SimCluster {
+    /// Cluster name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// Listen address.
+    pub fn addr(&self) -> SocketAddr {
+        self.core.addr
+    }
+
+    /// Base URL of the API server.
+    pub fn url(&self) -> String {
+        let scheme = if self.core.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.core.addr)
+    }
+
+    /// PEM of the CA that signed the serving certificate (None for plain HTTP).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.core.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    /// Bearer token.
+    pub fn token(&self) -> &str {
+        &self.core.token
+    }
+
+    /// A kubeconfig (YAML) for this cluster; kube-rs and kubectl take it unchanged.
+    pub fn kubeconfig(&self) -> String {
+        use base64::Engine;
+        let n = &self.core.name;
+        let ca = self.ca_pem().map_or(String::new(), |pem| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            )
+        });
+        format!(
+            "# kube-sim: a SIMULATED cluster (test double), not a real Kubernetes API server.\n\
+             apiVersion: v1\nkind: Config\nclusters:\n- name: {n}\n  cluster:\n    server: {url}\n{ca}\
+             users:\n- name: {n}-admin\n  user:\n    token: {token}\n\
+             contexts:\n- name: {n}\n  context:\n    cluster: {n}\n    user: {n}-admin\n    namespace: default\n\
+             current-context: {n}\npreferences: {{}}\n",
+            url = self.url(),
+            token = self.core.token,
+        )
+    }
+
+    /// Inject a fault.
+    pub fn inject(&self, fault: &Fault) -> Result<(), ApiError> {
+        match fault {
+            Fault::ApiLatency { millis } => {
+                self.core.api_faults.write().expect("faults").latency =
+                    Some(Duration::from_millis(*millis));
+            }
+            Fault::ApiError {
+                verb,
+                resource,
+                code,
+            } => {
+                if !(400..=599).contains(code) {
+                    return Err(ApiError::bad_request(
+                        "code: must be an HTTP error status 400..=599",
+                    ));
+                }
+                self.core.api_faults.write().expect("faults").errors.push((
+                    verb.clone(),
+                    resource.clone(),
+                    *code,
+                ));
+            }
+            Fault::Unreachable => {
+                self.core.reachable.send_replace(false);
+            }
+            other => self.core.write(|s| s.inject(other))?,
+        }
+        Ok(())
+    }
+
+    /// Undo one fault (for `gpu-failure` the count is ignored: all GPUs recover).
+    pub fn clear(&self, fault: &Fault) {
+        match fault {
+            Fault::ApiLatency { .. } => {
+                self.core.api_faults.write().expect("faults").latency = None
+            }
+            Fault::ApiError { verb, resource, .. } => self
+                .core
+                .api_faults
+                .write()
+                .expect("faults")
+                .errors
+                .retain(|(v, r, _)| v != verb || r != resource),
+            Fault::Unreachable => {
+                self.core.reachable.send_replace(true);
+            }
+            other => self.core.write(|s| s.clear(other)),
+        }
+    }
+
+    /// Undo every fault.
+    pub fn clear_all(&self) {
+        *self.core.api_faults.write().expect("faults") = ApiFaults::default();
+        self.core.reachable.send_replace(true);
+        self.core.write(|s| s.clear_all());
+    }
+
+    /// One object by plural resource name (`nodes`, `pods`, ...).
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let res = plural_index(plural)?;
+        self.core
+            .read(|s| s.store.get(res, ns, name).map(|o| (*o).clone()))
+    }
+
+    /// All objects of a type (optionally in one namespace).
+    pub fn list(&self, plural: &str, ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
+        let res = plural_index(plural)?;
+        Ok(self
+            .core
+            .read(|s| s.store.iter(res, ns, None).map(|o| (**o).clone()).collect()))
+    }
+
+    /// Create an object as a client would (with API-server defaulting).
+    pub fn create(&self, plural: &str, ns: &str, obj: Value) -> Result<Value, ApiError> {
+        let res = plural_index(plural)?;
+        self.core
+            .write(|s| s.create(res, ns, obj).map(|o| (*o).clone()))
+    }
+
+    /// The cluster's current `resourceVersion`.
+    pub fn revision(&self) -> u64 {
+        self.core.read(|s| s.store.revision())
+    }
+
+    /// Forget the watch history so that every resume gets 410 Gone (as after etcd compaction).
+    pub fn compact(&self) {
+        self.core.write(|s| s.store.compact());
+    }
+
+    /// Direct access to the state, for tests that need more than the helpers.
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
+        self.core.write(f)
+    }
+}
+
+/// Many simulated clusters served from one process.
+pub struct SimFleet {
+    clusters: Vec<SimCluster>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SimFleet {
+    /// Start every cluster of the scenario. Clusters are ready to serve when this returns.
+    pub async fn start(scenario: &Scenario, opts: SimOptions) -> std::io::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let tls = if opts.tls {
+            Some(Arc::new(Tls::generate(opts.host)?))
+        } else {
+            None
+        };
+        let mut fleet = Self {
+            clusters: Vec::new(),
+            shutdown: shutdown.clone(),
+            tasks: Vec::new(),
+        };
+        for (i, spec) in scenario.clusters.iter().enumerate() {
+            let port = if opts.first_port == 0 {
+                0
+            } else {
+                opts.first_port + i as u16
+            };
+            let listener = TcpListener::bind(SocketAddr::new(opts.host, port)).await?;
+            let addr = listener.local_addr()?;
+            let core = Arc::new(ClusterCore {
+                name: spec.name.clone(),
+                token: format!("sim-{}", uuid::Uuid::new_v4().simple()),
+                shutdown: shutdown.child_token(),
+                bookmark_interval: opts.bookmark_interval,
+                addr,
+                version: spec.kubernetes_version.clone(),
+                tls: tls.clone(),
+                state: Mutex::new(new_state(spec, i as u32, opts.history)),
+                api_faults: RwLock::new(ApiFaults::default()),
+                changed: Notify::new(),
+                reachable: watch::Sender::new(true),
+            });
+            let span = tracing::info_span!("kube-sim", cluster = %spec.name);
+            fleet.tasks.push(tokio::spawn(
+                serve(core.clone(), listener).instrument(span.clone()),
+            ));
+            fleet
+                .tasks
+                .push(tokio::spawn(controllers(core.clone()).instrument(span)));
+            fleet.clusters.push(SimCluster { core });
+        }
+        Ok(fleet)
+    }
+
+    /// Every cluster, in scenario order.
+    pub fn clusters(&self) -> &[SimCluster] {
+        &self.clusters
+    }
+
+    /// A cluster by name.
+    pub fn cluster(&self, name: &str) -> Option<&SimCluster> {
+        self.clusters.iter().find(|c| c.name() == name)
+    }
+
+    /// Write `<dir>/<cluster>.kubeconfig` for every cluster; returns the paths.
+    pub fn write_kubeconfigs(
+        &self,
+        dir: &std::path::Path,
+    ) -> std::io::Result<Vec<std::path::PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let mut out = Vec::new();
+        for c in &self.clusters {
+            let p = dir.join(format!("{}.kubeconfig", c.name()));
+            std::fs::write(&p, c.kubeconfig())?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Stop serving and wait for every task.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn new_state(spec: &ClusterSpec, index: u32, history: usize) -> SimState {
+    SimState::new(spec.clone(), index, history)
+}
+
+async fn controllers(core: Arc<ClusterCore>) {
+    loop {
+        let next = {
+            let mut s = core.state.lock().expect("cluster state poisoned");
+            s.reconcile(Instant::now())
+        };
+        let wait = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = core.shutdown.cancelled() => return,
+            _ = core.changed.notified() => {}
+            _ = wait => {}
+        }
+    }
+}
+
+async fn serve(core: Arc<ClusterCore>, first: TcpListener) {
+    let mut listener = Some(first);
+    let mut reachable = core.reachable.subscribe();
+    loop {
+        if !*reachable.borrow_and_update() {
+            tracing::info!("API server unreachable (fault injected)");
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                _ = reachable.changed() => continue,
+            }
+        }
+        let l = match listener.take() {
+            Some(l) => l,
+            None => match TcpListener::bind(core.addr).await {
+                Ok(l) => {
+                    tracing::info!("API server reachable again");
+                    l
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebinding the API port failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                r = reachable.changed() => {
+                    if r.is_err() || !*reachable.borrow() { break; }
+                }
+                accepted = l.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(connection(core.clone(), stream, core.reachable.subscribe()).in_current_span());
+                    }
+                    Err(e) => tracing::debug!(error = %e, "accept failed"),
+                },
+            }
+        }
+    }
+}
+
+/// The serving certificate shared by a fleet's API servers.
+pub struct Tls {
+    ca_pem: String,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    /// A self-signed certificate for `host`, `localhost` and 127.0.0.1.
+    fn generate(host: IpAddr) -> std::io::Result<Self> {
+        let io = |e: &dyn std::fmt::Display| std::io::Error::other(format!("TLS set-up: {e}"));
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        if !host.is_unspecified() {
+            names.push(host.to_string());
+        }
+        let ck = rcgen::generate_simple_self_signed(names).map_err(|e| io(&e))?;
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+            .map_err(|e| io(&e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| io(&e))?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .map_err(|e| io(&e))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            ca_pem: ck.cert.pem(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+}
+
+async fn connection(core: Arc<ClusterCore>, stream: TcpStream, reachable: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    match core.tls.clone() {
+        Some(tls) => {
+            let accepted = tokio::select! {
+                a = tls.acceptor.accept(stream) => a,
+                _ = core.shutdown.cancelled() => return,
+            };
+            match accepted {
+                Ok(s) => serve_io(core, s, reachable).await,
+                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+            }
+        }
+        None => serve_io(core, stream, reachable).await,
+    }
+}
+
+async fn serve_io<I>(core: Arc<ClusterCore>, io: I, mut reachable: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let c = core.clone();
+    let svc = hyper::service::service_fn(move |req| crate::server::handle(c.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    // Dropping the connection future closes the socket: that is how "unreachable" cuts watches.
+    tokio::select! {
+        _ = conn => {}
+        _ = core.shutdown.cancelled() => {}
+        _ = reachable.wait_for(|r| !*r) => {}
+    }
+}

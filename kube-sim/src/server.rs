@@ -1,0 +1,809 @@
+//! The HTTP side: routing Kubernetes REST paths to the store, list/watch wire format,
+//! Status errors, bearer-token auth, and the per-request API faults.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cluster::ClusterCore;
+use crate::faults::reason_for;
+use crate::patch::{self, PatchKind};
+use crate::resources::{self, RESOURCES, ResourceType, idx};
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::store::{ApiError, Change, EventType, Obj};
+
+/// Response body: whole JSON documents or a watch stream.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest accepted request body (the API server's limit is 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(code: u16, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_vec(v).expect("json")))
+        .expect("response")
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.code, &e.to_status());
+    // The API server turns details.retryAfterSeconds into a Retry-After header.
+    if let Some(secs) = e
+        .details
+        .as_ref()
+        .and_then(|d| d["retryAfterSeconds"].as_u64())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, secs.into());
+    }
+    r
+}
+
+/// Parsed query string.
+struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Self {
+        let mut m = HashMap::new();
+        for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            m.insert(dec(k), dec(v));
+        }
+        Self(m)
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1"))
+    }
+}
+
+/// A resolved REST path.
+#[derive(Debug)]
+struct Target {
+    res: usize,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
+    let find = |plural: &str| resources::lookup(group, version, plural);
+    let t = |res, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
+        res,
+        ns: ns.map(String::from),
+        name: name.map(String::from),
+        sub: sub.map(String::from),
+    };
+    match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if find(plural).is_some_and(|r| RESOURCES[r].namespaced) =>
+        {
+            let res = find(plural)?;
+            match tail {
+                [] => Some(t(res, Some(ns), None, None)),
+                [name] => Some(t(res, Some(ns), Some(name), None)),
+                [name, sub] => Some(t(res, Some(ns), Some(name), Some(sub))),
+                _ => None,
+            }
+        }
+        [plural] => Some(t(find(plural)?, None, None, None)),
+        [plural, name] => Some(t(find(plural)?, None, Some(name), None)),
+        [plural, name, sub] => Some(t(find(plural)?, None, Some(name), Some(sub))),
+        _ => None,
+    }
+}
+
+fn verb_of(method: &Method, t: &Target, q: &Query) -> &'static str {
+    match (method.as_str(), t.name.is_some()) {
+        ("GET", false) if q.flag("watch") => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+/// Handle one request for a cluster.
+pub async fn handle(
+    core: Arc<ClusterCore>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let q = Query::parse(req.uri().query());
+    // Public endpoints, as on a real API server (system:public-info-viewer).
+    match path.as_str() {
+        "/healthz" | "/livez" | "/readyz" => {
+            return Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(full("ok"))
+                .expect("response"));
+        }
+        "/version" => return Ok(json_response(200, &core.version_info())),
+        _ => {}
+    }
+    let authorized = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|t| t == core.token);
+    if !authorized {
+        return Ok(error_response(&ApiError::new(
+            401,
+            "Unauthorized",
+            "Unauthorized",
+        )));
+    }
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let addr = core.addr_string();
+    let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
+        ["api"] => return Ok(json_response(200, &resources::core_versions(&addr))),
+        ["apis"] => return Ok(json_response(200, &resources::group_list())),
+        ["api", "v1"] => {
+            return Ok(json_response(
+                200,
+                &resources::resource_list("", "v1").expect("core"),
+            ));
+        }
+        ["apis", g] => {
+            return Ok(match resources::group(g) {
+                Some(v) => json_response(200, &v),
+                None => not_found_path(&path),
+            });
+        }
+        ["apis", g, v] => {
+            return Ok(match resources::resource_list(g, v) {
+                Some(l) => json_response(200, &l),
+                None => not_found_path(&path),
+            });
+        }
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] => (g, v, rest),
+        _ => return Ok(not_found_path(&path)),
+    };
+    let Some(target) = resolve(group, version, rest) else {
+        return Ok(not_found_path(&path));
+    };
+    let verb = verb_of(req.method(), &target, &q);
+    let faults = core.api_faults();
+    if let Some(d) = faults.latency {
+        tokio::time::sleep(d).await;
+    }
+    if let Some(code) = faults.error_for(verb, RESOURCES[target.res].plural) {
+        let e = ApiError::new(
+            code,
+            reason_for(code),
+            format!(
+                "injected fault (kube-sim): {verb} {}",
+                RESOURCES[target.res].plural
+            ),
+        );
+        return Ok(error_response(&e));
+    }
+    let table = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"));
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let method = req.method().clone();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return Ok(error_response(&e)),
+    };
+    let resp = match dispatch(
+        &core,
+        &method,
+        verb,
+        &target,
+        &q,
+        &body,
+        &content_type,
+        table,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    Ok(resp)
+}
+
+fn not_found_path(path: &str) -> Response<Body> {
+    error_response(&ApiError::new(
+        404,
+        "NotFound",
+        format!("the server could not find the requested resource ({path})"),
+    ))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(_) => Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("the request body exceeds the limit of {MAX_BODY} bytes"),
+        )),
+    }
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    core: &Arc<ClusterCore>,
+    method: &Method,
+    verb: &str,
+    t: &Target,
+    q: &Query,
+    body: &Bytes,
+    content_type: &str,
+    table: bool,
+) -> Result<Response<Body>, ApiError> {
+    let r = &RESOURCES[t.res];
+    if !r.namespaced && t.ns.is_some() {
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("{} is not namespaced", r.plural),
+        ));
+    }
+    let ns = t.ns.clone().unwrap_or_default();
+    let dry_run = q.get("dryRun").is_some();
+    match (t.sub.as_deref(), t.name.as_deref()) {
+        (None, None) => match verb {
+            "list" => list(core, t, q, table),
+            "watch" => watch(core, t, q).await,
+            "create" => {
+                let obj = parse_json(body)?;
+                if dry_run {
+                    return Ok(json_response(201, &obj));
+                }
+                let created = core.write(|s| s.create(t.res, &ns, obj))?;
+                Ok(json_response(201, &created))
+            }
+            "deletecollection" => {
+                let (labels, fields) = selectors(r, q)?;
+                let victims: Vec<(String, String)> = core.read(|s| {
+                    s.store
+                        .iter(t.res, t.ns.as_deref(), None)
+                        .filter(|o| labels.matches(o) && fields.matches(o))
+                        .map(|o| {
+                            (
+                                o["metadata"]["namespace"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .to_string(),
+                                o["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect()
+                });
+                let mut items = Vec::new();
+                for (ons, oname) in victims {
+                    if let Ok(o) = core.write(|s| s.store.delete(t.res, &ons, &oname)) {
+                        items.push((*o).clone());
+                    }
+                }
+                Ok(json_response(
+                    200,
+                    &list_doc(r, core.read(|s| s.store.revision()), items, None),
+                ))
+            }
+            _ => Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("{method} is not supported on a collection"),
+            )),
+        },
+        (None, Some(name)) => match verb {
+            "get" => {
+                let o = core.read(|s| s.store.get(t.res, &ns, name))?;
+                if table {
+                    return Ok(json_response(
+                        200,
+                        &crate::table::table(
+                            r,
+                            std::slice::from_ref(&o),
+                            &o["metadata"]["resourceVersion"],
+                        ),
+                    ));
+                }
+                Ok(json_response(200, &o))
+            }
+            "update" => {
+                let obj = parse_json(body)?;
+                let o = core.write(|s| s.store.update(t.res, &ns, name, obj, false))?;
+                Ok(json_response(200, &o))
+            }
+            "patch" => {
+                let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
+                    ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"))
+                })?;
+                let p = parse_json(body)?;
+                let o = core.write(|s| {
+                    let cur = s.store.get(t.res, &ns, name)?;
+                    let mut doc = (*cur).clone();
+                    patch::apply(kind, &mut doc, &p)
+                        .map_err(|e| ApiError::new(422, "Invalid", e))?;
+                    // A patch without a resourceVersion must not fail on concurrent writes.
+                    if p["metadata"]["resourceVersion"].is_null() && kind != PatchKind::Json {
+                        doc["metadata"]["resourceVersion"] =
+                            cur["metadata"]["resourceVersion"].clone();
+                    }
+                    if doc["metadata"]["name"] != cur["metadata"]["name"] {
+                        return Err(ApiError::invalid(
+                            t.res,
+                            name,
+                            "metadata.name",
+                            "field is immutable",
+                        ));
+                    }
+                    if dry_run {
+                        return Ok(Arc::new(doc));
+                    }
+                    s.store.update(t.res, &ns, name, doc, false)
+                })?;
+                Ok(json_response(200, &o))
+            }
+            "delete" => {
+                let pre = if body.is_empty() {
+                    Value::Null
+                } else {
+                    parse_json(body)?
+                };
+                let o = core.write(|s| {
+                    let cur = s.store.get(t.res, &ns, name)?;
+                    if let Some(uid) = pre["preconditions"]["uid"].as_str()
+                        && cur["metadata"]["uid"] != uid
+                    {
+                        return Err(ApiError::conflict(t.res, name));
+                    }
+                    if let Some(rv) = pre["preconditions"]["resourceVersion"].as_str()
+                        && cur["metadata"]["resourceVersion"] != rv
+                    {
+                        return Err(ApiError::conflict(t.res, name));
+                    }
+                    if dry_run {
+                        return Ok(cur);
+                    }
+                    s.store.delete(t.res, &ns, name)
+                })?;
+                Ok(json_response(200, &o))
+            }
+            _ => Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("{method} is not supported on an object"),
+            )),
+        },
+        (Some("status"), Some(name)) if r.has_status => match verb {
+            "get" => {
+                let o = core.read(|s| s.store.get(t.res, &ns, name))?;
+                Ok(json_response(200, &o))
+            }
+            "update" => {
+                let obj = parse_json(body)?;
+                let o = core.write(|s| s.store.update(t.res, &ns, name, obj, true))?;
+                Ok(json_response(200, &o))
+            }
+            "patch" => {
+                let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
+                    ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        format!("unsupported patch type {content_type}"),
+                    )
+                })?;
+                let p = parse_json(body)?;
+                let o = core.write(|s| {
+                    let cur = s.store.get(t.res, &ns, name)?;
+                    let mut doc = (*cur).clone();
+                    patch::apply(kind, &mut doc, &p)
+                        .map_err(|e| ApiError::new(422, "Invalid", e))?;
+                    if p["metadata"]["resourceVersion"].is_null() {
+                        doc["metadata"]["resourceVersion"] =
+                            cur["metadata"]["resourceVersion"].clone();
+                    }
+                    s.store.update(t.res, &ns, name, doc, true)
+                })?;
+                Ok(json_response(200, &o))
+            }
+            _ => Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "status supports get, update and patch",
+            )),
+        },
+        (Some("eviction"), Some(name)) if t.res == idx::PODS && verb == "create" => {
+            let ev = parse_json(body)?;
+            let dry = dry_run
+                || ev["deleteOptions"]["dryRun"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty());
+            core.write(|s| s.evict(&ns, name, dry))?;
+            Ok(json_response(
+                201,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
+        }
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
+    }
+}
+
+fn selectors(
+    r: &'static ResourceType,
+    q: &Query,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), |f| {
+        r.supports_field(f)
+    })
+    .map_err(ApiError::bad_request)?;
+    Ok((labels, fields))
+}
+
+fn list_doc(r: &ResourceType, rv: u64, items: Vec<Value>, cont: Option<String>) -> Value {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let Some(c) = cont {
+        meta["continue"] = json!(c);
+    }
+    json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": meta, "items": items})
+}
+
+fn list(
+    core: &Arc<ClusterCore>,
+    t: &Target,
+    q: &Query,
+    table: bool,
+) -> Result<Response<Body>, ApiError> {
+    let r = &RESOURCES[t.res];
+    let (labels, fields) = selectors(r, q)?;
+    let limit: usize = match q.get("limit") {
+        Some(l) => l
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("limit: invalid value {l:?}")))?,
+        None => 0,
+    };
+    // Continue tokens are "<rv>/<namespace>/<name>" of the last item returned.
+    let after = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => {
+            let mut parts = c.splitn(3, '/');
+            let (rv, ns, name) = (parts.next(), parts.next(), parts.next());
+            match (rv.and_then(|r| r.parse::<u64>().ok()), ns, name) {
+                (Some(rv), Some(ns), Some(name)) => Some((rv, ns.to_string(), name.to_string())),
+                _ => return Err(ApiError::bad_request("continue: invalid continue token")),
+            }
+        }
+        None => None,
+    };
+    let (rv, items, cont) = core.read(|s| {
+        if let Some((rv, _, _)) = &after
+            && *rv < s.store.compacted_through()
+        {
+            return Err(ApiError::new(410, "Expired", "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter."));
+        }
+        let rv = after.as_ref().map_or(s.store.revision(), |a| a.0);
+        let mut items: Vec<Obj> = Vec::new();
+        let mut cont = None;
+        let iter = s
+            .store
+            .iter(t.res, t.ns.as_deref(), after.as_ref().map(|(_, n, m)| (n.as_str(), m.as_str())))
+            .filter(|o| labels.matches(o) && fields.matches(o));
+        for o in iter {
+            if limit > 0 && items.len() == limit {
+                let last = items.last().expect("limit > 0");
+                cont = Some(format!(
+                    "{rv}/{}/{}",
+                    last["metadata"]["namespace"].as_str().unwrap_or(""),
+                    last["metadata"]["name"].as_str().unwrap_or("")
+                ));
+                break;
+            }
+            items.push(o.clone());
+        }
+        Ok((rv, items, cont))
+    })?;
+    if table {
+        return Ok(json_response(
+            200,
+            &crate::table::table(r, &items, &json!(rv.to_string())),
+        ));
+    }
+    // Serialise straight from the shared objects; no deep clone of every item.
+    let mut out = Vec::with_capacity(items.len() * 1024);
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let Some(c) = cont {
+        meta["continue"] = json!(c);
+    }
+    out.extend_from_slice(
+        format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":",
+            r.kind,
+            r.api_version()
+        )
+        .as_bytes(),
+    );
+    serde_json::to_writer(&mut out, &meta).expect("json");
+    out.extend_from_slice(b",\"items\":[");
+    for (i, o) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &**o).expect("json");
+    }
+    out.extend_from_slice(b"]}");
+    Ok(Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(out))
+        .expect("response"))
+}
+
+/// What a watch sends for one change, after namespace and selector filtering.
+fn filter_change(
+    c: &Change,
+    res: usize,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<EventType> {
+    if c.resource != res {
+        return None;
+    }
+    if let Some(ns) = ns
+        && c.object["metadata"]["namespace"].as_str().unwrap_or("") != ns
+    {
+        return None;
+    }
+    let now = labels.matches(&c.object) && fields.matches(&c.object);
+    let before = c
+        .previous
+        .as_ref()
+        .is_some_and(|p| labels.matches(p) && fields.matches(p));
+    // Objects entering or leaving the selection look like additions and deletions.
+    match c.kind {
+        EventType::Added => now.then_some(EventType::Added),
+        EventType::Deleted => before.then_some(EventType::Deleted),
+        EventType::Modified => match (before, now) {
+            (true, true) => Some(EventType::Modified),
+            (false, true) => Some(EventType::Added),
+            (true, false) => Some(EventType::Deleted),
+            (false, false) => None,
+        },
+    }
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\",\"object\":");
+    serde_json::to_writer(&mut out, object).expect("json");
+    out.extend_from_slice(b"}\n");
+    Bytes::from(out)
+}
+
+fn bookmark(r: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    event_line(
+        "BOOKMARK",
+        &json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": meta}),
+    )
+}
+
+async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Response<Body>, ApiError> {
+    let r = &RESOURCES[t.res];
+    let (labels, fields) = selectors(r, q)?;
+    let bookmarks = q.flag("allowWatchBookmarks");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let rv_param = q.get("resourceVersion").unwrap_or("");
+    let send_initial = q.flag("sendInitialEvents") || rv_param.is_empty() || rv_param == "0";
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let res = t.res;
+    let ns = t.ns.clone();
+    // Snapshot (if asked) and subscription are taken under one lock so nothing falls between.
+    let start = core.read(|s| -> Result<_, ApiError> {
+        if send_initial {
+            let items: Vec<Obj> = s
+                .store
+                .iter(res, ns.as_deref(), None)
+                .filter(|o| labels.matches(o) && fields.matches(o))
+                .cloned()
+                .collect();
+            Ok((s.store.revision(), items, Vec::new(), s.store.subscribe()))
+        } else {
+            let from: u64 = rv_param.parse().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion: invalid value {rv_param:?}"))
+            })?;
+            match s.store.watch_from(from) {
+                Ok((backlog, rx)) => Ok((from, Vec::new(), backlog, rx)),
+                Err(e) => Err(e),
+            }
+        }
+    });
+    let shutdown = core.shutdown.clone();
+    let bookmark_every = core.bookmark_interval;
+    let explicit_initial = q.flag("sendInitialEvents");
+    match start {
+        Err(e) if e.code == 410 => {
+            // Real API servers answer 200 and send the 410 as an ERROR event.
+            let _ = tx.try_send(event_line("ERROR", &e.to_status()));
+        }
+        Err(e) => return Err(e),
+        Ok((start_rv, initial, backlog, mut sub)) => {
+            tokio::spawn(async move {
+                let mut last_rv = start_rv;
+                for o in &initial {
+                    if tx.send(event_line("ADDED", o)).await.is_err() {
+                        return;
+                    }
+                }
+                if explicit_initial && bookmarks {
+                    let _ = tx.send(bookmark(r, start_rv, true)).await;
+                }
+                for c in &backlog {
+                    last_rv = c.rv;
+                    if let Some(kind) = filter_change(c, res, ns.as_deref(), &labels, &fields)
+                        && tx.send(event_line(kind.as_str(), &c.object)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                let deadline = tokio::time::sleep(timeout);
+                tokio::pin!(deadline);
+                let mut tick = tokio::time::interval(bookmark_every);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => return,
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        _ = tick.tick(), if bookmarks => {
+                            if tx.send(bookmark(r, last_rv, false)).await.is_err() { return; }
+                        }
+                        msg = sub.recv() => match msg {
+                            Ok(c) => {
+                                if c.rv <= last_rv { continue; }
+                                last_rv = c.rv;
+                                if let Some(kind) = filter_change(&c, res, ns.as_deref(), &labels, &fields)
+                                    && tx.send(event_line(kind.as_str(), &c.object)).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            // A watcher that fell behind is closed; it resumes from its last
+                            // resourceVersion (or relists after a 410), like with a real server.
+                            Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
+                        },
+                    }
+                }
+            });
+        }
+    }
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_like_the_api_server() {
+        let t = resolve(
+            "",
+            "v1",
+            &["namespaces", "default", "pods", "p", "eviction"],
+        )
+        .unwrap();
+        assert_eq!(
+            (t.res, t.ns.as_deref(), t.name.as_deref(), t.sub.as_deref()),
+            (idx::PODS, Some("default"), Some("p"), Some("eviction"))
+        );
+        let t = resolve("", "v1", &["namespaces", "default"]).unwrap();
+        assert_eq!(
+            (t.res, t.name.as_deref()),
+            (idx::NAMESPACES, Some("default"))
+        );
+        let t = resolve("", "v1", &["namespaces", "default", "status"]).unwrap();
+        assert_eq!((t.res, t.sub.as_deref()), (idx::NAMESPACES, Some("status")));
+        let t = resolve("", "v1", &["pods"]).unwrap();
+        assert_eq!((t.res, t.ns), (idx::PODS, None));
+        assert!(resolve("", "v1", &["widgets"]).is_none());
+        let t = resolve("resource.k8s.io", "v1", &["resourceslices", "s"]).unwrap();
+        assert_eq!(t.res, idx::RESOURCESLICES);
+    }
+
+    #[test]
+    fn selector_transitions_become_added_and_deleted() {
+        let fields = FieldSelector::parse("status.phase!=Succeeded", |_| true).unwrap();
+        let labels = LabelSelector::default();
+        let before: Obj =
+            Arc::new(json!({"metadata": {"namespace": "d"}, "status": {"phase": "Running"}}));
+        let after: Obj =
+            Arc::new(json!({"metadata": {"namespace": "d"}, "status": {"phase": "Succeeded"}}));
+        let c = Change {
+            rv: 2,
+            resource: idx::PODS,
+            kind: EventType::Modified,
+            object: after.clone(),
+            previous: Some(before.clone()),
+        };
+        assert_eq!(
+            filter_change(&c, idx::PODS, None, &labels, &fields),
+            Some(EventType::Deleted)
+        );
+        let c = Change {
+            rv: 3,
+            resource: idx::PODS,
+            kind: EventType::Modified,
+            object: before,
+            previous: Some(after),
+        };
+        assert_eq!(
+            filter_change(&c, idx::PODS, Some("d"), &labels, &fields),
+            Some(EventType::Added)
+        );
+        assert_eq!(
+            filter_change(&c, idx::PODS, Some("other"), &labels, &fields),
+            None
+        );
+        assert_eq!(filter_change(&c, idx::NODES, None, &labels, &fields), None);
+    }
+}
