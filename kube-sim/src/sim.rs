@@ -607,7 +607,8 @@ impl SimState {
                     "TooManyRequests",
                     "Cannot evict pod as it would violate the pod's disruption budget.",
                 );
-                e.details = Some(json!({"retryAfterSeconds": 10, "causes": [{
+                // No Retry-After, as the API server (clients retry on their own schedule).
+                e.details = Some(json!({"causes": [{
                     "reason": "DisruptionBudget",
                     "message": format!(
                         "The disruption budget {} needs {} healthy pods and has {} currently",
