@@ -528,15 +528,15 @@ fn list(
             return Err(ApiError::new(410, "Expired", "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter."));
         }
         let rv = after.as_ref().map_or(s.store.revision(), |a| a.0);
-        let mut items: Vec<Obj> = Vec::new();
+        let mut items: Vec<(Obj, Bytes)> = Vec::new();
         let mut cont = None;
         let iter = s
             .store
-            .iter(t.res, t.ns.as_deref(), after.as_ref().map(|(_, n, m)| (n.as_str(), m.as_str())))
-            .filter(|o| labels.matches(o) && fields.matches(o));
-        for o in iter {
+            .iter_json(t.res, t.ns.as_deref(), after.as_ref().map(|(_, n, m)| (n.as_str(), m.as_str())))
+            .filter(|(o, _)| labels.matches(o) && fields.matches(o));
+        for (o, j) in iter {
             if limit > 0 && items.len() == limit {
-                let last = items.last().expect("limit > 0");
+                let last = &items.last().expect("limit > 0").0;
                 cont = Some(format!(
                     "{rv}/{}/{}",
                     last["metadata"]["namespace"].as_str().unwrap_or(""),
@@ -544,14 +544,18 @@ fn list(
                 ));
                 break;
             }
-            items.push(o.clone());
+            items.push((o.clone(), j.clone()));
         }
         Ok((rv, items, cont))
     })?;
     if table {
         return Ok(json_response(
             200,
-            &crate::table::table(r, &items, &json!(rv.to_string())),
+            &crate::table::table(
+                r,
+                &items.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
+                &json!(rv.to_string()),
+            ),
         ));
     }
     // Serialise straight from the shared objects; no deep clone of every item.
@@ -570,11 +574,11 @@ fn list(
     );
     serde_json::to_writer(&mut out, &meta).expect("json");
     out.extend_from_slice(b",\"items\":[");
-    for (i, o) in items.iter().enumerate() {
+    for (i, (_, o)) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, &**o).expect("json");
+        out.extend_from_slice(o);
     }
     out.extend_from_slice(b"]}");
     Ok(Response::builder()
@@ -595,16 +599,18 @@ fn filter_change(
     if c.resource != res {
         return None;
     }
-    if let Some(ns) = ns
-        && c.object["metadata"]["namespace"].as_str().unwrap_or("") != ns
-    {
+    if ns.is_some_and(|ns| c.namespace != ns) {
         return None;
     }
-    let now = labels.matches(&c.object) && fields.matches(&c.object);
-    let before = c
-        .previous
-        .as_ref()
-        .is_some_and(|p| labels.matches(p) && fields.matches(p));
+    if labels.is_empty() && fields.0.is_empty() {
+        return Some(c.kind);
+    }
+    // Only selecting watches pay for parsing; history and fan-out keep bytes.
+    let sel = |b: &Bytes| {
+        serde_json::from_slice::<Value>(b).is_ok_and(|o| labels.matches(&o) && fields.matches(&o))
+    };
+    let now = sel(&c.object);
+    let before = c.previous.as_ref().is_some_and(sel);
     // Objects entering or leaving the selection look like additions and deletions.
     match c.kind {
         EventType::Added => now.then_some(EventType::Added),
@@ -618,14 +624,18 @@ fn filter_change(
     }
 }
 
-fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut out = Vec::with_capacity(1024);
+fn event_line(kind: &str, object: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(object.len() + 32);
     out.extend_from_slice(b"{\"type\":\"");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\",\"object\":");
-    serde_json::to_writer(&mut out, object).expect("json");
+    out.extend_from_slice(object);
     out.extend_from_slice(b"}\n");
     Bytes::from(out)
+}
+
+fn value_line(kind: &str, object: &Value) -> Bytes {
+    event_line(kind, &serde_json::to_vec(object).expect("json"))
 }
 
 fn bookmark(r: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
@@ -633,7 +643,7 @@ fn bookmark(r: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
     if initial_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    event_line(
+    value_line(
         "BOOKMARK",
         &json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": meta}),
     )
@@ -655,11 +665,11 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
     // Snapshot (if asked) and subscription are taken under one lock so nothing falls between.
     let start = core.read(|s| -> Result<_, ApiError> {
         if send_initial {
-            let items: Vec<Obj> = s
+            let items: Vec<Bytes> = s
                 .store
-                .iter(res, ns.as_deref(), None)
-                .filter(|o| labels.matches(o) && fields.matches(o))
-                .cloned()
+                .iter_json(res, ns.as_deref(), None)
+                .filter(|(o, _)| labels.matches(o) && fields.matches(o))
+                .map(|(_, j)| j.clone())
                 .collect();
             Ok((s.store.revision(), items, Vec::new(), s.store.subscribe()))
         } else {
@@ -678,7 +688,7 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
     match start {
         Err(e) if e.code == 410 => {
             // Real API servers answer 200 and send the 410 as an ERROR event.
-            let _ = tx.try_send(event_line("ERROR", &e.to_status()));
+            let _ = tx.try_send(value_line("ERROR", &e.to_status()));
         }
         Err(e) => return Err(e),
         Ok((start_rv, initial, backlog, mut sub)) => {
@@ -774,14 +784,13 @@ mod tests {
     fn selector_transitions_become_added_and_deleted() {
         let fields = FieldSelector::parse("status.phase!=Succeeded", |_| true).unwrap();
         let labels = LabelSelector::default();
-        let before: Obj =
-            Arc::new(json!({"metadata": {"namespace": "d"}, "status": {"phase": "Running"}}));
-        let after: Obj =
-            Arc::new(json!({"metadata": {"namespace": "d"}, "status": {"phase": "Succeeded"}}));
+        let before = Bytes::from(r#"{"metadata":{"namespace":"d"},"status":{"phase":"Running"}}"#);
+        let after = Bytes::from(r#"{"metadata":{"namespace":"d"},"status":{"phase":"Succeeded"}}"#);
         let c = Change {
             rv: 2,
             resource: idx::PODS,
             kind: EventType::Modified,
+            namespace: "d".into(),
             object: after.clone(),
             previous: Some(before.clone()),
         };
@@ -793,6 +802,7 @@ mod tests {
             rv: 3,
             resource: idx::PODS,
             kind: EventType::Modified,
+            namespace: "d".into(),
             object: before,
             previous: Some(after),
         };

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -35,7 +36,8 @@ impl EventType {
     }
 }
 
-/// One committed change.
+/// One committed change, kept in wire form so that history and watch fan-out hold compact
+/// bytes rather than parsed objects.
 #[derive(Debug)]
 pub struct Change {
     /// The cluster revision of the change.
@@ -44,10 +46,27 @@ pub struct Change {
     pub resource: usize,
     /// What happened.
     pub kind: EventType,
-    /// The object after the change (the last state for deletions).
-    pub object: Obj,
-    /// The object before the change, for selector transitions.
-    pub previous: Option<Obj>,
+    /// Namespace of the object ("" for cluster-scoped).
+    pub namespace: String,
+    /// The object after the change (the last state for deletions), as JSON.
+    pub object: Bytes,
+    /// The object before the change, as JSON, for selector transitions.
+    pub previous: Option<Bytes>,
+}
+
+/// A stored object and its wire JSON (serialised once per write, shared by lists, watches and
+/// the history).
+#[derive(Debug, Clone)]
+struct Stored {
+    value: Obj,
+    json: Bytes,
+}
+
+impl Stored {
+    fn new(value: Obj) -> Self {
+        let json = Bytes::from(serde_json::to_vec(&*value).expect("JSON values serialise"));
+        Self { value, json }
+    }
 }
 
 /// An API error, rendered as a `Status` object.
@@ -248,12 +267,16 @@ type Key = (String, String);
 /// Retained changes after a revision, and a receiver for later ones.
 pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
 
+/// Changes buffered per cluster for live watchers; a watcher further behind is closed and
+/// resumes from the history (each slot costs memory in every cluster, so keep it modest).
+const BROADCAST_CAPACITY: usize = 256;
+
 /// Default number of changes a cluster keeps for watches to resume from.
 pub const DEFAULT_HISTORY: usize = 2_000;
 
 /// The object store of one simulated cluster.
 pub struct Store {
-    objects: Vec<BTreeMap<Key, Obj>>,
+    objects: Vec<BTreeMap<Key, Stored>>,
     rv: u64,
     history: VecDeque<Arc<Change>>,
     history_limit: usize,
@@ -264,7 +287,7 @@ pub struct Store {
 impl Store {
     /// An empty store with the namespaces every cluster has.
     pub fn new(history_limit: usize) -> Self {
-        let (tx, _) = broadcast::channel(4096);
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let mut s = Self {
             objects: RESOURCES.iter().map(|_| BTreeMap::new()).collect(),
             rv: 0,
@@ -300,7 +323,7 @@ impl Store {
     pub fn get(&self, res: usize, ns: &str, name: &str) -> Result<Obj, ApiError> {
         self.objects[res]
             .get(&(ns.to_string(), name.to_string()))
-            .cloned()
+            .map(|s| s.value.clone())
             .ok_or_else(|| ApiError::not_found(res, name))
     }
 
@@ -312,6 +335,16 @@ impl Store {
         ns: Option<&'a str>,
         after: Option<(&str, &str)>,
     ) -> impl Iterator<Item = &'a Obj> + 'a {
+        self.iter_json(res, ns, after).map(|(o, _)| o)
+    }
+
+    /// Like [`Store::iter`], with each object's wire JSON.
+    pub fn iter_json<'a>(
+        &'a self,
+        res: usize,
+        ns: Option<&'a str>,
+        after: Option<(&str, &str)>,
+    ) -> impl Iterator<Item = (&'a Obj, &'a Bytes)> + 'a {
         use std::ops::Bound;
         let map = &self.objects[res];
         let start: Bound<Key> = match (after, ns) {
@@ -321,7 +354,7 @@ impl Store {
         };
         map.range((start, Bound::Unbounded))
             .take_while(move |((kns, _), _)| ns.is_none_or(|ns| kns == ns))
-            .map(|(_, v)| v)
+            .map(|(_, v)| (&v.value, &v.json))
     }
 
     /// Number of objects of a type.
@@ -344,11 +377,19 @@ impl Store {
         self.tx.subscribe()
     }
 
-    fn commit(&mut self, res: usize, kind: EventType, object: Obj, previous: Option<Obj>) {
+    fn commit(
+        &mut self,
+        res: usize,
+        kind: EventType,
+        ns: &str,
+        object: Bytes,
+        previous: Option<Bytes>,
+    ) {
         let change = Arc::new(Change {
             rv: self.rv,
             resource: res,
             kind,
+            namespace: ns.to_string(),
             object,
             previous,
         });
@@ -480,8 +521,10 @@ impl Store {
             o.insert("status".into(), json!({"phase": "Active"}));
         }
         let obj: Obj = Arc::new(obj);
-        self.objects[res].insert(key, obj.clone());
-        self.commit(res, EventType::Added, obj.clone(), None);
+        let stored = Stored::new(obj.clone());
+        let json = stored.json.clone();
+        self.objects[res].insert(key, stored);
+        self.commit(res, EventType::Added, ns, json, None);
         Ok(obj)
     }
 
@@ -501,10 +544,11 @@ impl Store {
         let r = &RESOURCES[res];
         let ns = if r.namespaced { ns } else { "" };
         let key = (ns.to_string(), name.to_string());
-        let old = self.objects[res]
+        let old_stored = self.objects[res]
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(res, name))?;
+        let old = old_stored.value.clone();
         if !obj.is_object() || !obj["metadata"].is_object() && !obj["metadata"].is_null() {
             return Err(ApiError::bad_request(
                 "the request body must be a JSON object",
@@ -569,8 +613,10 @@ impl Store {
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let new: Obj = Arc::new(new);
-        self.objects[res].insert(key, new.clone());
-        self.commit(res, EventType::Modified, new.clone(), Some(old));
+        let stored = Stored::new(new.clone());
+        let json = stored.json.clone();
+        self.objects[res].insert(key, stored);
+        self.commit(res, EventType::Modified, ns, json, Some(old_stored.json));
         Ok(new)
     }
 
@@ -579,9 +625,10 @@ impl Store {
         let r = &RESOURCES[res];
         let ns = if r.namespaced { ns } else { "" };
         let key = (ns.to_string(), name.to_string());
-        let old = self.objects[res]
+        let old_stored = self.objects[res]
             .remove(&key)
             .ok_or_else(|| ApiError::not_found(res, name))?;
+        let old = old_stored.value;
         if res == idx::NAMESPACES {
             for (i, t) in RESOURCES.iter().enumerate() {
                 if t.namespaced {
@@ -599,9 +646,15 @@ impl Store {
         self.rv += 1;
         let mut last = (*old).clone();
         last["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let last: Obj = Arc::new(last);
-        self.commit(res, EventType::Deleted, last.clone(), Some(old));
-        Ok(last)
+        let last = Stored::new(Arc::new(last));
+        self.commit(
+            res,
+            EventType::Deleted,
+            ns,
+            last.json,
+            Some(old_stored.json),
+        );
+        Ok(last.value)
     }
 }
 
