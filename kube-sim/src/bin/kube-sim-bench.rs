@@ -287,7 +287,7 @@ async fn watcher_main() -> anyhow::Result<()> {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let h = hist.lock().expect("hist");
-        if h.len() > 0 {
+        if !h.is_empty() {
             println!(
                 "latency: events {} p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
                 h.len(),
