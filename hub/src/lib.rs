@@ -54,6 +54,9 @@ pub struct Args {
     /// Raft heartbeat interval in milliseconds (elections time out after 4–8 heartbeats).
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 100)]
     pub heartbeat_ms: u64,
+    /// Scenario of simulated clusters for --dev (default: three clusters in three regions).
+    #[arg(long, env = "FLOTILLA_DEV_SCENARIO")]
+    pub dev_scenario: Option<PathBuf>,
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -70,6 +73,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         max_value_bytes,
         max_key_bytes,
         heartbeat_ms,
+        dev_scenario,
     } = args;
     // Keep a temporary directory alive for the whole run in --dev mode.
     let mut _temp = None;
@@ -104,14 +108,32 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     };
     let running = StoreNode::start(config, shutdown.clone()).await?;
     info!(node = node_id, addr = %running.addr, data_dir = %data_dir.display(), "flotilla-hub ready");
+    let mut sims = None;
     if dev {
+        let scenario = match &dev_scenario {
+            Some(p) => flotilla_kube_sim::Scenario::from_file(p)?,
+            None => flotilla_kube_sim::Scenario::dev(),
+        };
+        let fleet = flotilla_kube_sim::SimFleet::start(&scenario, Default::default()).await?;
+        let paths = fleet.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
         println!(
             "flotilla-hub --dev: store member {node_id} on {} (data in {})",
             running.addr,
             data_dir.display()
         );
+        println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
+        for (c, p) in fleet.clusters().iter().zip(&paths) {
+            println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
+        }
         println!("try: grpcurl -plaintext {} list", running.addr);
+        if let Some(p) = paths.first() {
+            println!("try: KUBECONFIG={} kubectl get nodes", p.display());
+        }
+        sims = Some(fleet);
     }
     running.wait().await?;
+    if let Some(f) = sims {
+        f.shutdown().await;
+    }
     Ok(())
 }

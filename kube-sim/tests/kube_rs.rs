@@ -806,3 +806,63 @@ async fn api_faults_latency_errors_and_unreachable() {
     );
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn bookmarks_and_streaming_lists() {
+    let s = Scenario::from_yaml(SCENARIO).unwrap();
+    let opts = SimOptions {
+        bookmark_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let fleet = SimFleet::start(&s, opts).await.unwrap();
+    let c = &fleet.clusters()[0];
+    let client = client(c).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    // A watch that allows bookmarks gets them, carrying a current resourceVersion.
+    let rv = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = nodes
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, w.try_next())
+            .await
+            .expect("a bookmark")
+            .unwrap()
+        {
+            Some(WatchEvent::Bookmark(b)) => {
+                assert!(
+                    b.metadata.resource_version.parse::<u64>().unwrap()
+                        >= rv.parse::<u64>().unwrap()
+                );
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("watch ended"),
+        }
+    }
+    // Streaming lists (sendInitialEvents): the watcher syncs from the watch alone.
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(nodes, watcher::Config::default().streaming_lists()),
+    )
+    .applied_objects()
+    .boxed();
+    let task = tokio::spawn(async move { stream.for_each(|_| async {}).await });
+    tokio::time::timeout(Duration::from_secs(30), reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reader.state().len(), c.list("nodes", None).unwrap().len());
+    task.abort();
+    fleet.shutdown().await;
+}
