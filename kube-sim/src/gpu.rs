@@ -268,7 +268,7 @@ pub fn new_node(p: &NodeParams<'_>) -> Value {
         "status": {
             "capacity": capacity,
             "allocatable": allocatable,
-            "conditions": node_conditions(false, "KubeletNotReady", "container runtime network not ready (simulated start-up)"),
+            "conditions": node_conditions("False", "KubeletNotReady", "container runtime network not ready (simulated start-up)"),
             "addresses": [
                 {"type": "InternalIP", "address": p.ip},
                 {"type": "Hostname", "address": p.name},
@@ -290,18 +290,20 @@ pub fn new_node(p: &NodeParams<'_>) -> Value {
     })
 }
 
-/// The four standard node conditions with Ready set as given.
-pub fn node_conditions(ready: bool, reason: &str, message: &str) -> Value {
+/// The four standard node conditions with Ready = `ready` ("True", "False" or "Unknown";
+/// Unknown, as the node lifecycle controller sets for a silent kubelet, applies to all four).
+pub fn node_conditions(ready: &str, reason: &str, message: &str) -> Value {
     let now = crate::store::now_rfc3339();
+    let other = if ready == "Unknown" { "Unknown" } else { "False" };
     let pressure = |t: &str, r: &str| {
-        json!({"type": t, "status": "False", "reason": r, "message": "simulated",
+        json!({"type": t, "status": other, "reason": r, "message": "simulated",
                "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
     json!([
         pressure("MemoryPressure", "KubeletHasSufficientMemory"),
         pressure("DiskPressure", "KubeletHasNoDiskPressure"),
         pressure("PIDPressure", "KubeletHasSufficientPID"),
-        {"type": "Ready", "status": if ready { "True" } else { "False" }, "reason": reason,
+        {"type": "Ready", "status": ready, "reason": reason,
          "message": message, "lastHeartbeatTime": now, "lastTransitionTime": now},
     ])
 }

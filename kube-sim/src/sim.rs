@@ -802,14 +802,15 @@ impl SimState {
             let mut allocatable = node["status"]["allocatable"].clone();
             if let Some(g) = &pool.gpu {
                 for r in gpu::gpu_resources(g) {
-                    let units = if plugin && ready {
+                    // A node that stops reporting keeps its last status (allocatable stays).
+                    let units = if plugin {
                         (i64::from(g.count) - i64::from(sim.failed_gpus)).max(0) * r.per_gpu
                     } else {
                         0
                     };
                     allocatable[&r.name] = json!(units.to_string());
                 }
-                if g.dra && plugin && ready {
+                if g.dra && plugin {
                     want_slices.insert(name.clone(), json!(sim.failed_gpus));
                 }
             }
@@ -820,19 +821,19 @@ impl SimState {
                 if was_ready != ready {
                     status["conditions"] = if ready {
                         gpu::node_conditions(
-                            true,
+                            "True",
                             "KubeletReady",
                             "kubelet is posting ready status",
                         )
                     } else if sim.not_ready {
                         gpu::node_conditions(
-                            false,
+                            "Unknown",
                             "NodeStatusUnknown",
                             "Kubelet stopped posting node status.",
                         )
                     } else {
                         gpu::node_conditions(
-                            false,
+                            "False",
                             "KubeletNotReady",
                             "container runtime network not ready (simulated start-up)",
                         )

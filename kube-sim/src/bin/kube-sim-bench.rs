@@ -51,6 +51,16 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -165,6 +175,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Latency phase: change one node's annotation at `rate` per second across the fleet.
+    let cpu0 = cpu_secs();
+    let t_phase = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_micros(1_000_000 / args.rate.max(1));
     let mut tick = tokio::time::interval(interval);
@@ -192,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         sent.fetch_add(1, Ordering::Relaxed);
         i += 1;
     }
+    let cores = (cpu_secs() - cpu0) / t_phase.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = child.kill();
     let mut summary = None;
@@ -202,9 +215,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let busy = rss_mib();
     println!(
-        "changes sent: {} at {}/s; sim RSS after the latency phase {:.0} MiB",
+        "changes sent: {} at {}/s; sim CPU {:.2} cores during the phase; sim RSS after it {:.0} MiB",
         sent.load(Ordering::Relaxed),
         args.rate,
+        cores,
         busy
     );
     if let Some(s) = summary {
