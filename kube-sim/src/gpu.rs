@@ -294,7 +294,11 @@ pub fn new_node(p: &NodeParams<'_>) -> Value {
 /// Unknown, as the node lifecycle controller sets for a silent kubelet, applies to all four).
 pub fn node_conditions(ready: &str, reason: &str, message: &str) -> Value {
     let now = crate::store::now_rfc3339();
-    let other = if ready == "Unknown" { "Unknown" } else { "False" };
+    let other = if ready == "Unknown" {
+        "Unknown"
+    } else {
+        "False"
+    };
     let pressure = |t: &str, r: &str| {
         json!({"type": t, "status": other, "reason": r, "message": "simulated",
                "lastHeartbeatTime": now, "lastTransitionTime": now})

@@ -147,6 +147,26 @@ async fn reflector_follows_nodes_through_a_machine_deployment_scale() {
     .await;
 
     // Scaling the pool's MachineDeployment creates nodes that start NotReady with no GPUs.
+    let first_seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        (bool, i64),
+    >::new()));
+    let seen = first_seen.clone();
+    let mut raw = watcher(nodes.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let spy = tokio::spawn(async move {
+        while let Some(Ok(n)) = raw.next().await {
+            let name = n.metadata.name.clone().unwrap();
+            seen.lock()
+                .unwrap()
+                .entry(name)
+                .or_insert((is_ready(&n), gpus(&n, "allocatable")));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before: std::collections::HashSet<String> =
+        first_seen.lock().unwrap().keys().cloned().collect();
     md_api(client.clone())
         .patch(
             "h100",
@@ -169,6 +189,21 @@ async fn reflector_follows_nodes_through_a_machine_deployment_scale() {
         }
     })
     .await;
+    let new_nodes: Vec<(String, (bool, i64))> = first_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| !before.contains(*n) && n.starts_with("h100-"))
+        .map(|(n, s)| (n.clone(), *s))
+        .collect();
+    assert_eq!(new_nodes.len(), 2, "{new_nodes:?}");
+    for (n, (ready, alloc)) in &new_nodes {
+        assert!(
+            !ready && *alloc == 0,
+            "{n} was first seen ready={ready} allocatable={alloc}"
+        );
+    }
+    spy.abort();
     let md = md_api(client.clone()).get("h100").await.unwrap();
     eventually("MachineDeployment status counts ready replicas", || {
         let api = md_api(client.clone());

@@ -238,6 +238,16 @@ async fn drain_honours_daemonsets_emptydir_and_pdbs() {
     assert!(!o.ok, "drain should time out: {}", o.text);
     assert!(o.text.contains("disruption budget"), "{}", o.text);
 
+    // A mirror pod (static pod) on the node: kubectl identifies it by the annotation and
+    // leaves it alone.
+    c.create(
+        "pods",
+        "kube-system",
+        json!({"metadata": {"name": format!("static-{node}"), "annotations": {"kubernetes.io/config.mirror": "abc"}},
+               "spec": {"nodeName": node, "containers": [{"name": "s", "image": "static"}]}}),
+    )
+    .unwrap();
+
     // With the budget relaxed the drain completes; the evicted pod is rescheduled elsewhere.
     c.with_state(|s| {
         let mut pdb = (*s
@@ -276,8 +286,12 @@ async fn drain_honours_daemonsets_emptydir_and_pdbs() {
     assert!(
         on_node
             .iter()
-            .all(|p| p.starts_with("nvidia-device-plugin")),
+            .all(|p| p.starts_with("nvidia-device-plugin") || p.starts_with("static-")),
         "left on node: {on_node:?}"
+    );
+    assert!(
+        on_node.iter().any(|p| p.starts_with("static-")),
+        "the mirror pod must stay: {on_node:?}"
     );
     fleet.shutdown().await;
 }
