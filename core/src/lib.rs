@@ -1,4 +1,5 @@
 //! Flotilla's pure domain: types, decisions and the store backend trait. No I/O, no runtime.
 
+pub mod inventory;
 pub mod kv;
 pub mod lincheck;

@@ -1,0 +1,947 @@
+//! A cluster's GPU inventory, computed from what the Kubernetes API says about nodes, pods,
+//! DRA ResourceSlices and ResourceClaims. Pure: the member agent converts API objects into the
+//! `*Input` types and calls [`compute`].
+//!
+//! The rules follow `../shared/reference/gpu-in-kubernetes.md`: allocated = requests of
+//! non-terminal pods as `kubectl describe node` sums them; MIG and partition resources are
+//! counted under their own names; time-slicing replicas are not physical GPUs; DRA devices are
+//! counted from the highest complete slice generation and allocated from claims, not pod
+//! requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Parse a Kubernetes quantity into milli-units (`"1"` → 1000, `"500m"` → 500, `"1Ki"` →
+/// 1_024_000). `None` for malformed input.
+pub fn parse_quantity_milli(q: &str) -> Option<i128> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let mul: i128 = match suffix {
+        "" => 1000,
+        "m" => 1,
+        "k" => 1_000_000,
+        "M" => 1_000_000_000,
+        "G" => 1_000_000_000_000,
+        "T" => 1_000_000_000_000_000,
+        "Ki" => 1000 << 10,
+        "Mi" => 1000 << 20,
+        "Gi" => 1000 << 30,
+        "Ti" => 1000 << 40,
+        s if s.starts_with(['e', 'E']) => 1000 * 10i128.checked_pow(s[1..].parse().ok()?)?,
+        _ => return None,
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let neg = int.starts_with('-');
+    let int_abs: i128 = int.trim_start_matches(['+', '-']).parse().unwrap_or(0);
+    let mut v = int_abs.checked_mul(mul)?;
+    if !frac.is_empty() {
+        let digits: i128 = frac.parse().ok()?;
+        v += digits * mul / 10i128.pow(frac.len() as u32);
+    }
+    Some(if neg { -v } else { v })
+}
+
+fn count(q: &str) -> i64 {
+    parse_quantity_milli(q).map_or(0, |m| (m / 1000) as i64)
+}
+
+/// A node taint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taint {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+    /// Effect.
+    pub effect: String,
+}
+
+/// What the agent reads from a Node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInput {
+    /// Name.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `status.capacity`.
+    pub capacity: BTreeMap<String, String>,
+    /// `status.allocatable`.
+    pub allocatable: BTreeMap<String, String>,
+    /// Ready condition is True.
+    pub ready: bool,
+    /// `spec.unschedulable`.
+    pub unschedulable: bool,
+    /// `spec.taints`.
+    pub taints: Vec<Taint>,
+    /// `status.nodeInfo.kubeletVersion`.
+    pub kubelet_version: String,
+}
+
+/// Resource requests of one container (or the pod overhead).
+pub type Requests = BTreeMap<String, String>;
+
+/// What the agent reads from a Pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInput {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// `status.phase`.
+    pub phase: String,
+    /// Requests of each container.
+    pub containers: Vec<Requests>,
+    /// Requests of each init container.
+    pub init_containers: Vec<Requests>,
+    /// `spec.overhead`.
+    pub overhead: Requests,
+}
+
+/// A DRA device attribute value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attr {
+    /// `int`
+    Int(i64),
+    /// `bool`
+    Bool(bool),
+    /// `string`
+    Str(String),
+    /// `version`
+    Version(String),
+}
+
+/// A device in a ResourceSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInput {
+    /// Device name, unique in its pool.
+    pub name: String,
+    /// Attributes (unqualified names as drivers publish them).
+    pub attributes: BTreeMap<String, Attr>,
+    /// Capacities (e.g. `memory` → `"80Gi"`).
+    pub capacity: BTreeMap<String, String>,
+}
+
+/// What the agent reads from a ResourceSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceInput {
+    /// `spec.driver`.
+    pub driver: String,
+    /// `spec.nodeName` (slices for node-local devices).
+    pub node_name: Option<String>,
+    /// `spec.pool.name`.
+    pub pool: String,
+    /// `spec.pool.generation`.
+    pub generation: i64,
+    /// `spec.pool.resourceSliceCount`.
+    pub slice_count: i64,
+    /// `spec.devices`.
+    pub devices: Vec<DeviceInput>,
+}
+
+/// One allocated device from `ResourceClaim.status.allocation.devices.results`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceRef {
+    /// Driver.
+    pub driver: String,
+    /// Pool.
+    pub pool: String,
+    /// Device.
+    pub device: String,
+}
+
+/// GPU vendor, from the resource name or DRA driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Vendor {
+    /// NVIDIA.
+    Nvidia,
+    /// AMD.
+    Amd,
+    /// Intel.
+    Intel,
+}
+
+/// How a GPU resource maps to physical GPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GpuUnit {
+    /// One unit is one physical GPU.
+    Whole,
+    /// One unit is a MIG slice of this profile (e.g. `1g.10gb`).
+    MigSlice(String),
+    /// One unit is a time-sliced/MPS share; `replicas` units per physical GPU.
+    Shared(u32),
+    /// An AMD or other vendor partition (e.g. `amd.com/cpx_nps4`).
+    Partition,
+}
+
+/// Usage of one GPU resource on a node (or summed over a pool).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuResource {
+    /// Resource name (`nvidia.com/gpu`, `nvidia.com/mig-3g.40gb`, `amd.com/gpu`, or
+    /// `dra:<driver>` for DRA devices).
+    pub name: String,
+    /// Vendor.
+    pub vendor: Vendor,
+    /// What one unit is.
+    pub unit: GpuUnit,
+    /// `status.capacity` (or devices published).
+    pub capacity: i64,
+    /// `status.allocatable` (or devices published; 0 while the device plugin starts).
+    pub allocatable: i64,
+    /// Requested by non-terminal pods (or allocated in claims).
+    pub allocated: i64,
+    /// `allocatable - allocated`, never negative.
+    pub free: i64,
+}
+
+/// Why a node's GPUs are not all usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GpuCondition {
+    /// All advertised.
+    Healthy,
+    /// Capacity present but allocatable 0: device plugin not (yet) advertising.
+    NotAdvertised,
+    /// Allocatable below capacity: the plugin marked devices unhealthy.
+    Degraded,
+}
+
+/// One node's inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInventory {
+    /// Node name.
+    pub name: String,
+    /// Node pool, from provider labels.
+    pub pool: Option<String>,
+    /// Ready condition.
+    pub ready: bool,
+    /// Not cordoned.
+    pub schedulable: bool,
+    /// Taints.
+    pub taints: Vec<Taint>,
+    /// `topology.kubernetes.io/region`.
+    pub region: Option<String>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// `node.kubernetes.io/instance-type`.
+    pub instance_type: Option<String>,
+    /// Kubelet version.
+    pub kubelet_version: String,
+    /// GPU product (GFD/AMD labels or the DRA `productName`).
+    pub product: Option<String>,
+    /// Architecture family.
+    pub family: Option<String>,
+    /// Memory per physical GPU in MiB.
+    pub gpu_memory_mib: Option<u64>,
+    /// Physical GPUs on the node (not sharing replicas, not MIG slices).
+    pub physical_gpus: i64,
+    /// Physical GPUs that are free (no part of them requested).
+    pub free_gpus: i64,
+    /// Per-resource usage.
+    pub resources: Vec<GpuResource>,
+    /// GPU health as advertised.
+    pub condition: GpuCondition,
+}
+
+/// A pool's totals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolInventory {
+    /// Pool name (`""` for nodes with no pool label).
+    pub name: String,
+    /// Nodes.
+    pub nodes: u32,
+    /// Ready and schedulable nodes.
+    pub usable_nodes: u32,
+    /// Products seen in the pool.
+    pub products: Vec<String>,
+    /// Physical GPUs.
+    pub physical_gpus: i64,
+    /// Free physical GPUs on usable nodes.
+    pub free_gpus: i64,
+    /// Per-resource sums.
+    pub resources: Vec<GpuResource>,
+}
+
+/// The whole cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInventory {
+    /// Nodes with GPUs (nodes without any GPU resource are left out).
+    pub nodes: Vec<NodeInventory>,
+    /// Pools of those nodes.
+    pub pools: Vec<PoolInventory>,
+}
+
+/// Pool labels, most specific first; the bare `agentpool` label is AKS's deprecated one.
+const POOL_LABELS: &[&str] = &[
+    "kubernetes.azure.com/agentpool",
+    "cloud.google.com/gke-nodepool",
+    "eks.amazonaws.com/nodegroup",
+    "karpenter.sh/nodepool",
+    "cluster.x-k8s.io/deployment-name",
+    "agentpool",
+];
+
+/// The node's pool: the `--pool-label` override if given, else the first provider label.
+pub fn node_pool(labels: &BTreeMap<String, String>, pool_label: Option<&str>) -> Option<String> {
+    match pool_label {
+        Some(l) => labels.get(l).cloned(),
+        None => POOL_LABELS.iter().find_map(|l| labels.get(*l).cloned()),
+    }
+}
+
+/// Classify an extended resource name as a GPU resource.
+pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Vendor, GpuUnit)> {
+    if resource == "nvidia.com/gpu" || resource == "nvidia.com/gpu.shared" {
+        let replicas: u32 = labels
+            .get("nvidia.com/gpu.replicas")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1);
+        let unit = if replicas > 1 || resource.ends_with(".shared") {
+            GpuUnit::Shared(replicas.max(1))
+        } else {
+            GpuUnit::Whole
+        };
+        return Some((Vendor::Nvidia, unit));
+    }
+    if let Some(profile) = resource.strip_prefix("nvidia.com/mig-") {
+        return Some((Vendor::Nvidia, GpuUnit::MigSlice(profile.to_string())));
+    }
+    if resource == "amd.com/gpu" {
+        return Some((Vendor::Amd, GpuUnit::Whole));
+    }
+    if resource.starts_with("amd.com/") {
+        return Some((Vendor::Amd, GpuUnit::Partition));
+    }
+    if resource.starts_with("gpu.intel.com/") {
+        return Some((Vendor::Intel, GpuUnit::Whole));
+    }
+    None
+}
+
+/// A pod's requests as `kubectl describe node` sums them: containers added, each init
+/// container as a floor, plus overhead. Milli-units.
+pub fn pod_requests(p: &PodInput) -> BTreeMap<String, i128> {
+    let mut sum: BTreeMap<String, i128> = BTreeMap::new();
+    for c in &p.containers {
+        for (k, v) in c {
+            *sum.entry(k.clone()).or_default() += parse_quantity_milli(v).unwrap_or(0);
+        }
+    }
+    for c in &p.init_containers {
+        for (k, v) in c {
+            let e = sum.entry(k.clone()).or_default();
+            *e = (*e).max(parse_quantity_milli(v).unwrap_or(0));
+        }
+    }
+    for (k, v) in &p.overhead {
+        *sum.entry(k.clone()).or_default() += parse_quantity_milli(v).unwrap_or(0);
+    }
+    sum
+}
+
+fn is_terminal(phase: &str) -> bool {
+    phase == "Succeeded" || phase == "Failed"
+}
+
+/// GPU drivers known to publish DRA devices, by vendor.
+fn dra_vendor(driver: &str) -> Option<Vendor> {
+    match driver {
+        "gpu.nvidia.com" => Some(Vendor::Nvidia),
+        "gpu.amd.com" => Some(Vendor::Amd),
+        "gpu.intel.com" => Some(Vendor::Intel),
+        _ => None,
+    }
+}
+
+/// Slices of complete pools at their highest generation, grouped by node.
+fn usable_slices(slices: &[SliceInput]) -> BTreeMap<String, Vec<&SliceInput>> {
+    let mut best: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for s in slices {
+        let g = best.entry((&s.driver, &s.pool)).or_insert(s.generation);
+        *g = (*g).max(s.generation);
+    }
+    let mut out: BTreeMap<String, Vec<&SliceInput>> = BTreeMap::new();
+    for ((driver, pool), generation) in best {
+        let current: Vec<&SliceInput> = slices
+            .iter()
+            .filter(|s| s.driver == driver && s.pool == pool && s.generation == generation)
+            .collect();
+        // A pool is complete when all its slices of that generation are present.
+        let expected = current.iter().map(|s| s.slice_count).max().unwrap_or(1);
+        if (current.len() as i64) < expected {
+            continue;
+        }
+        for s in current {
+            if let Some(n) = &s.node_name {
+                out.entry(n.clone()).or_default().push(s);
+            }
+        }
+    }
+    out
+}
+
+/// Compute the inventory. `pool_label` overrides provider pool detection.
+pub fn compute(
+    nodes: &[NodeInput],
+    pods: &[PodInput],
+    slices: &[SliceInput],
+    claims: &[DeviceRef],
+    pool_label: Option<&str>,
+) -> ClusterInventory {
+    let mut requested: BTreeMap<&str, BTreeMap<String, i128>> = BTreeMap::new();
+    for p in pods.iter().filter(|p| !is_terminal(&p.phase)) {
+        if let Some(n) = &p.node_name {
+            let e = requested.entry(n.as_str()).or_default();
+            for (k, v) in pod_requests(p) {
+                *e.entry(k).or_default() += v;
+            }
+        }
+    }
+    let claimed: BTreeSet<&DeviceRef> = claims.iter().collect();
+    let dra = usable_slices(slices);
+    let mut out = Vec::new();
+    for n in nodes {
+        let mut resources = Vec::new();
+        for (name, cap) in &n.capacity {
+            let Some((vendor, unit)) = classify(name, &n.labels) else {
+                continue;
+            };
+            let capacity = count(cap);
+            let allocatable = n.allocatable.get(name).map_or(0, |a| count(a));
+            let allocated = requested
+                .get(n.name.as_str())
+                .and_then(|r| r.get(name))
+                .map_or(0, |m| (*m / 1000) as i64);
+            resources.push(GpuResource {
+                name: name.clone(),
+                vendor,
+                unit,
+                capacity,
+                allocatable,
+                allocated,
+                free: (allocatable - allocated).max(0),
+            });
+        }
+        let mut dra_product = None;
+        let mut dra_memory = None;
+        for s in dra.get(&n.name).into_iter().flatten() {
+            let Some(vendor) = dra_vendor(&s.driver) else {
+                continue;
+            };
+            let whole: Vec<&DeviceInput> = s
+                .devices
+                .iter()
+                .filter(|d| !matches!(d.attributes.get("type"), Some(Attr::Str(t)) if t == "mig"))
+                .collect();
+            let used = whole
+                .iter()
+                .filter(|d| {
+                    claimed.contains(&DeviceRef {
+                        driver: s.driver.clone(),
+                        pool: s.pool.clone(),
+                        device: d.name.clone(),
+                    })
+                })
+                .count() as i64;
+            let total = whole.len() as i64;
+            if let Some(d) = whole.first() {
+                if let Some(Attr::Str(p)) = d.attributes.get("productName") {
+                    dra_product = Some(p.replace(' ', "-"));
+                }
+                dra_memory = d
+                    .capacity
+                    .get("memory")
+                    .and_then(|m| parse_quantity_milli(m))
+                    .map(|b| (b / 1000 / (1 << 20)) as u64);
+            }
+            let name = format!("dra:{}", s.driver);
+            match resources.iter_mut().find(|r| r.name == name) {
+                Some(r) => {
+                    r.capacity += total;
+                    r.allocatable += total;
+                    r.allocated += used;
+                    r.free = (r.allocatable - r.allocated).max(0);
+                }
+                None => resources.push(GpuResource {
+                    name,
+                    vendor,
+                    unit: GpuUnit::Whole,
+                    capacity: total,
+                    allocatable: total,
+                    allocated: used,
+                    free: total - used,
+                }),
+            }
+        }
+        if resources.is_empty() {
+            continue;
+        }
+        let label = |k: &str| n.labels.get(k).cloned();
+        // Physical GPUs: GFD's count when present (sharing inflates the resource); otherwise
+        // whole-GPU resources and DRA devices.
+        let physical = label("nvidia.com/gpu.count")
+            .and_then(|c| c.parse::<i64>().ok())
+            .filter(|_| !matches!(label("nvidia.com/mig.strategy").as_deref(), Some("single")))
+            .unwrap_or_else(|| {
+                resources
+                    .iter()
+                    .map(|r| match r.unit {
+                        GpuUnit::Whole => r.capacity,
+                        GpuUnit::Shared(k) => r.capacity / i64::from(k.max(1)),
+                        _ => 0,
+                    })
+                    .sum()
+            });
+        let free_gpus = free_physical(&resources, &n.labels);
+        let condition = if resources
+            .iter()
+            .any(|r| r.capacity > 0 && r.allocatable == 0)
+        {
+            GpuCondition::NotAdvertised
+        } else if resources.iter().any(|r| r.allocatable < r.capacity) {
+            GpuCondition::Degraded
+        } else {
+            GpuCondition::Healthy
+        };
+        out.push(NodeInventory {
+            name: n.name.clone(),
+            pool: node_pool(&n.labels, pool_label),
+            ready: n.ready,
+            schedulable: !n.unschedulable,
+            taints: n.taints.clone(),
+            region: label("topology.kubernetes.io/region"),
+            zone: label("topology.kubernetes.io/zone"),
+            instance_type: label("node.kubernetes.io/instance-type"),
+            kubelet_version: n.kubelet_version.clone(),
+            product: label("nvidia.com/gpu.product")
+                .or(label("amd.com/gpu.product-name"))
+                .or(dra_product),
+            family: label("nvidia.com/gpu.family").or(label("amd.com/gpu.family")),
+            gpu_memory_mib: label("nvidia.com/gpu.memory")
+                .and_then(|m| m.parse().ok())
+                .or_else(|| {
+                    label("amd.com/gpu.vram").and_then(|v| {
+                        v.trim_end_matches('G')
+                            .parse::<u64>()
+                            .ok()
+                            .map(|g| g * 1024)
+                    })
+                })
+                .or(dra_memory),
+            physical_gpus: physical,
+            free_gpus,
+            resources,
+            condition,
+        });
+    }
+    let pools = pools(&out);
+    ClusterInventory { nodes: out, pools }
+}
+
+/// Free physical GPUs: whole GPUs free; for sharing, GPUs with no replica in use cannot be
+/// known per device, so count `free / replicas` rounded down; MIG slices do not free a GPU.
+fn free_physical(resources: &[GpuResource], labels: &BTreeMap<String, String>) -> i64 {
+    let mig_mixed = labels
+        .get("nvidia.com/mig.strategy")
+        .is_some_and(|s| s == "mixed");
+    resources
+        .iter()
+        .map(|r| match r.unit {
+            GpuUnit::Whole if !mig_mixed => r.free,
+            GpuUnit::Shared(k) => r.free / i64::from(k.max(1)),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn pools(nodes: &[NodeInventory]) -> Vec<PoolInventory> {
+    let mut by: BTreeMap<String, PoolInventory> = BTreeMap::new();
+    for n in nodes {
+        let key = n.pool.clone().unwrap_or_default();
+        let p = by.entry(key.clone()).or_insert_with(|| PoolInventory {
+            name: key,
+            nodes: 0,
+            usable_nodes: 0,
+            products: Vec::new(),
+            physical_gpus: 0,
+            free_gpus: 0,
+            resources: Vec::new(),
+        });
+        p.nodes += 1;
+        let usable = n.ready && n.schedulable;
+        if usable {
+            p.usable_nodes += 1;
+            p.free_gpus += n.free_gpus;
+        }
+        p.physical_gpus += n.physical_gpus;
+        if let Some(prod) = &n.product
+            && !p.products.contains(prod)
+        {
+            p.products.push(prod.clone());
+        }
+        for r in &n.resources {
+            match p.resources.iter_mut().find(|x| x.name == r.name) {
+                Some(x) => {
+                    x.capacity += r.capacity;
+                    x.allocatable += r.allocatable;
+                    x.allocated += r.allocated;
+                    x.free += if usable { r.free } else { 0 };
+                }
+                None => {
+                    let mut r = r.clone();
+                    if !usable {
+                        r.free = 0;
+                    }
+                    p.resources.push(r);
+                }
+            }
+        }
+    }
+    by.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn node(
+        name: &str,
+        labels: &[(&str, &str)],
+        cap: &[(&str, &str)],
+        alloc: &[(&str, &str)],
+    ) -> NodeInput {
+        NodeInput {
+            name: name.into(),
+            labels: map(labels),
+            capacity: map(cap),
+            allocatable: map(alloc),
+            ready: true,
+            kubelet_version: "v1.34.2".into(),
+            ..Default::default()
+        }
+    }
+
+    fn pod(node: &str, phase: &str, gpus: &[(&str, &str)]) -> PodInput {
+        PodInput {
+            namespace: "d".into(),
+            name: format!("p-{node}-{phase}"),
+            node_name: Some(node.into()),
+            phase: phase.into(),
+            containers: vec![map(gpus)],
+            ..Default::default()
+        }
+    }
+
+    fn res<'a>(inv: &'a ClusterInventory, node: &str, r: &str) -> &'a GpuResource {
+        inv.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .unwrap()
+            .resources
+            .iter()
+            .find(|x| x.name == r)
+            .unwrap()
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity_milli("8"), Some(8000));
+        assert_eq!(parse_quantity_milli("500m"), Some(500));
+        assert_eq!(parse_quantity_milli("80Gi"), Some(80 * (1 << 30) * 1000));
+        assert_eq!(parse_quantity_milli("1.5"), Some(1500));
+        assert_eq!(parse_quantity_milli("x"), None);
+    }
+
+    #[test]
+    fn allocated_counts_only_non_terminal_pods() {
+        let n = node(
+            "n",
+            &[],
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let pods = [
+            pod("n", "Running", &[("nvidia.com/gpu", "4")]),
+            pod("n", "Pending", &[("nvidia.com/gpu", "2")]),
+            pod("n", "Succeeded", &[("nvidia.com/gpu", "2")]),
+            pod("n", "Failed", &[("nvidia.com/gpu", "2")]),
+        ];
+        let inv = compute(&[n], &pods, &[], &[], None);
+        let r = res(&inv, "n", "nvidia.com/gpu");
+        assert_eq!(
+            (r.capacity, r.allocatable, r.allocated, r.free),
+            (8, 8, 6, 2)
+        );
+        assert_eq!(inv.nodes[0].free_gpus, 2);
+    }
+
+    #[test]
+    fn init_containers_are_a_floor_and_overhead_adds() {
+        let p = PodInput {
+            containers: vec![
+                map(&[("nvidia.com/gpu", "1")]),
+                map(&[("nvidia.com/gpu", "1")]),
+            ],
+            init_containers: vec![map(&[("nvidia.com/gpu", "4")])],
+            overhead: map(&[("cpu", "250m")]),
+            ..Default::default()
+        };
+        let r = pod_requests(&p);
+        assert_eq!(r["nvidia.com/gpu"], 4000);
+        assert_eq!(r["cpu"], 250);
+    }
+
+    #[test]
+    fn time_slicing_does_not_multiply_physical_gpus() {
+        let labels = [
+            ("nvidia.com/gpu.count", "2"),
+            ("nvidia.com/gpu.replicas", "4"),
+            ("nvidia.com/gpu.product", "NVIDIA-L4"),
+        ];
+        let n = node(
+            "n",
+            &labels,
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let inv = compute(
+            &[n],
+            &[pod("n", "Running", &[("nvidia.com/gpu", "3")])],
+            &[],
+            &[],
+            None,
+        );
+        let node = &inv.nodes[0];
+        assert_eq!(node.physical_gpus, 2, "8 advertised replicas are 2 GPUs");
+        assert_eq!(node.resources[0].unit, GpuUnit::Shared(4));
+        assert_eq!(node.resources[0].free, 5);
+        assert_eq!(
+            node.free_gpus, 1,
+            "5 free replicas of 4 per GPU: one whole GPU"
+        );
+        // Without GFD labels, a .shared resource still isn't counted as whole GPUs.
+        let bare = node_with_shared();
+        assert_eq!(
+            compute(&[bare], &[], &[], &[], None).nodes[0].resources[0].unit,
+            GpuUnit::Shared(1)
+        );
+    }
+
+    fn node_with_shared() -> NodeInput {
+        node(
+            "s",
+            &[],
+            &[("nvidia.com/gpu.shared", "4")],
+            &[("nvidia.com/gpu.shared", "4")],
+        )
+    }
+
+    #[test]
+    fn mig_mixed_profiles_are_summed_separately() {
+        let labels = [
+            ("nvidia.com/mig.strategy", "mixed"),
+            ("nvidia.com/gpu.count", "8"),
+        ];
+        let n = node(
+            "n",
+            &labels,
+            &[
+                ("nvidia.com/mig-1g.10gb", "24"),
+                ("nvidia.com/mig-2g.20gb", "16"),
+            ],
+            &[
+                ("nvidia.com/mig-1g.10gb", "24"),
+                ("nvidia.com/mig-2g.20gb", "16"),
+            ],
+        );
+        let inv = compute(
+            &[n],
+            &[pod("n", "Running", &[("nvidia.com/mig-1g.10gb", "2")])],
+            &[],
+            &[],
+            None,
+        );
+        assert_eq!(res(&inv, "n", "nvidia.com/mig-1g.10gb").free, 22);
+        assert_eq!(res(&inv, "n", "nvidia.com/mig-2g.20gb").free, 16);
+        assert_eq!(
+            res(&inv, "n", "nvidia.com/mig-2g.20gb").unit,
+            GpuUnit::MigSlice("2g.20gb".into())
+        );
+        assert_eq!(inv.nodes[0].physical_gpus, 8);
+        assert_eq!(
+            inv.nodes[0].free_gpus, 0,
+            "MIG slices never free a whole GPU"
+        );
+    }
+
+    #[test]
+    fn amd_partitions_have_their_own_names() {
+        let n = node(
+            "n",
+            &[
+                ("amd.com/gpu.product-name", "MI300X"),
+                ("amd.com/gpu.vram", "192G"),
+            ],
+            &[("amd.com/gpu", "8"), ("amd.com/cpx_nps4", "0")],
+            &[("amd.com/gpu", "8"), ("amd.com/cpx_nps4", "0")],
+        );
+        let inv = compute(&[n], &[], &[], &[], None);
+        assert_eq!(res(&inv, "n", "amd.com/cpx_nps4").unit, GpuUnit::Partition);
+        assert_eq!(res(&inv, "n", "amd.com/gpu").vendor, Vendor::Amd);
+        assert_eq!(inv.nodes[0].gpu_memory_mib, Some(192 * 1024));
+        assert_eq!(inv.nodes[0].product.as_deref(), Some("MI300X"));
+    }
+
+    #[test]
+    fn allocatable_zero_after_ready_is_not_advertised_and_below_capacity_is_degraded() {
+        let starting = node(
+            "a",
+            &[],
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "0")],
+        );
+        let sick = node(
+            "b",
+            &[],
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "6")],
+        );
+        let inv = compute(&[starting, sick], &[], &[], &[], None);
+        assert_eq!(inv.nodes[0].condition, GpuCondition::NotAdvertised);
+        assert_eq!(inv.nodes[0].free_gpus, 0);
+        assert_eq!(inv.nodes[1].condition, GpuCondition::Degraded);
+        assert_eq!(inv.nodes[1].free_gpus, 6);
+    }
+
+    fn slice(node: &str, generation: i64, count: i64, devices: usize) -> SliceInput {
+        SliceInput {
+            driver: "gpu.nvidia.com".into(),
+            node_name: Some(node.into()),
+            pool: node.into(),
+            generation,
+            slice_count: count,
+            devices: (0..devices)
+                .map(|i| DeviceInput {
+                    name: format!("gpu-{i}"),
+                    attributes: [
+                        ("type".to_string(), Attr::Str("gpu".into())),
+                        (
+                            "productName".to_string(),
+                            Attr::Str("NVIDIA H100 80GB HBM3".into()),
+                        ),
+                    ]
+                    .into(),
+                    capacity: map(&[("memory", "81559Mi")]),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn dra_devices_come_from_the_newest_complete_generation_and_claims() {
+        let n = node("n", &[], &[("cpu", "96")], &[("cpu", "96")]);
+        let slices = [slice("n", 1, 1, 8), slice("n", 2, 1, 6)];
+        let claims = [DeviceRef {
+            driver: "gpu.nvidia.com".into(),
+            pool: "n".into(),
+            device: "gpu-0".into(),
+        }];
+        // A pod requesting nvidia.com/gpu must not count against DRA devices.
+        let pods = [pod("n", "Running", &[("nvidia.com/gpu", "4")])];
+        let inv = compute(std::slice::from_ref(&n), &pods, &slices, &claims, None);
+        let r = res(&inv, "n", "dra:gpu.nvidia.com");
+        assert_eq!((r.capacity, r.allocated, r.free), (6, 1, 5));
+        assert_eq!(
+            inv.nodes[0].product.as_deref(),
+            Some("NVIDIA-H100-80GB-HBM3")
+        );
+        assert_eq!(inv.nodes[0].gpu_memory_mib, Some(81559));
+        assert_eq!(inv.nodes[0].physical_gpus, 6);
+        // An incomplete newest generation (1 of 2 slices) is not used; the node has no GPUs.
+        let partial = [slice("n", 3, 2, 8)];
+        assert!(compute(&[n], &[], &partial, &[], None).nodes.is_empty());
+    }
+
+    #[test]
+    fn pools_from_provider_labels_or_override() {
+        let aks = map(&[
+            ("kubernetes.azure.com/agentpool", "gpu"),
+            ("agentpool", "old"),
+        ]);
+        assert_eq!(node_pool(&aks, None).as_deref(), Some("gpu"));
+        assert_eq!(
+            node_pool(&map(&[("agentpool", "old")]), None).as_deref(),
+            Some("old")
+        );
+        assert_eq!(
+            node_pool(&map(&[("cloud.google.com/gke-nodepool", "p")]), None).as_deref(),
+            Some("p")
+        );
+        assert_eq!(
+            node_pool(&map(&[("eks.amazonaws.com/nodegroup", "e")]), None).as_deref(),
+            Some("e")
+        );
+        assert_eq!(
+            node_pool(&map(&[("karpenter.sh/nodepool", "k")]), None).as_deref(),
+            Some("k")
+        );
+        assert_eq!(
+            node_pool(&map(&[("cluster.x-k8s.io/deployment-name", "md")]), None).as_deref(),
+            Some("md")
+        );
+        assert_eq!(
+            node_pool(&map(&[("team/pool", "t")]), Some("team/pool")).as_deref(),
+            Some("t")
+        );
+        assert_eq!(node_pool(&map(&[]), None), None);
+    }
+
+    #[test]
+    fn pool_totals_count_free_only_on_usable_nodes() {
+        let l = [
+            ("kubernetes.azure.com/agentpool", "h100"),
+            ("nvidia.com/gpu.count", "8"),
+        ];
+        let a = node(
+            "a",
+            &l,
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let mut b = node(
+            "b",
+            &l,
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        b.unschedulable = true;
+        let cpu_only = node("c", &l, &[("cpu", "8")], &[("cpu", "8")]);
+        let inv = compute(
+            &[a, b, cpu_only],
+            &[pod("a", "Running", &[("nvidia.com/gpu", "2")])],
+            &[],
+            &[],
+            None,
+        );
+        assert_eq!(inv.nodes.len(), 2, "nodes without GPUs are left out");
+        let p = &inv.pools[0];
+        assert_eq!(
+            (p.nodes, p.usable_nodes, p.physical_gpus, p.free_gpus),
+            (2, 1, 16, 6)
+        );
+        assert_eq!(p.resources[0].allocated, 2);
+    }
+}
