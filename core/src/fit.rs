@@ -1,0 +1,327 @@
+//! "Where can this model run?": rank (cluster, pool) placements for `replicas × gpus` whole
+//! GPUs, and say why the other clusters do not fit. Pure.
+
+use serde::{Deserialize, Serialize};
+
+use crate::health::Health;
+use crate::inventory::ClusterInventory;
+
+/// What the caller needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FitRequest {
+    /// Replicas (each placed on a single node).
+    pub replicas: u32,
+    /// Whole GPUs per replica.
+    pub gpus_per_replica: u32,
+    /// Minimum memory per GPU, MiB.
+    pub min_memory_mib: u64,
+    /// Product substring, case-insensitive (`H100`).
+    pub product: Option<String>,
+    /// Architecture family (`hopper`).
+    pub family: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+}
+
+/// One cluster as Fit sees it.
+#[derive(Debug, Clone)]
+pub struct FitCluster<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Health.
+    pub health: Health,
+    /// Region (cluster-level; nodes may also carry one).
+    pub region: Option<&'a str>,
+    /// Inventory.
+    pub inventory: &'a ClusterInventory,
+}
+
+/// A placement that fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Cluster.
+    pub cluster: String,
+    /// Pool.
+    pub pool: String,
+    /// Product of the matching nodes.
+    pub product: String,
+    /// Replicas that fit in this pool now.
+    pub replicas_fit: u32,
+    /// Free matching GPUs in the pool.
+    pub free_gpus: i64,
+    /// Free matching GPUs left after placing the request (headroom).
+    pub headroom_gpus: i64,
+    /// Whether the cluster is Degraded (ranked after Ready ones).
+    pub degraded: bool,
+}
+
+/// A cluster that does not fit, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// Cluster.
+    pub cluster: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FitResult {
+    /// Pools that can take every replica, best first.
+    pub candidates: Vec<Candidate>,
+    /// Clusters with no pool that can.
+    pub rejections: Vec<Rejection>,
+}
+
+/// Rank placements. Best: Ready before Degraded, then the most headroom left, then name.
+pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
+    let mut out = FitResult::default();
+    let per = i64::from(req.gpus_per_replica.max(1));
+    let want = req.replicas.max(1);
+    for c in clusters {
+        let reject = |reason: String| Rejection {
+            cluster: c.name.to_string(),
+            reason,
+        };
+        if !matches!(c.health, Health::Ready | Health::Degraded) {
+            out.rejections
+                .push(reject(format!("cluster is {:?}", c.health)));
+            continue;
+        }
+        if let Some(r) = &req.region
+            && c.region != Some(r.as_str())
+        {
+            out.rejections.push(reject(format!(
+                "region {} is not {r}",
+                c.region.unwrap_or("unknown")
+            )));
+            continue;
+        }
+        let mut best_partial = 0u32;
+        let mut why_nodes = None;
+        let mut found = false;
+        for pool in &c.inventory.pools {
+            let nodes: Vec<_> = c
+                .inventory
+                .nodes
+                .iter()
+                .filter(|n| n.pool.clone().unwrap_or_default() == pool.name)
+                .collect();
+            let matching: Vec<_> = nodes
+                .iter()
+                .filter(|n| {
+                    let product_ok = req.product.as_ref().is_none_or(|p| {
+                        n.product
+                            .as_ref()
+                            .is_some_and(|np| np.to_lowercase().contains(&p.to_lowercase()))
+                    });
+                    let family_ok = req.family.as_ref().is_none_or(|f| {
+                        n.family
+                            .as_ref()
+                            .is_some_and(|nf| nf.eq_ignore_ascii_case(f))
+                    });
+                    let memory_ok = n.gpu_memory_mib.unwrap_or(0) >= req.min_memory_mib;
+                    if !product_ok || !family_ok {
+                        why_nodes.get_or_insert(
+                            "no GPUs of the requested product or family".to_string(),
+                        );
+                    } else if !memory_ok {
+                        why_nodes = Some(format!(
+                            "GPUs have {} MiB, {} MiB required",
+                            n.gpu_memory_mib.unwrap_or(0),
+                            req.min_memory_mib
+                        ));
+                    }
+                    product_ok && family_ok && memory_ok
+                })
+                .filter(|n| n.ready && n.schedulable)
+                .collect();
+            let free: i64 = matching.iter().map(|n| n.free_gpus).sum();
+            let fit: u32 = matching.iter().map(|n| (n.free_gpus / per) as u32).sum();
+            best_partial = best_partial.max(fit);
+            if fit >= want && !matching.is_empty() {
+                found = true;
+                out.candidates.push(Candidate {
+                    cluster: c.name.to_string(),
+                    pool: pool.name.clone(),
+                    product: matching[0].product.clone().unwrap_or_default(),
+                    replicas_fit: fit,
+                    free_gpus: free,
+                    headroom_gpus: free - i64::from(want) * per,
+                    degraded: c.health == Health::Degraded,
+                });
+            }
+        }
+        if !found {
+            let reason = if best_partial > 0 {
+                format!(
+                    "only {best_partial} of {want} replicas fit (each needs {per} free GPUs on one node)"
+                )
+            } else {
+                why_nodes.unwrap_or_else(|| format!("no node has {per} free matching GPUs"))
+            };
+            out.rejections.push(reject(reason));
+        }
+    }
+    out.candidates.sort_by(|a, b| {
+        (a.degraded, -a.headroom_gpus, &a.cluster, &a.pool).cmp(&(
+            b.degraded,
+            -b.headroom_gpus,
+            &b.cluster,
+            &b.pool,
+        ))
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{NodeInput, compute};
+    use std::collections::BTreeMap;
+
+    fn inv(pools: &[(&str, &str, u64, usize, i64)]) -> ClusterInventory {
+        // (pool, product, memory MiB, nodes, free GPUs per node of 8)
+        let mut nodes = Vec::new();
+        for (pool, product, mem, count, free) in pools {
+            for i in 0..*count {
+                let labels: BTreeMap<String, String> = [
+                    ("kubernetes.azure.com/agentpool", pool.to_string()),
+                    ("nvidia.com/gpu.product", product.to_string()),
+                    ("nvidia.com/gpu.memory", mem.to_string()),
+                    ("nvidia.com/gpu.family", "hopper".to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                nodes.push(NodeInput {
+                    name: format!("{pool}-{i}"),
+                    labels,
+                    capacity: [("nvidia.com/gpu".to_string(), "8".to_string())].into(),
+                    allocatable: [("nvidia.com/gpu".to_string(), free.to_string())].into(),
+                    ready: true,
+                    ..Default::default()
+                });
+            }
+        }
+        compute(&nodes, &[], &[], &[], None)
+    }
+
+    fn req(replicas: u32, gpus: u32, mem: u64) -> FitRequest {
+        FitRequest {
+            replicas,
+            gpus_per_replica: gpus,
+            min_memory_mib: mem,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ranks_ready_then_headroom_and_explains_rejections() {
+        let a = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 2, 8)]);
+        let b = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 4, 8)]);
+        let c = inv(&[("l4", "NVIDIA-L4", 23034, 4, 4)]);
+        let d = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 1, 8)]);
+        let clusters = [
+            FitCluster {
+                name: "a",
+                health: Health::Ready,
+                region: Some("eu"),
+                inventory: &a,
+            },
+            FitCluster {
+                name: "b",
+                health: Health::Degraded,
+                region: Some("us"),
+                inventory: &b,
+            },
+            FitCluster {
+                name: "c",
+                health: Health::Ready,
+                region: Some("us"),
+                inventory: &c,
+            },
+            FitCluster {
+                name: "d",
+                health: Health::Ready,
+                region: Some("us"),
+                inventory: &d,
+            },
+            FitCluster {
+                name: "e",
+                health: Health::Unreachable,
+                region: Some("us"),
+                inventory: &b,
+            },
+        ];
+        let r = fit(&req(2, 4, 80 * 1000), &clusters);
+        let order: Vec<&str> = r.candidates.iter().map(|c| c.cluster.as_str()).collect();
+        assert_eq!(
+            order,
+            ["a", "d", "b"],
+            "Ready first, then by headroom; Degraded last"
+        );
+        assert_eq!(r.candidates[0].headroom_gpus, 8);
+        let why: BTreeMap<&str, &str> = r
+            .rejections
+            .iter()
+            .map(|x| (x.cluster.as_str(), x.reason.as_str()))
+            .collect();
+        assert!(why["c"].contains("23034 MiB"), "{}", why["c"]);
+        assert!(why["e"].contains("Unreachable"), "{}", why["e"]);
+
+        let r = fit(&req(3, 8, 0), &clusters[..1]);
+        assert!(r.candidates.is_empty());
+        assert!(
+            r.rejections[0].reason.contains("only 2 of 3 replicas"),
+            "{}",
+            r.rejections[0].reason
+        );
+
+        let mut only_eu = req(1, 1, 0);
+        only_eu.region = Some("eu".into());
+        let r = fit(&only_eu, &clusters);
+        assert_eq!(
+            r.candidates
+                .iter()
+                .map(|c| c.cluster.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+
+        let mut l4 = req(1, 1, 0);
+        l4.product = Some("l4".into());
+        let r = fit(&l4, &clusters);
+        assert_eq!(
+            r.candidates
+                .iter()
+                .map(|c| c.cluster.as_str())
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert!(
+            r.rejections
+                .iter()
+                .any(|x| x.cluster == "a" && x.reason.contains("product"))
+        );
+    }
+
+    #[test]
+    fn a_replica_must_fit_on_one_node() {
+        // Two nodes with 4 free GPUs each: 8 free, but an 8-GPU replica fits nowhere.
+        let a = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 2, 4)]);
+        let clusters = [FitCluster {
+            name: "a",
+            health: Health::Ready,
+            region: None,
+            inventory: &a,
+        }];
+        let r = fit(&req(1, 8, 0), &clusters);
+        assert!(r.candidates.is_empty());
+        assert!(
+            r.rejections[0].reason.contains("8 free matching GPUs"),
+            "{}",
+            r.rejections[0].reason
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! Cluster health as a pure state machine. The leader feeds it heartbeats, reports and clock
+//! ticks; it returns the transitions to persist. Liveness (last heartbeat) stays in memory;
+//! only transitions are stored. Time is a `Duration` since an arbitrary origin, so tests drive
+//! it explicitly.
+//!
+//! ```text
+//! Joining ──first report──▶ Ready ⇄ Degraded
+//!    │                        │        │
+//!    └────────── no heartbeat for `unreachable_after` ──▶ Unreachable ──heartbeat──▶ Ready/Degraded
+//! any ──explicit leave──▶ Left (terminal until the cluster joins again)
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Health of one member cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Health {
+    /// Registered; no inventory report yet.
+    Joining,
+    /// Reporting, nothing wrong.
+    Ready,
+    /// Reporting, but something is wrong (see the reasons).
+    Degraded,
+    /// No heartbeat within `unreachable_after`.
+    Unreachable,
+    /// Left the fleet explicitly.
+    Left,
+}
+
+/// What an agent says about its cluster, reduced to what health needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// The agent cannot reach its cluster's API server.
+    pub api_unreachable: bool,
+    /// Nodes whose Ready condition is not True.
+    pub nodes_not_ready: u32,
+    /// GPUs advertised below capacity (failed devices).
+    pub gpus_failed: i64,
+}
+
+impl Signals {
+    /// Why these signals make a cluster Degraded (empty: healthy).
+    pub fn reasons(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if self.api_unreachable {
+            r.push("agent cannot reach the cluster's API server".to_string());
+        }
+        if self.nodes_not_ready > 0 {
+            r.push(format!("{} node(s) not Ready", self.nodes_not_ready));
+        }
+        if self.gpus_failed > 0 {
+            r.push(format!(
+                "{} GPU(s) failed (allocatable below capacity)",
+                self.gpus_failed
+            ));
+        }
+        r
+    }
+}
+
+/// A change to persist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Cluster name.
+    pub cluster: String,
+    /// Previous state.
+    pub from: Health,
+    /// New state.
+    pub to: Health,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// Timing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// A cluster without a heartbeat for this long is Unreachable.
+    pub unreachable_after: Duration,
+    /// After becoming leader, clusters get this long (plus `unreachable_after`) to reconnect.
+    pub leader_grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            unreachable_after: Duration::from_secs(3),
+            leader_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    health: Health,
+    /// Last heartbeat seen by this leader, if any.
+    last_seen: Option<Duration>,
+    /// The most recent signals (to restore Ready vs Degraded after Unreachable).
+    signals: Option<Signals>,
+}
+
+/// The leader's view of every cluster's health.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    policy: Policy,
+    leader_since: Duration,
+    clusters: BTreeMap<String, Entry>,
+}
+
+impl Tracker {
+    /// A tracker for a leader elected at `now`, seeded with persisted states. No cluster can be
+    /// judged Unreachable before `now + leader_grace + unreachable_after`.
+    pub fn new(
+        policy: Policy,
+        now: Duration,
+        persisted: impl IntoIterator<Item = (String, Health)>,
+    ) -> Self {
+        let clusters = persisted
+            .into_iter()
+            .map(|(name, health)| {
+                (
+                    name,
+                    Entry {
+                        health,
+                        last_seen: None,
+                        signals: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            policy,
+            leader_since: now,
+            clusters,
+        }
+    }
+
+    /// Current state of a cluster.
+    pub fn health(&self, cluster: &str) -> Option<Health> {
+        self.clusters.get(cluster).map(|e| e.health)
+    }
+
+    fn set(&mut self, cluster: &str, to: Health, reason: String) -> Option<Transition> {
+        let e = self.clusters.get_mut(cluster)?;
+        if e.health == to {
+            return None;
+        }
+        let from = e.health;
+        e.health = to;
+        Some(Transition {
+            cluster: cluster.to_string(),
+            from,
+            to,
+            reason,
+        })
+    }
+
+    /// A cluster registered (or re-joined after leaving).
+    pub fn joined(&mut self, cluster: &str, now: Duration) -> Option<Transition> {
+        let e = self.clusters.entry(cluster.to_string()).or_insert(Entry {
+            health: Health::Left,
+            last_seen: None,
+            signals: None,
+        });
+        e.last_seen = Some(now);
+        if e.health == Health::Left {
+            return self.set(cluster, Health::Joining, "joined the fleet".into());
+        }
+        None
+    }
+
+    /// A heartbeat (or any message) arrived.
+    pub fn heartbeat(&mut self, cluster: &str, now: Duration) -> Option<Transition> {
+        let e = self.clusters.get_mut(cluster)?;
+        if e.health == Health::Left {
+            return None;
+        }
+        e.last_seen = Some(now);
+        if e.health == Health::Unreachable {
+            let signals = e.signals.clone();
+            return match signals {
+                Some(s) => self.apply(cluster, &s),
+                None => self.set(
+                    cluster,
+                    Health::Joining,
+                    "heartbeat resumed; waiting for a report".into(),
+                ),
+            };
+        }
+        None
+    }
+
+    /// An inventory report with health signals arrived (also counts as a heartbeat).
+    pub fn report(&mut self, cluster: &str, now: Duration, signals: Signals) -> Option<Transition> {
+        let e = self.clusters.get_mut(cluster)?;
+        if e.health == Health::Left {
+            return None;
+        }
+        e.last_seen = Some(now);
+        e.signals = Some(signals.clone());
+        self.apply(cluster, &signals)
+    }
+
+    fn apply(&mut self, cluster: &str, s: &Signals) -> Option<Transition> {
+        let reasons = s.reasons();
+        if reasons.is_empty() {
+            self.set(cluster, Health::Ready, "reporting, no problems".into())
+        } else {
+            self.set(cluster, Health::Degraded, reasons.join("; "))
+        }
+    }
+
+    /// The cluster left explicitly.
+    pub fn left(&mut self, cluster: &str) -> Option<Transition> {
+        self.set(cluster, Health::Left, "left the fleet".into())
+    }
+
+    /// When a silent cluster becomes Unreachable: nobody is judged before the grace period
+    /// ends; after it, silence counts from the later of the last heartbeat and the end of the
+    /// grace period.
+    fn deadline(&self, e: &Entry) -> Duration {
+        let grace_end = self.leader_since + self.policy.leader_grace;
+        let since = e.last_seen.unwrap_or(grace_end);
+        grace_end.max(since + self.policy.unreachable_after)
+    }
+
+    /// Judge liveness at `now`. Returns Unreachable transitions.
+    pub fn tick(&mut self, now: Duration) -> Vec<Transition> {
+        let overdue: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|(_, e)| !matches!(e.health, Health::Unreachable | Health::Left))
+            .filter(|(_, e)| now >= self.deadline(e))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let after = self.policy.unreachable_after;
+        overdue
+            .into_iter()
+            .filter_map(|c| {
+                self.set(
+                    &c,
+                    Health::Unreachable,
+                    format!("no heartbeat for {after:?}"),
+                )
+            })
+            .collect()
+    }
+
+    /// The earliest time `tick` could change something (for the caller's timer).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.clusters
+            .values()
+            .filter(|e| !matches!(e.health, Health::Unreachable | Health::Left))
+            .map(|e| self.deadline(e))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn policy() -> Policy {
+        Policy {
+            unreachable_after: S(3),
+            leader_grace: S(10),
+        }
+    }
+
+    #[test]
+    fn join_report_degrade_recover_leave() {
+        let mut t = Tracker::new(policy(), S(0), []);
+        assert_eq!(t.joined("a", S(0)).unwrap().to, Health::Joining);
+        assert_eq!(
+            t.report("a", S(1), Signals::default()).unwrap().to,
+            Health::Ready
+        );
+        assert_eq!(
+            t.report("a", S(2), Signals::default()),
+            None,
+            "no transition without change"
+        );
+        let bad = Signals {
+            gpus_failed: 2,
+            ..Default::default()
+        };
+        let tr = t.report("a", S(3), bad).unwrap();
+        assert_eq!((tr.from, tr.to), (Health::Ready, Health::Degraded));
+        assert!(tr.reason.contains("2 GPU(s) failed"), "{}", tr.reason);
+        let api = Signals {
+            api_unreachable: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            t.report("a", S(4), api),
+            None,
+            "Degraded → Degraded is not a transition"
+        );
+        assert_eq!(t.left("a").unwrap().to, Health::Left);
+        t.joined("a", S(4));
+        let api = Signals {
+            api_unreachable: true,
+            ..Default::default()
+        };
+        let tr = t.report("a", S(4), api).unwrap();
+        assert_eq!(
+            (tr.to, tr.reason.as_str()),
+            (
+                Health::Degraded,
+                "agent cannot reach the cluster's API server"
+            )
+        );
+        assert_eq!(
+            t.report("a", S(5), Signals::default()).unwrap().to,
+            Health::Ready
+        );
+        assert_eq!(t.left("a").unwrap().to, Health::Left);
+        assert_eq!(
+            t.heartbeat("a", S(6)),
+            None,
+            "a cluster that left stays Left"
+        );
+        assert_eq!(t.joined("a", S(7)).unwrap().to, Health::Joining);
+    }
+
+    #[test]
+    fn silence_makes_unreachable_and_a_heartbeat_restores_the_last_state() {
+        let mut t = Tracker::new(policy(), S(0), []);
+        t.joined("a", S(20));
+        t.report(
+            "a",
+            S(20),
+            Signals {
+                nodes_not_ready: 1,
+                ..Default::default()
+            },
+        );
+        assert!(t.tick(S(22)).is_empty());
+        let tr = t.tick(S(23));
+        assert_eq!(tr.len(), 1);
+        assert_eq!(tr[0].to, Health::Unreachable);
+        assert!(t.tick(S(30)).is_empty(), "reported once");
+        assert_eq!(
+            t.heartbeat("a", S(31)).unwrap().to,
+            Health::Degraded,
+            "back to the last reported state"
+        );
+    }
+
+    #[test]
+    fn a_new_leader_gives_a_grace_period() {
+        // Persisted Ready clusters; the new leader has heard nothing from them yet.
+        let mut t = Tracker::new(
+            policy(),
+            S(100),
+            [
+                ("a".to_string(), Health::Ready),
+                ("b".to_string(), Health::Ready),
+            ],
+        );
+        assert!(
+            t.tick(S(104)).is_empty(),
+            "unreachable_after alone must not flap clusters"
+        );
+        assert!(t.tick(S(110)).is_empty(), "still within grace");
+        t.heartbeat("a", S(111));
+        assert!(t.tick(S(112)).is_empty());
+        let tr = t.tick(S(113));
+        assert_eq!(
+            tr.iter().map(|t| t.cluster.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(t.health("a"), Some(Health::Ready));
+        assert_eq!(t.next_deadline(), Some(S(114)));
+    }
+
+    #[test]
+    fn unknown_clusters_are_ignored() {
+        let mut t = Tracker::new(policy(), S(0), []);
+        assert_eq!(t.heartbeat("ghost", S(1)), None);
+        assert_eq!(t.report("ghost", S(1), Signals::default()), None);
+        assert_eq!(t.health("ghost"), None);
+    }
+}
