@@ -356,33 +356,7 @@ async fn dispatch(
                 Ok(json_response(200, &o))
             }
             "patch" => {
-                let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
-                    ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"))
-                })?;
-                let p = parse_json(body)?;
-                let o = core.write(|s| {
-                    let cur = s.store.get(t.res, &ns, name)?;
-                    let mut doc = (*cur).clone();
-                    patch::apply(kind, &mut doc, &p)
-                        .map_err(|e| ApiError::new(422, "Invalid", e))?;
-                    // A patch without a resourceVersion must not fail on concurrent writes.
-                    if p["metadata"]["resourceVersion"].is_null() && kind != PatchKind::Json {
-                        doc["metadata"]["resourceVersion"] =
-                            cur["metadata"]["resourceVersion"].clone();
-                    }
-                    if doc["metadata"]["name"] != cur["metadata"]["name"] {
-                        return Err(ApiError::invalid(
-                            t.res,
-                            name,
-                            "metadata.name",
-                            "field is immutable",
-                        ));
-                    }
-                    if dry_run {
-                        return Ok(Arc::new(doc));
-                    }
-                    s.store.update(t.res, &ns, name, doc, false)
-                })?;
+                let o = patch_object(core, t.res, &ns, name, content_type, body, false, dry_run)?;
                 Ok(json_response(200, &o))
             }
             "delete" => {
@@ -427,25 +401,7 @@ async fn dispatch(
                 Ok(json_response(200, &o))
             }
             "patch" => {
-                let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
-                    ApiError::new(
-                        415,
-                        "UnsupportedMediaType",
-                        format!("unsupported patch type {content_type}"),
-                    )
-                })?;
-                let p = parse_json(body)?;
-                let o = core.write(|s| {
-                    let cur = s.store.get(t.res, &ns, name)?;
-                    let mut doc = (*cur).clone();
-                    patch::apply(kind, &mut doc, &p)
-                        .map_err(|e| ApiError::new(422, "Invalid", e))?;
-                    if p["metadata"]["resourceVersion"].is_null() {
-                        doc["metadata"]["resourceVersion"] =
-                            cur["metadata"]["resourceVersion"].clone();
-                    }
-                    s.store.update(t.res, &ns, name, doc, true)
-                })?;
+                let o = patch_object(core, t.res, &ns, name, content_type, body, true, dry_run)?;
                 Ok(json_response(200, &o))
             }
             _ => Err(ApiError::new(
@@ -472,6 +428,54 @@ async fn dispatch(
             "the server could not find the requested resource",
         )),
     }
+}
+
+/// PATCH an object (or only its status): apply the patch to the stored object under the lock,
+/// then write it with the usual update rules.
+#[allow(clippy::too_many_arguments)]
+fn patch_object(
+    core: &Arc<ClusterCore>,
+    res: usize,
+    ns: &str,
+    name: &str,
+    content_type: &str,
+    body: &Bytes,
+    status_only: bool,
+    dry_run: bool,
+) -> Result<Obj, ApiError> {
+    let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: \
+                 application/json-patch+json, application/merge-patch+json, \
+                 application/strategic-merge-patch+json (got {content_type})"
+            ),
+        )
+    })?;
+    let p = parse_json(body)?;
+    core.write(|s| {
+        let cur = s.store.get(res, ns, name)?;
+        let mut doc = (*cur).clone();
+        patch::apply(kind, &mut doc, &p).map_err(|e| ApiError::new(422, "Invalid", e))?;
+        // A patch that does not name a resourceVersion must not fail on concurrent writes.
+        if p["metadata"]["resourceVersion"].is_null() && kind != PatchKind::Json {
+            doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+        }
+        if doc["metadata"]["name"] != cur["metadata"]["name"] {
+            return Err(ApiError::invalid(
+                res,
+                name,
+                "metadata.name",
+                "field is immutable",
+            ));
+        }
+        if dry_run {
+            return Ok(Arc::new(doc));
+        }
+        s.store.update(res, ns, name, doc, status_only)
+    })
 }
 
 fn selectors(

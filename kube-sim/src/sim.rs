@@ -626,6 +626,18 @@ impl SimState {
 
     // ----- controllers -----
 
+    /// Every object of a type (a snapshot the controller can iterate while writing).
+    fn all(&self, res: usize) -> Vec<Obj> {
+        self.store.iter(res, None, None).cloned().collect()
+    }
+
+    /// Write an object's status; a no-op write does not bump the revision.
+    fn set_status(&mut self, res: usize, ns: &str, name: &str, status: Value) {
+        let _ = self
+            .store
+            .update(res, ns, name, json!({ "status": status }), true);
+    }
+
     /// Run every controller until nothing changes. Returns when the next timed transition is due.
     pub fn reconcile(&mut self, now: Instant) -> Option<Instant> {
         let mut next = None;
@@ -651,11 +663,7 @@ impl SimState {
     }
 
     fn machine_deployments(&mut self, now: Instant) {
-        let mds: Vec<Obj> = self
-            .store
-            .iter(idx::MACHINEDEPLOYMENTS, None, None)
-            .cloned()
-            .collect();
+        let mds = self.all(idx::MACHINEDEPLOYMENTS);
         let live: HashSet<(String, String)> = mds.iter().map(|m| ns_name(m)).collect();
         // Nodes of deleted MachineDeployments go away, as Cluster API deletes their machines.
         let orphans: Vec<String> = self
@@ -688,13 +696,7 @@ impl SimState {
             let Some(pool) = self.templates.get(&template).cloned() else {
                 let status = json!({"phase": "Failed", "replicas": mine.len(),
                     "failureMessage": format!("machine template {template:?} does not exist; templates are the scenario's pool names")});
-                let _ = self.store.update(
-                    idx::MACHINEDEPLOYMENTS,
-                    &key.0,
-                    &key.1,
-                    json!({"status": status}),
-                    true,
-                );
+                self.set_status(idx::MACHINEDEPLOYMENTS, &key.0, &key.1, status);
                 continue;
             };
             while mine.len() < want {
@@ -760,13 +762,7 @@ impl SimState {
                 "phase": phase,
                 "selector": format!("{CAPI_POOL_LABEL}={}", key.1),
             });
-            let _ = self.store.update(
-                idx::MACHINEDEPLOYMENTS,
-                &key.0,
-                &key.1,
-                json!({"status": status}),
-                true,
-            );
+            self.set_status(idx::MACHINEDEPLOYMENTS, &key.0, &key.1, status);
         }
     }
 
@@ -839,17 +835,11 @@ impl SimState {
                         )
                     };
                 }
-                let _ = self
-                    .store
-                    .update(idx::NODES, "", &name, json!({"status": status}), true);
+                self.set_status(idx::NODES, "", &name, status);
             }
         }
         // DRA: one slice per ready GPU node, regenerated when its healthy devices change.
-        let existing: Vec<Obj> = self
-            .store
-            .iter(idx::RESOURCESLICES, None, None)
-            .cloned()
-            .collect();
+        let existing = self.all(idx::RESOURCESLICES);
         for s in &existing {
             let node = s["spec"]["nodeName"].as_str().unwrap_or("");
             if s["spec"]["driver"] == gpu::NVIDIA_DRA_DRIVER
@@ -894,12 +884,8 @@ impl SimState {
     }
 
     fn daemonsets(&mut self) {
-        let dss: Vec<Obj> = self
-            .store
-            .iter(idx::DAEMONSETS, None, None)
-            .cloned()
-            .collect();
-        let nodes: Vec<Obj> = self.store.iter(idx::NODES, None, None).cloned().collect();
+        let dss = self.all(idx::DAEMONSETS);
+        let nodes = self.all(idx::NODES);
         for ds in dss {
             let (ns, name) = ns_name(&ds);
             let uid = meta_str(&ds, "uid").to_string();
@@ -953,18 +939,12 @@ impl SimState {
                 "numberAvailable": ready,
                 "updatedNumberScheduled": desired,
             });
-            let _ = self
-                .store
-                .update(idx::DAEMONSETS, &ns, &name, json!({"status": status}), true);
+            self.set_status(idx::DAEMONSETS, &ns, &name, status);
         }
     }
 
     fn deployments(&mut self) {
-        let deps: Vec<Obj> = self
-            .store
-            .iter(idx::DEPLOYMENTS, None, None)
-            .cloned()
-            .collect();
+        let deps = self.all(idx::DEPLOYMENTS);
         for d in deps {
             let (ns, name) = ns_name(&d);
             let uid = meta_str(&d, "uid").to_string();
@@ -1010,22 +990,12 @@ impl SimState {
                 "availableReplicas": ready,
                 "unavailableReplicas": (replicas - ready).max(0),
             });
-            let _ = self.store.update(
-                idx::DEPLOYMENTS,
-                &ns,
-                &name,
-                json!({"status": status}),
-                true,
-            );
+            self.set_status(idx::DEPLOYMENTS, &ns, &name, status);
         }
     }
 
     fn replicasets(&mut self) {
-        let sets: Vec<Obj> = self
-            .store
-            .iter(idx::REPLICASETS, None, None)
-            .cloned()
-            .collect();
+        let sets = self.all(idx::REPLICASETS);
         for rs in sets {
             let (ns, name) = ns_name(&rs);
             let uid = meta_str(&rs, "uid").to_string();
@@ -1089,13 +1059,7 @@ impl SimState {
                 "readyReplicas": ready,
                 "availableReplicas": ready,
             });
-            let _ = self.store.update(
-                idx::REPLICASETS,
-                &ns,
-                &name,
-                json!({"status": status}),
-                true,
-            );
+            self.set_status(idx::REPLICASETS, &ns, &name, status);
         }
     }
 
@@ -1227,7 +1191,7 @@ impl SimState {
         if pending.is_empty() {
             return;
         }
-        let nodes: Vec<Obj> = self.store.iter(idx::NODES, None, None).cloned().collect();
+        let nodes = self.all(idx::NODES);
         let (mut used, mut dra_used) = self.node_usage();
         for pod in pending {
             let (ns, name) = ns_name(&pod);
@@ -1380,20 +1344,12 @@ impl SimState {
                             },
                             "reservedFor": [{"resource": "pods", "name": name, "uid": pod["metadata"]["uid"]}],
                         });
-                        let _ = self.store.update(
-                            idx::RESOURCECLAIMS,
-                            &ns,
-                            meta_str(c, "name"),
-                            json!({"status": status}),
-                            true,
-                        );
+                        self.set_status(idx::RESOURCECLAIMS, &ns, meta_str(c, "name"), status);
                     }
                     self.bound.insert((ns.clone(), name.clone()), now);
                     let mut status = pod["status"].clone();
                     status["conditions"] = json!([{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]);
-                    let _ =
-                        self.store
-                            .update(idx::PODS, &ns, &name, json!({"status": status}), true);
+                    self.set_status(idx::PODS, &ns, &name, status);
                 }
                 None => {
                     let total = nodes.len();
@@ -1407,13 +1363,7 @@ impl SimState {
                         let mut status = pod["status"].clone();
                         status["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                             "message": message, "lastTransitionTime": now_rfc3339()}]);
-                        let _ = self.store.update(
-                            idx::PODS,
-                            &ns,
-                            &name,
-                            json!({"status": status}),
-                            true,
-                        );
+                        self.set_status(idx::PODS, &ns, &name, status);
                     }
                 }
             }
@@ -1498,18 +1448,12 @@ impl SimState {
                     .collect();
                 status["containerStatuses"] = json!(containers);
             }
-            let _ = self
-                .store
-                .update(idx::PODS, &ns, &name, json!({"status": status}), true);
+            self.set_status(idx::PODS, &ns, &name, status);
         }
     }
 
     fn endpoint_slices(&mut self) {
-        let services: Vec<Obj> = self
-            .store
-            .iter(idx::SERVICES, None, None)
-            .cloned()
-            .collect();
+        let services = self.all(idx::SERVICES);
         let mut keep: HashSet<(String, String)> = HashSet::new();
         for svc in services {
             let Some(selector) = svc["spec"]["selector"]
@@ -1606,7 +1550,7 @@ impl SimState {
     }
 
     fn pdb_status(&mut self) {
-        let pdbs: Vec<Obj> = self.store.iter(idx::PDBS, None, None).cloned().collect();
+        let pdbs = self.all(idx::PDBS);
         for pdb in pdbs {
             let h = self.pdb_health(&pdb);
             let (ns, name) = ns_name(&pdb);
@@ -1618,19 +1562,13 @@ impl SimState {
                 "disruptionsAllowed": h.disruptions_allowed,
             });
             if pdb["status"] != status {
-                let _ = self
-                    .store
-                    .update(idx::PDBS, &ns, &name, json!({"status": status}), true);
+                self.set_status(idx::PDBS, &ns, &name, status);
             }
         }
     }
 
     fn export_status(&mut self) {
-        let exports: Vec<Obj> = self
-            .store
-            .iter(idx::SERVICEEXPORTS, None, None)
-            .cloned()
-            .collect();
+        let exports = self.all(idx::SERVICEEXPORTS);
         for e in exports {
             let (ns, name) = ns_name(&e);
             let exists = self.store.get(idx::SERVICES, &ns, &name).is_ok();

@@ -106,6 +106,19 @@ async fn ready_pods(pods: &Api<Pod>) -> usize {
         .count()
 }
 
+/// A fleet whose `llm` workload has both replicas Ready, and a client for it.
+async fn start_settled() -> (SimFleet, Client) {
+    let fleet = start().await;
+    let client = client(&fleet.clusters()[0]).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "inference");
+    eventually("workload ready", || {
+        let p = pods.clone();
+        async move { ready_pods(&p).await == 2 }
+    })
+    .await;
+    (fleet, client)
+}
+
 fn md_api(client: Client) -> Api<DynamicObject> {
     let ar = ApiResource {
         group: "cluster.x-k8s.io".into(),
@@ -313,16 +326,9 @@ async fn watch_from_a_compacted_revision_gets_410_and_the_watcher_relists() {
 
 #[tokio::test]
 async fn cordon_by_patch_and_the_scheduler_respects_it_and_free_gpus() {
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    let client = client(c).await;
+    let (fleet, client) = start_settled().await;
     let nodes: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "inference");
-    eventually("workload ready", || {
-        let p = pods.clone();
-        async move { ready_pods(&p).await == 2 }
-    })
-    .await;
     let h100 = nodes
         .list(&ListParams::default().labels("kubernetes.azure.com/agentpool=h100"))
         .await
@@ -418,16 +424,9 @@ async fn cordon_by_patch_and_the_scheduler_respects_it_and_free_gpus() {
 
 #[tokio::test]
 async fn the_cordoned_node_gets_no_new_pods() {
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    let client = client(c).await;
+    let (fleet, client) = start_settled().await;
     let nodes: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "inference");
-    eventually("workload ready", || {
-        let p = pods.clone();
-        async move { ready_pods(&p).await == 2 }
-    })
-    .await;
     // Cordon every H100 node, then delete the workload's pods: replacements must stay Pending.
     for n in nodes
         .list(&ListParams::default().labels("kubernetes.azure.com/agentpool=h100"))
@@ -478,15 +477,8 @@ async fn the_cordoned_node_gets_no_new_pods() {
 
 #[tokio::test]
 async fn evictions_honour_the_pdb() {
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    let client = client(c).await;
+    let (fleet, client) = start_settled().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "inference");
-    eventually("workload ready", || {
-        let p = pods.clone();
-        async move { ready_pods(&p).await == 2 }
-    })
-    .await;
     let names: Vec<String> = pods
         .list(&ListParams::default().labels("app=llm"))
         .await
@@ -681,17 +673,11 @@ async fn dra_slices_and_endpoint_slices_are_served_typed() {
 
 #[tokio::test]
 async fn node_and_pod_faults() {
-    let fleet = start().await;
+    let (fleet, client) = start_settled().await;
     let c = &fleet.clusters()[0];
-    let client = client(c).await;
     let nodes: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "inference");
     let eps: Api<EndpointSlice> = Api::namespaced(client.clone(), "inference");
-    eventually("workload ready", || {
-        let p = pods.clone();
-        async move { ready_pods(&p).await == 2 }
-    })
-    .await;
     let pod = pods
         .list(&ListParams::default().labels("app=llm"))
         .await
