@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/kv.proto",
         "proto/flotilla/v1/raft.proto",
         "proto/flotilla/v1/admin.proto",
+        "proto/flotilla/v1/fleet.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
@@ -20,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `AgentService.Connect` would clash with the generated `Client::connect` constructor;
+        // clients are built from a `Channel` instead.
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,3 +1,4 @@
 //! Conversions between wire types (`v1`) and `flotilla-core` domain types, one module per family.
 
+pub mod fleet;
 pub mod kv;

@@ -43,10 +43,12 @@ fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
 }
 
 async fn status(port: u16) -> Option<v1::StatusResponse> {
-    let mut c =
-        v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}"))
-            .await
-            .ok()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
     c.status(v1::StatusRequest {})
         .await
         .ok()

@@ -226,9 +226,12 @@ fn retry_policy() -> ExponentialBuilder {
 async fn admin_client(
     addr: &str,
 ) -> Result<v1::store_admin_client::StoreAdminClient<tonic::transport::Channel>, String> {
-    v1::store_admin_client::StoreAdminClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(v1::store_admin_client::StoreAdminClient::new(channel))
 }
 
 impl StoreNode {

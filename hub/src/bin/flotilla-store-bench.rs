@@ -187,10 +187,12 @@ fn hub_binary() -> anyhow::Result<PathBuf> {
 }
 
 async fn flotilla_status(port: u16) -> Option<v1::StatusResponse> {
-    let mut c =
-        v1::store_admin_client::StoreAdminClient::connect(format!("http://127.0.0.1:{port}"))
-            .await
-            .ok()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
     c.status(v1::StatusRequest {})
         .await
         .ok()

@@ -1,0 +1,537 @@
+//! Fleet wire types ↔ `flotilla_core` inventory and health, with the edge validation every
+//! agent report goes through: limits, known enum values, no negative quantities, DNS-label
+//! names. An invalid report is rejected whole, naming the field.
+
+use flotilla_core::health::{Health, Signals};
+use flotilla_core::inventory::{self as inv, GpuCondition, GpuUnit, Vendor};
+
+use crate::v1;
+
+/// A report field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// Field path, e.g. `snapshot.nodes[3].resources[0].capacity`.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Invalid {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `INVALID_ARGUMENT` naming the field (also in the `flotilla-field` metadata).
+    pub fn to_status(&self) -> tonic::Status {
+        let mut s = tonic::Status::invalid_argument(self.to_string());
+        if let Ok(v) = self.field.parse() {
+            s.metadata_mut().insert(super::kv::ERROR_FIELD_KEY, v);
+        }
+        s
+    }
+}
+
+/// Size limits on agent reports (hub flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportLimits {
+    /// Nodes per cluster.
+    pub max_nodes: usize,
+    /// GPU resources per node.
+    pub max_resources_per_node: usize,
+    /// Physical GPUs per node.
+    pub max_gpus_per_node: i64,
+    /// Bytes of any name or label value.
+    pub max_string_bytes: usize,
+}
+
+impl Default for ReportLimits {
+    fn default() -> Self {
+        Self {
+            max_nodes: 5_000,
+            max_resources_per_node: 32,
+            max_gpus_per_node: 64,
+            max_string_bytes: 253,
+        }
+    }
+}
+
+/// Whether `s` is an RFC 1123 DNS label (cluster names must be).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Check a cluster name.
+pub fn cluster_name(field: &str, name: &str) -> Result<(), Invalid> {
+    if is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            field,
+            format!("{name:?} is not a DNS label (lowercase letters, digits, '-', at most 63)"),
+        ))
+    }
+}
+
+fn vendor_to_wire(v: Vendor) -> v1::GpuVendor {
+    match v {
+        Vendor::Nvidia => v1::GpuVendor::Nvidia,
+        Vendor::Amd => v1::GpuVendor::Amd,
+        Vendor::Intel => v1::GpuVendor::Intel,
+    }
+}
+
+fn condition_to_wire(c: GpuCondition) -> v1::GpuCondition {
+    match c {
+        GpuCondition::Healthy => v1::GpuCondition::Healthy,
+        GpuCondition::NotAdvertised => v1::GpuCondition::NotAdvertised,
+        GpuCondition::Degraded => v1::GpuCondition::Degraded,
+    }
+}
+
+/// Core resource → wire.
+pub fn resource_to_wire(r: &inv::GpuResource) -> v1::GpuResource {
+    let (unit, mig_profile, shared_replicas) = match &r.unit {
+        GpuUnit::Whole => (v1::GpuUnitKind::Whole, String::new(), 0),
+        GpuUnit::MigSlice(p) => (v1::GpuUnitKind::MigSlice, p.clone(), 0),
+        GpuUnit::Shared(k) => (v1::GpuUnitKind::Shared, String::new(), *k),
+        GpuUnit::Partition => (v1::GpuUnitKind::Partition, String::new(), 0),
+    };
+    v1::GpuResource {
+        name: r.name.clone(),
+        vendor: vendor_to_wire(r.vendor) as i32,
+        unit: unit as i32,
+        mig_profile,
+        shared_replicas,
+        capacity: r.capacity,
+        allocatable: r.allocatable,
+        allocated: r.allocated,
+        free: r.free,
+    }
+}
+
+/// Core node → wire.
+pub fn node_to_wire(n: &inv::NodeInventory) -> v1::NodeInventory {
+    v1::NodeInventory {
+        name: n.name.clone(),
+        pool: n.pool.clone().unwrap_or_default(),
+        ready: n.ready,
+        schedulable: n.schedulable,
+        taints: n
+            .taints
+            .iter()
+            .map(|t| v1::Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: t.effect.clone(),
+            })
+            .collect(),
+        region: n.region.clone().unwrap_or_default(),
+        zone: n.zone.clone().unwrap_or_default(),
+        instance_type: n.instance_type.clone().unwrap_or_default(),
+        kubelet_version: n.kubelet_version.clone(),
+        product: n.product.clone().unwrap_or_default(),
+        family: n.family.clone().unwrap_or_default(),
+        gpu_memory_mib: n.gpu_memory_mib.unwrap_or(0),
+        physical_gpus: n.physical_gpus,
+        free_gpus: n.free_gpus,
+        resources: n.resources.iter().map(resource_to_wire).collect(),
+        condition: condition_to_wire(n.condition) as i32,
+    }
+}
+
+/// Core pool → wire.
+pub fn pool_to_wire(p: &inv::PoolInventory) -> v1::PoolInventory {
+    v1::PoolInventory {
+        name: p.name.clone(),
+        nodes: p.nodes,
+        usable_nodes: p.usable_nodes,
+        products: p.products.clone(),
+        physical_gpus: p.physical_gpus,
+        free_gpus: p.free_gpus,
+        resources: p.resources.iter().map(resource_to_wire).collect(),
+    }
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn text(field: String, s: &str, limits: &ReportLimits) -> Result<(), Invalid> {
+    if s.len() > limits.max_string_bytes {
+        return Err(Invalid::new(
+            field,
+            format!("longer than {} bytes", limits.max_string_bytes),
+        ));
+    }
+    Ok(())
+}
+
+fn non_negative(field: String, v: i64) -> Result<(), Invalid> {
+    if v < 0 {
+        Err(Invalid::new(
+            field,
+            format!("must not be negative (got {v})"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Wire resource → core, validated.
+pub fn resource_from_wire(
+    r: &v1::GpuResource,
+    at: &str,
+    limits: &ReportLimits,
+) -> Result<inv::GpuResource, Invalid> {
+    if r.name.is_empty() {
+        return Err(Invalid::new(format!("{at}.name"), "is required"));
+    }
+    text(format!("{at}.name"), &r.name, limits)?;
+    let vendor = match v1::GpuVendor::try_from(r.vendor) {
+        Ok(v1::GpuVendor::Nvidia) => Vendor::Nvidia,
+        Ok(v1::GpuVendor::Amd) => Vendor::Amd,
+        Ok(v1::GpuVendor::Intel) => Vendor::Intel,
+        _ => {
+            return Err(Invalid::new(
+                format!("{at}.vendor"),
+                format!("unknown GPU vendor {}", r.vendor),
+            ));
+        }
+    };
+    let unit = match v1::GpuUnitKind::try_from(r.unit) {
+        Ok(v1::GpuUnitKind::Whole) => GpuUnit::Whole,
+        Ok(v1::GpuUnitKind::MigSlice) => GpuUnit::MigSlice(r.mig_profile.clone()),
+        Ok(v1::GpuUnitKind::Shared) => GpuUnit::Shared(r.shared_replicas.max(1)),
+        Ok(v1::GpuUnitKind::Partition) => GpuUnit::Partition,
+        _ => {
+            return Err(Invalid::new(
+                format!("{at}.unit"),
+                format!("unknown GPU unit kind {}", r.unit),
+            ));
+        }
+    };
+    for (f, v) in [
+        ("capacity", r.capacity),
+        ("allocatable", r.allocatable),
+        ("allocated", r.allocated),
+        ("free", r.free),
+    ] {
+        non_negative(format!("{at}.{f}"), v)?;
+    }
+    Ok(inv::GpuResource {
+        name: r.name.clone(),
+        vendor,
+        unit,
+        capacity: r.capacity,
+        allocatable: r.allocatable,
+        allocated: r.allocated,
+        free: r.free,
+    })
+}
+
+/// Wire node → core, validated. `at` is the field path of this node.
+pub fn node_from_wire(
+    n: &v1::NodeInventory,
+    at: &str,
+    limits: &ReportLimits,
+) -> Result<inv::NodeInventory, Invalid> {
+    if n.name.is_empty() {
+        return Err(Invalid::new(format!("{at}.name"), "is required"));
+    }
+    for (f, v) in [
+        ("name", &n.name),
+        ("pool", &n.pool),
+        ("region", &n.region),
+        ("zone", &n.zone),
+        ("instance_type", &n.instance_type),
+        ("kubelet_version", &n.kubelet_version),
+        ("product", &n.product),
+        ("family", &n.family),
+    ] {
+        text(format!("{at}.{f}"), v, limits)?;
+    }
+    non_negative(format!("{at}.physical_gpus"), n.physical_gpus)?;
+    non_negative(format!("{at}.free_gpus"), n.free_gpus)?;
+    if n.physical_gpus > limits.max_gpus_per_node {
+        return Err(Invalid::new(
+            format!("{at}.physical_gpus"),
+            format!(
+                "{} exceeds the limit of {} GPUs per node",
+                n.physical_gpus, limits.max_gpus_per_node
+            ),
+        ));
+    }
+    if n.resources.len() > limits.max_resources_per_node {
+        return Err(Invalid::new(
+            format!("{at}.resources"),
+            format!(
+                "{} resources exceed the limit of {}",
+                n.resources.len(),
+                limits.max_resources_per_node
+            ),
+        ));
+    }
+    let condition = match v1::GpuCondition::try_from(n.condition) {
+        Ok(v1::GpuCondition::Healthy) => GpuCondition::Healthy,
+        Ok(v1::GpuCondition::NotAdvertised) => GpuCondition::NotAdvertised,
+        Ok(v1::GpuCondition::Degraded) => GpuCondition::Degraded,
+        _ => {
+            return Err(Invalid::new(
+                format!("{at}.condition"),
+                format!("unknown GPU condition {}", n.condition),
+            ));
+        }
+    };
+    let resources = n
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| resource_from_wire(r, &format!("{at}.resources[{i}]"), limits))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(inv::NodeInventory {
+        name: n.name.clone(),
+        pool: opt(&n.pool),
+        ready: n.ready,
+        schedulable: n.schedulable,
+        taints: n
+            .taints
+            .iter()
+            .map(|t| inv::Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: t.effect.clone(),
+            })
+            .collect(),
+        region: opt(&n.region),
+        zone: opt(&n.zone),
+        instance_type: opt(&n.instance_type),
+        kubelet_version: n.kubelet_version.clone(),
+        product: opt(&n.product),
+        family: opt(&n.family),
+        gpu_memory_mib: (n.gpu_memory_mib > 0).then_some(n.gpu_memory_mib),
+        physical_gpus: n.physical_gpus,
+        free_gpus: n.free_gpus,
+        resources,
+        condition,
+    })
+}
+
+/// A whole node list (snapshot or delta upserts), validated: limits, duplicates, each node.
+pub fn nodes_from_wire(
+    nodes: &[v1::NodeInventory],
+    at: &str,
+    limits: &ReportLimits,
+) -> Result<Vec<inv::NodeInventory>, Invalid> {
+    if nodes.len() > limits.max_nodes {
+        return Err(Invalid::new(
+            at,
+            format!(
+                "{} nodes exceed the limit of {}",
+                nodes.len(),
+                limits.max_nodes
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(nodes.len());
+    for (i, n) in nodes.iter().enumerate() {
+        let node_at = format!("{at}[{i}]");
+        if !seen.insert(n.name.as_str()) {
+            return Err(Invalid::new(
+                format!("{node_at}.name"),
+                format!("duplicate node {:?}", n.name),
+            ));
+        }
+        out.push(node_from_wire(n, &node_at, limits)?);
+    }
+    Ok(out)
+}
+
+/// Core health → wire.
+pub fn health_to_wire(h: Health) -> v1::ClusterHealth {
+    match h {
+        Health::Joining => v1::ClusterHealth::Joining,
+        Health::Ready => v1::ClusterHealth::Ready,
+        Health::Degraded => v1::ClusterHealth::Degraded,
+        Health::Unreachable => v1::ClusterHealth::Unreachable,
+        Health::Left => v1::ClusterHealth::Left,
+    }
+}
+
+/// Wire health → core (`None` for unspecified or unknown values).
+pub fn health_from_wire(h: i32) -> Option<Health> {
+    Some(match v1::ClusterHealth::try_from(h).ok()? {
+        v1::ClusterHealth::Joining => Health::Joining,
+        v1::ClusterHealth::Ready => Health::Ready,
+        v1::ClusterHealth::Degraded => Health::Degraded,
+        v1::ClusterHealth::Unreachable => Health::Unreachable,
+        v1::ClusterHealth::Left => Health::Left,
+        v1::ClusterHealth::Unspecified => return None,
+    })
+}
+
+/// Wire signals → core, validated.
+pub fn signals_from_wire(s: Option<&v1::HealthSignals>, at: &str) -> Result<Signals, Invalid> {
+    let Some(s) = s else {
+        return Ok(Signals::default());
+    };
+    non_negative(format!("{at}.gpus_failed"), s.gpus_failed)?;
+    Ok(Signals {
+        api_unreachable: s.api_unreachable,
+        nodes_not_ready: s.nodes_not_ready,
+        gpus_failed: s.gpus_failed,
+    })
+}
+
+/// Core signals → wire.
+pub fn signals_to_wire(s: &Signals) -> v1::HealthSignals {
+    v1::HealthSignals {
+        api_unreachable: s.api_unreachable,
+        nodes_not_ready: s.nodes_not_ready,
+        gpus_failed: s.gpus_failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> inv::NodeInventory {
+        inv::NodeInventory {
+            name: "n1".into(),
+            pool: Some("h100".into()),
+            ready: true,
+            schedulable: true,
+            taints: vec![inv::Taint {
+                key: "nvidia.com/gpu".into(),
+                value: "present".into(),
+                effect: "NoSchedule".into(),
+            }],
+            region: Some("eu".into()),
+            zone: None,
+            instance_type: Some("nd96".into()),
+            kubelet_version: "v1.34.2".into(),
+            product: Some("NVIDIA-H100-80GB-HBM3".into()),
+            family: Some("hopper".into()),
+            gpu_memory_mib: Some(81559),
+            physical_gpus: 8,
+            free_gpus: 4,
+            resources: vec![
+                inv::GpuResource {
+                    name: "nvidia.com/gpu".into(),
+                    vendor: Vendor::Nvidia,
+                    unit: GpuUnit::Shared(4),
+                    capacity: 32,
+                    allocatable: 32,
+                    allocated: 16,
+                    free: 16,
+                },
+                inv::GpuResource {
+                    name: "nvidia.com/mig-1g.10gb".into(),
+                    vendor: Vendor::Nvidia,
+                    unit: GpuUnit::MigSlice("1g.10gb".into()),
+                    capacity: 7,
+                    allocatable: 7,
+                    allocated: 0,
+                    free: 7,
+                },
+            ],
+            condition: GpuCondition::Degraded,
+        }
+    }
+
+    #[test]
+    fn nodes_round_trip() {
+        let n = node();
+        let back = node_from_wire(&node_to_wire(&n), "n", &ReportLimits::default()).unwrap();
+        assert_eq!(back, n);
+    }
+
+    #[test]
+    fn invalid_reports_name_the_field() {
+        let limits = ReportLimits::default();
+        let mut w = node_to_wire(&node());
+        w.resources[1].capacity = -1;
+        let e = nodes_from_wire(&[w], "snapshot.nodes", &limits).unwrap_err();
+        assert_eq!(e.field, "snapshot.nodes[0].resources[1].capacity");
+        let mut w = node_to_wire(&node());
+        w.resources[0].vendor = 42;
+        assert_eq!(
+            node_from_wire(&w, "n", &limits).unwrap_err().field,
+            "n.resources[0].vendor"
+        );
+        let mut w = node_to_wire(&node());
+        w.condition = 9;
+        assert_eq!(
+            node_from_wire(&w, "n", &limits).unwrap_err().field,
+            "n.condition"
+        );
+        let mut w = node_to_wire(&node());
+        w.physical_gpus = 1000;
+        assert!(
+            node_from_wire(&w, "n", &limits)
+                .unwrap_err()
+                .reason
+                .contains("limit of 64")
+        );
+        let many = vec![node_to_wire(&node()); 2];
+        let e = nodes_from_wire(&many, "s", &limits).unwrap_err();
+        assert!(e.reason.contains("duplicate"), "{e}");
+        let tight = ReportLimits {
+            max_nodes: 1,
+            ..limits
+        };
+        let mut two = vec![node_to_wire(&node()), node_to_wire(&node())];
+        two[1].name = "n2".into();
+        assert_eq!(nodes_from_wire(&two, "s", &tight).unwrap_err().field, "s");
+        let status = e.to_status();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status
+                .metadata()
+                .get(crate::convert::kv::ERROR_FIELD_KEY)
+                .unwrap(),
+            "s[1].name"
+        );
+    }
+
+    #[test]
+    fn names_and_health() {
+        assert!(cluster_name("hello.cluster", "gke-eu-1").is_ok());
+        assert_eq!(
+            cluster_name("hello.cluster", "Bad_Name").unwrap_err().field,
+            "hello.cluster"
+        );
+        assert!(cluster_name("c", &"a".repeat(64)).is_err());
+        for h in [
+            Health::Joining,
+            Health::Ready,
+            Health::Degraded,
+            Health::Unreachable,
+            Health::Left,
+        ] {
+            assert_eq!(health_from_wire(health_to_wire(h) as i32), Some(h));
+        }
+        assert_eq!(health_from_wire(0), None);
+        assert_eq!(health_from_wire(77), None);
+        assert!(
+            signals_from_wire(
+                Some(&v1::HealthSignals {
+                    gpus_failed: -1,
+                    ..Default::default()
+                }),
+                "hb.signals"
+            )
+            .is_err()
+        );
+    }
+}
