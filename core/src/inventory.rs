@@ -561,7 +561,8 @@ fn free_physical(resources: &[GpuResource], labels: &BTreeMap<String, String>) -
         .sum()
 }
 
-fn pools(nodes: &[NodeInventory]) -> Vec<PoolInventory> {
+/// Per-pool totals of a set of nodes.
+pub fn pools(nodes: &[NodeInventory]) -> Vec<PoolInventory> {
     let mut by: BTreeMap<String, PoolInventory> = BTreeMap::new();
     for n in nodes {
         let key = n.pool.clone().unwrap_or_default();

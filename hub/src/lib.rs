@@ -1,13 +1,15 @@
-//! The Flotilla hub. For now it runs one member of the replicated fleet store and serves the
-//! store's gRPC API (Kv, StoreAdmin, health, reflection); the fleet services arrive with the
-//! membership issue.
+//! The Flotilla hub: one member of the replicated fleet store, serving the store's gRPC API
+//! (Kv, StoreAdmin, health, reflection) and the fleet API (AgentService, FleetService) on the
+//! same port.
+
+pub mod fleet;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_core::kv::Limits;
-use flotilla_raft_store::{NodeConfig, StoreNode, Tuning};
+use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode, Tuning};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -57,6 +59,37 @@ pub struct Args {
     /// Scenario of simulated clusters for --dev (default: three clusters in three regions).
     #[arg(long, env = "FLOTILLA_DEV_SCENARIO")]
     pub dev_scenario: Option<PathBuf>,
+    /// A cluster with no heartbeat for this long is Unreachable (e.g. 3s, 1500ms).
+    #[arg(long, env = "FLOTILLA_UNREACHABLE_AFTER", default_value = "3s", value_parser = parse_duration)]
+    pub unreachable_after: Duration,
+    /// Grace period a new leader gives every cluster before judging liveness.
+    #[arg(long, env = "FLOTILLA_LEADER_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_grace: Duration,
+    /// Heartbeat interval agents are told to use.
+    #[arg(long, env = "FLOTILLA_AGENT_HEARTBEAT", default_value = "1s", value_parser = parse_duration)]
+    pub agent_heartbeat: Duration,
+    /// Most nodes one cluster may report.
+    #[arg(long, env = "FLOTILLA_MAX_REPORT_NODES", default_value_t = 5_000)]
+    pub max_report_nodes: usize,
+}
+
+/// Parse `3s`, `1500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3s or 500ms"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -74,6 +107,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         max_key_bytes,
         heartbeat_ms,
         dev_scenario,
+        unreachable_after,
+        leader_grace,
+        agent_heartbeat,
+        max_report_nodes,
     } = args;
     // Keep a temporary directory alive for the whole run in --dev mode.
     let mut _temp = None;
@@ -106,7 +143,23 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         max_value_bytes,
         ..Limits::default()
     };
+    let fleet = fleet::Fleet::new(fleet::FleetConfig {
+        policy: flotilla_core::health::Policy {
+            unreachable_after,
+            leader_grace,
+        },
+        heartbeat: agent_heartbeat,
+        limits: flotilla_api::convert::fleet::ReportLimits {
+            max_nodes: max_report_nodes,
+            ..Default::default()
+        },
+    });
+    let routes_fleet = fleet.clone();
+    config.extra_services = Some(ExtraServices(std::sync::Arc::new(move |node| {
+        routes_fleet.routes(node)
+    })));
     let running = StoreNode::start(config, shutdown.clone()).await?;
+    let fleet_tasks = fleet.spawn(running.node.clone(), shutdown.clone());
     info!(node = node_id, addr = %running.addr, data_dir = %data_dir.display(), "flotilla-hub ready");
     let mut sims = None;
     if dev {
@@ -132,6 +185,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         sims = Some(fleet);
     }
     running.wait().await?;
+    for t in fleet_tasks {
+        let _ = t.await;
+    }
     if let Some(f) = sims {
         f.shutdown().await;
     }

@@ -17,4 +17,4 @@ pub mod types;
 
 pub use error::StoreError;
 pub use network::Faults;
-pub use node::{NodeConfig, RunningNode, StoreNode, Tuning};
+pub use node::{ExtraServices, NodeConfig, RunningNode, StoreNode, Tuning};

@@ -88,6 +88,18 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Injected network faults (tests only).
     pub faults: Option<Arc<Faults>>,
+    /// More gRPC services to serve on this member's port (the hub's fleet API).
+    pub extra_services: Option<ExtraServices>,
+}
+
+/// Builds more gRPC services for a member's port, given the member (so they can use it).
+#[derive(Clone)]
+pub struct ExtraServices(pub Arc<dyn Fn(StoreNode) -> tonic::service::Routes + Send + Sync>);
+
+impl std::fmt::Debug for ExtraServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraServices")
+    }
 }
 
 impl NodeConfig {
@@ -102,6 +114,7 @@ impl NodeConfig {
             tuning: Tuning::default(),
             limits: Limits::default(),
             faults: None,
+            extra_services: None,
         }
     }
 }
@@ -249,6 +262,7 @@ impl StoreNode {
             tuning,
             limits,
             faults,
+            extra_services,
         } = config;
         if node_id == 0 {
             return Err(StoreError::Config("node id must be >= 1".into()));
@@ -357,7 +371,7 @@ impl StoreNode {
                 .instrument(info_span!("store-proposer", node = node_id)),
         );
         let server = tokio::spawn(
-            crate::service::serve(node.clone(), listener, token.clone())
+            crate::service::serve(node.clone(), listener, token.clone(), extra_services)
                 .instrument(info_span!("store-grpc", node = node_id)),
         );
         info!(node = node_id, %addr, "store member listening");

@@ -21,7 +21,9 @@ pub(crate) async fn serve(
     node: StoreNode,
     listener: TcpListener,
     token: CancellationToken,
+    extra: Option<crate::node::ExtraServices>,
 ) -> Result<(), tonic::transport::Error> {
+    let extra = extra.map(|f| (f.0)(node.clone())).unwrap_or_default();
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<v1::kv_server::KvServer<KvService>>()
@@ -39,6 +41,7 @@ pub(crate) async fn serve(
         Ok::<_, std::io::Error>(s)
     });
     tonic::transport::Server::builder()
+        .add_routes(extra)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(v1::kv_server::KvServer::new(KvService {

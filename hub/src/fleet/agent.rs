@@ -1,0 +1,314 @@
+//! AgentService.Connect: authenticate the agent, register its cluster, and turn its snapshot,
+//! deltas and heartbeats into inventory records and health signals. Runs on the leader only;
+//! other replicas answer UNAVAILABLE with the leader's address.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::convert::fleet::{self as conv, ReportLimits};
+use flotilla_api::convert::kv::LEADER_HINT_KEY;
+use flotilla_api::v1;
+use flotilla_core::inventory;
+use flotilla_core::kv::KvBackend;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::health::{HealthCtl, persist, unix_ms};
+use super::view::FleetView;
+use super::{Leadership, records};
+
+/// The agent-facing service.
+pub struct AgentSvc<B> {
+    /// Store.
+    pub backend: B,
+    /// This replica's fleet view (for what the hub already holds).
+    pub view: Arc<FleetView>,
+    /// Health controller.
+    pub health: Arc<HealthCtl>,
+    /// Leadership.
+    pub leader: Arc<dyn Leadership>,
+    /// Report limits.
+    pub limits: ReportLimits,
+    /// Heartbeat interval the hub asks for.
+    pub heartbeat: Duration,
+}
+
+fn not_leader(leader: &dyn Leadership) -> Status {
+    let mut s = Status::unavailable("this hub replica is not the leader; reconnect to the leader");
+    if let Some(addr) = leader.leader_addr()
+        && let Ok(v) = addr.parse()
+    {
+        s.metadata_mut().insert(LEADER_HINT_KEY, v);
+    }
+    s
+}
+
+fn store_err(e: flotilla_core::kv::KvError) -> Status {
+    flotilla_api::convert::kv::to_status(e)
+}
+
+/// Build the stored inventory from validated nodes.
+fn inventory_record(
+    cluster: &str,
+    nodes: &BTreeMap<String, v1::NodeInventory>,
+    core_nodes: &[inventory::NodeInventory],
+) -> v1::Inventory {
+    v1::Inventory {
+        cluster: cluster.to_string(),
+        nodes: nodes.values().cloned().collect(),
+        pools: inventory::pools(core_nodes)
+            .iter()
+            .map(conv::pool_to_wire)
+            .collect(),
+    }
+}
+
+impl<B: KvBackend + Clone> AgentSvc<B> {
+    async fn authenticate(&self, hello: &v1::Hello) -> Result<(), Status> {
+        conv::cluster_name("hello.cluster", &hello.cluster).map_err(|e| e.to_status())?;
+        if hello.token.is_empty() {
+            return Err(Status::unauthenticated(
+                "hello.token: a join token is required (flotctl join)",
+            ));
+        }
+        let (rec, _) = records::get::<B, v1::JoinTokenRecord>(
+            &self.backend,
+            &records::token_key(&hello.token),
+        )
+        .await
+        .map_err(store_err)?;
+        let Some(rec) = rec else {
+            return Err(Status::unauthenticated("hello.token: unknown join token"));
+        };
+        if rec.expires_at_unix_ms <= unix_ms() {
+            return Err(Status::unauthenticated(
+                "hello.token: the join token has expired; create a new one with flotctl join",
+            ));
+        }
+        if rec.cluster != hello.cluster {
+            return Err(Status::permission_denied(format!(
+                "hello.token: this token is for cluster {:?}, not {:?}",
+                rec.cluster, hello.cluster
+            )));
+        }
+        Ok(())
+    }
+
+    async fn register(&self, hello: &v1::Hello) -> Result<(), Status> {
+        let now = unix_ms();
+        records::update::<B, v1::Cluster, _>(
+            &self.backend,
+            &records::cluster_key(&hello.cluster),
+            |cur| {
+                let is_new = cur.is_none();
+                let mut c = cur.unwrap_or_else(|| v1::Cluster {
+                    name: hello.cluster.clone(),
+                    health: v1::ClusterHealth::Joining as i32,
+                    joined_at_unix_ms: now,
+                    ..Default::default()
+                });
+                if c.health == v1::ClusterHealth::Left as i32 {
+                    c.joined_at_unix_ms = now;
+                }
+                let new = v1::Cluster {
+                    region: hello.region.clone(),
+                    kubernetes_version: hello.kubernetes_version.clone(),
+                    agent_version: hello.agent_version.clone(),
+                    labels: hello.labels.clone(),
+                    ..c.clone()
+                };
+                (is_new || new != c).then_some(new)
+            },
+        )
+        .await
+        .map_err(store_err)?;
+        Ok(())
+    }
+}
+
+type HubStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B> {
+    type ConnectStream = HubStream;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<HubStream>, Status> {
+        if !self.leader.is_leader() || !self.health.active() {
+            return Err(not_leader(&*self.leader));
+        }
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let Some(v1::AgentMessage {
+            msg: Some(v1::agent_message::Msg::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "msg: the first message must be a hello",
+            ));
+        };
+        self.authenticate(&hello).await?;
+        self.register(&hello).await?;
+        let cluster = hello.cluster.clone();
+        if let Some(tr) = self.health.joined(&cluster) {
+            persist(&self.backend, &tr).await.map_err(store_err)?;
+        }
+        // What the hub holds, so the agent resends only what differs.
+        let held_inventory = self.view.inventory(&cluster).unwrap_or_default();
+        let held: std::collections::HashMap<String, Vec<u8>> = held_inventory
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), records::node_digest(n)))
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let welcome = v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Welcome(v1::Welcome {
+                heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
+                held,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        tracing::info!(cluster = %cluster, agent = %hello.agent_version, "agent connected");
+
+        let (backend, health, leader, limits) = (
+            self.backend.clone(),
+            self.health.clone(),
+            self.leader.clone(),
+            self.limits,
+        );
+        tokio::spawn(async move {
+            let mut nodes: BTreeMap<String, v1::NodeInventory> = held_inventory
+                .nodes
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect();
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(cluster = %cluster, error = %e, "agent stream ended");
+                        break;
+                    }
+                };
+                if !leader.is_leader() {
+                    let _ = tx.send(Err(not_leader(&*leader))).await;
+                    break;
+                }
+                let result = handle(&backend, &health, &limits, &cluster, &mut nodes, msg).await;
+                match result {
+                    Ok(Some(reply)) => {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(s) => {
+                        // A bad report is rejected whole; the stream stays usable.
+                        if tx.send(Err(s)).await.is_err() {
+                            break;
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Process one message after the hello. Writes touch only this cluster's keys.
+async fn handle<B: KvBackend>(
+    backend: &B,
+    health: &HealthCtl,
+    limits: &ReportLimits,
+    cluster: &str,
+    nodes: &mut BTreeMap<String, v1::NodeInventory>,
+    msg: v1::AgentMessage,
+) -> Result<Option<v1::HubMessage>, Status> {
+    use v1::agent_message::Msg;
+    let (next, signals) = match msg.msg {
+        Some(Msg::Hello(_)) => return Err(Status::invalid_argument("msg: hello was already sent")),
+        Some(Msg::Heartbeat(hb)) => {
+            let s = conv::signals_from_wire(hb.signals.as_ref(), "heartbeat.signals")
+                .map_err(|e| e.to_status())?;
+            if let Some(tr) = health.report(cluster, s) {
+                persist(backend, &tr).await.map_err(store_err)?;
+            }
+            return Ok(None);
+        }
+        Some(Msg::Leave(_)) => {
+            if let Some(tr) = health.left(cluster) {
+                persist(backend, &tr).await.map_err(store_err)?;
+            }
+            return Ok(None);
+        }
+        Some(Msg::Snapshot(s)) => {
+            conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits).map_err(|e| e.to_status())?;
+            let signals = conv::signals_from_wire(s.signals.as_ref(), "snapshot.signals")
+                .map_err(|e| e.to_status())?;
+            (
+                s.nodes
+                    .into_iter()
+                    .map(|n| (n.name.clone(), n))
+                    .collect::<BTreeMap<_, _>>(),
+                signals,
+            )
+        }
+        Some(Msg::Delta(d)) => {
+            conv::nodes_from_wire(&d.upsert, "delta.upsert", limits).map_err(|e| e.to_status())?;
+            let signals = conv::signals_from_wire(d.signals.as_ref(), "delta.signals")
+                .map_err(|e| e.to_status())?;
+            let mut next = nodes.clone();
+            for r in &d.remove {
+                next.remove(r);
+            }
+            for n in d.upsert {
+                next.insert(n.name.clone(), n);
+            }
+            if next.len() > limits.max_nodes {
+                return Err(conv::Invalid {
+                    field: "delta.upsert".into(),
+                    reason: format!(
+                        "the cluster would have {} nodes, over the limit of {}",
+                        next.len(),
+                        limits.max_nodes
+                    ),
+                }
+                .to_status());
+            }
+            (next, signals)
+        }
+        None => return Err(Status::invalid_argument("msg: empty message")),
+    };
+    let core_nodes: Vec<inventory::NodeInventory> = next
+        .values()
+        .enumerate()
+        .map(|(i, n)| conv::node_from_wire(n, &format!("nodes[{i}]"), limits))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_status())?;
+    let record = inventory_record(cluster, &next, &core_nodes);
+    let revision =
+        records::update::<B, v1::Inventory, _>(backend, &records::inventory_key(cluster), |_| {
+            Some(record.clone())
+        })
+        .await
+        .map_err(store_err)?
+        .unwrap_or(0);
+    *nodes = next;
+    if let Some(tr) = health.report(cluster, signals) {
+        persist(backend, &tr).await.map_err(store_err)?;
+    }
+    Ok(Some(v1::HubMessage {
+        msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),
+    }))
+}

@@ -1,0 +1,355 @@
+//! The fleet API on a one-member hub over real gRPC: join tokens, the agent stream
+//! (hello, snapshot, delta, heartbeats), validation at the edge, health transitions, and the
+//! read API (clusters, inventory, capacity, fit).
+
+use std::time::Duration;
+
+use flotilla_api::v1;
+use flotilla_api::v1::agent_service_client::AgentServiceClient;
+use flotilla_api::v1::fleet_service_client::FleetServiceClient;
+use flotilla_core::health::Policy;
+use flotilla_hub::fleet::{Fleet, FleetConfig};
+use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+struct Hub {
+    addr: String,
+    shutdown: CancellationToken,
+    _running: flotilla_raft_store::RunningNode,
+    _dir: tempfile::TempDir,
+}
+
+async fn hub() -> Hub {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::new(FleetConfig {
+        policy: Policy {
+            unreachable_after: Duration::from_millis(400),
+            leader_grace: Duration::from_millis(100),
+        },
+        heartbeat: Duration::from_millis(100),
+        limits: Default::default(),
+    });
+    let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
+    let f = fleet.clone();
+    cfg.extra_services = Some(ExtraServices(std::sync::Arc::new(move |n| f.routes(n))));
+    let shutdown = CancellationToken::new();
+    let running = StoreNode::start(cfg, shutdown.clone()).await.unwrap();
+    fleet.spawn(running.node.clone(), shutdown.clone());
+    let addr = format!("http://{}", running.addr);
+    // Wait until this member leads and the health controller is active.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !fleet.health.active() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hub never became leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Hub {
+        addr,
+        shutdown,
+        _running: running,
+        _dir: dir,
+    }
+}
+
+async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn node(name: &str, gpus: i64, free: i64) -> v1::NodeInventory {
+    v1::NodeInventory {
+        name: name.into(),
+        pool: "h100".into(),
+        ready: true,
+        schedulable: true,
+        region: "eu".into(),
+        product: "NVIDIA-H100-80GB-HBM3".into(),
+        family: "hopper".into(),
+        gpu_memory_mib: 81559,
+        physical_gpus: gpus,
+        free_gpus: free,
+        resources: vec![v1::GpuResource {
+            name: "nvidia.com/gpu".into(),
+            vendor: v1::GpuVendor::Nvidia as i32,
+            unit: v1::GpuUnitKind::Whole as i32,
+            capacity: gpus,
+            allocatable: gpus,
+            allocated: gpus - free,
+            free,
+            ..Default::default()
+        }],
+        condition: v1::GpuCondition::Healthy as i32,
+        ..Default::default()
+    }
+}
+
+fn msg(m: v1::agent_message::Msg) -> v1::AgentMessage {
+    v1::AgentMessage { msg: Some(m) }
+}
+
+fn hello(cluster: &str, token: &str) -> v1::AgentMessage {
+    msg(v1::agent_message::Msg::Hello(v1::Hello {
+        cluster: cluster.into(),
+        token: token.into(),
+        agent_version: "test".into(),
+        kubernetes_version: "v1.34.2".into(),
+        region: "eu".into(),
+        ..Default::default()
+    }))
+}
+
+/// Open an agent stream: returns the sender and the hub's replies (or the connect error).
+async fn connect(
+    addr: &str,
+    first: v1::AgentMessage,
+) -> Result<
+    (
+        mpsc::Sender<v1::AgentMessage>,
+        tonic::Streaming<v1::HubMessage>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
+    let mut c = AgentServiceClient::new(channel(addr).await);
+    let resp = c.connect(ReceiverStream::new(rx)).await?;
+    Ok((tx, resp.into_inner()))
+}
+
+async fn health_of(
+    fleet: &mut FleetServiceClient<Channel>,
+    name: &str,
+) -> Option<v1::ClusterHealth> {
+    let c = fleet
+        .get_cluster(v1::GetClusterRequest { name: name.into() })
+        .await
+        .ok()?
+        .into_inner();
+    v1::ClusterHealth::try_from(c.health).ok()
+}
+
+async fn wait_health(fleet: &mut FleetServiceClient<Channel>, name: &str, want: v1::ClusterHealth) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if health_of(fleet, name).await == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never became {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_join_report_and_are_judged() {
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let token = fleet
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster: "alpha".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    // Authentication and naming errors tell the caller what to fix.
+    let e = connect(&hub.addr, hello("alpha", "flt_wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = connect(&hub.addr, hello("beta", &token)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("alpha"));
+    let e = connect(&hub.addr, hello("Bad_Name", &token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.metadata().get("flotilla-field").unwrap(), "hello.cluster");
+    let e = fleet
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster: "UPPER".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Join: welcome, then a snapshot is stored and acknowledged; the cluster turns Ready.
+    let (tx, mut rx) = connect(&hub.addr, hello("alpha", &token)).await.unwrap();
+    let welcome = rx.message().await.unwrap().unwrap();
+    match welcome.msg {
+        Some(v1::hub_message::Msg::Welcome(w)) => {
+            assert_eq!(w.heartbeat_interval_ms, 100);
+            assert!(w.held.is_empty());
+        }
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    tx.send(msg(v1::agent_message::Msg::Snapshot(
+        v1::InventorySnapshot {
+            nodes: vec![node("n1", 8, 8), node("n2", 8, 2)],
+            signals: Some(v1::HealthSignals::default()),
+        },
+    )))
+    .await
+    .unwrap();
+    let ack = rx.message().await.unwrap().unwrap();
+    assert!(matches!(ack.msg, Some(v1::hub_message::Msg::Ack(a)) if a.revision > 0));
+    wait_health(&mut fleet, "alpha", v1::ClusterHealth::Ready).await;
+
+    let inv = fleet
+        .get_inventory(v1::GetInventoryRequest {
+            cluster: "alpha".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inv.nodes.len(), 2);
+    assert_eq!(inv.pools[0].free_gpus, 10);
+    let cap = fleet
+        .capacity(v1::CapacityRequest {
+            group_by: v1::CapacityGroupBy::Product as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap.rows.len(), 1);
+    assert_eq!(
+        (
+            cap.rows[0].gpus_total,
+            cap.rows[0].gpus_free,
+            cap.rows[0].gpus_allocated
+        ),
+        (16, 10, 6)
+    );
+    let fit = fleet
+        .fit(v1::FitRequest {
+            replicas: 2,
+            gpus_per_replica: 4,
+            min_memory_mib: 80_000,
+            product: "h100".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fit.candidates.len(), 1, "{fit:?}");
+    assert_eq!(fit.candidates[0].cluster, "alpha");
+    let fit = fleet
+        .fit(v1::FitRequest {
+            replicas: 3,
+            gpus_per_replica: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fit.candidates.is_empty());
+    assert!(fit.rejections[0].reason.contains("only 1 of 3"), "{fit:?}");
+
+    // A delta with failed GPUs: Degraded with the reason.
+    tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+        upsert: vec![node("n3", 8, 8)],
+        remove: vec!["n1".into()],
+        signals: Some(v1::HealthSignals {
+            gpus_failed: 2,
+            ..Default::default()
+        }),
+    })))
+    .await
+    .unwrap();
+    rx.message().await.unwrap().unwrap();
+    wait_health(&mut fleet, "alpha", v1::ClusterHealth::Degraded).await;
+    let c = fleet
+        .get_cluster(v1::GetClusterRequest {
+            name: "alpha".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        c.health_reason.contains("2 GPU(s) failed"),
+        "{}",
+        c.health_reason
+    );
+    assert_eq!(c.nodes, 2);
+    assert!(c.history.len() >= 2);
+
+    // A report over the limits is rejected naming the field; the stored state stays intact.
+    let mut bad = node("n9", 8, 8);
+    bad.resources[0].capacity = -3;
+    tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+        upsert: vec![bad],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let e = rx.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        e.metadata().get("flotilla-field").unwrap(),
+        "delta.upsert[0].resources[0].capacity"
+    );
+    let inv = fleet
+        .get_inventory(v1::GetInventoryRequest {
+            cluster: "alpha".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = inv.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["n2", "n3"]);
+
+    // Silence: Unreachable after --unreachable-after; a reconnect with a heartbeat recovers it,
+    // and the hub tells the agent what it already holds.
+    drop(tx);
+    wait_health(&mut fleet, "alpha", v1::ClusterHealth::Unreachable).await;
+    let (tx, mut rx) = connect(&hub.addr, hello("alpha", &token)).await.unwrap();
+    match rx.message().await.unwrap().unwrap().msg {
+        Some(v1::hub_message::Msg::Welcome(w)) => {
+            let mut held: Vec<&String> = w.held.keys().collect();
+            held.sort();
+            assert_eq!(held, ["n2", "n3"]);
+        }
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    tx.send(msg(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+        signals: Some(v1::HealthSignals::default()),
+    })))
+    .await
+    .unwrap();
+    wait_health(&mut fleet, "alpha", v1::ClusterHealth::Ready).await;
+
+    // An explicit leave.
+    tx.send(msg(v1::agent_message::Msg::Leave(v1::Leave {})))
+        .await
+        .unwrap();
+    wait_health(&mut fleet, "alpha", v1::ClusterHealth::Left).await;
+    let list = fleet
+        .list_clusters(v1::ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.clusters.len(), 1);
+    let e = fleet
+        .get_cluster(v1::GetClusterRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    hub.shutdown.cancel();
+}
