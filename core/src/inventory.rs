@@ -250,6 +250,26 @@ pub struct NodeInventory {
     pub condition: GpuCondition,
 }
 
+impl ClusterInventory {
+    /// Physical GPUs advertised below capacity on nodes whose plugin is running (failed
+    /// devices). Nodes whose plugin is not advertising yet do not count as failures.
+    pub fn failed_gpus(&self) -> i64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.condition == GpuCondition::Degraded)
+            .flat_map(|n| n.resources.iter())
+            .map(|r| {
+                let missing = (r.capacity - r.allocatable).max(0);
+                match r.unit {
+                    GpuUnit::Whole => missing,
+                    GpuUnit::Shared(k) => missing / i64::from(k.max(1)),
+                    _ => 0,
+                }
+            })
+            .sum()
+    }
+}
+
 /// A pool's totals.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolInventory {
@@ -825,6 +845,7 @@ mod tests {
         assert_eq!(inv.nodes[0].free_gpus, 0);
         assert_eq!(inv.nodes[1].condition, GpuCondition::Degraded);
         assert_eq!(inv.nodes[1].free_gpus, 6);
+        assert_eq!(inv.failed_gpus(), 2, "the starting node is not a failure");
     }
 
     fn slice(node: &str, generation: i64, count: i64, devices: usize) -> SliceInput {

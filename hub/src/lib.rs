@@ -167,22 +167,59 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             Some(p) => flotilla_kube_sim::Scenario::from_file(p)?,
             None => flotilla_kube_sim::Scenario::dev(),
         };
-        let fleet = flotilla_kube_sim::SimFleet::start(&scenario, Default::default()).await?;
-        let paths = fleet.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
+        let sim = flotilla_kube_sim::SimFleet::start(&scenario, Default::default()).await?;
+        let paths = sim.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
         println!(
             "flotilla-hub --dev: store member {node_id} on {} (data in {})",
             running.addr,
             data_dir.display()
         );
         println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
-        for (c, p) in fleet.clusters().iter().zip(&paths) {
+        for (c, p) in sim.clusters().iter().zip(&paths) {
             println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
         }
         println!("try: grpcurl -plaintext {} list", running.addr);
         if let Some(p) = paths.first() {
             println!("try: KUBECONFIG={} kubectl get nodes", p.display());
         }
-        sims = Some(fleet);
+        // An in-process agent per simulated cluster, each with its own join token.
+        for c in sim.clusters() {
+            let token = format!("flt_dev_{}", uuid::Uuid::new_v4().simple());
+            let rec = flotilla_api::v1::JoinTokenRecord {
+                cluster: c.name().to_string(),
+                expires_at_unix_ms: i64::MAX,
+            };
+            fleet::records::put_if(&running.node, &fleet::records::token_key(&token), &rec, 0)
+                .await?;
+            let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
+            let client = kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+            )?;
+            let opts = flotilla_agent::AgentOptions {
+                cluster: c.name().to_string(),
+                hubs: vec![running.addr.to_string()],
+                token,
+                pool_label: None,
+                region: String::new(),
+                labels: scenario
+                    .clusters
+                    .iter()
+                    .find(|s| s.name == c.name())
+                    .map(|s| s.labels.clone())
+                    .unwrap_or_default(),
+            };
+            let s = shutdown.clone();
+            let span = tracing::info_span!("dev-agent", cluster = %c.name());
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    if let Err(e) = flotilla_agent::run(client, opts, s).await {
+                        tracing::error!(error = %e, "dev agent stopped");
+                    }
+                },
+                span,
+            ));
+        }
+        sims = Some(sim);
     }
     running.wait().await?;
     for t in fleet_tasks {

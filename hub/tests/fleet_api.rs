@@ -353,3 +353,166 @@ async fn agents_join_report_and_are_judged() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     hub.shutdown.cancel();
 }
+
+const SIM: &str = r#"
+clusters:
+  - name: sim-one
+    region: westeurope
+    provider: aks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - name: h100
+        count: 2
+        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+"#;
+
+async fn inventory_nodes(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> usize {
+    fleet
+        .get_inventory(v1::GetInventoryRequest {
+            cluster: cluster.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|i| i.into_inner().nodes.len())
+        .unwrap_or(0)
+}
+
+async fn wait_reason(
+    fleet: &mut FleetServiceClient<Channel>,
+    name: &str,
+    want: v1::ClusterHealth,
+    reason: &str,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(c) = fleet
+            .get_cluster(v1::GetClusterRequest { name: name.into() })
+            .await
+        {
+            let c = c.into_inner();
+            if c.health == want as i32 && c.health_reason.contains(reason) {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never became {want:?} ({reason})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_real_agent_reports_a_simulated_cluster() {
+    use flotilla_kube_sim::{Fault, Scenario, SimFleet, SimOptions};
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .try_init();
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let sims = SimFleet::start(&Scenario::from_yaml(SIM).unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let c = &sims.clusters()[0];
+    let token = fleet
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster: "sim-one".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let agent_stop = CancellationToken::new();
+    let opts = flotilla_agent::AgentOptions {
+        cluster: "sim-one".into(),
+        hubs: vec![hub.addr.trim_start_matches("http://").to_string()],
+        token,
+        pool_label: None,
+        region: String::new(),
+        labels: Default::default(),
+    };
+    let agent = tokio::spawn(flotilla_agent::run(client, opts, agent_stop.clone()));
+
+    wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Ready).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while inventory_nodes(&mut fleet, "sim-one").await != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inventory never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = fleet
+        .get_cluster(v1::GetClusterRequest {
+            name: "sim-one".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.region, "westeurope", "region from node labels");
+    assert_eq!(got.kubernetes_version, "v1.34.2");
+
+    // A node added in the simulated cluster appears in the hub's inventory.
+    c.with_state(|s| {
+        let idx = flotilla_kube_sim::resources::idx::MACHINEDEPLOYMENTS;
+        let mut md = (*s.store.get(idx, "default", "h100").unwrap()).clone();
+        md["spec"]["replicas"] = serde_json::json!(3);
+        s.store.update(idx, "default", "h100", md, false).unwrap();
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while inventory_nodes(&mut fleet, "sim-one").await != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new node never reached the hub"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Failed GPUs make the cluster Degraded; recovery makes it Ready.
+    let node = c.list("nodes", None).unwrap()[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.inject(&Fault::GpuFailure {
+        node: node.clone(),
+        count: 2,
+    })
+    .unwrap();
+    wait_reason(
+        &mut fleet,
+        "sim-one",
+        v1::ClusterHealth::Degraded,
+        "2 GPU(s) failed",
+    )
+    .await;
+    c.clear_all();
+    wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Ready).await;
+
+    // The cluster's API made unreachable: Degraded, not silently stale.
+    c.inject(&Fault::Unreachable).unwrap();
+    wait_reason(
+        &mut fleet,
+        "sim-one",
+        v1::ClusterHealth::Degraded,
+        "cannot reach",
+    )
+    .await;
+    c.clear_all();
+    wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Ready).await;
+
+    // The agent stops: Unreachable after --unreachable-after.
+    agent_stop.cancel();
+    let _ = agent.await;
+    wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Unreachable).await;
+    sims.shutdown().await;
+    hub.shutdown.cancel();
+}

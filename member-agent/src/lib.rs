@@ -1,7 +1,73 @@
-//! The member agent: watches one cluster through kube-rs and computes its GPU inventory.
-//! (The hub connection comes with the rest of the membership issue.)
+//! The member agent: watches one cluster through kube-rs, computes its GPU inventory, and
+//! reports it to the hub over one `AgentService.Connect` stream.
 
 pub mod convert;
+pub mod session;
 pub mod watch;
 
 pub use watch::ClusterWatch;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// Everything an agent needs besides the Kubernetes client.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Cluster name.
+    pub cluster: String,
+    /// Hub addresses.
+    pub hubs: Vec<String>,
+    /// Join token.
+    pub token: String,
+    /// Node label naming pools, overriding provider detection.
+    pub pool_label: Option<String>,
+    /// Region; when empty, the most common node region.
+    pub region: String,
+    /// Cluster labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Watch the cluster and report to the hub until `shutdown`.
+pub async fn run(
+    client: kube::Client,
+    opts: AgentOptions,
+    shutdown: CancellationToken,
+) -> Result<(), session::SessionError> {
+    let version = match client.apiserver_version().await {
+        Ok(v) => v.git_version,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the API server version yet");
+            String::new()
+        }
+    };
+    let watch = ClusterWatch::start(client, opts.pool_label.clone(), shutdown.clone());
+    // Report as soon as the caches are filled; an unreachable API is reported, not waited on.
+    let _ = tokio::time::timeout(Duration::from_secs(10), watch.ready()).await;
+    let region = if opts.region.is_empty() {
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for n in watch.inventory().nodes {
+            if let Some(r) = n.region {
+                *count.entry(r).or_default() += 1;
+            }
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, c)| *c)
+            .map(|(r, _)| r)
+            .unwrap_or_default()
+    } else {
+        opts.region.clone()
+    };
+    let cfg = session::SessionConfig {
+        cluster: opts.cluster,
+        hubs: opts.hubs,
+        token: opts.token,
+        region,
+        labels: opts.labels,
+        kubernetes_version: version,
+        coalesce: Duration::from_millis(100),
+    };
+    session::run(cfg, watch, shutdown).await
+}

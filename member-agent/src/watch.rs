@@ -68,13 +68,22 @@ impl ClusterWatch {
             &shutdown,
         );
         let claims = spawn::<ResourceClaim>(
-            Api::all(client),
+            Api::all(client.clone()),
             watcher::Config::default(),
             "resourceclaims",
             &api_ok,
             &events,
             &tx,
             &shutdown,
+        );
+        tokio::spawn(
+            probe(
+                Api::all(client),
+                api_ok.clone(),
+                tx.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("agent-probe")),
         );
         Self {
             nodes,
@@ -145,6 +154,35 @@ impl ClusterWatch {
     }
 }
 
+/// While the API is marked unreachable, probe it: a resumed watch on a quiet cluster yields no
+/// events, so the watches alone cannot tell that the API is back.
+async fn probe(
+    nodes: Api<Node>,
+    api_ok: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<u64>>,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if api_ok.load(Ordering::Relaxed) {
+            continue;
+        }
+        if nodes
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await
+            .is_ok()
+            && !api_ok.swap(true, Ordering::Relaxed)
+        {
+            tracing::info!("cluster API reachable again");
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn spawn<K>(
     api: Api<K>,
@@ -179,7 +217,9 @@ where
                 match next {
                     Some(Ok(_)) => {
                         events.fetch_add(1, Ordering::Relaxed);
-                        api_ok.store(true, Ordering::Relaxed);
+                        if !api_ok.swap(true, Ordering::Relaxed) {
+                            tracing::info!("watch recovered");
+                        }
                         tx.send_modify(|v| *v += 1);
                     }
                     Some(Err(e)) => {

@@ -1,0 +1,85 @@
+//! `flotilla-agent`: runs in a member cluster and reports its GPU inventory to the hub.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_agent::AgentOptions;
+
+/// Flotilla member agent.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-agent", version)]
+struct Args {
+    /// This cluster's name in the fleet (a DNS label).
+    #[arg(long, env = "FLOTILLA_CLUSTER")]
+    cluster: String,
+    /// Hub gRPC addresses, comma-separated (any replica; the agent follows the leader).
+    #[arg(
+        long,
+        env = "FLOTILLA_HUB",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7400"
+    )]
+    hub: Vec<String>,
+    /// Join token from `flotctl join`.
+    #[arg(long, env = "FLOTILLA_TOKEN")]
+    token: String,
+    /// Kubeconfig to use (default: in-cluster, then ~/.kube/config).
+    #[arg(long, env = "FLOTILLA_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Node label that names node pools (default: provider labels).
+    #[arg(long, env = "FLOTILLA_POOL_LABEL")]
+    pool_label: Option<String>,
+    /// Region (default: the most common node region label).
+    #[arg(long, env = "FLOTILLA_REGION", default_value = "")]
+    region: String,
+    /// Cluster labels, key=value, comma-separated.
+    #[arg(long = "labels", env = "FLOTILLA_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut labels = BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--labels: {l:?} is not key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let client = match &args.kubeconfig {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("--kubeconfig {}", p.display()))?;
+            let kc = kube::config::Kubeconfig::from_yaml(&text)?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            kube::Client::try_from(cfg)?
+        }
+        None => kube::Client::try_default()
+            .await
+            .context("no in-cluster config or kubeconfig")?,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    let opts = AgentOptions {
+        cluster: args.cluster,
+        hubs: args.hub,
+        token: args.token,
+        pool_label: args.pool_label,
+        region: args.region,
+        labels,
+    };
+    flotilla_agent::run(client, opts, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The agent's connection to the hub: one `AgentService.Connect` stream. Hello, then only
+//! what the hub does not already hold, then deltas when the inventory changes (coalesced) and
+//! heartbeats at the hub's interval. Reconnects with jittered exponential backoff and follows
+//! the leader hint when a follower turns it away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use flotilla_api::convert::fleet as conv;
+use flotilla_api::convert::kv::LEADER_HINT_KEY;
+use flotilla_api::v1;
+use flotilla_core::health::Signals;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::ClusterWatch;
+
+/// Identity and addresses for the hub session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Cluster name (a DNS label).
+    pub cluster: String,
+    /// Hub gRPC addresses (`host:port`), any replica.
+    pub hubs: Vec<String>,
+    /// Join token.
+    pub token: String,
+    /// Cluster region.
+    pub region: String,
+    /// Cluster labels.
+    pub labels: BTreeMap<String, String>,
+    /// The cluster's Kubernetes version.
+    pub kubernetes_version: String,
+    /// Wait this long after a change before sending, to coalesce bursts.
+    pub coalesce: Duration,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The hub rejected the agent for good (bad token, bad name): retrying will not help.
+    #[error("the hub refused this agent: {0}")]
+    Refused(tonic::Status),
+    /// Transport or hub trouble; the agent retries.
+    #[error("hub session failed: {0}")]
+    Retry(String),
+}
+
+fn digest(n: &v1::NodeInventory) -> Vec<u8> {
+    Sha256::digest(n.encode_to_vec()).to_vec()
+}
+
+fn signals(w: &ClusterWatch, failed: i64) -> v1::HealthSignals {
+    conv::signals_to_wire(&Signals {
+        api_unreachable: !w.api_reachable(),
+        nodes_not_ready: w.nodes_not_ready(),
+        gpus_failed: failed,
+    })
+}
+
+/// The current inventory as wire nodes by name, and the failed GPU count.
+fn current(w: &ClusterWatch) -> (BTreeMap<String, v1::NodeInventory>, i64) {
+    let inv = w.inventory();
+    let failed = inv.failed_gpus();
+    (
+        inv.nodes
+            .iter()
+            .map(|n| (n.name.clone(), conv::node_to_wire(n)))
+            .collect(),
+        failed,
+    )
+}
+
+/// Run sessions until `shutdown`, reconnecting on failure. Returns only on shutdown or when
+/// the hub refuses the agent.
+pub async fn run(
+    cfg: SessionConfig,
+    watch: ClusterWatch,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut target = 0usize;
+    let mut hint: Option<String> = None;
+    loop {
+        let addr = hint
+            .take()
+            .unwrap_or_else(|| cfg.hubs[target % cfg.hubs.len()].clone());
+        match session(&cfg, &addr, &watch, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(SessionError::Refused(s)) => return Err(SessionError::Refused(s)),
+            Err(SessionError::Retry(why)) => {
+                tracing::info!(hub = %addr, reason = %why, "hub session ended; reconnecting");
+                if let Some(h) = why.strip_prefix("leader:") {
+                    hint = Some(h.to_string());
+                    continue;
+                }
+                target += 1;
+            }
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn classify(s: tonic::Status) -> SessionError {
+    match s.code() {
+        tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied
+        | tonic::Code::InvalidArgument => SessionError::Refused(s),
+        tonic::Code::Unavailable => match s
+            .metadata()
+            .get(LEADER_HINT_KEY)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(l) => SessionError::Retry(format!("leader:{l}")),
+            None => SessionError::Retry(s.message().to_string()),
+        },
+        _ => SessionError::Retry(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+async fn session(
+    cfg: &SessionConfig,
+    addr: &str,
+    watch: &ClusterWatch,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let url = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| SessionError::Retry(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| SessionError::Retry(format!("connect: {e}")))?;
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
+    let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
+    tx.send(send(v1::agent_message::Msg::Hello(v1::Hello {
+        cluster: cfg.cluster.clone(),
+        token: cfg.token.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kubernetes_version: cfg.kubernetes_version.clone(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        region: cfg.region.clone(),
+    })))
+    .await
+    .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    let mut inbound = client
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(classify)?
+        .into_inner();
+    let welcome = match inbound.message().await.map_err(classify)? {
+        Some(v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Welcome(w)),
+        }) => w,
+        other => {
+            return Err(SessionError::Retry(format!(
+                "expected a welcome, got {other:?}"
+            )));
+        }
+    };
+    tracing::info!(hub = %addr, "connected to the hub");
+    let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
+    // Send only what the hub does not hold already.
+    let (nodes, failed) = current(watch);
+    let held = welcome.held;
+    let upsert: Vec<v1::NodeInventory> = nodes
+        .values()
+        .filter(|n| held.get(&n.name) != Some(&digest(n)))
+        .cloned()
+        .collect();
+    let remove: Vec<String> = held
+        .keys()
+        .filter(|k| !nodes.contains_key(*k))
+        .cloned()
+        .collect();
+    let first = if held.is_empty() {
+        v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
+            nodes: upsert,
+            signals: Some(signals(watch, failed)),
+        })
+    } else {
+        v1::agent_message::Msg::Delta(v1::InventoryDelta {
+            upsert,
+            remove,
+            signals: Some(signals(watch, failed)),
+        })
+    };
+    tx.send(send(first))
+        .await
+        .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    let mut sent = nodes;
+    let mut last_signals = signals(watch, failed);
+    let mut changes = watch.changes();
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = changes.changed() => {
+                if r.is_err() {
+                    return Err(SessionError::Retry("cluster watch ended".into()));
+                }
+                // Coalesce a burst of watch events into one delta.
+                tokio::time::sleep(cfg.coalesce).await;
+                changes.borrow_and_update();
+                let (nodes, failed) = current(watch);
+                let sig = signals(watch, failed);
+                let upsert: Vec<v1::NodeInventory> =
+                    nodes.values().filter(|n| sent.get(&n.name) != Some(*n)).cloned().collect();
+                let remove: Vec<String> = sent.keys().filter(|k| !nodes.contains_key(*k)).cloned().collect();
+                if upsert.is_empty() && remove.is_empty() && sig == last_signals {
+                    continue;
+                }
+                let d = v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove, signals: Some(sig) });
+                tx.send(send(d)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                sent = nodes;
+                last_signals = sig;
+            }
+            _ = tick.tick() => {
+                let (_, failed) = current(watch);
+                let sig = signals(watch, failed);
+                let hb = v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(sig) });
+                tx.send(send(hb)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                last_signals = sig;
+            }
+            m = inbound.message() => match m {
+                Ok(Some(_ack)) => {}
+                Ok(None) => return Err(SessionError::Retry("the hub closed the stream".into())),
+                Err(s) => return Err(classify(s)),
+            },
+        }
+    }
+}
