@@ -1,1 +1,219 @@
-//! `flotctl`, the Flotilla CLI. Not built yet: see the membership issue.
+//! `flotctl` helpers: tables, JSON views of fleet records, and argument parsing.
+
+use flotilla_api::v1;
+use serde_json::{Value, json};
+
+/// A left-aligned text table with a header row.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.len());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// A health value as people read it.
+pub fn health_name(h: i32) -> &'static str {
+    match v1::ClusterHealth::try_from(h) {
+        Ok(v1::ClusterHealth::Joining) => "Joining",
+        Ok(v1::ClusterHealth::Ready) => "Ready",
+        Ok(v1::ClusterHealth::Degraded) => "Degraded",
+        Ok(v1::ClusterHealth::Unreachable) => "Unreachable",
+        Ok(v1::ClusterHealth::Left) => "Left",
+        _ => "Unknown",
+    }
+}
+
+/// Parse `80Gi`, `40960Mi`, `80G` (decimal) or a bare number of MiB into MiB.
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 80Gi"))?;
+    Ok(match unit {
+        "" | "Mi" => n,
+        "Gi" => n * 1024,
+        "Ti" => n * 1024 * 1024,
+        "G" => n * 1_000_000_000 / (1 << 20),
+        "M" => n * 1_000_000 / (1 << 20),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use Mi, Gi, Ti, M or G)"
+            ));
+        }
+    })
+}
+
+/// A cluster record as JSON.
+pub fn cluster_json(c: &v1::Cluster) -> Value {
+    json!({
+        "name": c.name,
+        "health": health_name(c.health),
+        "health_reason": c.health_reason,
+        "region": c.region,
+        "kubernetes_version": c.kubernetes_version,
+        "agent_version": c.agent_version,
+        "labels": c.labels,
+        "joined_at_unix_ms": c.joined_at_unix_ms,
+        "nodes": c.nodes,
+        "gpus": c.physical_gpus,
+        "free_gpus": c.free_gpus,
+        "history": c.history.iter().map(|h| json!({
+            "from": health_name(h.from), "to": health_name(h.to), "reason": h.reason, "at_unix_ms": h.at_unix_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn resource_json(r: &v1::GpuResource) -> Value {
+    json!({"name": r.name, "capacity": r.capacity, "allocatable": r.allocatable, "allocated": r.allocated, "free": r.free})
+}
+
+/// An inventory as JSON.
+pub fn inventory_json(i: &v1::Inventory) -> Value {
+    json!({
+        "pools": i.pools.iter().map(|p| json!({
+            "name": p.name, "nodes": p.nodes, "usable_nodes": p.usable_nodes, "products": p.products,
+            "gpus": p.physical_gpus, "free_gpus": p.free_gpus,
+            "resources": p.resources.iter().map(resource_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "nodes": i.nodes.iter().map(|n| json!({
+            "name": n.name, "pool": n.pool, "ready": n.ready, "schedulable": n.schedulable,
+            "zone": n.zone, "instance_type": n.instance_type, "product": n.product,
+            "gpu_memory_mib": n.gpu_memory_mib, "gpus": n.physical_gpus, "free_gpus": n.free_gpus,
+            "resources": n.resources.iter().map(resource_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `flotctl describe cluster` as text.
+pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory) -> String {
+    let mut out = format!(
+        "Name:        {}\nHealth:      {}{}\nRegion:      {}\nKubernetes:  {}\nAgent:       {}\nGPUs:        {} ({} free) on {} nodes\n",
+        c.name,
+        health_name(c.health),
+        if c.health_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.health_reason)
+        },
+        c.region,
+        c.kubernetes_version,
+        c.agent_version,
+        c.physical_gpus,
+        c.free_gpus,
+        c.nodes,
+    );
+    out.push_str("\nPools:\n");
+    out.push_str(&table(
+        &["POOL", "NODES", "USABLE", "PRODUCTS", "GPUS", "FREE"],
+        i.pools
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.nodes.to_string(),
+                    p.usable_nodes.to_string(),
+                    p.products.join(","),
+                    p.physical_gpus.to_string(),
+                    p.free_gpus.to_string(),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nNodes:\n");
+    out.push_str(&table(
+        &[
+            "NODE",
+            "POOL",
+            "READY",
+            "SCHEDULABLE",
+            "PRODUCT",
+            "GPUS",
+            "FREE",
+            "RESOURCES",
+        ],
+        i.nodes
+            .iter()
+            .map(|n| {
+                let res: Vec<String> = n
+                    .resources
+                    .iter()
+                    .map(|r| format!("{} {}/{}", r.name, r.allocated, r.allocatable))
+                    .collect();
+                vec![
+                    n.name.clone(),
+                    n.pool.clone(),
+                    n.ready.to_string(),
+                    n.schedulable.to_string(),
+                    n.product.clone(),
+                    n.physical_gpus.to_string(),
+                    n.free_gpus.to_string(),
+                    res.join(", "),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nHealth history (newest first):\n");
+    for h in &c.history {
+        out.push_str(&format!(
+            "  {}  {} -> {}: {}\n",
+            h.at_unix_ms,
+            health_name(h.from),
+            health_name(h.to),
+            h.reason
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_mib("80Gi").unwrap(), 81920);
+        assert_eq!(parse_memory_mib("40960Mi").unwrap(), 40960);
+        assert_eq!(parse_memory_mib("512").unwrap(), 512);
+        assert_eq!(parse_memory_mib("80G").unwrap(), 76293);
+        assert!(parse_memory_mib("lots").is_err());
+        assert!(
+            parse_memory_mib("8Qi")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "LONGER"], vec![vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A     LONGER\nxyz   1\n");
+    }
+
+    #[test]
+    fn health_names() {
+        assert_eq!(health_name(v1::ClusterHealth::Degraded as i32), "Degraded");
+        assert_eq!(health_name(99), "Unknown");
+    }
+}

@@ -73,6 +73,12 @@ pub struct FitResult {
     pub rejections: Vec<Rejection>,
 }
 
+/// GPU memory labels report usable memory, a little below the marketed size (an "80 GB"
+/// H100 reports 81,559 MiB, under 80 GiB): accept GPUs within 2% below the minimum.
+pub fn memory_fits(have_mib: u64, min_mib: u64) -> bool {
+    have_mib.saturating_mul(100) >= min_mib.saturating_mul(98)
+}
+
 /// Rank placements. Best: Ready before Degraded, then the most headroom left, then name.
 pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
     let mut out = FitResult::default();
@@ -120,7 +126,7 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                             .as_ref()
                             .is_some_and(|nf| nf.eq_ignore_ascii_case(f))
                     });
-                    let memory_ok = n.gpu_memory_mib.unwrap_or(0) >= req.min_memory_mib;
+                    let memory_ok = memory_fits(n.gpu_memory_mib.unwrap_or(0), req.min_memory_mib);
                     if !product_ok || !family_ok {
                         why_nodes.get_or_insert(
                             "no GPUs of the requested product or family".to_string(),
@@ -221,6 +227,7 @@ mod tests {
         let a = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 2, 8)]);
         let b = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 4, 8)]);
         let c = inv(&[("l4", "NVIDIA-L4", 23034, 4, 4)]);
+        // (a and b report 81,559 MiB: within the 2% allowance of 80 GiB.)
         let d = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 1, 8)]);
         let clusters = [
             FitCluster {
@@ -254,7 +261,7 @@ mod tests {
                 inventory: &b,
             },
         ];
-        let r = fit(&req(2, 4, 80 * 1000), &clusters);
+        let r = fit(&req(2, 4, 80 * 1024), &clusters);
         let order: Vec<&str> = r.candidates.iter().map(|c| c.cluster.as_str()).collect();
         assert_eq!(
             order,
@@ -304,6 +311,17 @@ mod tests {
                 .iter()
                 .any(|x| x.cluster == "a" && x.reason.contains("product"))
         );
+    }
+
+    #[test]
+    fn marketed_memory_sizes_match() {
+        assert!(
+            memory_fits(81_559, 80 * 1024),
+            "an 80 GB H100 satisfies 80Gi"
+        );
+        assert!(!memory_fits(40_960, 80 * 1024));
+        assert!(!memory_fits(78_000, 80 * 1024));
+        assert!(memory_fits(0, 0));
     }
 
     #[test]

@@ -178,9 +178,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         for (c, p) in sim.clusters().iter().zip(&paths) {
             println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
         }
-        println!("try: grpcurl -plaintext {} list", running.addr);
+        println!("an in-process agent per cluster reports to the hub; try:");
+        println!("  cargo run -p flotctl -- get clusters");
+        println!("  cargo run -p flotctl -- get gpus --by region");
+        println!(
+            "  cargo run -p flotctl -- fit --gpus 4 --min-memory 80Gi --product H100 --replicas 2"
+        );
         if let Some(p) = paths.first() {
-            println!("try: KUBECONFIG={} kubectl get nodes", p.display());
+            println!("  KUBECONFIG={} kubectl get nodes", p.display());
         }
         // An in-process agent per simulated cluster, each with its own join token.
         for c in sim.clusters() {

@@ -75,6 +75,22 @@ fn allocatable_gpus(n: &NodeInventory) -> i64 {
     }
 }
 
+/// GPUs with nothing in use. For whole and shared GPUs that is the inventory's free count; for
+/// MIG or partitioned GPUs, a lower bound: each allocated slice may sit on a different GPU.
+fn unused_gpus(n: &NodeInventory) -> i64 {
+    if n.resources
+        .iter()
+        .any(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
+    {
+        return n.free_gpus;
+    }
+    if n.resources.iter().all(|r| r.allocatable == 0) {
+        return 0;
+    }
+    let used: i64 = n.resources.iter().map(|r| r.allocated).sum();
+    (n.physical_gpus - used).max(0)
+}
+
 fn summary(mut c: v1::Cluster, inv: Option<&v1::Inventory>) -> v1::Cluster {
     if let Some(i) = inv {
         c.nodes = i.nodes.len() as u32;
@@ -191,14 +207,14 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
                 });
                 let alloc = allocatable_gpus(&n);
                 let free = if n.ready && n.schedulable {
-                    n.free_gpus
+                    unused_gpus(&n)
                 } else {
                     0
                 };
                 let mem = n.gpu_memory_mib.unwrap_or(0);
                 row.gpus_total += n.physical_gpus;
                 row.gpus_allocatable += alloc;
-                row.gpus_allocated += (alloc - n.free_gpus).max(0);
+                row.gpus_allocated += (alloc - unused_gpus(&n)).max(0);
                 row.gpus_free += free;
                 row.memory_total_mib += mem * n.physical_gpus.max(0) as u64;
                 row.memory_free_mib += mem * free.max(0) as u64;

@@ -1,0 +1,181 @@
+//! `flotctl` against a real one-member hub with an agent reporting a simulated cluster.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::v1;
+use flotilla_hub::fleet::{Fleet, FleetConfig};
+use flotilla_kube_sim::{Scenario, SimFleet, SimOptions};
+use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode};
+use tokio_util::sync::CancellationToken;
+
+const FLOTCTL: &str = env!("CARGO_BIN_EXE_flotctl");
+
+const SIM: &str = r#"
+clusters:
+  - name: cli-test
+    region: westeurope
+    provider: aks
+    pools:
+      - name: h100
+        count: 2
+        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+"#;
+
+fn flotctl(hub: &str, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(FLOTCTL)
+        .arg("--hub")
+        .arg(hub)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_describe_fit_join_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::new(FleetConfig {
+        policy: Default::default(),
+        heartbeat: Duration::from_millis(200),
+        limits: Default::default(),
+    });
+    let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
+    let f = fleet.clone();
+    cfg.extra_services = Some(ExtraServices(Arc::new(move |n| f.routes(n))));
+    let shutdown = CancellationToken::new();
+    let running = StoreNode::start(cfg, shutdown.clone()).await.unwrap();
+    fleet.spawn(running.node.clone(), shutdown.clone());
+    let hub = running.addr.to_string();
+    while !fleet.health.active() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // `join` prints a manifest with a working token; an agent uses it.
+    let h = hub.clone();
+    let (code, manifest, err) =
+        tokio::task::spawn_blocking(move || flotctl(&h, &["join", "cli-test"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let token = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(manifest.contains("value: \"cli-test\"") && manifest.contains("kind: ClusterRole"));
+    let sims = SimFleet::start(&Scenario::from_yaml(SIM).unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let kc = kube::config::Kubeconfig::from_yaml(&sims.clusters()[0].kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let opts = flotilla_agent::AgentOptions {
+        cluster: "cli-test".into(),
+        hubs: vec![hub.clone()],
+        token,
+        pool_label: None,
+        region: String::new(),
+        labels: Default::default(),
+    };
+    tokio::spawn(flotilla_agent::run(client, opts, shutdown.clone()));
+
+    let h = hub.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out, _) = flotctl(&h, &["get", "clusters"]);
+            if out.contains("Ready") && out.contains(" 16 ") {
+                return out;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster never Ready with 16 GPUs:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.starts_with("NAME"), "{out}");
+
+    let h = hub.clone();
+    tokio::task::spawn_blocking(move || {
+        let (code, out, _) = flotctl(&h, &["get", "gpus"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("NVIDIA-H100-80GB-HBM3") && out.contains("16"),
+            "{out}"
+        );
+        let (code, out, _) = flotctl(&h, &["-o", "json", "get", "gpus", "--by", "region"]);
+        assert_eq!(code, 0);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["key"], "westeurope");
+        assert_eq!(v[0]["total"], 16);
+        let (code, out, _) = flotctl(&h, &["-o", "yaml", "describe", "cluster", "cli-test"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("name: cli-test") && out.contains("health: Ready"),
+            "{out}"
+        );
+        let (code, out, _) = flotctl(&h, &["describe", "cluster", "cli-test"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("Pools:") && out.contains("h100"), "{out}");
+        let (code, out, _) = flotctl(
+            &h,
+            &[
+                "fit",
+                "--gpus",
+                "4",
+                "--min-memory",
+                "80Gi",
+                "--product",
+                "H100",
+                "--replicas",
+                "3",
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("cli-test") && out.contains("h100"), "{out}");
+        // Nothing fits: a distinct exit code and the reason.
+        let (code, out, err) = flotctl(&h, &["fit", "--gpus", "8", "--replicas", "5"]);
+        assert_eq!(code, 5, "{out}{err}");
+        assert!(out.contains("only 2 of 5 replicas"), "{out}");
+        // Errors a person can act on.
+        let (code, _, err) = flotctl(&h, &["describe", "cluster", "missing"]);
+        assert_eq!(code, 3);
+        assert!(err.contains("no cluster \"missing\""), "{err}");
+        let (code, _, err) = flotctl(&h, &["fit", "--gpus", "1", "--min-memory", "lots"]);
+        assert_eq!(code, 2);
+        assert!(err.contains("--min-memory"), "{err}");
+        let (code, _, err) = flotctl(&h, &["join", "Not_A_Label"]);
+        assert_eq!(code, 2);
+        assert!(err.contains("invalid cluster"), "{err}");
+        let (code, _, err) = flotctl("127.0.0.1:1", &["get", "clusters"]);
+        assert_eq!(code, 4);
+        assert!(err.contains("FLOTILLA_HUB"), "{err}");
+    })
+    .await
+    .unwrap();
+    // The fleet watch streams events (a quick look, then stop).
+    let mut c = v1::fleet_service_client::FleetServiceClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{hub}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let _ = c.watch(v1::WatchFleetRequest {}).await.unwrap();
+    shutdown.cancel();
+    sims.shutdown().await;
+}
