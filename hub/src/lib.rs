@@ -3,6 +3,7 @@
 //! same port.
 
 pub mod fleet;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ pub struct Args {
     /// Heartbeat interval agents are told to use.
     #[arg(long, env = "FLOTILLA_AGENT_HEARTBEAT", default_value = "1s", value_parser = parse_duration)]
     pub agent_heartbeat: Duration,
+    /// HTTP address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "FLOTILLA_HTTP", default_value = "127.0.0.1:7480")]
+    pub http: SocketAddr,
     /// Most nodes one cluster may report.
     #[arg(long, env = "FLOTILLA_MAX_REPORT_NODES", default_value_t = 5_000)]
     pub max_report_nodes: usize,
@@ -111,6 +115,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         leader_grace,
         agent_heartbeat,
         max_report_nodes,
+        http,
     } = args;
     // Keep a temporary directory alive for the whole run in --dev mode.
     let mut _temp = None;
@@ -159,7 +164,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         routes_fleet.routes(node)
     })));
     let running = StoreNode::start(config, shutdown.clone()).await?;
-    let fleet_tasks = fleet.spawn(running.node.clone(), shutdown.clone());
+    let mut fleet_tasks = fleet.spawn(running.node.clone(), shutdown.clone());
+    let http_listener = tokio::net::TcpListener::bind(http)
+        .await
+        .map_err(|e| anyhow::anyhow!("--http {http}: {e}"))?;
+    let http_addr = http_listener.local_addr()?;
+    let probe = std::sync::Arc::new(metrics::HubProbe {
+        metrics: fleet.metrics.clone(),
+        view: fleet.view.clone(),
+        node: running.node.clone(),
+    });
+    fleet_tasks.push(tokio::spawn(tracing::Instrument::instrument(
+        flotilla_api::http::serve(http_listener, probe, shutdown.clone()),
+        tracing::info_span!("hub-http"),
+    )));
+    info!(addr = %http_addr, "metrics and health on HTTP");
     info!(node = node_id, addr = %running.addr, data_dir = %data_dir.display(), "flotilla-hub ready");
     let mut sims = None;
     if dev {
@@ -174,6 +193,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             running.addr,
             data_dir.display()
         );
+        println!("metrics and health: http://{http_addr}/metrics, /healthz, /readyz");
         println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
         for (c, p) in sim.clusters().iter().zip(&paths) {
             println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());

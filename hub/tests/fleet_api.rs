@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 struct Hub {
     addr: String,
+    fleet: Fleet,
     shutdown: CancellationToken,
     _running: flotilla_raft_store::RunningNode,
     _dir: tempfile::TempDir,
@@ -50,6 +51,7 @@ async fn hub() -> Hub {
     }
     Hub {
         addr,
+        fleet,
         shutdown,
         _running: running,
         _dir: dir,
@@ -122,6 +124,17 @@ async fn connect(
     let mut c = AgentServiceClient::new(channel(addr).await);
     let resp = c.connect(ReceiverStream::new(rx)).await?;
     Ok((tx, resp.into_inner()))
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 async fn health_of(
@@ -258,6 +271,40 @@ async fn agents_join_report_and_are_judged() {
         .into_inner();
     assert!(fit.candidates.is_empty());
     assert!(fit.rejections[0].reason.contains("only 1 of 3"), "{fit:?}");
+
+    // Metrics and health endpoints on HTTP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    let probe = std::sync::Arc::new(flotilla_hub::metrics::HubProbe {
+        metrics: hub.fleet.metrics.clone(),
+        view: hub.fleet.view.clone(),
+        node: hub._running.node.clone(),
+    });
+    tokio::spawn(flotilla_api::http::serve(
+        listener,
+        probe,
+        hub.shutdown.clone(),
+    ));
+    let metrics = http_get(http, "/metrics").await;
+    assert!(
+        metrics.contains("flotilla_hub_agents_connected 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"flotilla_hub_clusters{health="Ready"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"flotilla_hub_agent_messages_total{kind="snapshot"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flotilla_hub_raft_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("flotilla_hub_report_processing_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(http_get(http, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(http, "/healthz").await.starts_with("HTTP/1.1 200"));
 
     // A delta with failed GPUs: Degraded with the reason.
     tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {

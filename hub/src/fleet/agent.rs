@@ -34,6 +34,8 @@ pub struct AgentSvc<B> {
     pub limits: ReportLimits,
     /// Heartbeat interval the hub asks for.
     pub heartbeat: Duration,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::HubMetrics>,
 }
 
 fn not_leader(leader: &dyn Leadership) -> Status {
@@ -185,6 +187,8 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             self.leader.clone(),
             self.limits,
         );
+        let metrics = self.metrics.clone();
+        metrics.agents_connected.inc();
         tokio::spawn(async move {
             let mut nodes: BTreeMap<String, v1::NodeInventory> = held_inventory
                 .nodes
@@ -204,7 +208,24 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     let _ = tx.send(Err(not_leader(&*leader))).await;
                     break;
                 }
-                let result = handle(&backend, &health, &limits, &cluster, &mut nodes, msg).await;
+                let started = std::time::Instant::now();
+                let kind = match &msg.msg {
+                    Some(v1::agent_message::Msg::Snapshot(_)) => "snapshot",
+                    Some(v1::agent_message::Msg::Delta(_)) => "delta",
+                    Some(v1::agent_message::Msg::Heartbeat(_)) => "heartbeat",
+                    Some(v1::agent_message::Msg::Leave(_)) => "leave",
+                    _ => "other",
+                };
+                let result = handle(
+                    &backend, &health, &metrics, &limits, &cluster, &mut nodes, msg,
+                )
+                .await;
+                metrics.message(if result.is_err() { "rejected" } else { kind });
+                if matches!(kind, "snapshot" | "delta") {
+                    metrics
+                        .report_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
                 match result {
                     Ok(Some(reply)) => {
                         if tx.send(Ok(reply)).await.is_err() {
@@ -221,15 +242,18 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     }
                 }
             }
+            metrics.agents_connected.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
 /// Process one message after the hello. Writes touch only this cluster's keys.
+#[allow(clippy::too_many_arguments)]
 async fn handle<B: KvBackend>(
     backend: &B,
     health: &HealthCtl,
+    metrics: &crate::metrics::HubMetrics,
     limits: &ReportLimits,
     cluster: &str,
     nodes: &mut BTreeMap<String, v1::NodeInventory>,
@@ -297,6 +321,7 @@ async fn handle<B: KvBackend>(
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_status())?;
     let record = inventory_record(cluster, &next, &core_nodes);
+    let write_started = std::time::Instant::now();
     let revision =
         records::update::<B, v1::Inventory, _>(backend, &records::inventory_key(cluster), |_| {
             Some(record.clone())
@@ -304,6 +329,9 @@ async fn handle<B: KvBackend>(
         .await
         .map_err(store_err)?
         .unwrap_or(0);
+    metrics
+        .store_write_seconds
+        .observe(write_started.elapsed().as_secs_f64());
     *nodes = next;
     if let Some(tr) = health.report(cluster, signals) {
         persist(backend, &tr).await.map_err(store_err)?;

@@ -55,6 +55,8 @@ pub struct Fleet {
     pub health: Arc<health::HealthCtl>,
     /// Settings.
     pub config: FleetConfig,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::HubMetrics>,
 }
 
 impl Fleet {
@@ -64,6 +66,7 @@ impl Fleet {
             view: view::FleetView::new(),
             health: health::HealthCtl::new(config.policy),
             config,
+            metrics: crate::metrics::HubMetrics::new(),
         }
     }
 
@@ -76,6 +79,7 @@ impl Fleet {
             leader: Arc::new(node.clone()),
             limits: self.config.limits,
             heartbeat: self.config.heartbeat,
+            metrics: self.metrics.clone(),
         };
         let fleet = service::FleetSvc {
             backend: node,

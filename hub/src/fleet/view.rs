@@ -81,6 +81,11 @@ impl FleetView {
         self.events.subscribe()
     }
 
+    /// Whether the first full load has happened.
+    pub fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
     /// Wait until the first full load.
     pub async fn loaded(&self) {
         let mut rx = self.loaded.subscribe();

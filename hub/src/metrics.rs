@@ -1,0 +1,152 @@
+//! Hub metrics (Prometheus, on the HTTP port): agents, clusters by health, report rate and
+//! processing latency, store write latency, Raft leadership and term.
+
+use std::sync::Arc;
+
+use flotilla_api::convert::fleet::health_from_wire;
+use flotilla_raft_store::StoreNode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::fleet::Leadership;
+use crate::fleet::view::FleetView;
+
+type Labels = Vec<(String, String)>;
+
+/// The hub's metric handles.
+pub struct HubMetrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Agent streams open on this replica.
+    pub agents_connected: Gauge,
+    /// Agent messages by kind (`snapshot`, `delta`, `heartbeat`, `leave`, `rejected`).
+    pub reports: Family<Labels, Counter>,
+    /// Time to validate and store one snapshot or delta.
+    pub report_seconds: Histogram,
+    /// Time of one inventory write to the store.
+    pub store_write_seconds: Histogram,
+    clusters: Family<Labels, Gauge>,
+    raft_leader: Gauge,
+    raft_term: Gauge,
+}
+
+impl HubMetrics {
+    /// Register every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("flotilla_hub");
+        let agents_connected = Gauge::default();
+        let reports = Family::<Labels, Counter>::default();
+        let report_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let store_write_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let clusters = Family::<Labels, Gauge>::default();
+        let raft_leader = Gauge::default();
+        let raft_term = Gauge::default();
+        registry.register(
+            "agents_connected",
+            "Agent streams open on this replica",
+            agents_connected.clone(),
+        );
+        registry.register(
+            "agent_messages",
+            "Agent messages received, by kind",
+            reports.clone(),
+        );
+        registry.register(
+            "report_processing_seconds",
+            "Time to validate and store a snapshot or delta",
+            report_seconds.clone(),
+        );
+        registry.register(
+            "store_write_seconds",
+            "Time of one inventory write to the store",
+            store_write_seconds.clone(),
+        );
+        registry.register(
+            "clusters",
+            "Member clusters by health (this replica's view)",
+            clusters.clone(),
+        );
+        registry.register(
+            "raft_leader",
+            "1 when this replica leads the store",
+            raft_leader.clone(),
+        );
+        registry.register("raft_term", "Current Raft term", raft_term.clone());
+        Arc::new(Self {
+            registry,
+            agents_connected,
+            reports,
+            report_seconds,
+            store_write_seconds,
+            clusters,
+            raft_leader,
+            raft_term,
+        })
+    }
+
+    /// Count one agent message.
+    pub fn message(&self, kind: &str) {
+        self.reports
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .inc();
+    }
+}
+
+/// `/metrics`, `/healthz`, `/readyz` for a hub replica.
+pub struct HubProbe {
+    /// Metrics.
+    pub metrics: Arc<HubMetrics>,
+    /// Fleet view.
+    pub view: Arc<FleetView>,
+    /// Store member.
+    pub node: StoreNode,
+}
+
+impl flotilla_api::http::Probe for HubProbe {
+    fn refresh(&self) {
+        let mut counts = std::collections::BTreeMap::<&str, i64>::new();
+        for h in ["Joining", "Ready", "Degraded", "Unreachable", "Left"] {
+            counts.insert(h, 0);
+        }
+        for c in self.view.clusters() {
+            if let Some(h) = health_from_wire(c.health) {
+                let name = match h {
+                    flotilla_core::health::Health::Joining => "Joining",
+                    flotilla_core::health::Health::Ready => "Ready",
+                    flotilla_core::health::Health::Degraded => "Degraded",
+                    flotilla_core::health::Health::Unreachable => "Unreachable",
+                    flotilla_core::health::Health::Left => "Left",
+                };
+                *counts.entry(name).or_default() += 1;
+            }
+        }
+        for (h, n) in counts {
+            self.metrics
+                .clusters
+                .get_or_create(&vec![("health".into(), h.into())])
+                .set(n);
+        }
+        let status = self.node.status();
+        self.metrics
+            .raft_leader
+            .set(i64::from(self.node.is_leader()));
+        self.metrics.raft_term.set(status.term as i64);
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.metrics.registry
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.node.leader().is_none() {
+            return Err("the store has no leader".into());
+        }
+        if !self.view.is_loaded() {
+            return Err("the fleet view has not loaded yet".into());
+        }
+        Ok(())
+    }
+}
