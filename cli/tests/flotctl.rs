@@ -88,7 +88,7 @@ async fn get_describe_fit_join_and_errors() {
         region: String::new(),
         labels: Default::default(),
     };
-    tokio::spawn(flotilla_agent::run(client, opts, shutdown.clone()));
+    tokio::spawn(flotilla_agent::run(client, opts, None, shutdown.clone()));
 
     let h = hub.clone();
     let out = tokio::task::spawn_blocking(move || {

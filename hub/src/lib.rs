@@ -237,7 +237,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             let span = tracing::info_span!("dev-agent", cluster = %c.name());
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    if let Err(e) = flotilla_agent::run(client, opts, s).await {
+                    if let Err(e) = flotilla_agent::run(client, opts, None, s).await {
                         tracing::error!(error = %e, "dev agent stopped");
                     }
                 },

@@ -487,7 +487,14 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         region: String::new(),
         labels: Default::default(),
     };
-    let agent = tokio::spawn(flotilla_agent::run(client, opts, agent_stop.clone()));
+    let agent_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_http_addr = agent_http.local_addr().unwrap();
+    let agent = tokio::spawn(flotilla_agent::run(
+        client,
+        opts,
+        Some(agent_http),
+        agent_stop.clone(),
+    ));
 
     wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Ready).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -498,6 +505,28 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let agent_metrics = http_get(agent_http_addr, "/metrics").await;
+    assert!(
+        agent_metrics.contains("flotilla_agent_hub_connected 1"),
+        "{agent_metrics}"
+    );
+    assert!(
+        agent_metrics.contains("flotilla_agent_cluster_api_reachable 1"),
+        "{agent_metrics}"
+    );
+    assert!(
+        !agent_metrics.contains("flotilla_agent_watch_events 0\n"),
+        "{agent_metrics}"
+    );
+    assert!(
+        agent_metrics.contains("flotilla_agent_report_nodes_count"),
+        "{agent_metrics}"
+    );
+    assert!(
+        http_get(agent_http_addr, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let got = fleet
         .get_cluster(v1::GetClusterRequest {
             name: "sim-one".into(),

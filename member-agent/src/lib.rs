@@ -2,6 +2,7 @@
 //! reports it to the hub over one `AgentService.Connect` stream.
 
 pub mod convert;
+pub mod metrics;
 pub mod session;
 pub mod watch;
 
@@ -33,6 +34,7 @@ pub struct AgentOptions {
 pub async fn run(
     client: kube::Client,
     opts: AgentOptions,
+    http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), session::SessionError> {
     let version = match client.apiserver_version().await {
@@ -43,6 +45,14 @@ pub async fn run(
         }
     };
     let watch = ClusterWatch::start(client, opts.pool_label.clone(), shutdown.clone());
+    let metrics = metrics::AgentMetrics::new();
+    if let Some(l) = http {
+        let probe = std::sync::Arc::new(metrics::AgentProbe {
+            metrics: metrics.clone(),
+            watch: watch.clone(),
+        });
+        tokio::spawn(flotilla_api::http::serve(l, probe, shutdown.clone()));
+    }
     // Report as soon as the caches are filled; an unreachable API is reported, not waited on.
     let _ = tokio::time::timeout(Duration::from_secs(10), watch.ready()).await;
     let region = if opts.region.is_empty() {
@@ -68,6 +78,7 @@ pub async fn run(
         labels: opts.labels,
         kubernetes_version: version,
         coalesce: Duration::from_millis(100),
+        metrics,
     };
     session::run(cfg, watch, shutdown).await
 }

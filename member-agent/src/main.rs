@@ -34,6 +34,9 @@ struct Args {
     /// Region (default: the most common node region label).
     #[arg(long, env = "FLOTILLA_REGION", default_value = "")]
     region: String,
+    /// HTTP address for /metrics, /healthz and /readyz ("" to disable).
+    #[arg(long, env = "FLOTILLA_AGENT_HTTP", default_value = "0.0.0.0:7481")]
+    http: String,
     /// Cluster labels, key=value, comma-separated.
     #[arg(long = "labels", env = "FLOTILLA_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
@@ -80,6 +83,15 @@ async fn main() -> anyhow::Result<()> {
         region: args.region,
         labels,
     };
-    flotilla_agent::run(client, opts, shutdown).await?;
+    let http = if args.http.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&args.http)
+                .await
+                .with_context(|| format!("--http {}", args.http))?,
+        )
+    };
+    flotilla_agent::run(client, opts, http, shutdown).await?;
     Ok(())
 }

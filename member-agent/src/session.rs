@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ClusterWatch;
 
 /// Identity and addresses for the hub session.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionConfig {
     /// Cluster name (a DNS label).
     pub cluster: String,
@@ -36,6 +36,8 @@ pub struct SessionConfig {
     pub kubernetes_version: String,
     /// Wait this long after a change before sending, to coalesce bursts.
     pub coalesce: Duration,
+    /// Metrics.
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
 /// Why a session ended.
@@ -202,9 +204,52 @@ async fn session(
             signals: Some(signals(watch, failed)),
         })
     };
-    tx.send(send(first))
+    let first = send(first);
+    observe(cfg, &first);
+    tx.send(first)
         .await
         .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    cfg.metrics.hub_connected.set(1);
+    cfg.metrics.hub_connects.inc();
+    let r = follow(
+        cfg,
+        watch,
+        shutdown,
+        &tx,
+        &mut inbound,
+        nodes,
+        failed,
+        heartbeat,
+    )
+    .await;
+    cfg.metrics.hub_connected.set(0);
+    r
+}
+
+/// Count what a report carries.
+fn observe(cfg: &SessionConfig, m: &v1::AgentMessage) {
+    let nodes = match &m.msg {
+        Some(v1::agent_message::Msg::Snapshot(s)) => s.nodes.len(),
+        Some(v1::agent_message::Msg::Delta(d)) => d.upsert.len() + d.remove.len(),
+        _ => return,
+    };
+    cfg.metrics.report_nodes.observe(nodes as f64);
+    cfg.metrics.report_bytes.observe(m.encoded_len() as f64);
+}
+
+/// After the first report: deltas on change, heartbeats on the timer, acks and errors in.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    cfg: &SessionConfig,
+    watch: &ClusterWatch,
+    shutdown: &CancellationToken,
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    inbound: &mut tonic::Streaming<v1::HubMessage>,
+    nodes: BTreeMap<String, v1::NodeInventory>,
+    failed: i64,
+    heartbeat: Duration,
+) -> Result<(), SessionError> {
+    let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
     let mut sent = nodes;
     let mut last_signals = signals(watch, failed);
     let mut changes = watch.changes();
@@ -228,8 +273,9 @@ async fn session(
                 if upsert.is_empty() && remove.is_empty() && sig == last_signals {
                     continue;
                 }
-                let d = v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove, signals: Some(sig) });
-                tx.send(send(d)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                let d = send(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove, signals: Some(sig) }));
+                observe(cfg, &d);
+                tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 sent = nodes;
                 last_signals = sig;
             }
