@@ -1,1 +1,1 @@
-//! End-to-end suite driving the real binaries. Store crash tests live in `hub/tests` for now.
+//! End-to-end suite driving the real binaries (`tests/`). Store crash tests live in `hub/tests`.

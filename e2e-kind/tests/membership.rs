@@ -1,0 +1,400 @@
+//! Membership end to end with the real binaries: `flotilla-kube-sim` serving three simulated
+//! clusters, three `flotilla-hub` replicas, three `flotilla-agent` processes.
+//!
+//! - killing an agent makes its cluster Unreachable after `--unreachable-after`; restarting it
+//!   makes it Ready again;
+//! - killing the hub leader: agents reconnect to the new leader and no cluster goes Unreachable;
+//! - a report over the limits is rejected naming the field, and the stored state stays intact.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_api::v1;
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The workspace's binaries for this profile, built on demand (a test cannot depend on
+/// another package's binaries directly).
+fn binaries() -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let names = ["flotilla-hub", "flotilla-agent", "flotilla-kube-sim"];
+    // Always ask cargo: a binary left from an older build would test old code.
+    {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "flotilla-hub",
+            "-p",
+            "flotilla-agent",
+            "-p",
+            "flotilla-kube-sim",
+            "--bins",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the binaries failed"
+        );
+    }
+    assert!(
+        names.iter().all(|n| dir.join(n).exists()),
+        "binaries missing in {}",
+        dir.display()
+    );
+    dir
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn hub(bin: &Path, id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
+    let mut cmd = Command::new(bin.join("flotilla-hub"));
+    cmd.args([
+        "--node-id",
+        &id.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir.join(format!("hub{id}")))
+    .args([
+        "--heartbeat-ms",
+        "100",
+        "--unreachable-after",
+        "1500ms",
+        "--leader-grace",
+        "3s",
+        "--agent-heartbeat",
+        "300ms",
+    ])
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(j) = join {
+        cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
+    }
+    cmd.spawn().expect("spawn flotilla-hub")
+}
+
+fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path) -> Child {
+    let hubs: Vec<String> = hubs.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    Command::new(bin.join("flotilla-agent"))
+        .args([
+            "--cluster",
+            cluster,
+            "--token",
+            token,
+            "--http",
+            "",
+            "--hub",
+            &hubs.join(","),
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla-agent")
+}
+
+async fn channel(port: u16) -> Option<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()
+}
+
+async fn status(port: u16) -> Option<v1::StatusResponse> {
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel(port).await?);
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+async fn clusters(port: u16) -> Option<Vec<v1::Cluster>> {
+    let mut c = v1::fleet_service_client::FleetServiceClient::new(channel(port).await?);
+    c.list_clusters(v1::ListClustersRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner().clusters)
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
+    cs.iter()
+        .find(|c| c.name == name)
+        .and_then(|c| v1::ClusterHealth::try_from(c.health).ok())
+}
+
+const SCENARIO: &str = r#"
+clusters:
+  - name: east
+    region: eastus
+    provider: aks
+    pools:
+      - name: h100
+        count: 2
+        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+  - name: west
+    region: westus
+    provider: eks
+    pools:
+      - name: l4
+        count: 2
+        gpu: {vendor: nvidia, product: NVIDIA-L4, memory_mib: 23034, count: 4, family: ada-lovelace}
+  - name: north
+    region: northeurope
+    provider: gke
+    pools:
+      - name: a100
+        count: 1
+        gpu: {vendor: nvidia, product: NVIDIA-A100-SXM4-80GB, memory_mib: 81920, count: 8, family: ampere}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hubs_three_agents_survive_kills() {
+    let bin = binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::new());
+
+    // Simulated clusters.
+    let scenario = dir.path().join("scenario.yaml");
+    std::fs::write(&scenario, SCENARIO).unwrap();
+    let kc = dir.path().join("kc");
+    procs.0.push(
+        Command::new(bin.join("flotilla-kube-sim"))
+            .arg("--scenario")
+            .arg(&scenario)
+            .arg("--kubeconfig-dir")
+            .arg(&kc)
+            .args(["--control", &format!("127.0.0.1:{}", free_port())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Three hub replicas.
+    let ports = [free_port(), free_port(), free_port()];
+    procs.0.push(hub(&bin, 1, dir.path(), ports[0], None));
+    wait_until("hub 1 up", || async {
+        status(ports[0]).await.is_some_and(|s| s.leader_id == 1)
+    })
+    .await;
+    procs
+        .0
+        .push(hub(&bin, 2, dir.path(), ports[1], Some(ports[0])));
+    procs
+        .0
+        .push(hub(&bin, 3, dir.path(), ports[2], Some(ports[0])));
+    wait_until("three voters", || async {
+        status(ports[0])
+            .await
+            .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == 3)
+    })
+    .await;
+
+    // Tokens and agents.
+    let mut fleet =
+        v1::fleet_service_client::FleetServiceClient::new(channel(ports[1]).await.unwrap());
+    let names = ["east", "west", "north"];
+    let mut tokens = Vec::new();
+    for n in names {
+        let t = fleet
+            .create_join_token(v1::CreateJoinTokenRequest {
+                cluster: n.into(),
+                ttl_seconds: 600,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        tokens.push(t);
+    }
+    wait_until("kubeconfigs written", || async {
+        names
+            .iter()
+            .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
+    })
+    .await;
+    let mut agents: Vec<Child> = names
+        .iter()
+        .zip(&tokens)
+        .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
+        .collect();
+    wait_until("all three clusters Ready", || async {
+        clusters(ports[2]).await.is_some_and(|cs| {
+            names
+                .iter()
+                .all(|n| health(&cs, n) == Some(v1::ClusterHealth::Ready))
+                && cs.iter().all(|c| c.physical_gpus > 0)
+        })
+    })
+    .await;
+
+    // Kill an agent: Unreachable after --unreachable-after; restart: Ready.
+    agents[0].kill().unwrap();
+    agents[0].wait().unwrap();
+    let killed = Instant::now();
+    wait_until("east Unreachable", || async {
+        clusters(ports[1])
+            .await
+            .is_some_and(|cs| health(&cs, "east") == Some(v1::ClusterHealth::Unreachable))
+    })
+    .await;
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1500),
+        "judged before --unreachable-after"
+    );
+    agents[0] = agent(
+        &bin,
+        "east",
+        &ports,
+        &tokens[0],
+        &kc.join("east.kubeconfig"),
+    );
+    wait_until("east Ready again", || async {
+        clusters(ports[1])
+            .await
+            .is_some_and(|cs| health(&cs, "east") == Some(v1::ClusterHealth::Ready))
+    })
+    .await;
+
+    // Kill the hub leader: agents move to the new leader and nobody flaps to Unreachable.
+    let leader = status(ports[0]).await.unwrap().leader_id as usize;
+    let leader_idx = leader - 1;
+    // procs.0[0] is kube-sim; hubs follow in id order.
+    procs.0[leader].kill().unwrap();
+    procs.0[leader].wait().unwrap();
+    let survivor = ports[(leader_idx + 1) % 3];
+    let watch_until = Instant::now() + Duration::from_secs(10);
+    let mut new_leader_seen = false;
+    while Instant::now() < watch_until {
+        if let Some(cs) = clusters(survivor).await {
+            for n in names {
+                assert_ne!(
+                    health(&cs, n),
+                    Some(v1::ClusterHealth::Unreachable),
+                    "{n} flapped to Unreachable after a hub failover"
+                );
+            }
+        }
+        if let Some(s) = status(survivor).await
+            && s.leader_id != 0
+            && s.leader_id as usize != leader
+        {
+            new_leader_seen = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(new_leader_seen, "no new leader was elected");
+    // Past the grace period, heartbeats reach the new leader: still all Ready.
+    let cs = clusters(survivor).await.unwrap();
+    for n in names {
+        assert_eq!(
+            health(&cs, n),
+            Some(v1::ClusterHealth::Ready),
+            "{n} after failover"
+        );
+    }
+
+    // A report over the limits is rejected and the previous state stays.
+    let new_leader = status(survivor).await.unwrap().leader_id as usize;
+    let leader_port = ports[new_leader - 1];
+    let before = clusters(leader_port)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "west")
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let m = |msg| v1::AgentMessage { msg: Some(msg) };
+    tx.send(m(v1::agent_message::Msg::Hello(v1::Hello {
+        cluster: "west".into(),
+        token: tokens[1].clone(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let mut a =
+        v1::agent_service_client::AgentServiceClient::new(channel(leader_port).await.unwrap());
+    let mut replies = a
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    replies.message().await.unwrap().unwrap();
+    let too_many: Vec<v1::NodeInventory> = (0..6000)
+        .map(|i| v1::NodeInventory {
+            name: format!("n{i}"),
+            condition: v1::GpuCondition::Healthy as i32,
+            ..Default::default()
+        })
+        .collect();
+    tx.send(m(v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
+        nodes: too_many,
+        signals: None,
+    })))
+    .await
+    .unwrap();
+    let e = replies.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("limit of 5000"), "{}", e.message());
+    let after = clusters(leader_port)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "west")
+        .unwrap();
+    assert_eq!(
+        (after.nodes, after.physical_gpus),
+        (before.nodes, before.physical_gpus)
+    );
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}
