@@ -1,0 +1,370 @@
+//! Membership load benchmark: N simulated agents speaking the real `AgentService.Connect`
+//! protocol against one `flotilla-hub` process on this machine.
+//!
+//! Phases: join (tokens, hello, 50-node snapshot each) until every cluster is Ready; steady
+//! state (heartbeat every `--heartbeat`, `--change-fraction` of clusters sending a delta each
+//! second) measuring hub CPU, RSS and delta acknowledgement latency; then SIGKILL and restart
+//! the hub and measure the time until every cluster is Ready again, watching for any
+//! Unreachable.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_api::v1;
+use flotilla_hub::fleet::records::node_digest;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-fleet-bench")]
+struct Args {
+    /// Simulated clusters (agents).
+    #[arg(long, env = "BENCH_CLUSTERS", default_value_t = 10_000)]
+    clusters: usize,
+    /// GPU nodes per cluster.
+    #[arg(long, env = "BENCH_NODES", default_value_t = 50)]
+    nodes: usize,
+    /// Heartbeat interval agents are told to use.
+    #[arg(long, env = "BENCH_HEARTBEAT", default_value = "2s", value_parser = flotilla_hub::parse_duration)]
+    heartbeat: Duration,
+    /// Fraction of clusters that change inventory each second.
+    #[arg(long, env = "BENCH_CHANGE_FRACTION", default_value_t = 0.01)]
+    change_fraction: f64,
+    /// Seconds of steady state.
+    #[arg(long, env = "BENCH_STEADY_SECONDS", default_value_t = 30)]
+    steady_seconds: u64,
+    /// HTTP/2 connections the agents share.
+    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 32)]
+    connections: usize,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn proc_stat(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = (t(11) + t(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0);
+    (cpu, rss)
+}
+
+fn start_hub(exe: &PathBuf, data: &std::path::Path, port: u16, heartbeat: Duration) -> Child {
+    Command::new(exe)
+        .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}"), "--http", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
+        .args(["--unreachable-after", &format!("{}ms", heartbeat.as_millis() * 3)])
+        .args(["--leader-grace", "10s"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla-hub")
+}
+
+async fn channel(port: u16) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?)
+}
+
+async fn wait_leader(port: u16) {
+    loop {
+        if let Ok(ch) = channel(port).await {
+            let mut c = v1::store_admin_client::StoreAdminClient::new(ch);
+            if let Ok(s) = c.status(v1::StatusRequest {}).await
+                && s.into_inner().leader_id == 1
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn nodes(cluster: usize, n: usize) -> Vec<v1::NodeInventory> {
+    (0..n)
+        .map(|i| v1::NodeInventory {
+            name: format!("c{cluster}-n{i}"),
+            pool: format!("pool-{}", i % 3),
+            ready: true,
+            schedulable: true,
+            region: format!("region-{}", cluster % 10),
+            zone: format!("zone-{}", i % 3),
+            instance_type: "Standard_ND96isr_H100_v5".into(),
+            kubelet_version: "v1.34.2".into(),
+            product: "NVIDIA-H100-80GB-HBM3".into(),
+            family: "hopper".into(),
+            gpu_memory_mib: 81559,
+            physical_gpus: 8,
+            free_gpus: 8,
+            resources: vec![v1::GpuResource {
+                name: "nvidia.com/gpu".into(),
+                vendor: v1::GpuVendor::Nvidia as i32,
+                unit: v1::GpuUnitKind::Whole as i32,
+                capacity: 8,
+                allocatable: 8,
+                allocated: 0,
+                free: 8,
+                ..Default::default()
+            }],
+            condition: v1::GpuCondition::Healthy as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// A reconnect delay (computed outside any await: the thread RNG is not `Send`).
+fn jitter() -> Duration {
+    Duration::from_millis(rand::rng().random_range(100..2000))
+}
+
+struct Shared {
+    joined: AtomicUsize,
+    sessions: AtomicU64,
+    latencies: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    change_fraction: f64,
+    measuring: std::sync::atomic::AtomicBool,
+}
+
+/// One simulated agent: connect, resync, heartbeat and change until the process ends.
+async fn agent(id: usize, token: String, channels: Arc<Vec<Channel>>, nnodes: usize, shared: Arc<Shared>) {
+    let mut inventory = nodes(id, nnodes);
+    let mut first = true;
+    loop {
+        let ch = channels[id % channels.len()].clone();
+        let mut client = v1::agent_service_client::AgentServiceClient::new(ch);
+        let (tx, rx) = mpsc::channel(8);
+        let m = |msg| v1::AgentMessage { msg: Some(msg) };
+        let _ = tx
+            .send(m(v1::agent_message::Msg::Hello(v1::Hello {
+                cluster: format!("bench-{id:05}"),
+                token: token.clone(),
+                agent_version: "bench".into(),
+                kubernetes_version: "v1.34.2".into(),
+                region: format!("region-{}", id % 10),
+                ..Default::default()
+            })))
+            .await;
+        let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(jitter()).await;
+                continue;
+            }
+        };
+        let Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Welcome(w)) })) = inbound.message().await else {
+            tokio::time::sleep(jitter()).await;
+            continue;
+        };
+        shared.sessions.fetch_add(1, Ordering::Relaxed);
+        let upsert: Vec<v1::NodeInventory> =
+            inventory.iter().filter(|n| w.held.get(&n.name) != Some(&node_digest(n))).cloned().collect();
+        let report = if w.held.is_empty() {
+            v1::agent_message::Msg::Snapshot(v1::InventorySnapshot { nodes: upsert, signals: Some(Default::default()) })
+        } else {
+            v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove: vec![], signals: Some(Default::default()) })
+        };
+        if tx.send(m(report)).await.is_err() || !matches!(inbound.message().await, Ok(Some(_))) {
+            continue;
+        }
+        if first {
+            shared.joined.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        let heartbeat = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(100)));
+        let mut hb = tokio::time::interval_at(
+            tokio::time::Instant::now() + heartbeat.mul_f64(rand::rng().random_range(0.0..1.0)),
+            heartbeat,
+        );
+        let mut change = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(rand::rng().random_range(0..1000)),
+            Duration::from_secs(1),
+        );
+        loop {
+            tokio::select! {
+                _ = hb.tick() => {
+                    let beat = m(v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(Default::default()) }));
+                    if tx.send(beat).await.is_err() { break; }
+                }
+                _ = change.tick() => {
+                    if rand::rng().random_bool(shared.change_fraction) {
+                        let i = rand::rng().random_range(0..inventory.len());
+                        let n = &mut inventory[i];
+                        n.free_gpus = (n.free_gpus + 7) % 9;
+                        n.resources[0].free = n.free_gpus;
+                        n.resources[0].allocated = 8 - n.free_gpus;
+                        let d = m(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert: vec![n.clone()], remove: vec![], signals: Some(Default::default()) }));
+                        let t = Instant::now();
+                        if tx.send(d).await.is_err() { break; }
+                        match inbound.message().await {
+                            Ok(Some(_)) => {
+                                if shared.measuring.load(Ordering::Relaxed) {
+                                    let _ = shared.latencies.lock().expect("hist").record(t.elapsed().as_micros() as u64);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(jitter()).await;
+    }
+}
+
+async fn health_counts(port: u16) -> Option<(usize, usize)> {
+    let mut c = v1::fleet_service_client::FleetServiceClient::new(channel(port).await.ok()?);
+    let l = c.list_clusters(v1::ListClustersRequest {}).await.ok()?.into_inner();
+    let ready = l.clusters.iter().filter(|c| c.health == v1::ClusterHealth::Ready as i32).count();
+    let unreachable = l.clusters.iter().filter(|c| c.health == v1::ClusterHealth::Unreachable as i32).count();
+    Some((ready, unreachable))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let exe = std::env::current_exe()?.parent().context("exe dir")?.join("flotilla-hub");
+    anyhow::ensure!(exe.exists(), "build flotilla-hub first (cargo build --release -p flotilla-hub)");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("hub");
+    let port = free_port();
+    let mut hub = start_hub(&exe, &data, port, args.heartbeat);
+    wait_leader(port).await;
+    println!("machine: {} cores; hub pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), hub.id());
+
+    // Tokens.
+    let fleet = v1::fleet_service_client::FleetServiceClient::new(channel(port).await?);
+    let t0 = Instant::now();
+    let mut tokens = Vec::with_capacity(args.clusters);
+    let mut pending = futures::stream::FuturesOrdered::new();
+    for i in 0..args.clusters {
+        let mut f = fleet.clone();
+        pending.push_back(async move {
+            f.create_join_token(v1::CreateJoinTokenRequest { cluster: format!("bench-{i:05}"), ttl_seconds: 3600 }).await
+        });
+        if pending.len() >= 64 {
+            use futures::StreamExt;
+            tokens.push(pending.next().await.expect("pending")?.into_inner().token);
+        }
+    }
+    {
+        use futures::StreamExt;
+        while let Some(t) = pending.next().await {
+            tokens.push(t?.into_inner().token);
+        }
+    }
+    println!("tokens: {} in {:.1} s", tokens.len(), t0.elapsed().as_secs_f64());
+
+    // Join.
+    let mut chans = Vec::new();
+    for _ in 0..args.connections {
+        chans.push(channel(port).await?);
+    }
+    let channels = Arc::new(chans);
+    let shared = Arc::new(Shared {
+        joined: AtomicUsize::new(0),
+        sessions: AtomicU64::new(0),
+        latencies: std::sync::Mutex::new(hdrhistogram::Histogram::new(3)?),
+        change_fraction: args.change_fraction,
+        measuring: std::sync::atomic::AtomicBool::new(false),
+    });
+    let t_join = Instant::now();
+    for (i, t) in tokens.into_iter().enumerate() {
+        tokio::spawn(agent(i, t, channels.clone(), args.nodes, shared.clone()));
+    }
+    while shared.joined.load(Ordering::Relaxed) < args.clusters {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked = t_join.elapsed().as_secs_f64();
+    loop {
+        if let Some((ready, _)) = health_counts(port).await
+            && ready == args.clusters
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "join: {} clusters x {} nodes: all snapshots acknowledged in {:.1} s, all Ready in {:.1} s",
+        args.clusters,
+        args.nodes,
+        acked,
+        t_join.elapsed().as_secs_f64()
+    );
+
+    // Steady state.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    shared.measuring.store(true, Ordering::Relaxed);
+    let (cpu0, _) = proc_stat(hub.id());
+    let ts = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.steady_seconds)).await;
+    let (cpu1, rss) = proc_stat(hub.id());
+    shared.measuring.store(false, Ordering::Relaxed);
+    let cores = (cpu1 - cpu0) / ts.elapsed().as_secs_f64();
+    {
+        let h = shared.latencies.lock().expect("hist");
+        println!(
+            "steady: heartbeat every {:?}, {:.1}% of clusters change per second: hub CPU {:.2} cores, RSS {:.0} MiB; delta ack latency p50 {:.2} ms p99 {:.2} ms ({} deltas)",
+            args.heartbeat,
+            args.change_fraction * 100.0,
+            cores,
+            rss,
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.len()
+        );
+    }
+
+    // Restart: every agent must reconnect and resync; nobody may be judged Unreachable,
+    // including after the new leader's grace period has passed.
+    let sessions_before = shared.sessions.load(Ordering::Relaxed);
+    hub.kill()?;
+    hub.wait()?;
+    let t_restart = Instant::now();
+    hub = start_hub(&exe, &data, port, args.heartbeat);
+    wait_leader(port).await;
+    let mut worst_unreachable = 0;
+    let mut reconnected = None;
+    let observe_until = Duration::from_secs(10) + args.heartbeat * 3 + Duration::from_secs(5);
+    loop {
+        if let Some((_, unreachable)) = health_counts(port).await {
+            worst_unreachable = worst_unreachable.max(unreachable);
+        }
+        if reconnected.is_none() && shared.sessions.load(Ordering::Relaxed) >= sessions_before + args.clusters as u64 {
+            reconnected = Some(t_restart.elapsed());
+        }
+        if reconnected.is_some() && t_restart.elapsed() > observe_until {
+            break;
+        }
+        anyhow::ensure!(t_restart.elapsed() < Duration::from_secs(300), "agents never all reconnected after the restart");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (ready, _) = health_counts(port).await.unwrap_or((0, 0));
+    println!(
+        "restart: SIGKILL + restart -> all {} agents reconnected and resynced in {:.1} s; {} Ready {:.0} s after the restart; most clusters Unreachable at once: {}",
+        args.clusters,
+        reconnected.expect("set").as_secs_f64(),
+        ready,
+        t_restart.elapsed().as_secs_f64(),
+        worst_unreachable
+    );
+    hub.kill()?;
+    hub.wait()?;
+    Ok(())
+}
