@@ -40,13 +40,18 @@ struct Args {
     /// Seconds of steady state.
     #[arg(long, env = "BENCH_STEADY_SECONDS", default_value_t = 30)]
     steady_seconds: u64,
-    /// HTTP/2 connections the agents share.
-    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 32)]
+    /// HTTP/2 connections the agents share (0: one per 100 agents; a server allows a bounded
+    /// number of concurrent streams per connection, and real agents each have their own).
+    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 0)]
     connections: usize,
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn proc_stat(pid: u32) -> (f64, f64) {
@@ -66,11 +71,21 @@ fn proc_stat(pid: u32) -> (f64, f64) {
 
 fn start_hub(exe: &PathBuf, data: &std::path::Path, port: u16, heartbeat: Duration) -> Child {
     Command::new(exe)
-        .args(["--node-id", "1", "--listen", &format!("127.0.0.1:{port}"), "--http", "127.0.0.1:0"])
+        .args([
+            "--node-id",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(data)
         .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
-        .args(["--unreachable-after", &format!("{}ms", heartbeat.as_millis() * 3)])
+        .args([
+            "--unreachable-after",
+            &format!("{}ms", heartbeat.as_millis() * 3),
+        ])
         .args(["--leader-grace", "10s"])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
@@ -80,7 +95,11 @@ fn start_hub(exe: &PathBuf, data: &std::path::Path, port: u16, heartbeat: Durati
 }
 
 async fn channel(port: u16) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+            .connect()
+            .await?,
+    )
 }
 
 async fn wait_leader(port: u16) {
@@ -143,7 +162,13 @@ struct Shared {
 }
 
 /// One simulated agent: connect, resync, heartbeat and change until the process ends.
-async fn agent(id: usize, token: String, channels: Arc<Vec<Channel>>, nnodes: usize, shared: Arc<Shared>) {
+async fn agent(
+    id: usize,
+    token: String,
+    channels: Arc<Vec<Channel>>,
+    nnodes: usize,
+    shared: Arc<Shared>,
+) {
     let mut inventory = nodes(id, nnodes);
     let mut first = true;
     loop {
@@ -168,17 +193,30 @@ async fn agent(id: usize, token: String, channels: Arc<Vec<Channel>>, nnodes: us
                 continue;
             }
         };
-        let Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Welcome(w)) })) = inbound.message().await else {
+        let Ok(Some(v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Welcome(w)),
+        })) = inbound.message().await
+        else {
             tokio::time::sleep(jitter()).await;
             continue;
         };
         shared.sessions.fetch_add(1, Ordering::Relaxed);
-        let upsert: Vec<v1::NodeInventory> =
-            inventory.iter().filter(|n| w.held.get(&n.name) != Some(&node_digest(n))).cloned().collect();
+        let upsert: Vec<v1::NodeInventory> = inventory
+            .iter()
+            .filter(|n| w.held.get(&n.name) != Some(&node_digest(n)))
+            .cloned()
+            .collect();
         let report = if w.held.is_empty() {
-            v1::agent_message::Msg::Snapshot(v1::InventorySnapshot { nodes: upsert, signals: Some(Default::default()) })
+            v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
+                nodes: upsert,
+                signals: Some(Default::default()),
+            })
         } else {
-            v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove: vec![], signals: Some(Default::default()) })
+            v1::agent_message::Msg::Delta(v1::InventoryDelta {
+                upsert,
+                remove: vec![],
+                signals: Some(Default::default()),
+            })
         };
         if tx.send(m(report)).await.is_err() || !matches!(inbound.message().await, Ok(Some(_))) {
             continue;
@@ -230,23 +268,45 @@ async fn agent(id: usize, token: String, channels: Arc<Vec<Channel>>, nnodes: us
 
 async fn health_counts(port: u16) -> Option<(usize, usize)> {
     let mut c = v1::fleet_service_client::FleetServiceClient::new(channel(port).await.ok()?);
-    let l = c.list_clusters(v1::ListClustersRequest {}).await.ok()?.into_inner();
-    let ready = l.clusters.iter().filter(|c| c.health == v1::ClusterHealth::Ready as i32).count();
-    let unreachable = l.clusters.iter().filter(|c| c.health == v1::ClusterHealth::Unreachable as i32).count();
+    let l = c
+        .list_clusters(v1::ListClustersRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let ready = l
+        .clusters
+        .iter()
+        .filter(|c| c.health == v1::ClusterHealth::Ready as i32)
+        .count();
+    let unreachable = l
+        .clusters
+        .iter()
+        .filter(|c| c.health == v1::ClusterHealth::Unreachable as i32)
+        .count();
     Some((ready, unreachable))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let exe = std::env::current_exe()?.parent().context("exe dir")?.join("flotilla-hub");
-    anyhow::ensure!(exe.exists(), "build flotilla-hub first (cargo build --release -p flotilla-hub)");
+    let exe = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("flotilla-hub");
+    anyhow::ensure!(
+        exe.exists(),
+        "build flotilla-hub first (cargo build --release -p flotilla-hub)"
+    );
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("hub");
     let port = free_port();
     let mut hub = start_hub(&exe, &data, port, args.heartbeat);
     wait_leader(port).await;
-    println!("machine: {} cores; hub pid {}", std::thread::available_parallelism().map_or(0, |n| n.get()), hub.id());
+    println!(
+        "machine: {} cores; hub pid {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        hub.id()
+    );
 
     // Tokens.
     let fleet = v1::fleet_service_client::FleetServiceClient::new(channel(port).await?);
@@ -256,7 +316,11 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..args.clusters {
         let mut f = fleet.clone();
         pending.push_back(async move {
-            f.create_join_token(v1::CreateJoinTokenRequest { cluster: format!("bench-{i:05}"), ttl_seconds: 3600 }).await
+            f.create_join_token(v1::CreateJoinTokenRequest {
+                cluster: format!("bench-{i:05}"),
+                ttl_seconds: 3600,
+            })
+            .await
         });
         if pending.len() >= 64 {
             use futures::StreamExt;
@@ -269,11 +333,20 @@ async fn main() -> anyhow::Result<()> {
             tokens.push(t?.into_inner().token);
         }
     }
-    println!("tokens: {} in {:.1} s", tokens.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "tokens: {} in {:.1} s",
+        tokens.len(),
+        t0.elapsed().as_secs_f64()
+    );
 
     // Join.
     let mut chans = Vec::new();
-    for _ in 0..args.connections {
+    let conns = if args.connections == 0 {
+        args.clusters.div_ceil(100).max(1)
+    } else {
+        args.connections
+    };
+    for _ in 0..conns {
         chans.push(channel(port).await?);
     }
     let channels = Arc::new(chans);
@@ -346,13 +419,18 @@ async fn main() -> anyhow::Result<()> {
         if let Some((_, unreachable)) = health_counts(port).await {
             worst_unreachable = worst_unreachable.max(unreachable);
         }
-        if reconnected.is_none() && shared.sessions.load(Ordering::Relaxed) >= sessions_before + args.clusters as u64 {
+        if reconnected.is_none()
+            && shared.sessions.load(Ordering::Relaxed) >= sessions_before + args.clusters as u64
+        {
             reconnected = Some(t_restart.elapsed());
         }
         if reconnected.is_some() && t_restart.elapsed() > observe_until {
             break;
         }
-        anyhow::ensure!(t_restart.elapsed() < Duration::from_secs(300), "agents never all reconnected after the restart");
+        anyhow::ensure!(
+            t_restart.elapsed() < Duration::from_secs(300),
+            "agents never all reconnected after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (ready, _) = health_counts(port).await.unwrap_or((0, 0));
