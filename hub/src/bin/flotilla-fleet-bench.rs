@@ -69,29 +69,41 @@ fn proc_stat(pid: u32) -> (f64, f64) {
     (cpu, rss)
 }
 
-fn start_hub(exe: &PathBuf, data: &std::path::Path, port: u16, heartbeat: Duration) -> Child {
-    Command::new(exe)
-        .args([
-            "--node-id",
-            "1",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
-        .args([
-            "--unreachable-after",
-            &format!("{}ms", heartbeat.as_millis() * 3),
-        ])
-        .args(["--leader-grace", "10s"])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn flotilla-hub")
+/// The hub child process; killed and reaped when dropped (also on early returns).
+struct HubProc(Child);
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_hub(exe: &PathBuf, data: &std::path::Path, port: u16, heartbeat: Duration) -> HubProc {
+    HubProc(
+        Command::new(exe)
+            .args([
+                "--node-id",
+                "1",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
+            .args([
+                "--unreachable-after",
+                &format!("{}ms", heartbeat.as_millis() * 3),
+            ])
+            .args(["--leader-grace", "10s"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flotilla-hub"),
+    )
 }
 
 async fn channel(port: u16) -> anyhow::Result<Channel> {
@@ -300,12 +312,12 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("hub");
     let port = free_port();
-    let mut hub = start_hub(&exe, &data, port, args.heartbeat);
+    let hub = start_hub(&exe, &data, port, args.heartbeat);
     wait_leader(port).await;
     println!(
         "machine: {} cores; hub pid {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        hub.id()
+        hub.0.id()
     );
 
     // Tokens.
@@ -384,10 +396,10 @@ async fn main() -> anyhow::Result<()> {
     // Steady state.
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.measuring.store(true, Ordering::Relaxed);
-    let (cpu0, _) = proc_stat(hub.id());
+    let (cpu0, _) = proc_stat(hub.0.id());
     let ts = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.steady_seconds)).await;
-    let (cpu1, rss) = proc_stat(hub.id());
+    let (cpu1, rss) = proc_stat(hub.0.id());
     shared.measuring.store(false, Ordering::Relaxed);
     let cores = (cpu1 - cpu0) / ts.elapsed().as_secs_f64();
     {
@@ -407,10 +419,9 @@ async fn main() -> anyhow::Result<()> {
     // Restart: every agent must reconnect and resync; nobody may be judged Unreachable,
     // including after the new leader's grace period has passed.
     let sessions_before = shared.sessions.load(Ordering::Relaxed);
-    hub.kill()?;
-    hub.wait()?;
+    drop(hub);
     let t_restart = Instant::now();
-    hub = start_hub(&exe, &data, port, args.heartbeat);
+    let hub = start_hub(&exe, &data, port, args.heartbeat);
     wait_leader(port).await;
     let mut worst_unreachable = 0;
     let mut reconnected = None;
@@ -442,7 +453,6 @@ async fn main() -> anyhow::Result<()> {
         t_restart.elapsed().as_secs_f64(),
         worst_unreachable
     );
-    hub.kill()?;
-    hub.wait()?;
+    drop(hub);
     Ok(())
 }
