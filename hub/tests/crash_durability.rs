@@ -31,6 +31,7 @@ fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
         .arg(dir.join(format!("n{id}")))
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .args(["--http", "127.0.0.1:0"])
         .arg("--heartbeat-ms")
         .arg("50")
         .env("RUST_LOG", "error")

@@ -210,6 +210,8 @@ async fn start_flotilla(dir: &Path, members: usize) -> anyhow::Result<(Procs, Ve
             &(i + 1).to_string(),
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--http",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(dir.join(format!("flotilla-{}", i + 1)))
