@@ -137,30 +137,8 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-async fn health_of(
-    fleet: &mut FleetServiceClient<Channel>,
-    name: &str,
-) -> Option<v1::ClusterHealth> {
-    let c = fleet
-        .get_cluster(v1::GetClusterRequest { name: name.into() })
-        .await
-        .ok()?
-        .into_inner();
-    v1::ClusterHealth::try_from(c.health).ok()
-}
-
 async fn wait_health(fleet: &mut FleetServiceClient<Channel>, name: &str, want: v1::ClusterHealth) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if health_of(fleet, name).await == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never became {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_reason(fleet, name, want, "").await
 }
 
 #[tokio::test]

@@ -59,6 +59,18 @@ impl Default for ReportLimits {
     }
 }
 
+impl ReportLimits {
+    /// No limits: for reading records that were validated when written.
+    pub fn unlimited() -> Self {
+        Self {
+            max_nodes: usize::MAX,
+            max_resources_per_node: usize::MAX,
+            max_gpus_per_node: i64::MAX,
+            max_string_bytes: usize::MAX,
+        }
+    }
+}
+
 /// Whether `s` is an RFC 1123 DNS label (cluster names must be).
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()

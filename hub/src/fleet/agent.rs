@@ -52,16 +52,17 @@ fn store_err(e: flotilla_core::kv::KvError) -> Status {
     flotilla_api::convert::kv::to_status(e)
 }
 
+/// A stream's view of its cluster: each node as received and as validated core data, so a
+/// delta converts only the nodes it carries.
+type Held = BTreeMap<String, (v1::NodeInventory, inventory::NodeInventory)>;
+
 /// Build the stored inventory from validated nodes.
-fn inventory_record(
-    cluster: &str,
-    nodes: &BTreeMap<String, v1::NodeInventory>,
-    core_nodes: &[inventory::NodeInventory],
-) -> v1::Inventory {
+fn inventory_record(cluster: &str, nodes: &Held) -> v1::Inventory {
+    let core: Vec<inventory::NodeInventory> = nodes.values().map(|(_, c)| c.clone()).collect();
     v1::Inventory {
         cluster: cluster.to_string(),
-        nodes: nodes.values().cloned().collect(),
-        pools: inventory::pools(core_nodes)
+        nodes: nodes.values().map(|(w, _)| w.clone()).collect(),
+        pools: inventory::pools(&core)
             .iter()
             .map(conv::pool_to_wire)
             .collect(),
@@ -190,10 +191,14 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         let metrics = self.metrics.clone();
         metrics.agents_connected.inc();
         tokio::spawn(async move {
-            let mut nodes: BTreeMap<String, v1::NodeInventory> = held_inventory
+            // Stored records were validated when written.
+            let mut nodes: Held = held_inventory
                 .nodes
                 .into_iter()
-                .map(|n| (n.name.clone(), n))
+                .filter_map(|w| {
+                    let c = conv::node_from_wire(&w, "stored", &ReportLimits::unlimited()).ok()?;
+                    Some((w.name.clone(), (w, c)))
+                })
                 .collect();
             loop {
                 let msg = match inbound.message().await {
@@ -256,7 +261,7 @@ async fn handle<B: KvBackend>(
     metrics: &crate::metrics::HubMetrics,
     limits: &ReportLimits,
     cluster: &str,
-    nodes: &mut BTreeMap<String, v1::NodeInventory>,
+    nodes: &mut Held,
     msg: v1::AgentMessage,
 ) -> Result<Option<v1::HubMessage>, Status> {
     use v1::agent_message::Msg;
@@ -277,27 +282,29 @@ async fn handle<B: KvBackend>(
             return Ok(None);
         }
         Some(Msg::Snapshot(s)) => {
-            conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits).map_err(|e| e.to_status())?;
+            let core = conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits)
+                .map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(s.signals.as_ref(), "snapshot.signals")
                 .map_err(|e| e.to_status())?;
-            (
-                s.nodes
-                    .into_iter()
-                    .map(|n| (n.name.clone(), n))
-                    .collect::<BTreeMap<_, _>>(),
-                signals,
-            )
+            let next: Held = s
+                .nodes
+                .into_iter()
+                .zip(core)
+                .map(|(w, c)| (w.name.clone(), (w, c)))
+                .collect();
+            (next, signals)
         }
         Some(Msg::Delta(d)) => {
-            conv::nodes_from_wire(&d.upsert, "delta.upsert", limits).map_err(|e| e.to_status())?;
+            let core = conv::nodes_from_wire(&d.upsert, "delta.upsert", limits)
+                .map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(d.signals.as_ref(), "delta.signals")
                 .map_err(|e| e.to_status())?;
             let mut next = nodes.clone();
             for r in &d.remove {
                 next.remove(r);
             }
-            for n in d.upsert {
-                next.insert(n.name.clone(), n);
+            for (w, c) in d.upsert.into_iter().zip(core) {
+                next.insert(w.name.clone(), (w, c));
             }
             if next.len() > limits.max_nodes {
                 return Err(conv::Invalid {
@@ -314,13 +321,7 @@ async fn handle<B: KvBackend>(
         }
         None => return Err(Status::invalid_argument("msg: empty message")),
     };
-    let core_nodes: Vec<inventory::NodeInventory> = next
-        .values()
-        .enumerate()
-        .map(|(i, n)| conv::node_from_wire(n, &format!("nodes[{i}]"), limits))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_status())?;
-    let record = inventory_record(cluster, &next, &core_nodes);
+    let record = inventory_record(cluster, &next);
     let write_started = std::time::Instant::now();
     let revision =
         records::update::<B, v1::Inventory, _>(backend, &records::inventory_key(cluster), |_| {

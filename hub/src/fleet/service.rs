@@ -33,12 +33,7 @@ pub struct FleetSvc<B> {
 
 /// A stored inventory as core types (records were validated when written).
 fn core_inventory(i: &v1::Inventory) -> ClusterInventory {
-    let limits = ReportLimits {
-        max_nodes: usize::MAX,
-        max_resources_per_node: usize::MAX,
-        max_gpus_per_node: i64::MAX,
-        max_string_bytes: usize::MAX,
-    };
+    let limits = ReportLimits::unlimited();
     let nodes: Vec<NodeInventory> = i
         .nodes
         .iter()
@@ -91,15 +86,6 @@ fn unused_gpus(n: &NodeInventory) -> i64 {
     (n.physical_gpus - used).max(0)
 }
 
-fn summary(mut c: v1::Cluster, inv: Option<&v1::Inventory>) -> v1::Cluster {
-    if let Some(i) = inv {
-        c.nodes = i.nodes.len() as u32;
-        c.physical_gpus = i.nodes.iter().map(|n| n.physical_gpus).sum();
-        c.free_gpus = i.pools.iter().map(|p| p.free_gpus).sum();
-    }
-    c
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::FleetEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -108,16 +94,9 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
         &self,
         _: Request<v1::ListClustersRequest>,
     ) -> Result<Response<v1::ListClustersResponse>, Status> {
-        let clusters = self
-            .view
-            .clusters()
-            .into_iter()
-            .map(|c| {
-                let inv = self.view.inventory(&c.name);
-                summary(c, inv.as_ref())
-            })
-            .collect();
-        Ok(Response::new(v1::ListClustersResponse { clusters }))
+        Ok(Response::new(v1::ListClustersResponse {
+            clusters: self.view.clusters_with_totals(),
+        }))
     }
 
     async fn get_cluster(
@@ -127,10 +106,9 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
         let name = req.into_inner().name;
         let c = self
             .view
-            .cluster(&name)
+            .cluster_with_totals(&name)
             .ok_or_else(|| Status::not_found(format!("name: no cluster {name:?} in the fleet")))?;
-        let inv = self.view.inventory(&name);
-        Ok(Response::new(summary(c, inv.as_ref())))
+        Ok(Response::new(c))
     }
 
     async fn get_inventory(

@@ -22,6 +22,17 @@ struct State {
     inventory: BTreeMap<String, v1::Inventory>,
 }
 
+/// A cluster record with node and GPU totals from its inventory.
+fn with_totals(c: &v1::Cluster, inv: Option<&v1::Inventory>) -> v1::Cluster {
+    let mut c = c.clone();
+    if let Some(i) = inv {
+        c.nodes = i.nodes.len() as u32;
+        c.physical_gpus = i.nodes.iter().map(|n| n.physical_gpus).sum();
+        c.free_gpus = i.pools.iter().map(|p| p.free_gpus).sum();
+    }
+    c
+}
+
 /// The fleet as this replica knows it.
 pub struct FleetView {
     state: RwLock<State>,
@@ -53,6 +64,24 @@ impl FleetView {
     /// One cluster record.
     pub fn cluster(&self, name: &str) -> Option<v1::Cluster> {
         self.state.read().expect("view").clusters.get(name).cloned()
+    }
+
+    /// Every cluster record with its node and GPU totals filled in from its inventory,
+    /// without copying inventories.
+    pub fn clusters_with_totals(&self) -> Vec<v1::Cluster> {
+        let st = self.state.read().expect("view");
+        st.clusters
+            .values()
+            .map(|c| with_totals(c, st.inventory.get(&c.name)))
+            .collect()
+    }
+
+    /// One cluster record with its totals.
+    pub fn cluster_with_totals(&self, name: &str) -> Option<v1::Cluster> {
+        let st = self.state.read().expect("view");
+        st.clusters
+            .get(name)
+            .map(|c| with_totals(c, st.inventory.get(name)))
     }
 
     /// One cluster's inventory.
@@ -131,12 +160,16 @@ impl FleetView {
         } else if let Some(name) = key.strip_prefix(INVENTORY) {
             match value.map(v1::Inventory::decode) {
                 Some(Ok(i)) => {
-                    st.inventory.insert(name.to_string(), i.clone());
-                    let e = v1::fleet_event::Event::Inventory(i);
-                    let _ = self.events.send(v1::FleetEvent {
-                        cluster: name.to_string(),
-                        event: Some(e),
-                    });
+                    // Copy the inventory for watchers only when someone is watching.
+                    let event = (self.events.receiver_count() > 0).then(|| i.clone());
+                    st.inventory.insert(name.to_string(), i);
+                    if let Some(i) = event {
+                        let e = v1::fleet_event::Event::Inventory(i);
+                        let _ = self.events.send(v1::FleetEvent {
+                            cluster: name.to_string(),
+                            event: Some(e),
+                        });
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(key = %key, error = %e, "undecodable inventory record")
