@@ -44,6 +44,7 @@ async fn get_describe_fit_join_and_errors() {
         policy: Default::default(),
         heartbeat: Duration::from_millis(200),
         limits: Default::default(),
+        max_concurrent_joins: 16,
     });
     let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
     let f = fleet.clone();

@@ -75,6 +75,13 @@ pub struct Args {
     /// Most nodes one cluster may report.
     #[arg(long, env = "FLOTILLA_MAX_REPORT_NODES", default_value_t = 5_000)]
     pub max_report_nodes: usize,
+    /// Page cache of the store's state file, in MiB (the log file gets a quarter of this).
+    #[arg(long, env = "FLOTILLA_STORE_CACHE_MIB", default_value_t = 128)]
+    pub store_cache_mib: usize,
+    /// Agents admitted to the join handshake (hello to first acknowledged report) at once;
+    /// the rest wait their turn, so a reconnect storm queues instead of timing out.
+    #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_JOINS", default_value_t = 128)]
+    pub max_concurrent_joins: usize,
 }
 
 /// Parse `3s`, `1500ms`, `2m` or a bare number of seconds.
@@ -116,6 +123,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         agent_heartbeat,
         max_report_nodes,
         http,
+        store_cache_mib,
+        max_concurrent_joins,
     } = args;
     // Keep a temporary directory alive for the whole run in --dev mode.
     let mut _temp = None;
@@ -141,6 +150,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         election_timeout_max: heartbeat * 8,
         history_revisions,
         snapshot_after_logs,
+        cache: flotilla_raft_store::data_dir::CacheSizes {
+            log_bytes: (store_cache_mib << 20) / 4,
+            sm_bytes: store_cache_mib << 20,
+        },
         ..Tuning::default()
     };
     config.limits = Limits {
@@ -158,6 +171,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
             max_nodes: max_report_nodes,
             ..Default::default()
         },
+        max_concurrent_joins,
     });
     let routes_fleet = fleet.clone();
     config.extra_services = Some(ExtraServices(std::sync::Arc::new(move |node| {

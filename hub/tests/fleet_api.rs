@@ -24,6 +24,10 @@ struct Hub {
 }
 
 async fn hub() -> Hub {
+    hub_with(16).await
+}
+
+async fn hub_with(max_concurrent_joins: usize) -> Hub {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::new(FleetConfig {
         policy: Policy {
@@ -32,6 +36,7 @@ async fn hub() -> Hub {
         },
         heartbeat: Duration::from_millis(100),
         limits: Default::default(),
+        max_concurrent_joins,
     });
     let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
     let f = fleet.clone();
@@ -376,6 +381,119 @@ async fn agents_join_report_and_are_judged() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    hub.shutdown.cancel();
+}
+
+async fn token(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> String {
+    fleet
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster: cluster.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+fn ack_revision(m: Option<v1::HubMessage>) -> i64 {
+    match m.and_then(|m| m.msg) {
+        Some(v1::hub_message::Msg::Ack(a)) => a.revision,
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn joins_wait_their_turn_and_an_unchanged_resync_writes_nothing() {
+    let hub = hub_with(1).await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let (ta, tb) = (
+        token(&mut fleet, "alpha").await,
+        token(&mut fleet, "beta").await,
+    );
+
+    // alpha holds the only join slot until its first report is stored.
+    let (tx, mut rx) = connect(&hub.addr, hello("alpha", &ta)).await.unwrap();
+    assert!(matches!(
+        rx.message().await.unwrap().unwrap().msg,
+        Some(v1::hub_message::Msg::Welcome(_))
+    ));
+    let addr = hub.addr.clone();
+    let beta = tokio::spawn(async move { connect(&addr, hello("beta", &tb)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!beta.is_finished(), "beta was admitted while alpha joined");
+    let nodes = vec![node("n1", 8, 8), node("n2", 8, 2)];
+    tx.send(msg(v1::agent_message::Msg::Snapshot(
+        v1::InventorySnapshot {
+            nodes: nodes.clone(),
+            signals: Some(v1::HealthSignals::default()),
+        },
+    )))
+    .await
+    .unwrap();
+    let first = ack_revision(rx.message().await.unwrap());
+    assert!(first > 0);
+    let (beta_tx, mut beta_rx) = tokio::time::timeout(Duration::from_secs(30), beta)
+        .await
+        .expect("beta admitted once alpha's report was stored")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        beta_rx.message().await.unwrap().unwrap().msg,
+        Some(v1::hub_message::Msg::Welcome(_))
+    ));
+    beta_tx
+        .send(msg(v1::agent_message::Msg::Snapshot(
+            v1::InventorySnapshot {
+                nodes: vec![node("b1", 8, 8)],
+                signals: Some(v1::HealthSignals::default()),
+            },
+        )))
+        .await
+        .unwrap();
+    assert!(ack_revision(beta_rx.message().await.unwrap()) > first);
+
+    // alpha reconnects: resending what the hub holds writes nothing; a real change does.
+    drop((tx, rx));
+    let (tx, mut rx) = connect(&hub.addr, hello("alpha", &ta)).await.unwrap();
+    match rx.message().await.unwrap().unwrap().msg {
+        Some(v1::hub_message::Msg::Welcome(w)) => assert_eq!(w.held.len(), 2),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    let delta = |upsert| {
+        msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+            upsert,
+            remove: vec![],
+            signals: Some(v1::HealthSignals::default()),
+        }))
+    };
+    tx.send(delta(vec![])).await.unwrap();
+    assert_eq!(ack_revision(rx.message().await.unwrap()), 0);
+    tx.send(delta(vec![nodes[0].clone()])).await.unwrap();
+    assert_eq!(ack_revision(rx.message().await.unwrap()), 0);
+    tx.send(delta(vec![node("n1", 8, 4)])).await.unwrap();
+    assert!(ack_revision(rx.message().await.unwrap()) > first);
+    // The view follows the store asynchronously; the acknowledged write arrives shortly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let inv = fleet
+            .get_inventory(v1::GetInventoryRequest {
+                cluster: "alpha".into(),
+                node: "n1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if inv.nodes[0].free_gpus == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change never reached the view"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     hub.shutdown.cancel();
 }
 

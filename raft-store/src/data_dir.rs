@@ -34,13 +34,17 @@ fn corrupt(dir: &Path, file: &str, reason: impl std::fmt::Display) -> StoreError
 fn open_db(
     dir: &Path,
     file: &str,
+    cache_bytes: usize,
     format: &[u8],
     meta: TableDefinition<'_, &str, &[u8]>,
     init: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
 ) -> Result<Arc<Database>, StoreError> {
     let path = dir.join(file);
     let existed = path.exists();
-    let db = Database::create(&path).map_err(|e| corrupt(dir, file, e))?;
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(&path)
+        .map_err(|e| corrupt(dir, file, e))?;
     let w = db.begin_write().map_err(|e| corrupt(dir, file, e))?;
     {
         let mut t = w.open_table(meta).map_err(|e| corrupt(dir, file, e))?;
@@ -79,18 +83,42 @@ fn open_db(
     Ok(Arc::new(db))
 }
 
+/// Page cache sizes of the two redb files. redb's own default is 1 GiB per file, which lets
+/// a busy member's RSS grow by 2 GiB of cache alone.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSizes {
+    /// `log.redb`: appends and recent reads for replication.
+    pub log_bytes: usize,
+    /// `sm.redb`: the key-value records and their history.
+    pub sm_bytes: usize,
+}
+
+impl Default for CacheSizes {
+    fn default() -> Self {
+        Self {
+            log_bytes: 32 << 20,
+            sm_bytes: 128 << 20,
+        }
+    }
+}
+
 impl DataDir {
-    /// Opens `dir` for node `node_id`, creating it if needed.
+    /// Opens `dir` for node `node_id`, creating it if needed, with the default cache sizes.
     pub fn open(dir: &Path, node_id: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, node_id, CacheSizes::default())
+    }
+
+    /// Opens `dir` for node `node_id`, creating it if needed.
+    pub fn open_with(dir: &Path, node_id: u64, cache: CacheSizes) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             dir: dir.to_path_buf(),
             source,
         })?;
-        let log = open_db(dir, "log.redb", FORMAT_LOG, META, |w| {
+        let log = open_db(dir, "log.redb", cache.log_bytes, FORMAT_LOG, META, |w| {
             w.open_table(LOG)?;
             Ok(())
         })?;
-        let sm = open_db(dir, "sm.redb", FORMAT_SM, SM_META, |w| {
+        let sm = open_db(dir, "sm.redb", cache.sm_bytes, FORMAT_SM, SM_META, |w| {
             w.open_table(KV)?;
             w.open_table(EVENTS)?;
             w.open_table(SNAP)?;

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::data_dir::DataDir;
+use crate::data_dir::{CacheSizes, DataDir};
 use crate::error::StoreError;
 use crate::network::{Faults, NetCtx, NetworkFactory};
 use crate::state_machine::{SmConfig, SmReader};
@@ -51,6 +51,8 @@ pub struct Tuning {
     pub write_timeout: Duration,
     /// Largest snapshot chunk sent in one InstallSnapshot message, in bytes.
     pub snapshot_chunk_bytes: u64,
+    /// Page cache of the redb files.
+    pub cache: CacheSizes,
 }
 
 impl Default for Tuning {
@@ -64,6 +66,7 @@ impl Default for Tuning {
             history_revisions: SmConfig::default().history_revisions,
             write_timeout: Duration::from_secs(5),
             snapshot_chunk_bytes: 3 * 1024 * 1024,
+            cache: CacheSizes::default(),
         }
     }
 }
@@ -267,7 +270,7 @@ impl StoreNode {
         if node_id == 0 {
             return Err(StoreError::Config("node id must be >= 1".into()));
         }
-        let mut data = DataDir::open(&data_dir, node_id)?;
+        let mut data = DataDir::open_with(&data_dir, node_id, tuning.cache)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| StoreError::Network(format!("bind {listen}: {e}")))?;

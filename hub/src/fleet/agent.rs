@@ -10,22 +10,22 @@ use std::time::Duration;
 use flotilla_api::convert::fleet::{self as conv, ReportLimits};
 use flotilla_api::convert::kv::LEADER_HINT_KEY;
 use flotilla_api::v1;
+use flotilla_core::health::Transition;
 use flotilla_core::inventory;
 use flotilla_core::kv::KvBackend;
 use futures::Stream;
+use prost::Message;
+use prost::bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::health::{HealthCtl, persist, unix_ms};
-use super::view::FleetView;
+use super::health::{HealthCtl, log_transition, persist, record_transition, unix_ms};
 use super::{Leadership, records};
 
 /// The agent-facing service.
 pub struct AgentSvc<B> {
     /// Store.
     pub backend: B,
-    /// This replica's fleet view (for what the hub already holds).
-    pub view: Arc<FleetView>,
     /// Health controller.
     pub health: Arc<HealthCtl>,
     /// Leadership.
@@ -36,6 +36,8 @@ pub struct AgentSvc<B> {
     pub heartbeat: Duration,
     /// Metrics.
     pub metrics: Arc<crate::metrics::HubMetrics>,
+    /// Admission to the join handshake (see `--max-concurrent-joins`).
+    pub joins: Arc<tokio::sync::Semaphore>,
 }
 
 fn not_leader(leader: &dyn Leadership) -> Status {
@@ -52,21 +54,37 @@ fn store_err(e: flotilla_core::kv::KvError) -> Status {
     flotilla_api::convert::kv::to_status(e)
 }
 
-/// A stream's view of its cluster: each node as received and as validated core data, so a
-/// delta converts only the nodes it carries.
-type Held = BTreeMap<String, (v1::NodeInventory, inventory::NodeInventory)>;
+/// How long a connected agent may hold a join slot before its first report.
+const JOIN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Build the stored inventory from validated nodes.
-fn inventory_record(cluster: &str, nodes: &Held) -> v1::Inventory {
-    let core: Vec<inventory::NodeInventory> = nodes.values().map(|(_, c)| c.clone()).collect();
-    v1::Inventory {
+/// A stream's copy of its cluster's nodes, each kept encoded: the leader holds one per
+/// connected cluster, and encoded nodes take a fraction of the memory of decoded ones.
+type Held = BTreeMap<String, Bytes>;
+
+fn held(nodes: &[v1::NodeInventory]) -> Held {
+    nodes
+        .iter()
+        .map(|n| (n.name.clone(), Bytes::from(n.encode_to_vec())))
+        .collect()
+}
+
+/// Build the stored inventory record from held (already validated) nodes.
+fn inventory_record(cluster: &str, nodes: &Held) -> Result<v1::Inventory, Status> {
+    let wire = nodes
+        .values()
+        .map(|b| v1::NodeInventory::decode(b.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::internal(format!("a held node no longer decodes: {e}")))?;
+    let core = conv::nodes_from_wire(&wire, "held", &ReportLimits::unlimited())
+        .map_err(|e| Status::internal(format!("a held node no longer validates: {e}")))?;
+    Ok(v1::Inventory {
         cluster: cluster.to_string(),
-        nodes: nodes.values().map(|(w, _)| w.clone()).collect(),
+        nodes: wire,
         pools: inventory::pools(&core)
             .iter()
             .map(conv::pool_to_wire)
             .collect(),
-    }
+    })
 }
 
 impl<B: KvBackend + Clone> AgentSvc<B> {
@@ -77,12 +95,17 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 "hello.token: a join token is required (flotctl join)",
             ));
         }
-        let (rec, _) = records::get::<B, v1::JoinTokenRecord>(
-            &self.backend,
-            &records::token_key(&hello.token),
-        )
-        .await
-        .map_err(store_err)?;
+        // Locally first; a token this replica has not applied yet is looked up linearizably.
+        let key = records::token_key(&hello.token);
+        let (mut rec, _) = records::get_local::<B, v1::JoinTokenRecord>(&self.backend, &key)
+            .await
+            .map_err(store_err)?;
+        if rec.is_none() {
+            rec = records::get::<B, v1::JoinTokenRecord>(&self.backend, &key)
+                .await
+                .map_err(store_err)?
+                .0;
+        }
         let Some(rec) = rec else {
             return Err(Status::unauthenticated("hello.token: unknown join token"));
         };
@@ -100,7 +123,12 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
         Ok(())
     }
 
-    async fn register(&self, hello: &v1::Hello) -> Result<(), Status> {
+    /// Create or refresh the cluster record, with the (re)join's health transition, in one
+    /// write.
+    async fn register(&self, hello: &v1::Hello, tr: Option<&Transition>) -> Result<(), Status> {
+        if let Some(tr) = tr {
+            log_transition(tr);
+        }
         let now = unix_ms();
         records::update::<B, v1::Cluster, _>(
             &self.backend,
@@ -116,13 +144,16 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 if c.health == v1::ClusterHealth::Left as i32 {
                     c.joined_at_unix_ms = now;
                 }
-                let new = v1::Cluster {
+                let mut new = v1::Cluster {
                     region: hello.region.clone(),
                     kubernetes_version: hello.kubernetes_version.clone(),
                     agent_version: hello.agent_version.clone(),
                     labels: hello.labels.clone(),
                     ..c.clone()
                 };
+                if let Some(tr) = tr {
+                    record_transition(&mut new, tr, now);
+                }
                 (is_new || new != c).then_some(new)
             },
         )
@@ -145,6 +176,17 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         if !self.leader.is_leader() || !self.health.active() {
             return Err(not_leader(&*self.leader));
         }
+        // Wait for a turn before the hello timeout starts; the permit is held until the
+        // first report is stored.
+        let permit = self
+            .joins
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the hub is shutting down"))?;
+        if !self.leader.is_leader() {
+            return Err(not_leader(&*self.leader));
+        }
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -158,23 +200,28 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             ));
         };
         self.authenticate(&hello).await?;
-        self.register(&hello).await?;
         let cluster = hello.cluster.clone();
-        if let Some(tr) = self.health.joined(&cluster) {
-            persist(&self.backend, &tr).await.map_err(store_err)?;
-        }
-        // What the hub holds, so the agent resends only what differs.
-        let held_inventory = self.view.inventory(&cluster).unwrap_or_default();
-        let held: std::collections::HashMap<String, Vec<u8>> = held_inventory
-            .nodes
+        let joined = self.health.joined(&cluster);
+        self.register(&hello, joined.as_ref()).await?;
+        // What the store holds (read linearizably: the stream compares against it to skip
+        // writes), so the agent resends only what differs.
+        let (held_inventory, _) =
+            records::get::<B, v1::Inventory>(&self.backend, &records::inventory_key(&cluster))
+                .await
+                .map_err(store_err)?;
+        let mut stored = held_inventory.is_some();
+        let held_inventory = held_inventory.unwrap_or_default();
+        let mut nodes = held(&held_inventory.nodes);
+        drop(held_inventory);
+        let digests: std::collections::HashMap<String, Vec<u8>> = nodes
             .iter()
-            .map(|n| (n.name.clone(), records::node_digest(n)))
+            .map(|(name, b)| (name.clone(), records::digest(b)))
             .collect();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let welcome = v1::HubMessage {
             msg: Some(v1::hub_message::Msg::Welcome(v1::Welcome {
                 heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
-                held,
+                held: digests,
             })),
         };
         tx.send(Ok(welcome))
@@ -190,18 +237,20 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         );
         let metrics = self.metrics.clone();
         metrics.agents_connected.inc();
+        let mut permit = Some(permit);
+        // An agent that never reports does not keep its join slot.
+        let join_deadline = tokio::time::sleep(JOIN_SLOT_TIMEOUT);
         tokio::spawn(async move {
-            // Stored records were validated when written.
-            let mut nodes: Held = held_inventory
-                .nodes
-                .into_iter()
-                .filter_map(|w| {
-                    let c = conv::node_from_wire(&w, "stored", &ReportLimits::unlimited()).ok()?;
-                    Some((w.name.clone(), (w, c)))
-                })
-                .collect();
+            tokio::pin!(join_deadline);
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = &mut join_deadline, if permit.is_some() => {
+                        permit.take();
+                        continue;
+                    }
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -222,7 +271,13 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     _ => "other",
                 };
                 let result = handle(
-                    &backend, &health, &metrics, &limits, &cluster, &mut nodes, msg,
+                    &backend,
+                    &health,
+                    &metrics,
+                    &limits,
+                    &cluster,
+                    (&mut nodes, &mut stored),
+                    msg,
                 )
                 .await;
                 metrics.message(if result.is_err() { "rejected" } else { kind });
@@ -233,6 +288,8 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                 }
                 match result {
                     Ok(Some(reply)) => {
+                        // The join is done once its first report is stored.
+                        permit.take();
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
                         }
@@ -261,7 +318,7 @@ async fn handle<B: KvBackend>(
     metrics: &crate::metrics::HubMetrics,
     limits: &ReportLimits,
     cluster: &str,
-    nodes: &mut Held,
+    (nodes, stored): (&mut Held, &mut bool),
     msg: v1::AgentMessage,
 ) -> Result<Option<v1::HubMessage>, Status> {
     use v1::agent_message::Msg;
@@ -282,30 +339,20 @@ async fn handle<B: KvBackend>(
             return Ok(None);
         }
         Some(Msg::Snapshot(s)) => {
-            let core = conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits)
-                .map_err(|e| e.to_status())?;
+            conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits).map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(s.signals.as_ref(), "snapshot.signals")
                 .map_err(|e| e.to_status())?;
-            let next: Held = s
-                .nodes
-                .into_iter()
-                .zip(core)
-                .map(|(w, c)| (w.name.clone(), (w, c)))
-                .collect();
-            (next, signals)
+            (held(&s.nodes), signals)
         }
         Some(Msg::Delta(d)) => {
-            let core = conv::nodes_from_wire(&d.upsert, "delta.upsert", limits)
-                .map_err(|e| e.to_status())?;
+            conv::nodes_from_wire(&d.upsert, "delta.upsert", limits).map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(d.signals.as_ref(), "delta.signals")
                 .map_err(|e| e.to_status())?;
             let mut next = nodes.clone();
             for r in &d.remove {
                 next.remove(r);
             }
-            for (w, c) in d.upsert.into_iter().zip(core) {
-                next.insert(w.name.clone(), (w, c));
-            }
+            next.extend(held(&d.upsert));
             if next.len() > limits.max_nodes {
                 return Err(conv::Invalid {
                     field: "delta.upsert".into(),
@@ -321,19 +368,21 @@ async fn handle<B: KvBackend>(
         }
         None => return Err(Status::invalid_argument("msg: empty message")),
     };
-    let record = inventory_record(cluster, &next);
-    let write_started = std::time::Instant::now();
-    let revision =
-        records::update::<B, v1::Inventory, _>(backend, &records::inventory_key(cluster), |_| {
-            Some(record.clone())
-        })
-        .await
-        .map_err(store_err)?
-        .unwrap_or(0);
-    metrics
-        .store_write_seconds
-        .observe(write_started.elapsed().as_secs_f64());
-    *nodes = next;
+    // A resync that matches what the hub holds writes nothing (0: no new revision).
+    let mut revision = 0;
+    if next != *nodes || !*stored {
+        let record = inventory_record(cluster, &next)?;
+        let write_started = std::time::Instant::now();
+        // Only this stream writes this cluster's inventory, so no compare is needed.
+        revision = records::put(backend, &records::inventory_key(cluster), &record)
+            .await
+            .map_err(store_err)?;
+        metrics
+            .store_write_seconds
+            .observe(write_started.elapsed().as_secs_f64());
+        *nodes = next;
+        *stored = true;
+    }
     if let Some(tr) = health.report(cluster, signals) {
         persist(backend, &tr).await.map_err(store_err)?;
     }

@@ -118,27 +118,37 @@ impl HealthCtl {
     }
 }
 
-/// Write a transition into the cluster record (health, reason, bounded history).
+/// Record a transition in a cluster record: health, reason, and bounded history.
+pub fn record_transition(c: &mut v1::Cluster, tr: &Transition, at_unix_ms: i64) {
+    c.health = health_to_wire(tr.to) as i32;
+    c.health_reason = tr.reason.clone();
+    c.history.insert(
+        0,
+        v1::HealthTransition {
+            from: health_to_wire(tr.from) as i32,
+            to: health_to_wire(tr.to) as i32,
+            reason: tr.reason.clone(),
+            at_unix_ms,
+        },
+    );
+    c.history.truncate(HISTORY);
+}
+
+/// Log a transition.
+pub fn log_transition(tr: &Transition) {
+    tracing::info!(cluster = %tr.cluster, from = ?tr.from, to = ?tr.to, reason = %tr.reason, "health transition");
+}
+
+/// Write a transition into the cluster record.
 pub async fn persist<B: KvBackend>(
     b: &B,
     tr: &Transition,
 ) -> Result<(), flotilla_core::kv::KvError> {
-    tracing::info!(cluster = %tr.cluster, from = ?tr.from, to = ?tr.to, reason = %tr.reason, "health transition");
+    log_transition(tr);
     let at = unix_ms();
     records::update::<B, v1::Cluster, _>(b, &records::cluster_key(&tr.cluster), |cur| {
         let mut c = cur?;
-        c.health = health_to_wire(tr.to) as i32;
-        c.health_reason = tr.reason.clone();
-        c.history.insert(
-            0,
-            v1::HealthTransition {
-                from: health_to_wire(tr.from) as i32,
-                to: health_to_wire(tr.to) as i32,
-                reason: tr.reason.clone(),
-                at_unix_ms: at,
-            },
-        );
-        c.history.truncate(HISTORY);
+        record_transition(&mut c, tr, at);
         Some(c)
     })
     .await

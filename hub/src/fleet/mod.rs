@@ -44,6 +44,8 @@ pub struct FleetConfig {
     pub heartbeat: Duration,
     /// Report limits.
     pub limits: ReportLimits,
+    /// Agents in the join handshake at once.
+    pub max_concurrent_joins: usize,
 }
 
 /// The fleet's shared parts, created before the store member starts serving.
@@ -57,6 +59,8 @@ pub struct Fleet {
     pub config: FleetConfig,
     /// Metrics.
     pub metrics: Arc<crate::metrics::HubMetrics>,
+    /// Admission to the join handshake, shared by every route set this replica serves.
+    joins: Arc<tokio::sync::Semaphore>,
 }
 
 impl Fleet {
@@ -67,6 +71,9 @@ impl Fleet {
             health: health::HealthCtl::new(config.policy),
             config,
             metrics: crate::metrics::HubMetrics::new(),
+            joins: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_joins.max(1),
+            )),
         }
     }
 
@@ -74,12 +81,12 @@ impl Fleet {
     pub fn routes(&self, node: StoreNode) -> tonic::service::Routes {
         let agent = agent::AgentSvc {
             backend: node.clone(),
-            view: self.view.clone(),
             health: self.health.clone(),
             leader: Arc::new(node.clone()),
             limits: self.config.limits,
             heartbeat: self.config.heartbeat,
             metrics: self.metrics.clone(),
+            joins: self.joins.clone(),
         };
         let fleet = service::FleetSvc {
             backend: node,

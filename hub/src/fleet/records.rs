@@ -2,7 +2,8 @@
 
 use flotilla_api::v1;
 use flotilla_core::kv::{
-    Compare, CompareOp, CompareTarget, KeyRange, KvBackend, KvError, Op, RangeRequest, TxnRequest,
+    Compare, CompareOp, CompareTarget, Consistency, KeyRange, KvBackend, KvError, Op, RangeRequest,
+    TxnRequest,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -35,15 +36,39 @@ fn hex(b: &[u8]) -> String {
 
 /// Digest of a node record, so a reconnecting agent resends only what differs.
 pub fn node_digest(n: &v1::NodeInventory) -> Vec<u8> {
-    Sha256::digest(n.encode_to_vec()).to_vec()
+    digest(&n.encode_to_vec())
 }
 
-/// Read one record and its mod revision (0 when absent).
+/// Digest of an encoded node record (see [`node_digest`]).
+pub fn digest(encoded: &[u8]) -> Vec<u8> {
+    Sha256::digest(encoded).to_vec()
+}
+
+/// Read one record and its mod revision (0 when absent), linearizably.
 pub async fn get<B: KvBackend, M: Message + Default>(
     b: &B,
     key: &str,
 ) -> Result<(Option<M>, i64), KvError> {
-    let r = b.range(RangeRequest::new(KeyRange::key(key))).await?;
+    get_at(b, key, Consistency::Linearizable).await
+}
+
+/// Read one record from this replica's applied state, without a round of Raft: for
+/// read-modify-writes, whose compare on the mod revision catches a stale read.
+pub async fn get_local<B: KvBackend, M: Message + Default>(
+    b: &B,
+    key: &str,
+) -> Result<(Option<M>, i64), KvError> {
+    get_at(b, key, Consistency::Serializable).await
+}
+
+async fn get_at<B: KvBackend, M: Message + Default>(
+    b: &B,
+    key: &str,
+    consistency: Consistency,
+) -> Result<(Option<M>, i64), KvError> {
+    let mut req = RangeRequest::new(KeyRange::key(key));
+    req.consistency = consistency;
+    let r = b.range(req).await?;
     match r.kvs.into_iter().next() {
         Some(kv) => {
             let m = M::decode(kv.value.as_slice())
@@ -76,8 +101,23 @@ pub async fn put_if<B: KvBackend, M: Message>(
     Ok(r.succeeded.then_some(r.revision))
 }
 
+/// Write a record unconditionally (for keys only one writer owns, such as a connected
+/// cluster's inventory). Returns the revision.
+pub async fn put<B: KvBackend, M: Message>(b: &B, key: &str, m: &M) -> Result<i64, KvError> {
+    let r = b
+        .txn(TxnRequest {
+            compare: vec![],
+            success: vec![Op::put(key, m.encode_to_vec())],
+            failure: vec![],
+        })
+        .await?;
+    Ok(r.revision)
+}
+
 /// Read-modify-write a record with compare-on-revision, retrying on conflicts. `f` gets the
-/// current record (if any) and returns the new one, or `None` to leave it alone.
+/// current record (if any) and returns the new one, or `None` to leave it alone. The read is
+/// local (see [`get_local`]): a stale one costs a retry when writing, and a linearizable
+/// re-read before concluding there is nothing to write.
 pub async fn update<B, M, F>(b: &B, key: &str, mut f: F) -> Result<Option<i64>, KvError>
 where
     B: KvBackend,
@@ -85,8 +125,19 @@ where
     F: FnMut(Option<M>) -> Option<M>,
 {
     for _ in 0..16 {
-        let (cur, rev) = get::<B, M>(b, key).await?;
-        let Some(new) = f(cur) else { return Ok(None) };
+        let (cur, mut rev) = get_local::<B, M>(b, key).await?;
+        let new = match f(cur) {
+            Some(new) => new,
+            // "Nothing to do" from a possibly stale read is confirmed by a linearizable one.
+            None => {
+                let (cur, r) = get::<B, M>(b, key).await?;
+                rev = r;
+                match f(cur) {
+                    Some(new) => new,
+                    None => return Ok(None),
+                }
+            }
+        };
         if let Some(r) = put_if(b, key, &new, rev).await? {
             return Ok(Some(r));
         }

@@ -11,6 +11,7 @@ use flotilla_core::kv::{
 };
 use futures::StreamExt;
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -19,16 +20,36 @@ use super::records::{CLUSTERS, INVENTORY};
 #[derive(Default)]
 struct State {
     clusters: BTreeMap<String, v1::Cluster>,
-    inventory: BTreeMap<String, v1::Inventory>,
+    inventory: BTreeMap<String, Held>,
+}
+
+/// An inventory as the view holds it: encoded (a fraction of the decoded size, which matters
+/// at ten thousand clusters) with its totals, decoded when a read needs the nodes.
+struct Held {
+    encoded: Bytes,
+    nodes: u32,
+    physical_gpus: i64,
+    free_gpus: i64,
+}
+
+impl Held {
+    fn new(encoded: Bytes, i: &v1::Inventory) -> Self {
+        Self {
+            encoded,
+            nodes: i.nodes.len() as u32,
+            physical_gpus: i.nodes.iter().map(|n| n.physical_gpus).sum(),
+            free_gpus: i.pools.iter().map(|p| p.free_gpus).sum(),
+        }
+    }
 }
 
 /// A cluster record with node and GPU totals from its inventory.
-fn with_totals(c: &v1::Cluster, inv: Option<&v1::Inventory>) -> v1::Cluster {
+fn with_totals(c: &v1::Cluster, inv: Option<&Held>) -> v1::Cluster {
     let mut c = c.clone();
     if let Some(i) = inv {
-        c.nodes = i.nodes.len() as u32;
-        c.physical_gpus = i.nodes.iter().map(|n| n.physical_gpus).sum();
-        c.free_gpus = i.pools.iter().map(|p| p.free_gpus).sum();
+        c.nodes = i.nodes;
+        c.physical_gpus = i.physical_gpus;
+        c.free_gpus = i.free_gpus;
     }
     c
 }
@@ -86,23 +107,15 @@ impl FleetView {
 
     /// One cluster's inventory.
     pub fn inventory(&self, name: &str) -> Option<v1::Inventory> {
-        self.state
+        let encoded = self
+            .state
             .read()
             .expect("view")
             .inventory
             .get(name)
-            .cloned()
-    }
-
-    /// Every inventory, by cluster.
-    pub fn inventories(&self) -> Vec<v1::Inventory> {
-        self.state
-            .read()
-            .expect("view")
-            .inventory
-            .values()
-            .cloned()
-            .collect()
+            .map(|h| h.encoded.clone())?;
+        // It decoded once already, when it arrived.
+        v1::Inventory::decode(encoded).ok()
     }
 
     /// Fleet events from now on.
@@ -158,12 +171,11 @@ impl FleetView {
                 }
             }
         } else if let Some(name) = key.strip_prefix(INVENTORY) {
-            match value.map(v1::Inventory::decode) {
-                Some(Ok(i)) => {
-                    // Copy the inventory for watchers only when someone is watching.
-                    let event = (self.events.receiver_count() > 0).then(|| i.clone());
-                    st.inventory.insert(name.to_string(), i);
-                    if let Some(i) = event {
+            match value.map(|v| (v, v1::Inventory::decode(v))) {
+                Some((v, Ok(i))) => {
+                    st.inventory
+                        .insert(name.to_string(), Held::new(Bytes::copy_from_slice(v), &i));
+                    if self.events.receiver_count() > 0 {
                         let e = v1::fleet_event::Event::Inventory(i);
                         let _ = self.events.send(v1::FleetEvent {
                             cluster: name.to_string(),
@@ -171,7 +183,7 @@ impl FleetView {
                         });
                     }
                 }
-                Some(Err(e)) => {
+                Some((_, Err(e))) => {
                     tracing::warn!(key = %key, error = %e, "undecodable inventory record")
                 }
                 None => {
