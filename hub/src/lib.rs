@@ -80,7 +80,7 @@ pub struct Args {
     pub store_cache_mib: usize,
     /// Agents admitted to the join handshake (hello to first acknowledged report) at once;
     /// the rest wait their turn, so a reconnect storm queues instead of timing out.
-    #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_JOINS", default_value_t = 128)]
+    #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_JOINS", default_value_t = 256)]
     pub max_concurrent_joins: usize,
 }
 

@@ -92,7 +92,8 @@ struct SmState {
     compact_revision: Revision,
 }
 
-/// Everything a snapshot carries: the tables, raw.
+/// Everything a snapshot carries: the state and the current records, raw. `events` is empty
+/// in snapshots this version builds (history is not shipped) and still read from older ones.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     state: SmState,
@@ -637,10 +638,10 @@ fn build_payload(db: &Database) -> Result<SnapshotPayload, redb::Error> {
         let (k, v) = item?;
         p.kv.push((k.value().to_vec(), v.value().to_vec()));
     }
-    for item in r.open_table(EVENTS)?.iter()? {
-        let (k, v) = item?;
-        p.events.push((k.value(), v.value().to_vec()));
-    }
+    // History stays out of snapshots (decision 0006): it would make every snapshot as large
+    // as the whole history window, in memory. A member that installs one starts its history
+    // at the snapshot's revision; watchers from before it get `Compacted` and re-list.
+    p.state.compact_revision = p.state.revision;
     Ok(p)
 }
 

@@ -166,6 +166,19 @@ async fn lagging_follower_catches_up_by_snapshot() {
         .range(&RangeRequest::new(KeyRange::prefix("/s/")))
         .unwrap();
     assert_eq!(r.count, 200);
+    // Snapshots carry no history (decision 0006): the lagger's history starts at the snapshot,
+    // while the leader, which built it, still reads the past.
+    let mut past = RangeRequest::new(KeyRange::prefix("/s/"));
+    past.revision = 2;
+    assert!(
+        matches!(
+            c.node(lagger).reader().range(&past),
+            Err(flotilla_core::kv::KvError::Compacted { .. })
+        ),
+        "a member that installed a snapshot has no history before it"
+    );
+    // Revisions 1 and 2 are the first two puts.
+    assert_eq!(c.node(leader).reader().range(&past).unwrap().count, 2);
     let d = c.digests();
     assert!(d.windows(2).all(|w| w[0] == w[1]));
     c.shutdown().await;
