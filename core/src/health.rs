@@ -42,6 +42,11 @@ pub struct Signals {
 }
 
 impl Signals {
+    /// Nothing wrong: exactly when [`Signals::reasons`] is empty.
+    pub fn healthy(&self) -> bool {
+        !self.api_unreachable && self.nodes_not_ready == 0 && self.gpus_failed <= 0
+    }
+
     /// Why these signals make a cluster Degraded (empty: healthy).
     pub fn reasons(&self) -> Vec<String> {
         let mut r = Vec::new();
@@ -142,7 +147,13 @@ impl Tracker {
         self.clusters.get(cluster).map(|e| e.health)
     }
 
-    fn set(&mut self, cluster: &str, to: Health, reason: String) -> Option<Transition> {
+    /// `reason` is built only for a transition: most calls (every heartbeat) change nothing.
+    fn set(
+        &mut self,
+        cluster: &str,
+        to: Health,
+        reason: impl FnOnce() -> String,
+    ) -> Option<Transition> {
         let e = self.clusters.get_mut(cluster)?;
         if e.health == to {
             return None;
@@ -153,7 +164,7 @@ impl Tracker {
             cluster: cluster.to_string(),
             from,
             to,
-            reason,
+            reason: reason(),
         })
     }
 
@@ -166,7 +177,7 @@ impl Tracker {
         });
         e.last_seen = Some(now);
         if e.health == Health::Left {
-            return self.set(cluster, Health::Joining, "joined the fleet".into());
+            return self.set(cluster, Health::Joining, || "joined the fleet".into());
         }
         None
     }
@@ -182,11 +193,9 @@ impl Tracker {
             let signals = e.signals.clone();
             return match signals {
                 Some(s) => self.apply(cluster, &s),
-                None => self.set(
-                    cluster,
-                    Health::Joining,
-                    "heartbeat resumed; waiting for a report".into(),
-                ),
+                None => self.set(cluster, Health::Joining, || {
+                    "heartbeat resumed; waiting for a report".into()
+                }),
             };
         }
         None
@@ -204,17 +213,16 @@ impl Tracker {
     }
 
     fn apply(&mut self, cluster: &str, s: &Signals) -> Option<Transition> {
-        let reasons = s.reasons();
-        if reasons.is_empty() {
-            self.set(cluster, Health::Ready, "reporting, no problems".into())
+        if s.healthy() {
+            self.set(cluster, Health::Ready, || "reporting, no problems".into())
         } else {
-            self.set(cluster, Health::Degraded, reasons.join("; "))
+            self.set(cluster, Health::Degraded, || s.reasons().join("; "))
         }
     }
 
     /// The cluster left explicitly.
     pub fn left(&mut self, cluster: &str) -> Option<Transition> {
-        self.set(cluster, Health::Left, "left the fleet".into())
+        self.set(cluster, Health::Left, || "left the fleet".into())
     }
 
     /// When a silent cluster becomes Unreachable: nobody is judged before the grace period
@@ -239,11 +247,9 @@ impl Tracker {
         overdue
             .into_iter()
             .filter_map(|c| {
-                self.set(
-                    &c,
-                    Health::Unreachable,
-                    format!("no heartbeat for {after:?}"),
-                )
+                self.set(&c, Health::Unreachable, || {
+                    format!("no heartbeat for {after:?}")
+                })
             })
             .collect()
     }
@@ -263,6 +269,22 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn healthy_exactly_when_there_is_no_reason() {
+        for api_unreachable in [false, true] {
+            for nodes_not_ready in [0, 2] {
+                for gpus_failed in [0, 1] {
+                    let s = Signals {
+                        api_unreachable,
+                        nodes_not_ready,
+                        gpus_failed,
+                    };
+                    assert_eq!(s.healthy(), s.reasons().is_empty(), "{s:?}");
+                }
+            }
+        }
+    }
 
     fn policy() -> Policy {
         Policy {

@@ -31,7 +31,19 @@ pub struct HubMetrics {
     clusters: Family<Labels, Gauge>,
     raft_leader: Gauge,
     raft_term: Gauge,
+    /// One counter per message kind, looked up without allocating (thousands per second).
+    kinds: Vec<(&'static str, Counter)>,
 }
+
+/// Message kinds counted in `agent_messages`.
+const KINDS: [&str; 6] = [
+    "snapshot",
+    "delta",
+    "heartbeat",
+    "leave",
+    "rejected",
+    "other",
+];
 
 impl HubMetrics {
     /// Register every metric.
@@ -75,7 +87,19 @@ impl HubMetrics {
             raft_leader.clone(),
         );
         registry.register("raft_term", "Current Raft term", raft_term.clone());
+        let kinds = KINDS
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    reports
+                        .get_or_create(&vec![("kind".into(), k.to_string())])
+                        .clone(),
+                )
+            })
+            .collect();
         Arc::new(Self {
+            kinds,
             registry,
             agents_connected,
             reports,
@@ -87,11 +111,18 @@ impl HubMetrics {
         })
     }
 
-    /// Count one agent message.
+    /// Count one agent message (`kind` is one of `snapshot`, `delta`, `heartbeat`, `leave`,
+    /// `rejected`; anything else counts as `other`).
     pub fn message(&self, kind: &str) {
-        self.reports
-            .get_or_create(&vec![("kind".into(), kind.into())])
-            .inc();
+        let counter = self
+            .kinds
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .or_else(|| self.kinds.last())
+            .map(|(_, c)| c);
+        if let Some(c) = counter {
+            c.inc();
+        }
     }
 }
 
