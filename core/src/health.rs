@@ -208,7 +208,17 @@ impl Tracker {
             return None;
         }
         e.last_seen = Some(now);
+        let changed = e.signals.as_ref() != Some(&signals);
         e.signals = Some(signals.clone());
+        if e.health == Health::Degraded && !signals.healthy() && changed {
+            // Still Degraded, for other reasons: a transition keeps the stored reason true.
+            return Some(Transition {
+                cluster: cluster.to_string(),
+                from: Health::Degraded,
+                to: Health::Degraded,
+                reason: signals.reasons().join("; "),
+            });
+        }
         self.apply(cluster, &signals)
     }
 
@@ -271,6 +281,24 @@ mod tests {
     const S: fn(u64) -> Duration = Duration::from_secs;
 
     #[test]
+    fn a_degraded_cluster_whose_reasons_change_gets_a_new_reason() {
+        let mut t = Tracker::new(policy(), S(0), []);
+        t.joined("a", S(0));
+        let not_ready = |n| Signals {
+            nodes_not_ready: n,
+            ..Default::default()
+        };
+        let tr = t.report("a", S(1), not_ready(1)).unwrap();
+        assert_eq!((tr.from, tr.to), (Health::Joining, Health::Degraded));
+        let tr = t.report("a", S(2), not_ready(3)).unwrap();
+        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Degraded));
+        assert!(tr.reason.contains("3 node(s) not Ready"), "{}", tr.reason);
+        assert_eq!(t.report("a", S(3), not_ready(3)), None);
+        let tr = t.report("a", S(4), Signals::default()).unwrap();
+        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Ready));
+    }
+
+    #[test]
     fn healthy_exactly_when_there_is_no_reason() {
         for api_unreachable in [false, true] {
             for nodes_not_ready in [0, 2] {
@@ -317,11 +345,9 @@ mod tests {
             api_unreachable: true,
             ..Default::default()
         };
-        assert_eq!(
-            t.report("a", S(4), api),
-            None,
-            "Degraded → Degraded is not a transition"
-        );
+        let tr = t.report("a", S(4), api).unwrap();
+        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Degraded));
+        assert!(tr.reason.contains("API server"), "new reasons are recorded");
         assert_eq!(t.left("a").unwrap().to, Health::Left);
         t.joined("a", S(4));
         let api = Signals {
