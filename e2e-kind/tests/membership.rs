@@ -6,21 +6,15 @@
 //! - killing the hub leader: agents reconnect to the new leader and no cluster goes Unreachable;
 //! - a report over the limits is rejected naming the field, and the stored state stays intact.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_api::v1;
-use tonic::transport::Channel;
+use flotilla_test_support::{channel, free_port, store_status as status, wait_until};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Liveness bound for every wait in this test.
+const LIMIT: Duration = Duration::from_secs(90);
 
 /// The workspace's binaries for this profile, built on demand (a test cannot depend on
 /// another package's binaries directly).
@@ -127,40 +121,12 @@ fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path
         .expect("spawn flotilla-agent")
 }
 
-async fn channel(port: u16) -> Option<Channel> {
-    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()
-}
-
-async fn status(port: u16) -> Option<v1::StatusResponse> {
-    let mut c = v1::store_admin_client::StoreAdminClient::new(channel(port).await?);
-    c.status(v1::StatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
 async fn clusters(port: u16) -> Option<Vec<v1::Cluster>> {
     let mut c = v1::fleet_service_client::FleetServiceClient::new(channel(port).await?);
     c.list_clusters(v1::ListClustersRequest {})
         .await
         .ok()
         .map(|r| r.into_inner().clusters)
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
@@ -220,7 +186,7 @@ async fn three_hubs_three_agents_survive_kills() {
     // Three hub replicas.
     let ports = [free_port(), free_port(), free_port()];
     procs.0.push(hub(&bin, 1, dir.path(), ports[0], None));
-    wait_until("hub 1 up", || async {
+    wait_until("hub 1 up", LIMIT, || async {
         status(ports[0]).await.is_some_and(|s| s.leader_id == 1)
     })
     .await;
@@ -230,7 +196,7 @@ async fn three_hubs_three_agents_survive_kills() {
     procs
         .0
         .push(hub(&bin, 3, dir.path(), ports[2], Some(ports[0])));
-    wait_until("three voters", || async {
+    wait_until("three voters", LIMIT, || async {
         status(ports[0])
             .await
             .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == 3)
@@ -254,7 +220,7 @@ async fn three_hubs_three_agents_survive_kills() {
             .token;
         tokens.push(t);
     }
-    wait_until("kubeconfigs written", || async {
+    wait_until("kubeconfigs written", LIMIT, || async {
         names
             .iter()
             .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
@@ -265,7 +231,7 @@ async fn three_hubs_three_agents_survive_kills() {
         .zip(&tokens)
         .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
         .collect();
-    wait_until("all three clusters Ready", || async {
+    wait_until("all three clusters Ready", LIMIT, || async {
         clusters(ports[2]).await.is_some_and(|cs| {
             names
                 .iter()
@@ -279,7 +245,7 @@ async fn three_hubs_three_agents_survive_kills() {
     agents[0].kill().unwrap();
     agents[0].wait().unwrap();
     let killed = Instant::now();
-    wait_until("east Unreachable", || async {
+    wait_until("east Unreachable", LIMIT, || async {
         clusters(ports[1])
             .await
             .is_some_and(|cs| health(&cs, "east") == Some(v1::ClusterHealth::Unreachable))
@@ -296,7 +262,7 @@ async fn three_hubs_three_agents_survive_kills() {
         &tokens[0],
         &kc.join("east.kubeconfig"),
     );
-    wait_until("east Ready again", || async {
+    wait_until("east Ready again", LIMIT, || async {
         clusters(ports[1])
             .await
             .is_some_and(|cs| health(&cs, "east") == Some(v1::ClusterHealth::Ready))

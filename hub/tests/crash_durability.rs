@@ -4,24 +4,18 @@
 //! state digest.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flotilla_api::v1;
 use flotilla_core::kv::{Consistency, KeyRange, KvBackend, KvError, RangeRequest, TxnRequest};
 use flotilla_raft_store::client::StoreClient;
+use flotilla_test_support::{free_port, store_status as status, wait_until};
 use sha2::{Digest, Sha256};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Liveness bound for every wait in this test.
+const LIMIT: Duration = Duration::from_secs(60);
 
 fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-hub"));
@@ -41,31 +35,6 @@ fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
         cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
     }
     cmd.spawn().expect("spawn flotilla-hub")
-}
-
-async fn status(port: u16) -> Option<v1::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
-    c.status(v1::StatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn digest_of(port: u16) -> String {
@@ -93,13 +62,13 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port(), free_port()];
     let mut children: Vec<Option<Child>> = vec![Some(spawn(1, dir.path(), ports[0], None))];
-    wait_until("member 1 to lead", || async {
+    wait_until("member 1 to lead", LIMIT, || async {
         status(ports[0]).await.is_some_and(|s| s.role == "leader")
     })
     .await;
     children.push(Some(spawn(2, dir.path(), ports[1], Some(ports[0]))));
     children.push(Some(spawn(3, dir.path(), ports[2], Some(ports[0]))));
-    wait_until("three voters", || async {
+    wait_until("three voters", LIMIT, || async {
         status(ports[0])
             .await
             .is_some_and(|s| s.members.len() == 3 && s.members.iter().all(|m| m.voter))
@@ -158,7 +127,7 @@ async fn acknowledged_writes_survive_kill_9_of_the_leader() {
         "writes continued after the leader was killed"
     );
 
-    wait_until("replicas to converge", || async {
+    wait_until("replicas to converge", LIMIT, || async {
         let mut s = Vec::new();
         for p in ports {
             match status(p).await {

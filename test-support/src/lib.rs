@@ -1,0 +1,48 @@
+//! Helpers shared by the tests that drive real processes over loopback. Kept tiny on purpose:
+//! anything that knows a test's scenario stays in that test.
+
+use std::time::{Duration, Instant};
+
+use flotilla_api::v1;
+use tonic::transport::Channel;
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// A gRPC channel to `127.0.0.1:port`, or `None` while nothing answers there.
+pub async fn channel(port: u16) -> Option<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()
+}
+
+/// The store status of the hub on `port`, or `None` while it does not answer.
+pub async fn store_status(port: u16) -> Option<v1::StatusResponse> {
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel(port).await?);
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Poll `f` every 100 ms until it holds; panic naming `what` after `limit` (a liveness bound,
+/// generous on purpose: the machines running tests are shared and noisy).
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
