@@ -146,19 +146,39 @@ async fn wait_health(fleet: &mut FleetServiceClient<Channel>, name: &str, want: 
     wait_reason(fleet, name, want, "").await
 }
 
-#[tokio::test]
-async fn agents_join_report_and_are_judged() {
-    let hub = hub().await;
-    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
-    let token = fleet
+async fn token(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> String {
+    fleet
         .create_join_token(v1::CreateJoinTokenRequest {
-            cluster: "alpha".into(),
+            cluster: cluster.into(),
             ttl_seconds: 0,
         })
         .await
         .unwrap()
         .into_inner()
-        .token;
+        .token
+}
+
+/// One cluster's inventory, or one node of it (`node` non-empty).
+async fn inventory(
+    fleet: &mut FleetServiceClient<Channel>,
+    cluster: &str,
+    node: &str,
+) -> Result<v1::Inventory, tonic::Status> {
+    fleet
+        .get_inventory(v1::GetInventoryRequest {
+            cluster: cluster.into(),
+            node: node.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn agents_join_report_and_are_judged() {
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let token = token(&mut fleet, "alpha").await;
 
     // Authentication and naming errors tell the caller what to fix.
     let e = connect(&hub.addr, hello("alpha", "flt_wrong"))
@@ -204,14 +224,7 @@ async fn agents_join_report_and_are_judged() {
     assert!(matches!(ack.msg, Some(v1::hub_message::Msg::Ack(a)) if a.revision > 0));
     wait_health(&mut fleet, "alpha", v1::ClusterHealth::Ready).await;
 
-    let inv = fleet
-        .get_inventory(v1::GetInventoryRequest {
-            cluster: "alpha".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let inv = inventory(&mut fleet, "alpha", "").await.unwrap();
     assert_eq!(inv.nodes.len(), 2);
     assert_eq!(inv.pools[0].free_gpus, 10);
     let cap = fleet
@@ -332,14 +345,7 @@ async fn agents_join_report_and_are_judged() {
         e.metadata().get("flotilla-field").unwrap(),
         "delta.upsert[0].resources[0].capacity"
     );
-    let inv = fleet
-        .get_inventory(v1::GetInventoryRequest {
-            cluster: "alpha".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let inv = inventory(&mut fleet, "alpha", "").await.unwrap();
     let names: Vec<&str> = inv.nodes.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["n2", "n3"]);
 
@@ -382,18 +388,6 @@ async fn agents_join_report_and_are_judged() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     hub.shutdown.cancel();
-}
-
-async fn token(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> String {
-    fleet
-        .create_join_token(v1::CreateJoinTokenRequest {
-            cluster: cluster.into(),
-            ttl_seconds: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
 }
 
 fn ack_revision(m: Option<v1::HubMessage>) -> i64 {
@@ -476,15 +470,7 @@ async fn joins_wait_their_turn_and_an_unchanged_resync_writes_nothing() {
     // The view follows the store asynchronously; the acknowledged write arrives shortly.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let inv = fleet
-            .get_inventory(v1::GetInventoryRequest {
-                cluster: "alpha".into(),
-                node: "n1".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let inv = inventory(&mut fleet, "alpha", "n1").await.unwrap();
         if inv.nodes[0].free_gpus == 4 {
             break;
         }
@@ -510,14 +496,9 @@ clusters:
 "#;
 
 async fn inventory_nodes(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> usize {
-    fleet
-        .get_inventory(v1::GetInventoryRequest {
-            cluster: cluster.into(),
-            ..Default::default()
-        })
+    inventory(fleet, cluster, "")
         .await
-        .map(|i| i.into_inner().nodes.len())
-        .unwrap_or(0)
+        .map_or(0, |i| i.nodes.len())
 }
 
 async fn wait_reason(
@@ -558,15 +539,7 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         .await
         .unwrap();
     let c = &sims.clusters()[0];
-    let token = fleet
-        .create_join_token(v1::CreateJoinTokenRequest {
-            cluster: "sim-one".into(),
-            ttl_seconds: 60,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = token(&mut fleet, "sim-one").await;
     let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(kc, &Default::default())
