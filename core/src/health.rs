@@ -71,8 +71,8 @@ impl Signals {
 pub struct Transition {
     /// Cluster name.
     pub cluster: String,
-    /// Previous state.
-    pub from: Health,
+    /// Previous state; `None` for a cluster the fleet has not seen before.
+    pub from: Option<Health>,
     /// New state.
     pub to: Health,
     /// Why, for people.
@@ -162,7 +162,7 @@ impl Tracker {
         e.health = to;
         Some(Transition {
             cluster: cluster.to_string(),
-            from,
+            from: Some(from),
             to,
             reason: reason(),
         })
@@ -170,11 +170,22 @@ impl Tracker {
 
     /// A cluster registered (or re-joined after leaving).
     pub fn joined(&mut self, cluster: &str, now: Duration) -> Option<Transition> {
-        let e = self.clusters.entry(cluster.to_string()).or_insert(Entry {
-            health: Health::Left,
-            last_seen: None,
-            signals: None,
-        });
+        let Some(e) = self.clusters.get_mut(cluster) else {
+            self.clusters.insert(
+                cluster.to_string(),
+                Entry {
+                    health: Health::Joining,
+                    last_seen: Some(now),
+                    signals: None,
+                },
+            );
+            return Some(Transition {
+                cluster: cluster.to_string(),
+                from: None,
+                to: Health::Joining,
+                reason: "joined the fleet".into(),
+            });
+        };
         e.last_seen = Some(now);
         if e.health == Health::Left {
             return self.set(cluster, Health::Joining, || "joined the fleet".into());
@@ -214,7 +225,7 @@ impl Tracker {
             // Still Degraded, for other reasons: a transition keeps the stored reason true.
             return Some(Transition {
                 cluster: cluster.to_string(),
-                from: Health::Degraded,
+                from: Some(Health::Degraded),
                 to: Health::Degraded,
                 reason: signals.reasons().join("; "),
             });
@@ -289,13 +300,13 @@ mod tests {
             ..Default::default()
         };
         let tr = t.report("a", S(1), not_ready(1)).unwrap();
-        assert_eq!((tr.from, tr.to), (Health::Joining, Health::Degraded));
+        assert_eq!((tr.from, tr.to), (Some(Health::Joining), Health::Degraded));
         let tr = t.report("a", S(2), not_ready(3)).unwrap();
-        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Degraded));
+        assert_eq!((tr.from, tr.to), (Some(Health::Degraded), Health::Degraded));
         assert!(tr.reason.contains("3 node(s) not Ready"), "{}", tr.reason);
         assert_eq!(t.report("a", S(3), not_ready(3)), None);
         let tr = t.report("a", S(4), Signals::default()).unwrap();
-        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Ready));
+        assert_eq!((tr.from, tr.to), (Some(Health::Degraded), Health::Ready));
     }
 
     #[test]
@@ -324,7 +335,12 @@ mod tests {
     #[test]
     fn join_report_degrade_recover_leave() {
         let mut t = Tracker::new(policy(), S(0), []);
-        assert_eq!(t.joined("a", S(0)).unwrap().to, Health::Joining);
+        let tr = t.joined("a", S(0)).unwrap();
+        assert_eq!(
+            (tr.from, tr.to),
+            (None, Health::Joining),
+            "a new cluster has no past"
+        );
         assert_eq!(
             t.report("a", S(1), Signals::default()).unwrap().to,
             Health::Ready
@@ -339,14 +355,14 @@ mod tests {
             ..Default::default()
         };
         let tr = t.report("a", S(3), bad).unwrap();
-        assert_eq!((tr.from, tr.to), (Health::Ready, Health::Degraded));
+        assert_eq!((tr.from, tr.to), (Some(Health::Ready), Health::Degraded));
         assert!(tr.reason.contains("2 GPU(s) failed"), "{}", tr.reason);
         let api = Signals {
             api_unreachable: true,
             ..Default::default()
         };
         let tr = t.report("a", S(4), api).unwrap();
-        assert_eq!((tr.from, tr.to), (Health::Degraded, Health::Degraded));
+        assert_eq!((tr.from, tr.to), (Some(Health::Degraded), Health::Degraded));
         assert!(tr.reason.contains("API server"), "new reasons are recorded");
         assert_eq!(t.left("a").unwrap().to, Health::Left);
         t.joined("a", S(4));
@@ -372,7 +388,8 @@ mod tests {
             None,
             "a cluster that left stays Left"
         );
-        assert_eq!(t.joined("a", S(7)).unwrap().to, Health::Joining);
+        let tr = t.joined("a", S(7)).unwrap();
+        assert_eq!((tr.from, tr.to), (Some(Health::Left), Health::Joining));
     }
 
     #[test]

@@ -581,51 +581,110 @@ fn free_physical(resources: &[GpuResource], labels: &BTreeMap<String, String>) -
         .sum()
 }
 
-/// Per-pool totals of a set of nodes.
+/// Per-pool totals of the nodes added, in pool order.
 pub fn pools(nodes: &[NodeInventory]) -> Vec<PoolInventory> {
-    let mut by: BTreeMap<String, PoolInventory> = BTreeMap::new();
+    let mut t = PoolTotals::default();
     for n in nodes {
+        t.add(n);
+    }
+    t.pools()
+}
+
+/// Pool totals that nodes are added to and removed from, so that a delta updates them from
+/// the nodes it touches without revisiting the rest. Products and resources are kept with
+/// counts, so removing a node undoes exactly what adding it did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolTotals {
+    pools: BTreeMap<String, PoolSums>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PoolSums {
+    nodes: u32,
+    usable_nodes: u32,
+    physical_gpus: i64,
+    free_gpus: i64,
+    /// Product → nodes with it.
+    products: BTreeMap<String, u32>,
+    /// Resource name → summed resource (free counted on usable nodes only) and nodes with it.
+    resources: BTreeMap<String, (GpuResource, u32)>,
+}
+
+impl PoolTotals {
+    /// Count `n` in its pool.
+    pub fn add(&mut self, n: &NodeInventory) {
+        self.change(n, 1);
+    }
+
+    /// Undo a previous [`PoolTotals::add`] of the same node record.
+    pub fn remove(&mut self, n: &NodeInventory) {
+        self.change(n, -1);
+    }
+
+    fn change(&mut self, n: &NodeInventory, sign: i64) {
         let key = n.pool.clone().unwrap_or_default();
-        let p = by.entry(key.clone()).or_insert_with(|| PoolInventory {
-            name: key,
-            nodes: 0,
-            usable_nodes: 0,
-            products: Vec::new(),
-            physical_gpus: 0,
-            free_gpus: 0,
-            resources: Vec::new(),
-        });
-        p.nodes += 1;
+        let p = self.pools.entry(key.clone()).or_default();
         let usable = n.ready && n.schedulable;
+        let step = |x: &mut u32| {
+            *x = if sign > 0 {
+                *x + 1
+            } else {
+                x.saturating_sub(1)
+            };
+        };
+        step(&mut p.nodes);
         if usable {
-            p.usable_nodes += 1;
-            p.free_gpus += n.free_gpus;
+            step(&mut p.usable_nodes);
+            p.free_gpus += sign * n.free_gpus;
         }
-        p.physical_gpus += n.physical_gpus;
-        if let Some(prod) = &n.product
-            && !p.products.contains(prod)
-        {
-            p.products.push(prod.clone());
-        }
-        for r in &n.resources {
-            match p.resources.iter_mut().find(|x| x.name == r.name) {
-                Some(x) => {
-                    x.capacity += r.capacity;
-                    x.allocatable += r.allocatable;
-                    x.allocated += r.allocated;
-                    x.free += if usable { r.free } else { 0 };
-                }
-                None => {
-                    let mut r = r.clone();
-                    if !usable {
-                        r.free = 0;
-                    }
-                    p.resources.push(r);
-                }
+        p.physical_gpus += sign * n.physical_gpus;
+        if let Some(prod) = &n.product {
+            let c = p.products.entry(prod.clone()).or_default();
+            step(c);
+            if *c == 0 {
+                p.products.remove(prod);
             }
         }
+        for r in &n.resources {
+            let (x, count) = p.resources.entry(r.name.clone()).or_insert_with(|| {
+                let zero = GpuResource {
+                    capacity: 0,
+                    allocatable: 0,
+                    allocated: 0,
+                    free: 0,
+                    ..r.clone()
+                };
+                (zero, 0)
+            });
+            x.capacity += sign * r.capacity;
+            x.allocatable += sign * r.allocatable;
+            x.allocated += sign * r.allocated;
+            x.free += if usable { sign * r.free } else { 0 };
+            step(count);
+            if *count == 0 {
+                p.resources.remove(&r.name);
+            }
+        }
+        if p.nodes == 0 {
+            self.pools.remove(&key);
+        }
     }
-    by.into_values().collect()
+
+    /// The totals as pool records.
+    pub fn pools(&self) -> Vec<PoolInventory> {
+        self.pools
+            .iter()
+            .map(|(name, p)| PoolInventory {
+                name: name.clone(),
+                nodes: p.nodes,
+                usable_nodes: p.usable_nodes,
+                products: p.products.keys().cloned().collect(),
+                physical_gpus: p.physical_gpus,
+                free_gpus: p.free_gpus,
+                resources: p.resources.values().map(|(r, _)| r.clone()).collect(),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -965,5 +1024,46 @@ mod tests {
             (2, 1, 16, 6)
         );
         assert_eq!(p.resources[0].allocated, 2);
+    }
+
+    #[test]
+    fn removing_a_node_from_pool_totals_undoes_adding_it() {
+        let h100 = [
+            ("kubernetes.azure.com/agentpool", "h100"),
+            ("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
+        ];
+        let a100 = [
+            ("kubernetes.azure.com/agentpool", "h100"),
+            ("nvidia.com/gpu.product", "NVIDIA-A100-SXM4-80GB"),
+        ];
+        let g = [("nvidia.com/gpu", "8")];
+        let mut b = node("b", &a100, &g, &g);
+        b.unschedulable = true;
+        let inv = compute(
+            &[node("a", &h100, &g, &g), b, node("c", &h100, &g, &g)],
+            &[pod("a", "Running", &[("nvidia.com/gpu", "3")])],
+            &[],
+            &[],
+            None,
+        );
+        let mut t = PoolTotals::default();
+        for n in &inv.nodes {
+            t.add(n);
+        }
+        assert_eq!(t.pools(), inv.pools, "adding every node gives pools()");
+        t.remove(&inv.nodes[1]);
+        assert_eq!(
+            t.pools(),
+            pools(&[inv.nodes[0].clone(), inv.nodes[2].clone()])
+        );
+        assert_eq!(
+            t.pools()[0].products.len(),
+            1,
+            "the A100 left with its only node"
+        );
+        t.remove(&inv.nodes[0]);
+        t.remove(&inv.nodes[2]);
+        assert!(t.pools().is_empty(), "an emptied pool disappears");
+        assert_eq!(t, PoolTotals::default());
     }
 }

@@ -1,7 +1,10 @@
 //! Flotilla's pure domain: types, decisions and the store backend trait. No I/O, no runtime.
 
+pub mod capacity;
 pub mod fit;
 pub mod health;
 pub mod inventory;
 pub mod kv;
 pub mod lincheck;
+pub mod membership;
+pub mod report;

@@ -1,18 +1,35 @@
-//! The Flotilla hub: one member of the replicated fleet store, serving the store's gRPC API
-//! (Kv, StoreAdmin, health, reflection) and the fleet API (AgentService, FleetService) on the
-//! same port.
+//! The Flotilla hub: one member of the replicated fleet store and the fleet's control plane.
+//!
+//! - `server`: the one gRPC server (store, fleet, health, reflection on one port).
+//! - `store`: the schema, typed records, and the replica's mirror of the store.
+//! - `fleet`: agent streams, the fleet view and the read API.
+//! - `controllers`: leader-only work (health now; routing and campaigns next).
+//! - `metrics`, `http`: Prometheus metrics and `/metrics`, `/healthz`, `/readyz`.
+//! - `dev` (feature `dev`): the simulated development fleet of `--dev`.
 
+pub mod controllers;
+#[cfg(feature = "dev")]
+pub mod dev;
 pub mod fleet;
+pub mod http;
 pub mod metrics;
+pub mod server;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use flotilla_core::kv::Limits;
-use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode, Tuning};
+use flotilla_raft_store::{NodeConfig, StoreNode, Tuning};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{Instrument, info, info_span};
+
+use crate::controllers::{Controller, run_while_leader};
+use crate::store::mirror::StoreMirror;
 
 /// Command-line flags (every flag also reads an environment variable).
 #[derive(Clone, Debug, clap::Parser)]
@@ -103,8 +120,50 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A started hub.
+pub struct RunningHub {
+    /// The bound gRPC address.
+    pub addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The store member.
+    pub node: StoreNode,
+    /// The fleet's shared parts.
+    pub fleet: fleet::Fleet,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Vec<JoinHandle<()>>,
+    #[cfg(feature = "dev")]
+    dev: Option<dev::DevFleet>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl RunningHub {
+    /// Resolves once `shutdown` has stopped the server and every task, and Raft is down.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        #[cfg(feature = "dev")]
+        if let Some(d) = self.dev {
+            d.shutdown().await;
+        }
+        self.node.shutdown_raft().await?;
+        served??;
+        Ok(())
+    }
+}
+
 /// Runs the hub until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(args, shutdown).await?.wait().await
+}
+
+/// Starts the hub: the store member, the one gRPC server, the store mirror, the leader's
+/// controllers, HTTP, and with `--dev` the simulated fleet.
+pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<RunningHub> {
     let Args {
         dev,
         node_id,
@@ -126,14 +185,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         store_cache_mib,
         max_concurrent_joins,
     } = args;
+    if dev && !cfg!(feature = "dev") {
+        anyhow::bail!("--dev: this hub was built without the `dev` feature");
+    }
     // Keep a temporary directory alive for the whole run in --dev mode.
-    let mut _temp = None;
+    let mut temp = None;
     let data_dir = match (data_dir, dev) {
         (Some(d), _) => d,
         (None, true) => {
             let t = tempfile::Builder::new().prefix("flotilla-dev-").tempdir()?;
             let p = t.path().to_path_buf();
-            _temp = Some(t);
+            temp = Some(t);
             p
         }
         (None, false) => {
@@ -173,99 +235,91 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
         },
         max_concurrent_joins,
     });
-    let routes_fleet = fleet.clone();
-    config.extra_services = Some(ExtraServices(std::sync::Arc::new(move |node| {
-        routes_fleet.routes(node)
-    })));
-    let running = StoreNode::start(config, shutdown.clone()).await?;
-    let mut fleet_tasks = fleet.spawn(running.node.clone(), shutdown.clone());
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen {listen}"))?;
+    let addr = listener.local_addr()?;
+    let open = StoreNode::open(config, addr, shutdown.clone()).await?;
+    let node = open.node().clone();
+    let routes = node
+        .services(shutdown.clone())
+        .routes()
+        .add_service(fleet.agent_service(node.clone(), Arc::new(node.clone())))
+        .add_service(fleet.fleet_service(node.clone()));
+    let server = tokio::spawn(
+        server::serve(listener, routes, shutdown.clone())
+            .instrument(info_span!("hub-grpc", node = node_id)),
+    );
+    info!(node = node_id, addr = %node.addr(), "store member listening");
+    let node = match open.bootstrap_or_join().await {
+        Ok(n) => n,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e.into());
+        }
+    };
+
+    let mirror = StoreMirror::new(vec![fleet.view.clone()]);
+    let mut tasks = vec![tokio::spawn(
+        mirror
+            .run(node.clone(), shutdown.clone())
+            .instrument(info_span!("store-mirror")),
+    )];
+    let controllers: Vec<Arc<dyn Controller>> =
+        vec![Arc::new(fleet.health_controller(node.clone()))];
+    tasks.push(tokio::spawn(
+        run_while_leader(
+            Arc::new(node.clone()),
+            controllers,
+            fleet.tick(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("controllers")),
+    ));
+
     let http_listener = tokio::net::TcpListener::bind(http)
         .await
-        .map_err(|e| anyhow::anyhow!("--http {http}: {e}"))?;
+        .with_context(|| format!("--http {http}"))?;
     let http_addr = http_listener.local_addr()?;
-    let probe = std::sync::Arc::new(metrics::HubProbe {
+    let probe = Arc::new(http::HubProbe {
         metrics: fleet.metrics.clone(),
         view: fleet.view.clone(),
-        node: running.node.clone(),
+        node: node.clone(),
     });
-    fleet_tasks.push(tokio::spawn(tracing::Instrument::instrument(
-        flotilla_api::http::serve(http_listener, probe, shutdown.clone()),
-        tracing::info_span!("hub-http"),
-    )));
+    tasks.push(tokio::spawn(
+        flotilla_api::http::serve(http_listener, probe, shutdown.clone())
+            .instrument(info_span!("hub-http")),
+    ));
     info!(addr = %http_addr, "metrics and health on HTTP");
-    info!(node = node_id, addr = %running.addr, data_dir = %data_dir.display(), "flotilla-hub ready");
-    let mut sims = None;
-    if dev {
-        let scenario = match &dev_scenario {
-            Some(p) => flotilla_kube_sim::Scenario::from_file(p)?,
-            None => flotilla_kube_sim::Scenario::dev(),
-        };
-        let sim = flotilla_kube_sim::SimFleet::start(&scenario, Default::default()).await?;
-        let paths = sim.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
-        println!(
-            "flotilla-hub --dev: store member {node_id} on {} (data in {})",
-            running.addr,
-            data_dir.display()
-        );
-        println!("metrics and health: http://{http_addr}/metrics, /healthz, /readyz");
-        println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
-        for (c, p) in sim.clusters().iter().zip(&paths) {
-            println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
-        }
-        println!("an in-process agent per cluster reports to the hub; try:");
-        println!("  cargo run -p flotctl -- get clusters");
-        println!("  cargo run -p flotctl -- get gpus --by region");
-        println!(
-            "  cargo run -p flotctl -- fit --gpus 4 --min-memory 80Gi --product H100 --replicas 2"
-        );
-        if let Some(p) = paths.first() {
-            println!("  KUBECONFIG={} kubectl get nodes", p.display());
-        }
-        // An in-process agent per simulated cluster, each with its own join token.
-        for c in sim.clusters() {
-            let token = format!("flt_dev_{}", uuid::Uuid::new_v4().simple());
-            let rec = flotilla_api::v1::JoinTokenRecord {
-                cluster: c.name().to_string(),
-                expires_at_unix_ms: i64::MAX,
-            };
-            fleet::records::put_if(&running.node, &fleet::records::token_key(&token), &rec, 0)
-                .await?;
-            let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
-            let client = kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-            )?;
-            let opts = flotilla_agent::AgentOptions {
-                cluster: c.name().to_string(),
-                hubs: vec![running.addr.to_string()],
-                token,
-                pool_label: None,
-                region: String::new(),
-                labels: scenario
-                    .clusters
-                    .iter()
-                    .find(|s| s.name == c.name())
-                    .map(|s| s.labels.clone())
-                    .unwrap_or_default(),
-            };
-            let s = shutdown.clone();
-            let span = tracing::info_span!("dev-agent", cluster = %c.name());
-            tokio::spawn(tracing::Instrument::instrument(
-                async move {
-                    if let Err(e) = flotilla_agent::run(client, opts, None, s).await {
-                        tracing::error!(error = %e, "dev agent stopped");
-                    }
-                },
-                span,
-            ));
-        }
-        sims = Some(sim);
-    }
-    running.wait().await?;
-    for t in fleet_tasks {
-        let _ = t.await;
-    }
-    if let Some(f) = sims {
-        f.shutdown().await;
-    }
-    Ok(())
+    info!(node = node_id, addr = %addr, data_dir = %data_dir.display(), "flotilla-hub ready");
+
+    #[cfg(feature = "dev")]
+    let dev = match dev {
+        true => Some(
+            dev::start(
+                &node,
+                dev_scenario.as_deref(),
+                &data_dir,
+                (addr, http_addr),
+                &shutdown,
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    #[cfg(not(feature = "dev"))]
+    let _ = dev_scenario;
+    Ok(RunningHub {
+        addr,
+        http_addr,
+        node,
+        fleet,
+        data_dir,
+        server,
+        tasks,
+        #[cfg(feature = "dev")]
+        dev,
+        _temp: temp,
+    })
 }

@@ -3,16 +3,11 @@
 
 use std::sync::Arc;
 
-use flotilla_api::convert::fleet::health_from_wire;
-use flotilla_raft_store::StoreNode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::fleet::Leadership;
-use crate::fleet::view::FleetView;
 
 type Labels = Vec<(String, String)>;
 
@@ -28,9 +23,12 @@ pub struct HubMetrics {
     pub report_seconds: Histogram,
     /// Time of one inventory write to the store.
     pub store_write_seconds: Histogram,
-    clusters: Family<Labels, Gauge>,
-    raft_leader: Gauge,
-    raft_term: Gauge,
+    /// Member clusters by health, refreshed at each scrape.
+    pub clusters: Family<Labels, Gauge>,
+    /// 1 when this replica leads the store.
+    pub raft_leader: Gauge,
+    /// Current Raft term.
+    pub raft_term: Gauge,
     /// One counter per message kind, looked up without allocating (thousands per second).
     kinds: Vec<(&'static str, Counter)>,
 }
@@ -123,61 +121,5 @@ impl HubMetrics {
         if let Some(c) = counter {
             c.inc();
         }
-    }
-}
-
-/// `/metrics`, `/healthz`, `/readyz` for a hub replica.
-pub struct HubProbe {
-    /// Metrics.
-    pub metrics: Arc<HubMetrics>,
-    /// Fleet view.
-    pub view: Arc<FleetView>,
-    /// Store member.
-    pub node: StoreNode,
-}
-
-impl flotilla_api::http::Probe for HubProbe {
-    fn refresh(&self) {
-        let mut counts = std::collections::BTreeMap::<&str, i64>::new();
-        for h in ["Joining", "Ready", "Degraded", "Unreachable", "Left"] {
-            counts.insert(h, 0);
-        }
-        for c in self.view.clusters() {
-            if let Some(h) = health_from_wire(c.health) {
-                let name = match h {
-                    flotilla_core::health::Health::Joining => "Joining",
-                    flotilla_core::health::Health::Ready => "Ready",
-                    flotilla_core::health::Health::Degraded => "Degraded",
-                    flotilla_core::health::Health::Unreachable => "Unreachable",
-                    flotilla_core::health::Health::Left => "Left",
-                };
-                *counts.entry(name).or_default() += 1;
-            }
-        }
-        for (h, n) in counts {
-            self.metrics
-                .clusters
-                .get_or_create(&vec![("health".into(), h.into())])
-                .set(n);
-        }
-        let status = self.node.status();
-        self.metrics
-            .raft_leader
-            .set(i64::from(self.node.is_leader()));
-        self.metrics.raft_term.set(status.term as i64);
-    }
-
-    fn registry(&self) -> &Registry {
-        &self.metrics.registry
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        if self.node.leader().is_none() {
-            return Err("the store has no leader".into());
-        }
-        if !self.view.is_loaded() {
-            return Err("the fleet view has not loaded yet".into());
-        }
-        Ok(())
     }
 }

@@ -4,12 +4,10 @@
 
 use std::time::Duration;
 
+use clap::Parser;
 use flotilla_api::v1;
 use flotilla_api::v1::agent_service_client::AgentServiceClient;
 use flotilla_api::v1::fleet_service_client::FleetServiceClient;
-use flotilla_core::health::Policy;
-use flotilla_hub::fleet::{Fleet, FleetConfig};
-use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -17,9 +15,8 @@ use tonic::transport::Channel;
 
 struct Hub {
     addr: String,
-    fleet: Fleet,
     shutdown: CancellationToken,
-    _running: flotilla_raft_store::RunningNode,
+    _running: flotilla_hub::RunningHub,
     _dir: tempfile::TempDir,
 }
 
@@ -29,21 +26,28 @@ async fn hub() -> Hub {
 
 async fn hub_with(max_concurrent_joins: usize) -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::new(FleetConfig {
-        policy: Policy {
-            unreachable_after: Duration::from_millis(400),
-            leader_grace: Duration::from_millis(100),
-        },
-        heartbeat: Duration::from_millis(100),
-        limits: Default::default(),
-        max_concurrent_joins,
-    });
-    let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
-    let f = fleet.clone();
-    cfg.extra_services = Some(ExtraServices(std::sync::Arc::new(move |n| f.routes(n))));
+    let d = dir.path().display().to_string();
+    let joins = max_concurrent_joins.to_string();
+    let args = flotilla_hub::Args::parse_from([
+        "flotilla-hub",
+        "--data-dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--unreachable-after",
+        "400ms",
+        "--leader-grace",
+        "100ms",
+        "--agent-heartbeat",
+        "100ms",
+        "--max-concurrent-joins",
+        &joins,
+    ]);
     let shutdown = CancellationToken::new();
-    let running = StoreNode::start(cfg, shutdown.clone()).await.unwrap();
-    fleet.spawn(running.node.clone(), shutdown.clone());
+    let running = flotilla_hub::start(args, shutdown.clone()).await.unwrap();
+    let fleet = running.fleet.clone();
     let addr = format!("http://{}", running.addr);
     // Wait until this member leads and the health controller is active.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -56,7 +60,6 @@ async fn hub_with(max_concurrent_joins: usize) -> Hub {
     }
     Hub {
         addr,
-        fleet,
         shutdown,
         _running: running,
         _dir: dir,
@@ -269,18 +272,7 @@ async fn agents_join_report_and_are_judged() {
     assert!(fit.rejections[0].reason.contains("only 1 of 3"), "{fit:?}");
 
     // Metrics and health endpoints on HTTP.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = listener.local_addr().unwrap();
-    let probe = std::sync::Arc::new(flotilla_hub::metrics::HubProbe {
-        metrics: hub.fleet.metrics.clone(),
-        view: hub.fleet.view.clone(),
-        node: hub._running.node.clone(),
-    });
-    tokio::spawn(flotilla_api::http::serve(
-        listener,
-        probe,
-        hub.shutdown.clone(),
-    ));
+    let http = hub._running.http_addr;
     let metrics = http_get(http, "/metrics").await;
     assert!(
         metrics.contains("flotilla_hub_agents_connected 1"),
@@ -659,5 +651,57 @@ async fn a_real_agent_reports_a_simulated_cluster() {
     let _ = agent.await;
     wait_health(&mut fleet, "sim-one", v1::ClusterHealth::Unreachable).await;
     sims.shutdown().await;
+    hub.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_serves_store_fleet_health_and_reflection() {
+    use futures::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let hub = hub().await;
+    let channel = channel(&hub.addr).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "flotilla.v1.Kv".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}")
+    };
+    let names: std::collections::BTreeSet<String> =
+        list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "flotilla.v1.Kv",
+        "flotilla.v1.StoreAdmin",
+        "flotilla.v1.Raft",
+        "flotilla.v1.AgentService",
+        "flotilla.v1.FleetService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(s), "{s} listed by reflection: {names:?}");
+    }
+    drop(stream);
     hub.shutdown.cancel();
 }

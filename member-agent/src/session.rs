@@ -11,8 +11,8 @@ use flotilla_api::convert::fleet as conv;
 use flotilla_api::convert::kv::LEADER_HINT_KEY;
 use flotilla_api::v1;
 use flotilla_core::health::Signals;
+use flotilla_core::report::{self, Digest};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -51,10 +51,6 @@ pub enum SessionError {
     Retry(String),
 }
 
-fn digest(n: &v1::NodeInventory) -> Vec<u8> {
-    Sha256::digest(n.encode_to_vec()).to_vec()
-}
-
 fn signals(w: &ClusterWatch, failed: i64) -> v1::HealthSignals {
     conv::signals_to_wire(&Signals {
         api_unreachable: !w.api_reachable(),
@@ -63,16 +59,40 @@ fn signals(w: &ClusterWatch, failed: i64) -> v1::HealthSignals {
     })
 }
 
-/// The current inventory as wire nodes by name, and the failed GPU count.
-fn current(w: &ClusterWatch) -> (BTreeMap<String, v1::NodeInventory>, i64) {
+/// The cluster's nodes now: wire records and their digests by name, and the failed GPUs.
+struct Current {
+    nodes: BTreeMap<String, v1::NodeInventory>,
+    digests: BTreeMap<String, Digest>,
+    failed: i64,
+}
+
+fn current(w: &ClusterWatch) -> Current {
     let inv = w.inventory();
-    let failed = inv.failed_gpus();
+    let nodes: BTreeMap<String, v1::NodeInventory> = inv
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), conv::node_to_wire(n)))
+        .collect();
+    let digests = nodes
+        .iter()
+        .map(|(name, n)| (name.clone(), report::digest(&n.encode_to_vec())))
+        .collect();
+    Current {
+        nodes,
+        digests,
+        failed: inv.failed_gpus(),
+    }
+}
+
+/// The delta from `held` digests to `now`, as the message's node lists.
+fn delta_lists(
+    held: &BTreeMap<String, Digest>,
+    now: &Current,
+) -> (Vec<v1::NodeInventory>, Vec<String>) {
+    let d = report::delta(held, &now.digests);
     (
-        inv.nodes
-            .iter()
-            .map(|n| (n.name.clone(), conv::node_to_wire(n)))
-            .collect(),
-        failed,
+        d.upsert.iter().map(|n| now.nodes[*n].clone()).collect(),
+        d.remove.iter().map(|n| n.to_string()).collect(),
     )
 }
 
@@ -179,29 +199,25 @@ async fn session(
     };
     tracing::info!(hub = %addr, "connected to the hub");
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
-    // Send only what the hub does not hold already.
-    let (nodes, failed) = current(watch);
-    let held = welcome.held;
-    let upsert: Vec<v1::NodeInventory> = nodes
-        .values()
-        .filter(|n| held.get(&n.name) != Some(&digest(n)))
-        .cloned()
+    // Send only what the hub does not hold already. A malformed digest matches nothing, so
+    // that node is sent again.
+    let now = current(watch);
+    let held: BTreeMap<String, Digest> = welcome
+        .held
+        .into_iter()
+        .map(|(name, d)| (name, d.as_slice().try_into().unwrap_or([0; 32])))
         .collect();
-    let remove: Vec<String> = held
-        .keys()
-        .filter(|k| !nodes.contains_key(*k))
-        .cloned()
-        .collect();
+    let (upsert, remove) = delta_lists(&held, &now);
     let first = if held.is_empty() {
         v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
             nodes: upsert,
-            signals: Some(signals(watch, failed)),
+            signals: Some(signals(watch, now.failed)),
         })
     } else {
         v1::agent_message::Msg::Delta(v1::InventoryDelta {
             upsert,
             remove,
-            signals: Some(signals(watch, failed)),
+            signals: Some(signals(watch, now.failed)),
         })
     };
     let first = send(first);
@@ -211,17 +227,7 @@ async fn session(
         .map_err(|_| SessionError::Retry("stream closed".into()))?;
     cfg.metrics.hub_connected.set(1);
     cfg.metrics.hub_connects.inc();
-    let r = follow(
-        cfg,
-        watch,
-        shutdown,
-        &tx,
-        &mut inbound,
-        nodes,
-        failed,
-        heartbeat,
-    )
-    .await;
+    let r = follow(cfg, watch, shutdown, &tx, &mut inbound, now, heartbeat).await;
     cfg.metrics.hub_connected.set(0);
     r
 }
@@ -238,20 +244,18 @@ fn observe(cfg: &SessionConfig, m: &v1::AgentMessage) {
 }
 
 /// After the first report: deltas on change, heartbeats on the timer, acks and errors in.
-#[allow(clippy::too_many_arguments)]
 async fn follow(
     cfg: &SessionConfig,
     watch: &ClusterWatch,
     shutdown: &CancellationToken,
     tx: &mpsc::Sender<v1::AgentMessage>,
     inbound: &mut tonic::Streaming<v1::HubMessage>,
-    nodes: BTreeMap<String, v1::NodeInventory>,
-    failed: i64,
+    first: Current,
     heartbeat: Duration,
 ) -> Result<(), SessionError> {
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
-    let mut sent = nodes;
-    let mut last_signals = signals(watch, failed);
+    let mut last_signals = signals(watch, first.failed);
+    let mut sent = first.digests;
     let mut changes = watch.changes();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
@@ -265,22 +269,20 @@ async fn follow(
                 // Coalesce a burst of watch events into one delta.
                 tokio::time::sleep(cfg.coalesce).await;
                 changes.borrow_and_update();
-                let (nodes, failed) = current(watch);
-                let sig = signals(watch, failed);
-                let upsert: Vec<v1::NodeInventory> =
-                    nodes.values().filter(|n| sent.get(&n.name) != Some(*n)).cloned().collect();
-                let remove: Vec<String> = sent.keys().filter(|k| !nodes.contains_key(*k)).cloned().collect();
+                let now = current(watch);
+                let sig = signals(watch, now.failed);
+                let (upsert, remove) = delta_lists(&sent, &now);
                 if upsert.is_empty() && remove.is_empty() && sig == last_signals {
                     continue;
                 }
                 let d = send(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove, signals: Some(sig) }));
                 observe(cfg, &d);
                 tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                sent = nodes;
+                sent = now.digests;
                 last_signals = sig;
             }
             _ = tick.tick() => {
-                let (_, failed) = current(watch);
+                let failed = watch.inventory().failed_gpus();
                 let sig = signals(watch, failed);
                 let hb = v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(sig) });
                 tx.send(send(hb)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;

@@ -15,8 +15,9 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::transport::Transport;
 use crate::types::{Node, NodeId, TypeConfig};
 
 /// Simulated network faults between in-process nodes (tests only; empty in production).
@@ -75,6 +76,7 @@ pub(crate) struct NetCtx {
     pub(crate) self_id: NodeId,
     pub(crate) cluster_id: Arc<RwLock<Option<String>>>,
     pub(crate) faults: Option<Arc<Faults>>,
+    pub(crate) transport: Arc<dyn Transport>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
@@ -83,11 +85,13 @@ impl NetCtx {
         self_id: NodeId,
         cluster_id: Arc<RwLock<Option<String>>>,
         faults: Option<Arc<Faults>>,
+        transport: Arc<dyn Transport>,
     ) -> Self {
         Self {
             self_id,
             cluster_id,
             faults,
+            transport,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -98,10 +102,7 @@ impl NetCtx {
         if let Some(c) = g.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let c = self.transport.endpoint(addr)?.connect_lazy();
         g.insert(addr.to_string(), c.clone());
         Ok(c)
     }

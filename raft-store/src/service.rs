@@ -1,5 +1,5 @@
-//! gRPC services of a store member: `Kv`, `Raft` (internal), `StoreAdmin`, plus the standard
-//! health and reflection services.
+//! gRPC services of a store member: `Kv`, `Raft` (internal) and `StoreAdmin`, built as tonic
+//! services that the embedding program mounts on its own server.
 
 use std::pin::Pin;
 
@@ -8,55 +8,48 @@ use flotilla_api::v1;
 use futures::{Stream, StreamExt};
 use openraft::error::{InstallSnapshotError, RaftError};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::node::{AdminError, FORWARDED_KEY, StoreNode};
+use crate::admin::AdminError;
+use crate::node::{FORWARDED_KEY, StoreNode};
 use crate::types::NodeId;
 
-/// Serves every store service on `listener` until `token` is cancelled.
-pub(crate) async fn serve(
-    node: StoreNode,
-    listener: TcpListener,
-    token: CancellationToken,
-    extra: Option<crate::node::ExtraServices>,
-) -> Result<(), tonic::transport::Error> {
-    let extra = extra.map(|f| (f.0)(node.clone())).unwrap_or_default();
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<v1::kv_server::KvServer<KvService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flotilla_api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid");
-    // With our own listener tonic's `tcp_nodelay` does not apply: without it, Nagle's algorithm
-    // meets delayed ACKs and small replies stall for ~40 ms.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(s)
-    });
-    tonic::transport::Server::builder()
-        .add_routes(extra)
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(v1::kv_server::KvServer::new(KvService {
-            node: node.clone(),
-            token: token.clone(),
-        }))
-        .add_service(
-            v1::raft_server::RaftServer::new(RaftService { node: node.clone() })
+/// A member's gRPC services, for the embedding program to mount on its server.
+pub struct StoreServices {
+    /// The client key-value API.
+    pub kv: v1::kv_server::KvServer<KvService>,
+    /// The Raft transport between members.
+    pub raft: v1::raft_server::RaftServer<RaftService>,
+    /// Membership administration and status.
+    pub admin: v1::store_admin_server::StoreAdminServer<AdminService>,
+}
+
+impl StoreServices {
+    /// The three services as one route set.
+    pub fn routes(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(self.kv)
+            .add_service(self.raft)
+            .add_service(self.admin)
+    }
+}
+
+impl StoreNode {
+    /// This member's services; `shutdown` ends their open watch streams (a graceful server
+    /// shutdown would otherwise wait on them forever).
+    pub fn services(&self, shutdown: CancellationToken) -> StoreServices {
+        StoreServices {
+            kv: v1::kv_server::KvServer::new(KvService {
+                node: self.clone(),
+                token: shutdown,
+            }),
+            raft: v1::raft_server::RaftServer::new(RaftService { node: self.clone() })
                 .max_decoding_message_size(256 * 1024 * 1024),
-        )
-        .add_service(v1::store_admin_server::StoreAdminServer::new(
-            AdminService { node },
-        ))
-        .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-        .await
+            admin: v1::store_admin_server::StoreAdminServer::new(AdminService {
+                node: self.clone(),
+            }),
+        }
+    }
 }
 
 fn is_forwarded<T>(r: &Request<T>) -> bool {

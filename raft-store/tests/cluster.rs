@@ -383,60 +383,6 @@ async fn bad_input_and_compaction_errors_are_clear() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_grpc_health_and_reflection() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-    let c = Cluster::start(1, fast_tuning()).await;
-    let url = format!("http://{}", c.addrs[0]);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "flotilla.v1.Kv".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
-
-    let mut refl = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = refl
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected {resp:?}")
-    };
-    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
-    for s in [
-        "flotilla.v1.Kv",
-        "flotilla.v1.StoreAdmin",
-        "flotilla.v1.Raft",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(names.contains(s), "{s} listed by reflection: {names:?}");
-    }
-    drop(stream);
-    c.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_at_past_revisions_see_exactly_that_state() {
     use flotilla_core::kv::Op;
     let c = Cluster::start(1, fast_tuning()).await;

@@ -4,6 +4,7 @@
 
 use flotilla_core::health::{Health, Signals};
 use flotilla_core::inventory::{self as inv, GpuCondition, GpuUnit, Vendor};
+use flotilla_core::membership::{ClusterRecord, HistoryEntry, Identity};
 
 use crate::v1;
 
@@ -411,6 +412,69 @@ pub fn health_from_wire(h: i32) -> Option<Health> {
     })
 }
 
+/// A stored cluster record → core (an unknown health reads as Joining).
+pub fn cluster_from_wire(c: &v1::Cluster) -> ClusterRecord {
+    ClusterRecord {
+        name: c.name.clone(),
+        health: health_from_wire(c.health).unwrap_or(Health::Joining),
+        health_reason: c.health_reason.clone(),
+        identity: Identity {
+            region: c.region.clone(),
+            kubernetes_version: c.kubernetes_version.clone(),
+            agent_version: c.agent_version.clone(),
+            labels: c
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        },
+        joined_at_unix_ms: c.joined_at_unix_ms,
+        history: c
+            .history
+            .iter()
+            .map(|h| HistoryEntry {
+                from: health_from_wire(h.from),
+                to: health_from_wire(h.to).unwrap_or(Health::Joining),
+                reason: h.reason.clone(),
+                at_unix_ms: h.at_unix_ms,
+            })
+            .collect(),
+    }
+}
+
+/// Core cluster record → the stored wire record (totals are left to the fleet view).
+pub fn cluster_to_wire(c: &ClusterRecord) -> v1::Cluster {
+    v1::Cluster {
+        name: c.name.clone(),
+        health: health_to_wire(c.health) as i32,
+        health_reason: c.health_reason.clone(),
+        region: c.identity.region.clone(),
+        kubernetes_version: c.identity.kubernetes_version.clone(),
+        agent_version: c.identity.agent_version.clone(),
+        labels: c
+            .identity
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        joined_at_unix_ms: c.joined_at_unix_ms,
+        history: c
+            .history
+            .iter()
+            .map(|h| v1::HealthTransition {
+                from: h
+                    .from
+                    .map_or(v1::ClusterHealth::Unspecified, health_to_wire)
+                    as i32,
+                to: health_to_wire(h.to) as i32,
+                reason: h.reason.clone(),
+                at_unix_ms: h.at_unix_ms,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// Wire signals → core, validated.
 pub fn signals_from_wire(s: Option<&v1::HealthSignals>, at: &str) -> Result<Signals, Invalid> {
     let Some(s) = s else {
@@ -565,5 +629,30 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn cluster_records_round_trip() {
+        let c = ClusterRecord {
+            name: "a".into(),
+            health: Health::Degraded,
+            health_reason: "1 node(s) not Ready".into(),
+            identity: Identity {
+                region: "eu".into(),
+                kubernetes_version: "v1.33.0".into(),
+                agent_version: "0.1.0".into(),
+                labels: [("tier".to_string(), "gold".to_string())].into(),
+            },
+            joined_at_unix_ms: 7,
+            history: vec![HistoryEntry {
+                from: None,
+                to: Health::Joining,
+                reason: "joined the fleet".into(),
+                at_unix_ms: 7,
+            }],
+        };
+        let w = cluster_to_wire(&c);
+        assert_eq!(w.history[0].from, v1::ClusterHealth::Unspecified as i32);
+        assert_eq!(cluster_from_wire(&w), c);
     }
 }

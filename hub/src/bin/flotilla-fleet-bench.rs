@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use flotilla_api::v1;
-use flotilla_hub::fleet::records::node_digest;
+use flotilla_core::report::digest;
+use prost::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -262,7 +263,9 @@ async fn agent(
         shared.sessions.fetch_add(1, Ordering::Relaxed);
         let upsert: Vec<v1::NodeInventory> = inventory
             .iter()
-            .filter(|n| w.held.get(&n.name) != Some(&node_digest(n)))
+            .filter(|n| {
+                w.held.get(&n.name).map(Vec::as_slice) != Some(&digest(&n.encode_to_vec())[..])
+            })
             .cloned()
             .collect();
         let report = if w.held.is_empty() {

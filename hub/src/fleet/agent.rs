@@ -11,16 +11,20 @@ use flotilla_api::convert::fleet::{self as conv, ReportLimits};
 use flotilla_api::convert::kv::LEADER_HINT_KEY;
 use flotilla_api::v1;
 use flotilla_core::health::Transition;
-use flotilla_core::inventory;
+use flotilla_core::inventory::{NodeInventory, PoolTotals};
 use flotilla_core::kv::KvBackend;
+use flotilla_core::membership::{self, Identity};
+use flotilla_core::report;
 use futures::Stream;
 use prost::Message;
 use prost::bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::health::{HealthCtl, log_transition, persist, record_transition, unix_ms};
-use super::{Leadership, records};
+use crate::controllers::Leadership;
+use crate::controllers::health::{HealthCtl, log_transition, persist};
+use crate::metrics::HubMetrics;
+use crate::store::{keys, records};
 
 /// The agent-facing service.
 pub struct AgentSvc<B> {
@@ -35,7 +39,7 @@ pub struct AgentSvc<B> {
     /// Heartbeat interval the hub asks for.
     pub heartbeat: Duration,
     /// Metrics.
-    pub metrics: Arc<crate::metrics::HubMetrics>,
+    pub metrics: Arc<HubMetrics>,
     /// Admission to the join handshake (see `--max-concurrent-joins`).
     pub joins: Arc<tokio::sync::Semaphore>,
 }
@@ -57,34 +61,81 @@ fn store_err(e: flotilla_core::kv::KvError) -> Status {
 /// How long a connected agent may hold a join slot before its first report.
 const JOIN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A stream's copy of its cluster's nodes, each kept encoded: the leader holds one per
-/// connected cluster, and encoded nodes take a fraction of the memory of decoded ones.
-type Held = BTreeMap<String, Bytes>;
-
-fn held(nodes: &[v1::NodeInventory]) -> Held {
-    nodes
-        .iter()
-        .map(|n| (n.name.clone(), Bytes::from(n.encode_to_vec())))
-        .collect()
+/// A stream's copy of its cluster's nodes: each node encoded (a fraction of the memory of a
+/// decoded one, and what the stored record is assembled from) and the pool totals, so a delta
+/// touches only the nodes it carries.
+#[derive(Clone, Default)]
+struct Held {
+    nodes: BTreeMap<String, Bytes>,
+    pools: PoolTotals,
+    /// Whether the store holds this state (false until the first write of a new cluster).
+    stored: bool,
 }
 
-/// Build the stored inventory record from held (already validated) nodes.
-fn inventory_record(cluster: &str, nodes: &Held) -> Result<v1::Inventory, Status> {
-    let wire = nodes
-        .values()
-        .map(|b| v1::NodeInventory::decode(b.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Status::internal(format!("a held node no longer decodes: {e}")))?;
-    let core = conv::nodes_from_wire(&wire, "held", &ReportLimits::unlimited())
-        .map_err(|e| Status::internal(format!("a held node no longer validates: {e}")))?;
-    Ok(v1::Inventory {
-        cluster: cluster.to_string(),
-        nodes: wire,
-        pools: inventory::pools(&core)
-            .iter()
-            .map(conv::pool_to_wire)
-            .collect(),
-    })
+impl Held {
+    /// From validated wire nodes and their core form.
+    fn from_nodes(wire: &[v1::NodeInventory], core: &[NodeInventory]) -> Self {
+        let mut pools = PoolTotals::default();
+        for n in core {
+            pools.add(n);
+        }
+        Self {
+            nodes: wire
+                .iter()
+                .map(|n| (n.name.clone(), Bytes::from(n.encode_to_vec())))
+                .collect(),
+            pools,
+            stored: false,
+        }
+    }
+
+    /// Take a held node out of the pool totals (decoding only that node).
+    fn uncount(&mut self, name: &str) -> Result<(), Status> {
+        let Some(b) = self.nodes.get(name) else {
+            return Ok(());
+        };
+        let wire = v1::NodeInventory::decode(b.clone())
+            .map_err(|e| Status::internal(format!("a held node no longer decodes: {e}")))?;
+        let core = conv::node_from_wire(&wire, "held", &ReportLimits::unlimited())
+            .map_err(|e| Status::internal(format!("a held node no longer validates: {e}")))?;
+        self.pools.remove(&core);
+        Ok(())
+    }
+
+    /// Apply a validated delta; returns whether anything changed.
+    fn apply_delta(
+        &mut self,
+        remove: &[String],
+        wire: &[v1::NodeInventory],
+        core: &[NodeInventory],
+    ) -> Result<bool, Status> {
+        let mut changed = false;
+        for r in remove {
+            if self.nodes.contains_key(r) {
+                self.uncount(r)?;
+                self.nodes.remove(r);
+                changed = true;
+            }
+        }
+        for (w, c) in wire.iter().zip(core) {
+            let b = Bytes::from(w.encode_to_vec());
+            if self.nodes.get(&w.name) == Some(&b) {
+                continue;
+            }
+            self.uncount(&w.name)?;
+            self.pools.add(c);
+            self.nodes.insert(w.name.clone(), b);
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// The stored inventory record's bytes.
+    fn record(&self, cluster: &str) -> Vec<u8> {
+        let pools: Vec<v1::PoolInventory> =
+            self.pools.pools().iter().map(conv::pool_to_wire).collect();
+        records::encode_inventory(cluster, self.nodes.values(), &pools)
+    }
 }
 
 impl<B: KvBackend + Clone> AgentSvc<B> {
@@ -96,7 +147,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
             ));
         }
         // Locally first; a token this replica has not applied yet is looked up linearizably.
-        let key = records::token_key(&hello.token);
+        let key = keys::token_key(&hello.token);
         let (mut rec, _) = records::get_local::<B, v1::JoinTokenRecord>(&self.backend, &key)
             .await
             .map_err(store_err)?;
@@ -109,7 +160,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
         let Some(rec) = rec else {
             return Err(Status::unauthenticated("hello.token: unknown join token"));
         };
-        if rec.expires_at_unix_ms <= unix_ms() {
+        if rec.expires_at_unix_ms <= self.health.clock().unix_ms() {
             return Err(Status::unauthenticated(
                 "hello.token: the join token has expired; create a new one with flotctl join",
             ));
@@ -129,32 +180,24 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
         if let Some(tr) = tr {
             log_transition(tr);
         }
-        let now = unix_ms();
+        let now = self.health.clock().unix_ms();
+        let identity = Identity {
+            region: hello.region.clone(),
+            kubernetes_version: hello.kubernetes_version.clone(),
+            agent_version: hello.agent_version.clone(),
+            labels: hello
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
         records::update::<B, v1::Cluster, _>(
             &self.backend,
-            &records::cluster_key(&hello.cluster),
+            &keys::cluster_key(&hello.cluster),
             |cur| {
-                let is_new = cur.is_none();
-                let mut c = cur.unwrap_or_else(|| v1::Cluster {
-                    name: hello.cluster.clone(),
-                    health: v1::ClusterHealth::Joining as i32,
-                    joined_at_unix_ms: now,
-                    ..Default::default()
-                });
-                if c.health == v1::ClusterHealth::Left as i32 {
-                    c.joined_at_unix_ms = now;
-                }
-                let mut new = v1::Cluster {
-                    region: hello.region.clone(),
-                    kubernetes_version: hello.kubernetes_version.clone(),
-                    agent_version: hello.agent_version.clone(),
-                    labels: hello.labels.clone(),
-                    ..c.clone()
-                };
-                if let Some(tr) = tr {
-                    record_transition(&mut new, tr, now);
-                }
-                (is_new || new != c).then_some(new)
+                let cur = cur.as_ref().map(conv::cluster_from_wire);
+                membership::register(cur.as_ref(), &hello.cluster, &identity, tr, now)
+                    .map(|c| conv::cluster_to_wire(&c))
             },
         )
         .await
@@ -205,17 +248,25 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         self.register(&hello, joined.as_ref()).await?;
         // What the store holds (read linearizably: the stream compares against it to skip
         // writes), so the agent resends only what differs.
-        let (held_inventory, _) =
-            records::get::<B, v1::Inventory>(&self.backend, &records::inventory_key(&cluster))
+        let (stored, _) =
+            records::get::<B, v1::Inventory>(&self.backend, &keys::inventory_key(&cluster))
                 .await
                 .map_err(store_err)?;
-        let mut stored = held_inventory.is_some();
-        let held_inventory = held_inventory.unwrap_or_default();
-        let mut nodes = held(&held_inventory.nodes);
-        drop(held_inventory);
-        let digests: std::collections::HashMap<String, Vec<u8>> = nodes
+        let mut held = match stored {
+            Some(inv) => {
+                let core = conv::nodes_from_wire(&inv.nodes, "stored", &ReportLimits::unlimited())
+                    .map_err(|e| Status::internal(format!("the stored inventory: {e}")))?;
+                Held {
+                    stored: true,
+                    ..Held::from_nodes(&inv.nodes, &core)
+                }
+            }
+            None => Held::default(),
+        };
+        let digests: std::collections::HashMap<String, Vec<u8>> = held
+            .nodes
             .iter()
-            .map(|(name, b)| (name.clone(), records::digest(b)))
+            .map(|(name, b)| (name.clone(), report::digest(b).to_vec()))
             .collect();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let welcome = v1::HubMessage {
@@ -271,12 +322,9 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     _ => "other",
                 };
                 let result = handle(
-                    &backend,
-                    &health,
-                    &metrics,
-                    &limits,
+                    (&backend, &health, &metrics, &limits),
                     &cluster,
-                    (&mut nodes, &mut stored),
+                    &mut held,
                     msg,
                 )
                 .await;
@@ -311,80 +359,85 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
 }
 
 /// Process one message after the hello. Writes touch only this cluster's keys.
-#[allow(clippy::too_many_arguments)]
 async fn handle<B: KvBackend>(
-    backend: &B,
-    health: &HealthCtl,
-    metrics: &crate::metrics::HubMetrics,
-    limits: &ReportLimits,
+    ctx: (&B, &HealthCtl, &HubMetrics, &ReportLimits),
     cluster: &str,
-    (nodes, stored): (&mut Held, &mut bool),
+    held: &mut Held,
     msg: v1::AgentMessage,
 ) -> Result<Option<v1::HubMessage>, Status> {
     use v1::agent_message::Msg;
-    let (next, signals) = match msg.msg {
+    let (backend, health, metrics, limits) = ctx;
+    let save = |tr: Transition| async move {
+        persist(backend, &tr, health.clock().unix_ms())
+            .await
+            .map_err(store_err)
+    };
+    let (next, changed, signals) = match msg.msg {
         Some(Msg::Hello(_)) => return Err(Status::invalid_argument("msg: hello was already sent")),
         Some(Msg::Heartbeat(hb)) => {
             let s = conv::signals_from_wire(hb.signals.as_ref(), "heartbeat.signals")
                 .map_err(|e| e.to_status())?;
             if let Some(tr) = health.report(cluster, s) {
-                persist(backend, &tr).await.map_err(store_err)?;
+                save(tr).await?;
             }
             return Ok(None);
         }
         Some(Msg::Leave(_)) => {
             if let Some(tr) = health.left(cluster) {
-                persist(backend, &tr).await.map_err(store_err)?;
+                save(tr).await?;
             }
             return Ok(None);
         }
         Some(Msg::Snapshot(s)) => {
-            conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits).map_err(|e| e.to_status())?;
+            // Validated into core types once, here; the pool totals come from them.
+            let core = conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits)
+                .map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(s.signals.as_ref(), "snapshot.signals")
                 .map_err(|e| e.to_status())?;
-            (held(&s.nodes), signals)
+            let next = Held::from_nodes(&s.nodes, &core);
+            let changed = next.nodes != held.nodes;
+            (next, changed, signals)
         }
         Some(Msg::Delta(d)) => {
-            conv::nodes_from_wire(&d.upsert, "delta.upsert", limits).map_err(|e| e.to_status())?;
+            let core = conv::nodes_from_wire(&d.upsert, "delta.upsert", limits)
+                .map_err(|e| e.to_status())?;
             let signals = conv::signals_from_wire(d.signals.as_ref(), "delta.signals")
                 .map_err(|e| e.to_status())?;
-            let mut next = nodes.clone();
-            for r in &d.remove {
-                next.remove(r);
-            }
-            next.extend(held(&d.upsert));
-            if next.len() > limits.max_nodes {
+            let mut next = held.clone();
+            let changed = next.apply_delta(&d.remove, &d.upsert, &core)?;
+            if next.nodes.len() > limits.max_nodes {
                 return Err(conv::Invalid {
                     field: "delta.upsert".into(),
                     reason: format!(
                         "the cluster would have {} nodes, over the limit of {}",
-                        next.len(),
+                        next.nodes.len(),
                         limits.max_nodes
                     ),
                 }
                 .to_status());
             }
-            (next, signals)
+            (next, changed, signals)
         }
         None => return Err(Status::invalid_argument("msg: empty message")),
     };
     // A resync that matches what the hub holds writes nothing (0: no new revision).
     let mut revision = 0;
-    if next != *nodes || !*stored {
-        let record = inventory_record(cluster, &next)?;
+    if changed || !held.stored {
         let write_started = std::time::Instant::now();
         // Only this stream writes this cluster's inventory, so no compare is needed.
-        revision = records::put(backend, &records::inventory_key(cluster), &record)
+        revision = records::put_bytes(backend, &keys::inventory_key(cluster), next.record(cluster))
             .await
             .map_err(store_err)?;
         metrics
             .store_write_seconds
             .observe(write_started.elapsed().as_secs_f64());
-        *nodes = next;
-        *stored = true;
+        *held = Held {
+            stored: true,
+            ..next
+        };
     }
     if let Some(tr) = health.report(cluster, signals) {
-        persist(backend, &tr).await.map_err(store_err)?;
+        save(tr).await?;
     }
     Ok(Some(v1::HubMessage {
         msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),

@@ -1,10 +1,8 @@
 //! Fleet membership on the hub: agent streams (leader), the fleet view and read API (every
-//! replica), health tracking (leader) and join tokens. State lives in the store as protobuf
-//! records under `/clusters/`, `/inventory/` and `/tokens/`.
+//! replica) and join tokens. State lives in the store (schema in `store::keys`); health
+//! tracking is a controller (`controllers::health`).
 
 pub mod agent;
-pub mod health;
-pub mod records;
 pub mod service;
 pub mod view;
 
@@ -14,26 +12,11 @@ use std::time::Duration;
 use flotilla_api::convert::fleet::ReportLimits;
 use flotilla_api::v1;
 use flotilla_core::health::Policy;
-use flotilla_raft_store::StoreNode;
-use tokio_util::sync::CancellationToken;
+use flotilla_core::kv::KvBackend;
 
-/// Who leads the store (side effects and agent streams happen only there).
-pub trait Leadership: Send + Sync + 'static {
-    /// Whether this replica leads.
-    fn is_leader(&self) -> bool;
-    /// The leader's gRPC address, if known.
-    fn leader_addr(&self) -> Option<String>;
-}
-
-impl Leadership for StoreNode {
-    fn is_leader(&self) -> bool {
-        self.leader().is_some_and(|(id, _)| id == self.id())
-    }
-
-    fn leader_addr(&self) -> Option<String> {
-        self.leader().map(|(_, a)| a)
-    }
-}
+use crate::controllers::health::{HealthController, HealthCtl};
+use crate::controllers::{Clock, Leadership, SystemClock};
+use crate::metrics::HubMetrics;
 
 /// Fleet settings (hub flags).
 #[derive(Debug, Clone, Copy)]
@@ -48,81 +31,81 @@ pub struct FleetConfig {
     pub max_concurrent_joins: usize,
 }
 
-/// The fleet's shared parts, created before the store member starts serving.
+/// The fleet's shared parts, created before the hub serves.
 #[derive(Clone)]
 pub struct Fleet {
     /// This replica's view.
     pub view: Arc<view::FleetView>,
-    /// Health controller.
-    pub health: Arc<health::HealthCtl>,
+    /// Health state the agent streams report to.
+    pub health: Arc<HealthCtl>,
     /// Settings.
     pub config: FleetConfig,
     /// Metrics.
-    pub metrics: Arc<crate::metrics::HubMetrics>,
-    /// Admission to the join handshake, shared by every route set this replica serves.
+    pub metrics: Arc<HubMetrics>,
+    /// Admission to the join handshake, shared by every stream this replica serves.
     joins: Arc<tokio::sync::Semaphore>,
 }
 
 impl Fleet {
-    /// New, empty fleet state.
+    /// New, empty fleet state on the system clock.
     pub fn new(config: FleetConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock::default()))
+    }
+
+    /// New, empty fleet state on `clock`.
+    pub fn with_clock(config: FleetConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             view: view::FleetView::new(),
-            health: health::HealthCtl::new(config.policy),
+            health: HealthCtl::new(config.policy, clock),
             config,
-            metrics: crate::metrics::HubMetrics::new(),
+            metrics: HubMetrics::new(),
             joins: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_joins.max(1),
             )),
         }
     }
 
-    /// The gRPC services for a store member.
-    pub fn routes(&self, node: StoreNode) -> tonic::service::Routes {
-        let agent = agent::AgentSvc {
-            backend: node.clone(),
+    /// The agent-facing gRPC service.
+    pub fn agent_service<B: KvBackend + Clone>(
+        &self,
+        backend: B,
+        leader: Arc<dyn Leadership>,
+    ) -> v1::agent_service_server::AgentServiceServer<agent::AgentSvc<B>> {
+        v1::agent_service_server::AgentServiceServer::new(agent::AgentSvc {
+            backend,
             health: self.health.clone(),
-            leader: Arc::new(node.clone()),
+            leader,
             limits: self.config.limits,
             heartbeat: self.config.heartbeat,
             metrics: self.metrics.clone(),
             joins: self.joins.clone(),
-        };
-        let fleet = service::FleetSvc {
-            backend: node,
-            view: self.view.clone(),
-        };
-        tonic::service::Routes::new(v1::agent_service_server::AgentServiceServer::new(agent))
-            .add_service(v1::fleet_service_server::FleetServiceServer::new(fleet))
+        })
     }
 
-    /// Start the view and the health controller for a running member.
-    pub fn spawn(
+    /// The fleet read API.
+    pub fn fleet_service<B: KvBackend + Clone>(
         &self,
-        node: StoreNode,
-        shutdown: CancellationToken,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        use tracing::Instrument;
-        let view = tokio::spawn(
-            self.view
-                .clone()
-                .run(node.clone(), shutdown.clone())
-                .instrument(tracing::info_span!("fleet-view")),
-        );
-        let tick = (self.config.policy.unreachable_after / 6)
-            .clamp(Duration::from_millis(50), Duration::from_millis(500));
-        let health = tokio::spawn(
-            self.health
-                .clone()
-                .run(
-                    node.clone(),
-                    self.view.clone(),
-                    Arc::new(node),
-                    tick,
-                    shutdown,
-                )
-                .instrument(tracing::info_span!("fleet-health")),
-        );
-        vec![view, health]
+        backend: B,
+    ) -> v1::fleet_service_server::FleetServiceServer<service::FleetSvc<B>> {
+        v1::fleet_service_server::FleetServiceServer::new(service::FleetSvc {
+            backend,
+            view: self.view.clone(),
+        })
+    }
+
+    /// The leader-only health controller, for the leadership runner.
+    pub fn health_controller<B: KvBackend + Clone>(&self, backend: B) -> HealthController<B> {
+        HealthController {
+            ctl: self.health.clone(),
+            backend,
+            view: self.view.clone(),
+            tick: self.tick(),
+        }
+    }
+
+    /// How often the leader judges liveness (and checks leadership).
+    pub fn tick(&self) -> Duration {
+        (self.config.policy.unreachable_after / 6)
+            .clamp(Duration::from_millis(50), Duration::from_millis(500))
     }
 }

@@ -1,24 +1,24 @@
 //! FleetService: reads and queries answered from this replica's FleetView; join tokens are
 //! written through the store (any replica; followers forward).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_api::convert::fleet::{self as conv, ReportLimits, health_from_wire};
 use flotilla_api::v1;
+use flotilla_core::capacity::{self, CapacityCluster, GroupBy};
 use flotilla_core::fit::{self, FitCluster, FitRequest};
 use flotilla_core::health::Health;
-use flotilla_core::inventory::{ClusterInventory, GpuUnit, NodeInventory};
+use flotilla_core::inventory::{ClusterInventory, NodeInventory};
 use flotilla_core::kv::KvBackend;
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
-use super::health::unix_ms;
-use super::records;
 use super::view::FleetView;
+use crate::controllers::unix_ms;
+use crate::store::{keys, records};
 
 /// Default join token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -41,49 +41,6 @@ fn core_inventory(i: &v1::Inventory) -> ClusterInventory {
         .collect();
     let pools = flotilla_core::inventory::pools(&nodes);
     ClusterInventory { nodes, pools }
-}
-
-/// Physical GPUs a node can hand out (allocatable, in whole GPUs).
-fn allocatable_gpus(n: &NodeInventory) -> i64 {
-    let whole: i64 = n
-        .resources
-        .iter()
-        .map(|r| match r.unit {
-            GpuUnit::Whole => r.allocatable,
-            GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
-            _ => 0,
-        })
-        .sum();
-    if whole > 0
-        || n.resources
-            .iter()
-            .all(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
-    {
-        whole
-    } else {
-        // MIG or partitions only: count physical GPUs while anything is advertised.
-        if n.resources.iter().any(|r| r.allocatable > 0) {
-            n.physical_gpus
-        } else {
-            0
-        }
-    }
-}
-
-/// GPUs with nothing in use. For whole and shared GPUs that is the inventory's free count; for
-/// MIG or partitioned GPUs, a lower bound: each allocated slice may sit on a different GPU.
-fn unused_gpus(n: &NodeInventory) -> i64 {
-    if n.resources
-        .iter()
-        .any(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
-    {
-        return n.free_gpus;
-    }
-    if n.resources.iter().all(|r| r.allocatable == 0) {
-        return 0;
-    }
-    let used: i64 = n.resources.iter().map(|r| r.allocated).sum();
-    (n.physical_gpus - used).max(0)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::FleetEvent, Status>> + Send>>;
@@ -154,52 +111,44 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
     ) -> Result<Response<v1::CapacityResponse>, Status> {
         let by = v1::CapacityGroupBy::try_from(req.into_inner().group_by)
             .map_err(|_| Status::invalid_argument("group_by: unknown grouping"))?;
-        let mut rows: BTreeMap<String, v1::CapacityRow> = BTreeMap::new();
-        for c in self.view.clusters() {
-            if health_from_wire(c.health) == Some(Health::Left) {
-                continue;
-            }
-            let Some(inv) = self.view.inventory(&c.name) else {
-                continue;
-            };
-            for n in core_inventory(&inv).nodes {
-                let key = match by {
-                    v1::CapacityGroupBy::Product | v1::CapacityGroupBy::Unspecified => {
-                        n.product.clone().unwrap_or_else(|| "unknown".into())
-                    }
-                    v1::CapacityGroupBy::Region => n.region.clone().unwrap_or_else(|| {
-                        if c.region.is_empty() {
-                            "unknown".into()
-                        } else {
-                            c.region.clone()
-                        }
-                    }),
-                    v1::CapacityGroupBy::Cluster => c.name.clone(),
-                    v1::CapacityGroupBy::Pool => {
-                        format!("{}/{}", c.name, n.pool.clone().unwrap_or_default())
-                    }
-                };
-                let row = rows.entry(key.clone()).or_insert_with(|| v1::CapacityRow {
-                    key,
-                    ..Default::default()
-                });
-                let alloc = allocatable_gpus(&n);
-                let free = if n.ready && n.schedulable {
-                    unused_gpus(&n)
-                } else {
-                    0
-                };
-                let mem = n.gpu_memory_mib.unwrap_or(0);
-                row.gpus_total += n.physical_gpus;
-                row.gpus_allocatable += alloc;
-                row.gpus_allocated += (alloc - unused_gpus(&n)).max(0);
-                row.gpus_free += free;
-                row.memory_total_mib += mem * n.physical_gpus.max(0) as u64;
-                row.memory_free_mib += mem * free.max(0) as u64;
-            }
-        }
+        let by = match by {
+            v1::CapacityGroupBy::Product | v1::CapacityGroupBy::Unspecified => GroupBy::Product,
+            v1::CapacityGroupBy::Region => GroupBy::Region,
+            v1::CapacityGroupBy::Cluster => GroupBy::Cluster,
+            v1::CapacityGroupBy::Pool => GroupBy::Pool,
+        };
+        let clusters = self.view.clusters();
+        let nodes: Vec<Vec<NodeInventory>> = clusters
+            .iter()
+            .map(|c| {
+                self.view
+                    .inventory(&c.name)
+                    .map(|i| core_inventory(&i).nodes)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let rows = capacity::capacity(
+            clusters.iter().zip(&nodes).map(|(c, n)| CapacityCluster {
+                name: &c.name,
+                health: health_from_wire(c.health).unwrap_or(Health::Joining),
+                region: (!c.region.is_empty()).then_some(c.region.as_str()),
+                nodes: n,
+            }),
+            by,
+        );
         Ok(Response::new(v1::CapacityResponse {
-            rows: rows.into_values().collect(),
+            rows: rows
+                .into_iter()
+                .map(|r| v1::CapacityRow {
+                    key: r.key,
+                    gpus_total: r.gpus_total,
+                    gpus_allocatable: r.gpus_allocatable,
+                    gpus_allocated: r.gpus_allocated,
+                    gpus_free: r.gpus_free,
+                    memory_total_mib: r.memory_total_mib,
+                    memory_free_mib: r.memory_free_mib,
+                })
+                .collect(),
         }))
     }
 
@@ -302,7 +251,7 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
             cluster: r.cluster,
             expires_at_unix_ms: expires,
         };
-        records::put_if(&self.backend, &records::token_key(&token), &rec, 0)
+        records::put_if(&self.backend, &keys::token_key(&token), &rec, 0)
             .await
             .map_err(flotilla_api::convert::kv::to_status)?
             .ok_or_else(|| Status::aborted("token collision; retry"))?;

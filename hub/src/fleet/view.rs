@@ -1,21 +1,16 @@
 //! FleetView: every replica's in-memory copy of the cluster and inventory records, kept current
-//! from the store's watch, so any replica answers reads and fleet watches.
+//! by the store mirror, so any replica answers reads and fleet watches.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use flotilla_api::v1;
-use flotilla_core::kv::{
-    EventKind, KeyRange, KvBackend, KvError, Op, OpResult, RangeRequest, TxnRequest, WatchRequest,
-};
-use futures::StreamExt;
 use prost::Message;
 use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
 
-use super::records::{CLUSTERS, INVENTORY};
+use crate::store::mirror::Subscriber;
+use crate::store::records::{Change, StoredInventory};
 
 #[derive(Default)]
 struct State {
@@ -62,7 +57,7 @@ pub struct FleetView {
 }
 
 impl FleetView {
-    /// An empty view; [`FleetView::run`] fills it.
+    /// An empty view; the store mirror fills it (see [`Subscriber`]).
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: RwLock::new(State::default()),
@@ -134,132 +129,76 @@ impl FleetView {
         let _ = rx.wait_for(|l| *l).await;
     }
 
-    fn apply(&self, key: &[u8], value: Option<&[u8]>) {
-        let key = String::from_utf8_lossy(key);
-        let mut st = self.state.write().expect("view");
-        if let Some(name) = key.strip_prefix(CLUSTERS) {
-            let before = st.clusters.get(name).cloned();
-            match value.map(v1::Cluster::decode) {
-                Some(Ok(c)) => {
-                    let event = match &before {
-                        None => Some(v1::fleet_event::Event::Joined(c.clone())),
-                        Some(b) if b.health != c.health => {
-                            if c.health == v1::ClusterHealth::Left as i32 {
-                                Some(v1::fleet_event::Event::Left(c.clone()))
-                            } else {
-                                c.history
-                                    .first()
-                                    .cloned()
-                                    .map(v1::fleet_event::Event::Health)
-                            }
+    /// Apply one change; fleet events go to watchers unless this is a (re)load.
+    fn change(&self, st: &mut State, c: Change, notify: bool) {
+        let event = match c {
+            Change::Cluster {
+                name,
+                record: Some(c),
+            } => {
+                let event = match st.clusters.get(&name) {
+                    None => Some(v1::fleet_event::Event::Joined(c.clone())),
+                    Some(b) if b.health != c.health => {
+                        if c.health == v1::ClusterHealth::Left as i32 {
+                            Some(v1::fleet_event::Event::Left(c.clone()))
+                        } else {
+                            c.history
+                                .first()
+                                .cloned()
+                                .map(v1::fleet_event::Event::Health)
                         }
-                        _ => None,
-                    };
-                    st.clusters.insert(name.to_string(), c);
-                    if let Some(e) = event {
-                        let _ = self.events.send(v1::FleetEvent {
-                            cluster: name.to_string(),
-                            event: Some(e),
-                        });
                     }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(key = %key, error = %e, "undecodable cluster record")
-                }
-                None => {
-                    st.clusters.remove(name);
-                }
+                    _ => None,
+                };
+                st.clusters.insert(name.clone(), c);
+                event.map(|e| (name, e))
             }
-        } else if let Some(name) = key.strip_prefix(INVENTORY) {
-            match value.map(|v| (v, v1::Inventory::decode(v))) {
-                Some((v, Ok(i))) => {
-                    st.inventory
-                        .insert(name.to_string(), Held::new(Bytes::copy_from_slice(v), &i));
-                    if self.events.receiver_count() > 0 {
-                        let e = v1::fleet_event::Event::Inventory(i);
-                        let _ = self.events.send(v1::FleetEvent {
-                            cluster: name.to_string(),
-                            event: Some(e),
-                        });
-                    }
-                }
-                Some((_, Err(e))) => {
-                    tracing::warn!(key = %key, error = %e, "undecodable inventory record")
-                }
-                None => {
-                    st.inventory.remove(name);
-                }
+            Change::Cluster { name, record: None } => {
+                st.clusters.remove(&name);
+                None
             }
+            Change::Inventory {
+                name,
+                record: Some(StoredInventory { encoded, inventory }),
+            } => {
+                st.inventory
+                    .insert(name.clone(), Held::new(encoded, &inventory));
+                // Sent as an event only when someone watches.
+                (self.events.receiver_count() > 0)
+                    .then_some((name, v1::fleet_event::Event::Inventory(inventory)))
+            }
+            Change::Inventory { name, record: None } => {
+                st.inventory.remove(&name);
+                None
+            }
+        };
+        if let Some((cluster, e)) = event
+            && notify
+        {
+            let _ = self.events.send(v1::FleetEvent {
+                cluster,
+                event: Some(e),
+            });
         }
     }
+}
 
-    /// Load both prefixes at one revision, then follow the watch. Restarts on errors.
-    pub async fn run<B: KvBackend + Clone>(
-        self: Arc<Self>,
-        backend: B,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.clone().follow(&backend) => r,
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "fleet view lost the store watch; reloading");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
-    }
-
-    async fn follow<B: KvBackend>(self: Arc<Self>, b: &B) -> Result<(), KvError> {
-        let load = b
-            .txn(TxnRequest {
-                compare: vec![],
-                success: vec![
-                    Op::Range(RangeRequest::new(KeyRange::prefix(CLUSTERS))),
-                    Op::Range(RangeRequest::new(KeyRange::prefix(INVENTORY))),
-                ],
-                failure: vec![],
-            })
-            .await?;
+impl Subscriber for FleetView {
+    fn reset(&self, _revision: i64, records: Vec<Change>) {
         {
             let mut st = self.state.write().expect("view");
-            st.clusters.clear();
-            st.inventory.clear();
-        }
-        for r in &load.results {
-            if let OpResult::Range(r) = r {
-                for kv in &r.kvs {
-                    self.apply(&kv.key, Some(&kv.value));
-                }
+            *st = State::default();
+            for c in records {
+                self.change(&mut st, c, false);
             }
         }
         self.loaded.send_replace(true);
-        let from = load.revision + 1;
-        let watch = |p: &str| WatchRequest {
-            range: KeyRange::prefix(p),
-            start_revision: from,
-            prev_kv: false,
-        };
-        let mut a = b.watch(watch(CLUSTERS)).await?;
-        let mut i = b.watch(watch(INVENTORY)).await?;
-        loop {
-            let batch = tokio::select! {
-                x = a.next() => x,
-                x = i.next() => x,
-            };
-            let Some(batch) = batch else {
-                return Err(KvError::Unavailable("watch ended".into()));
-            };
-            for e in batch?.events {
-                match e.kind {
-                    EventKind::Put => self.apply(&e.kv.key, Some(&e.kv.value)),
-                    EventKind::Delete => self.apply(&e.kv.key, None),
-                }
-            }
+    }
+
+    fn apply(&self, _revision: i64, changes: Vec<Change>) {
+        let mut st = self.state.write().expect("view");
+        for c in changes {
+            self.change(&mut st, c, true);
         }
     }
 }

@@ -1,0 +1,233 @@
+//! Fleet GPU capacity: per-node counts of allocatable and unused GPUs, summed into rows
+//! grouped by product, region, cluster or pool.
+
+use std::collections::BTreeMap;
+
+use crate::health::Health;
+use crate::inventory::{GpuUnit, NodeInventory};
+
+/// How capacity rows are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By GPU product (`unknown` when the node does not say).
+    Product,
+    /// By the node's region, else the cluster's (`unknown` when neither says).
+    Region,
+    /// By cluster.
+    Cluster,
+    /// By `cluster/pool`.
+    Pool,
+}
+
+/// One cluster's input to [`capacity`].
+#[derive(Debug, Clone, Copy)]
+pub struct CapacityCluster<'a> {
+    /// Cluster name.
+    pub name: &'a str,
+    /// Health (Left clusters count for nothing).
+    pub health: Health,
+    /// The cluster's region, if it reported one.
+    pub region: Option<&'a str>,
+    /// Its GPU nodes.
+    pub nodes: &'a [NodeInventory],
+}
+
+/// One row of capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapacityRow {
+    /// The group's key.
+    pub key: String,
+    /// Physical GPUs.
+    pub gpus_total: i64,
+    /// Physical GPUs the nodes can hand out.
+    pub gpus_allocatable: i64,
+    /// Allocatable GPUs with something in use.
+    pub gpus_allocated: i64,
+    /// GPUs with nothing in use on Ready, schedulable nodes.
+    pub gpus_free: i64,
+    /// GPU memory of all physical GPUs, in MiB.
+    pub memory_total_mib: u64,
+    /// GPU memory of the free GPUs, in MiB.
+    pub memory_free_mib: u64,
+}
+
+/// Physical GPUs a node can hand out (allocatable, in whole GPUs).
+pub fn allocatable_gpus(n: &NodeInventory) -> i64 {
+    let whole: i64 = n
+        .resources
+        .iter()
+        .map(|r| match r.unit {
+            GpuUnit::Whole => r.allocatable,
+            GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
+            _ => 0,
+        })
+        .sum();
+    if whole > 0
+        || n.resources
+            .iter()
+            .all(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
+    {
+        whole
+    } else if n.resources.iter().any(|r| r.allocatable > 0) {
+        // MIG or partitions only: count physical GPUs while anything is advertised.
+        n.physical_gpus
+    } else {
+        0
+    }
+}
+
+/// GPUs with nothing in use. For whole and shared GPUs that is the inventory's free count; for
+/// MIG or partitioned GPUs, a lower bound: each allocated slice may sit on a different GPU.
+pub fn unused_gpus(n: &NodeInventory) -> i64 {
+    if n.resources
+        .iter()
+        .any(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
+    {
+        return n.free_gpus;
+    }
+    if n.resources.iter().all(|r| r.allocatable == 0) {
+        return 0;
+    }
+    let used: i64 = n.resources.iter().map(|r| r.allocated).sum();
+    (n.physical_gpus - used).max(0)
+}
+
+fn key(c: &CapacityCluster<'_>, n: &NodeInventory, by: GroupBy) -> String {
+    let unknown = || "unknown".to_string();
+    match by {
+        GroupBy::Product => n.product.clone().unwrap_or_else(unknown),
+        GroupBy::Region => n
+            .region
+            .clone()
+            .or_else(|| c.region.map(str::to_string))
+            .unwrap_or_else(unknown),
+        GroupBy::Cluster => c.name.to_string(),
+        GroupBy::Pool => format!("{}/{}", c.name, n.pool.as_deref().unwrap_or_default()),
+    }
+}
+
+/// Capacity rows in key order. Clusters that left count for nothing.
+pub fn capacity<'a>(
+    clusters: impl IntoIterator<Item = CapacityCluster<'a>>,
+    by: GroupBy,
+) -> Vec<CapacityRow> {
+    let mut rows: BTreeMap<String, CapacityRow> = BTreeMap::new();
+    for c in clusters {
+        if c.health == Health::Left {
+            continue;
+        }
+        for n in c.nodes {
+            let k = key(&c, n, by);
+            let row = rows.entry(k.clone()).or_insert_with(|| CapacityRow {
+                key: k,
+                ..Default::default()
+            });
+            let alloc = allocatable_gpus(n);
+            let unused = unused_gpus(n);
+            let free = if n.ready && n.schedulable { unused } else { 0 };
+            let mem = n.gpu_memory_mib.unwrap_or(0);
+            row.gpus_total += n.physical_gpus;
+            row.gpus_allocatable += alloc;
+            row.gpus_allocated += (alloc - unused).max(0);
+            row.gpus_free += free;
+            row.memory_total_mib += mem * n.physical_gpus.max(0) as u64;
+            row.memory_free_mib += mem * free.max(0) as u64;
+        }
+    }
+    rows.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{GpuCondition, GpuResource, Vendor};
+
+    fn node(name: &str, unit: GpuUnit, physical: i64, alloc: i64, used: i64) -> NodeInventory {
+        let free = alloc - used;
+        NodeInventory {
+            name: name.into(),
+            pool: Some("p".into()),
+            ready: true,
+            schedulable: true,
+            taints: vec![],
+            region: None,
+            zone: None,
+            instance_type: None,
+            kubelet_version: String::new(),
+            product: Some("H100".into()),
+            family: None,
+            gpu_memory_mib: Some(81_559),
+            physical_gpus: physical,
+            free_gpus: if matches!(unit, GpuUnit::Whole) {
+                free
+            } else {
+                0
+            },
+            resources: vec![GpuResource {
+                name: "nvidia.com/gpu".into(),
+                vendor: Vendor::Nvidia,
+                unit,
+                capacity: alloc,
+                allocatable: alloc,
+                allocated: used,
+                free,
+            }],
+            condition: GpuCondition::Healthy,
+        }
+    }
+
+    #[test]
+    fn whole_gpus_count_free_and_memory_only_where_schedulable() {
+        let a = node("a", GpuUnit::Whole, 8, 8, 3);
+        let mut b = node("b", GpuUnit::Whole, 8, 8, 0);
+        b.schedulable = false;
+        let nodes = [a, b];
+        let rows = capacity(
+            [CapacityCluster {
+                name: "c1",
+                health: Health::Ready,
+                region: Some("eu"),
+                nodes: &nodes,
+            }],
+            GroupBy::Region,
+        );
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.key, "eu", "the cluster's region stands in for the node's");
+        assert_eq!(
+            (
+                r.gpus_total,
+                r.gpus_allocatable,
+                r.gpus_allocated,
+                r.gpus_free
+            ),
+            (16, 16, 3, 5)
+        );
+        assert_eq!(r.memory_free_mib, 5 * 81_559);
+    }
+
+    #[test]
+    fn mig_counts_physical_gpus_and_a_lower_bound_of_unused_ones() {
+        let n = node("m", GpuUnit::MigSlice("1g.10gb".into()), 8, 56, 3);
+        assert_eq!(allocatable_gpus(&n), 8);
+        assert_eq!(
+            unused_gpus(&n),
+            5,
+            "each used slice may be on a different GPU"
+        );
+    }
+
+    #[test]
+    fn clusters_that_left_count_for_nothing() {
+        let nodes = [node("a", GpuUnit::Whole, 8, 8, 0)];
+        let c = |health| CapacityCluster {
+            name: "c1",
+            health,
+            region: None,
+            nodes: &nodes,
+        };
+        assert!(capacity([c(Health::Left)], GroupBy::Cluster).is_empty());
+        let rows = capacity([c(Health::Unreachable)], GroupBy::Pool);
+        assert_eq!((rows[0].key.as_str(), rows[0].gpus_free), ("c1/p", 8));
+    }
+}

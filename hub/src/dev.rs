@@ -1,0 +1,109 @@
+//! `--dev`: a development fleet of simulated clusters (kube-sim, a test double) with an
+//! in-process agent each, next to a single-member hub. Behind the default cargo feature `dev`;
+//! `cargo build -p flotilla-hub --no-default-features` builds a hub without it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use flotilla_api::v1;
+use flotilla_kube_sim::{Scenario, SimFleet};
+use flotilla_raft_store::StoreNode;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{keys, records};
+
+/// The running development fleet.
+pub struct DevFleet {
+    sim: SimFleet,
+}
+
+impl DevFleet {
+    /// Stops the simulated clusters (the agents stop with the shutdown token).
+    pub async fn shutdown(self) {
+        self.sim.shutdown().await;
+    }
+}
+
+/// How a newcomer runs `flotctl` against this hub: the release build, which shares the
+/// hub's dependencies (a debug build would compile the workspace again).
+fn flotctl(grpc: SocketAddr) -> String {
+    let hub = if grpc.to_string() == "127.0.0.1:7400" {
+        String::new()
+    } else {
+        format!(" --hub {grpc}")
+    };
+    format!("cargo run --release -q -p flotctl --{hub}")
+}
+
+/// Starts the scenario's clusters (default: three clusters in three regions), prints what to
+/// try, and starts an agent per cluster with its own join token.
+pub async fn start(
+    node: &StoreNode,
+    scenario: Option<&Path>,
+    data_dir: &Path,
+    (grpc, http): (SocketAddr, SocketAddr),
+    shutdown: &CancellationToken,
+) -> anyhow::Result<DevFleet> {
+    let scenario = match scenario {
+        Some(p) => Scenario::from_file(p)?,
+        None => Scenario::dev(),
+    };
+    let sim = SimFleet::start(&scenario, Default::default()).await?;
+    let paths: Vec<PathBuf> = sim.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
+    println!(
+        "flotilla-hub --dev: store member {} on {grpc} (data in {})",
+        node.id(),
+        data_dir.display()
+    );
+    println!("metrics and health: http://{http}/metrics, /healthz, /readyz");
+    println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
+    for (c, p) in sim.clusters().iter().zip(&paths) {
+        println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
+    }
+    let ctl = flotctl(grpc);
+    println!("an in-process agent per cluster reports to the hub; try:");
+    println!("  {ctl} get clusters");
+    println!("  {ctl} get gpus --by region");
+    println!("  {ctl} describe cluster {}", sim.clusters()[0].name());
+    println!("  {ctl} fit --gpus 4 --min-memory 80Gi --product H100 --replicas 2");
+    println!("  {ctl} watch");
+    if let Some(p) = paths.first() {
+        println!("  KUBECONFIG={} kubectl get nodes", p.display());
+    }
+    for c in sim.clusters() {
+        let token = format!("flt_dev_{}", uuid::Uuid::new_v4().simple());
+        let rec = v1::JoinTokenRecord {
+            cluster: c.name().to_string(),
+            expires_at_unix_ms: i64::MAX,
+        };
+        records::put_if(node, &keys::token_key(&token), &rec, 0).await?;
+        let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+        )?;
+        let opts = flotilla_agent::AgentOptions {
+            cluster: c.name().to_string(),
+            hubs: vec![grpc.to_string()],
+            token,
+            pool_label: None,
+            region: String::new(),
+            labels: scenario
+                .clusters
+                .iter()
+                .find(|s| s.name == c.name())
+                .map(|s| s.labels.clone())
+                .unwrap_or_default(),
+        };
+        let s = shutdown.clone();
+        let span = tracing::info_span!("dev-agent", cluster = %c.name());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(e) = flotilla_agent::run(client, opts, None, s).await {
+                    tracing::error!(error = %e, "dev agent stopped");
+                }
+            },
+            span,
+        ));
+    }
+    Ok(DevFleet { sim })
+}
