@@ -43,6 +43,75 @@ pub fn health_name(h: i32) -> &'static str {
     }
 }
 
+/// Where a transition came from, as people read it (`new` for a cluster's first).
+pub fn from_name(h: i32) -> &'static str {
+    if h == v1::ClusterHealth::Unspecified as i32 {
+        "new"
+    } else {
+        health_name(h)
+    }
+}
+
+/// `Ready -> Degraded: reason`.
+pub fn transition_text(h: &v1::HealthTransition) -> String {
+    format!(
+        "{} -> {}: {}",
+        from_name(h.from),
+        health_name(h.to),
+        h.reason
+    )
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds as RFC 3339 UTC, to the second (`2026-12-01T19:38:19Z`).
+pub fn rfc3339(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date (proleptic Gregorian), after H. Hinnant's `civil_from_days`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// How long ago, as kubectl prints ages: `42s`, `17m`, `5h`, `3d`.
+pub fn age(now_unix_ms: i64, at_unix_ms: i64) -> String {
+    let s = (now_unix_ms - at_unix_ms).max(0) / 1000;
+    match s {
+        0..120 => format!("{s}s"),
+        120..7_200 => format!("{}m", s / 60),
+        7_200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `2026-12-01T19:38:19Z (5m ago)`.
+pub fn when(now_unix_ms: i64, at_unix_ms: i64) -> String {
+    format!(
+        "{} ({} ago)",
+        rfc3339(at_unix_ms),
+        age(now_unix_ms, at_unix_ms)
+    )
+}
+
 /// Parse `80Gi`, `40960Mi`, `80G` (decimal) or a bare number of MiB into MiB.
 pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -76,11 +145,13 @@ pub fn cluster_json(c: &v1::Cluster) -> Value {
         "agent_version": c.agent_version,
         "labels": c.labels,
         "joined_at_unix_ms": c.joined_at_unix_ms,
+        "joined_at": rfc3339(c.joined_at_unix_ms),
         "nodes": c.nodes,
         "gpus": c.physical_gpus,
         "free_gpus": c.free_gpus,
         "history": c.history.iter().map(|h| json!({
-            "from": health_name(h.from), "to": health_name(h.to), "reason": h.reason, "at_unix_ms": h.at_unix_ms,
+            "from": from_name(h.from), "to": health_name(h.to), "reason": h.reason,
+            "at_unix_ms": h.at_unix_ms, "at": rfc3339(h.at_unix_ms),
         })).collect::<Vec<_>>(),
     })
 }
@@ -106,10 +177,10 @@ pub fn inventory_json(i: &v1::Inventory) -> Value {
     })
 }
 
-/// `flotctl describe cluster` as text.
-pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory) -> String {
+/// `flotctl describe cluster` as text; times are shown with their age at `now_unix_ms`.
+pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory, now_unix_ms: i64) -> String {
     let mut out = format!(
-        "Name:        {}\nHealth:      {}{}\nRegion:      {}\nKubernetes:  {}\nAgent:       {}\nGPUs:        {} ({} free) on {} nodes\n",
+        "Name:        {}\nHealth:      {}{}\nRegion:      {}\nKubernetes:  {}\nAgent:       {}\nJoined:      {}\nGPUs:        {} ({} requestable whole) on {} nodes\n",
         c.name,
         health_name(c.health),
         if c.health_reason.is_empty() {
@@ -120,13 +191,14 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory) -> String {
         c.region,
         c.kubernetes_version,
         c.agent_version,
+        when(now_unix_ms, c.joined_at_unix_ms),
         c.physical_gpus,
         c.free_gpus,
         c.nodes,
     );
     out.push_str("\nPools:\n");
     out.push_str(&table(
-        &["POOL", "NODES", "USABLE", "PRODUCTS", "GPUS", "FREE"],
+        &["POOL", "NODES", "USABLE", "PRODUCTS", "GPUS", "WHOLE-FREE"],
         i.pools
             .iter()
             .map(|p| {
@@ -150,7 +222,7 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory) -> String {
             "SCHEDULABLE",
             "PRODUCT",
             "GPUS",
-            "FREE",
+            "WHOLE-FREE",
             "RESOURCES",
         ],
         i.nodes
@@ -177,11 +249,9 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory) -> String {
     out.push_str("\nHealth history (newest first):\n");
     for h in &c.history {
         out.push_str(&format!(
-            "  {}  {} -> {}: {}\n",
-            h.at_unix_ms,
-            health_name(h.from),
-            health_name(h.to),
-            h.reason
+            "  {}  {}\n",
+            when(now_unix_ms, h.at_unix_ms),
+            transition_text(h)
         ));
     }
     out
@@ -209,6 +279,34 @@ mod tests {
     fn tables_align() {
         let t = table(&["A", "LONGER"], vec![vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A     LONGER\nxyz   1\n");
+    }
+
+    #[test]
+    fn times_read_as_rfc3339_with_an_age() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_153_899_999), "2026-12-01T19:38:19Z");
+        assert_eq!(age(100_000, 58_000), "42s");
+        assert_eq!(age(3_600_000, 0), "60m");
+        assert_eq!(age(5 * 3_600_000, 0), "5h");
+        assert_eq!(age(3 * 86_400_000, 0), "3d");
+        assert_eq!(
+            age(0, 5_000),
+            "0s",
+            "a clock behind the hub's is not negative"
+        );
+        assert_eq!(when(61_000, 1_000), "1970-01-01T00:00:01Z (60s ago)");
+    }
+
+    #[test]
+    fn a_first_transition_reads_from_new() {
+        let h = v1::HealthTransition {
+            from: v1::ClusterHealth::Unspecified as i32,
+            to: v1::ClusterHealth::Joining as i32,
+            reason: "joined the fleet".into(),
+            at_unix_ms: 0,
+        };
+        assert_eq!(transition_text(&h), "new -> Joining: joined the fleet");
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! `flotctl` against a real one-member hub with an agent reporting a simulated cluster.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use flotilla_api::v1;
-use flotilla_hub::fleet::{Fleet, FleetConfig};
 use flotilla_kube_sim::{Scenario, SimFleet, SimOptions};
-use flotilla_raft_store::{ExtraServices, NodeConfig, StoreNode};
 use tokio_util::sync::CancellationToken;
 
 const FLOTCTL: &str = env!("CARGO_BIN_EXE_flotctl");
@@ -40,18 +38,21 @@ fn flotctl(hub: &str, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_describe_fit_join_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::new(FleetConfig {
-        policy: Default::default(),
-        heartbeat: Duration::from_millis(200),
-        limits: Default::default(),
-        max_concurrent_joins: 16,
-    });
-    let mut cfg = NodeConfig::new(1, dir.path(), "127.0.0.1:0".parse().unwrap());
-    let f = fleet.clone();
-    cfg.extra_services = Some(ExtraServices(Arc::new(move |n| f.routes(n))));
+    let d = dir.path().display().to_string();
+    let args = flotilla_hub::Args::parse_from([
+        "flotilla-hub",
+        "--data-dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--agent-heartbeat",
+        "200ms",
+    ]);
     let shutdown = CancellationToken::new();
-    let running = StoreNode::start(cfg, shutdown.clone()).await.unwrap();
-    fleet.spawn(running.node.clone(), shutdown.clone());
+    let running = flotilla_hub::start(args, shutdown.clone()).await.unwrap();
+    let fleet = running.fleet.clone();
     let hub = running.addr.to_string();
     while !fleet.health.active() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -132,6 +133,31 @@ async fn get_describe_fit_join_and_errors() {
         let (code, out, _) = flotctl(&h, &["describe", "cluster", "cli-test"]);
         assert_eq!(code, 0);
         assert!(out.contains("Pools:") && out.contains("h100"), "{out}");
+        // Times as RFC 3339 with an age; a new cluster's first transition is from nothing.
+        let year = format!("{}-", 1970 + flotctl::unix_ms_now() / 31_556_952_000);
+        assert!(out.contains(&year) && out.contains("s ago)"), "{out}");
+        assert!(out.contains("new -> Joining: joined the fleet"), "{out}");
+        assert!(out.contains("Joining -> Ready"), "{out}");
+        let (_, out, _) = flotctl(&h, &["get", "clusters"]);
+        assert!(out.contains("WHOLE-FREE"), "{out}");
+        // `watch` prints the fleet as it is before any change.
+        let mut w = std::process::Command::new(env!("CARGO_BIN_EXE_flotctl"))
+            .args(["--hub", &h, "watch"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(w.stdout.take().unwrap()),
+            &mut first,
+        )
+        .unwrap();
+        w.kill().unwrap();
+        let _ = w.wait();
+        assert!(
+            first.starts_with("cli-test") && first.contains("current") && first.contains("Ready"),
+            "{first}"
+        );
         let (code, out, _) = flotctl(
             &h,
             &[

@@ -1,0 +1,103 @@
+//! One module per command group. Each takes the connected [`Ctx`] and its own arguments.
+
+pub mod describe;
+pub mod fit;
+pub mod get;
+pub mod join;
+pub mod watch;
+
+use clap::ValueEnum;
+use flotilla_api::v1::fleet_service_client::FleetServiceClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// A failure a person can act on, and the exit code.
+pub type Failure = (String, u8);
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text tables.
+    Table,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// What every command gets: the hub it talks to, the output format, and a client.
+pub struct Ctx {
+    /// The hub's address as given.
+    pub hub: String,
+    /// Output format.
+    pub output: Output,
+    /// The fleet API.
+    pub client: FleetServiceClient<Channel>,
+}
+
+impl Ctx {
+    /// Connects to `hub`.
+    pub async fn connect(hub: String, output: Output) -> Result<Self, Failure> {
+        let url = if hub.starts_with("http") {
+            hub.clone()
+        } else {
+            format!("http://{hub}")
+        };
+        let ch = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| (format!("--hub {hub}: {e}"), 2))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| {
+                (
+                    format!(
+                        "cannot reach the hub at {hub}: {e}; is it running? set --hub or FLOTILLA_HUB"
+                    ),
+                    4,
+                )
+            })?;
+        Ok(Self {
+            hub,
+            output,
+            client: FleetServiceClient::new(ch),
+        })
+    }
+
+    /// A hub error a person can act on, and its exit code.
+    pub fn explain(&self, s: tonic::Status) -> Failure {
+        use tonic::Code;
+        let field = s
+            .metadata()
+            .get("flotilla-field")
+            .and_then(|v| v.to_str().ok());
+        let msg = match (s.code(), field) {
+            (Code::Unavailable, _) => format!(
+                "hub {} is unavailable ({}); is it running? set --hub or FLOTILLA_HUB",
+                self.hub,
+                s.message()
+            ),
+            (Code::NotFound, _) => s.message().to_string(),
+            (Code::InvalidArgument, Some(f)) => format!("invalid {f}: {}", s.message()),
+            _ => format!("{:?}: {}", s.code(), s.message()),
+        };
+        let code = match s.code() {
+            Code::NotFound => 3,
+            Code::InvalidArgument => 2,
+            Code::Unavailable | Code::DeadlineExceeded => 4,
+            _ => 1,
+        };
+        (msg, code)
+    }
+
+    /// Prints `v` as JSON or YAML, or the text `table_text` builds.
+    pub fn print(&self, v: &Value, table_text: impl FnOnce() -> String) {
+        match self.output {
+            Output::Table => print!("{}", table_text()),
+            Output::Json => println!("{}", serde_json::to_string_pretty(v).expect("json")),
+            Output::Yaml => print!(
+                "{}",
+                serde_saphyr::to_string(v).unwrap_or_else(|e| format!("# yaml error: {e}\n"))
+            ),
+        }
+    }
+}
