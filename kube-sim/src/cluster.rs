@@ -1,19 +1,22 @@
-//! One simulated cluster at run time: its state, its HTTP listener (which faults can take
-//! away), and its controller loop. [`SimFleet`] starts many of them in one process.
+//! One simulated cluster at run time: the handle to it and its controller loop (its shared
+//! core is in `cluster_core.rs`, its HTTP listener in `server.rs`). [`SimFleet`] starts many
+//! of them in one process.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use serde_json::Value;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cluster_core::{ClusterCore, Tls};
 use crate::faults::{ApiFaults, Fault};
 use crate::resources::RESOURCES;
 use crate::scenario::{ClusterSpec, Scenario};
+use crate::server::serve;
 use crate::sim::SimState;
 use crate::store::{ApiError, DEFAULT_HISTORY};
 
@@ -41,66 +44,6 @@ impl Default for SimOptions {
             bookmark_interval: Duration::from_secs(10),
             tls: true,
         }
-    }
-}
-
-/// Shared core of one cluster (state, faults, listener control).
-pub struct ClusterCore {
-    /// Cluster name.
-    pub name: String,
-    /// Bearer token the API requires.
-    pub token: String,
-    /// Ends watches and the listener.
-    pub shutdown: CancellationToken,
-    /// Bookmark period for watches.
-    pub bookmark_interval: Duration,
-    addr: SocketAddr,
-    version: String,
-    tls: Option<Arc<Tls>>,
-    state: Mutex<SimState>,
-    api_faults: RwLock<ApiFaults>,
-    changed: Notify,
-    reachable: watch::Sender<bool>,
-}
-
-impl ClusterCore {
-    /// Read the state under the lock.
-    pub fn read<T>(&self, f: impl FnOnce(&SimState) -> T) -> T {
-        f(&self.state.lock().expect("cluster state poisoned"))
-    }
-
-    /// Change the state under the lock and wake the controllers.
-    pub fn write<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
-        let out = f(&mut self.state.lock().expect("cluster state poisoned"));
-        self.changed.notify_one();
-        out
-    }
-
-    /// A copy of the API faults in force.
-    pub fn api_faults(&self) -> ApiFaults {
-        self.api_faults.read().expect("faults poisoned").clone()
-    }
-
-    /// `host:port` the cluster listens on.
-    pub fn addr_string(&self) -> String {
-        self.addr.to_string()
-    }
-
-    /// The `/version` document.
-    pub fn version_info(&self) -> Value {
-        let v = self.version.trim_start_matches('v');
-        let mut parts = v.split('.');
-        json!({
-            "major": parts.next().unwrap_or("1"),
-            "minor": parts.next().unwrap_or("0"),
-            "gitVersion": self.version,
-            "gitCommit": "kube-sim",
-            "gitTreeState": "clean",
-            "buildDate": "2026-01-01T00:00:00Z",
-            "goVersion": "n/a (kube-sim, a simulated API server)",
-            "compiler": "rustc",
-            "platform": "linux/amd64",
-        })
     }
 }
 
@@ -380,113 +323,5 @@ async fn controllers(core: Arc<ClusterCore>) {
             _ = core.changed.notified() => {}
             _ = wait => {}
         }
-    }
-}
-
-async fn serve(core: Arc<ClusterCore>, first: TcpListener) {
-    let mut listener = Some(first);
-    let mut reachable = core.reachable.subscribe();
-    loop {
-        if !*reachable.borrow_and_update() {
-            tracing::info!("API server unreachable (fault injected)");
-            tokio::select! {
-                _ = core.shutdown.cancelled() => return,
-                _ = reachable.changed() => continue,
-            }
-        }
-        let l = match listener.take() {
-            Some(l) => l,
-            None => match TcpListener::bind(core.addr).await {
-                Ok(l) => {
-                    tracing::info!("API server reachable again");
-                    l
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "rebinding the API port failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        loop {
-            tokio::select! {
-                _ = core.shutdown.cancelled() => return,
-                r = reachable.changed() => {
-                    if r.is_err() || !*reachable.borrow() { break; }
-                }
-                accepted = l.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        tokio::spawn(connection(core.clone(), stream, core.reachable.subscribe()).in_current_span());
-                    }
-                    Err(e) => tracing::debug!(error = %e, "accept failed"),
-                },
-            }
-        }
-    }
-}
-
-/// The serving certificate shared by a fleet's API servers.
-pub struct Tls {
-    ca_pem: String,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl Tls {
-    /// A self-signed certificate for `host`, `localhost` and 127.0.0.1.
-    fn generate(host: IpAddr) -> std::io::Result<Self> {
-        let io = |e: &dyn std::fmt::Display| std::io::Error::other(format!("TLS set-up: {e}"));
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        if !host.is_unspecified() {
-            names.push(host.to_string());
-        }
-        let ck = rcgen::generate_simple_self_signed(names).map_err(|e| io(&e))?;
-        let cert = ck.cert.der().clone();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
-            .map_err(|e| io(&e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| io(&e))?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .map_err(|e| io(&e))?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self {
-            ca_pem: ck.cert.pem(),
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-        })
-    }
-}
-
-async fn connection(core: Arc<ClusterCore>, stream: TcpStream, reachable: watch::Receiver<bool>) {
-    let _ = stream.set_nodelay(true);
-    match core.tls.clone() {
-        Some(tls) => {
-            let accepted = tokio::select! {
-                a = tls.acceptor.accept(stream) => a,
-                _ = core.shutdown.cancelled() => return,
-            };
-            match accepted {
-                Ok(s) => serve_io(core, s, reachable).await,
-                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-            }
-        }
-        None => serve_io(core, stream, reachable).await,
-    }
-}
-
-async fn serve_io<I>(core: Arc<ClusterCore>, io: I, mut reachable: watch::Receiver<bool>)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let c = core.clone();
-    let svc = hyper::service::service_fn(move |req| crate::server::handle(c.clone(), req));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    // Dropping the connection future closes the socket: that is how "unreachable" cuts watches.
-    tokio::select! {
-        _ = conn => {}
-        _ = core.shutdown.cancelled() => {}
-        _ = reachable.wait_for(|r| !*r) => {}
     }
 }

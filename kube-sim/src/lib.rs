@@ -9,6 +9,7 @@
 //! control API. See `docs/kube-sim.md`.
 
 pub mod cluster;
+pub mod cluster_core;
 pub mod control;
 pub mod faults;
 pub mod gpu;

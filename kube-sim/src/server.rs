@@ -12,10 +12,13 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
-use crate::cluster::ClusterCore;
+use crate::cluster_core::ClusterCore;
 use crate::faults::reason_for;
 use crate::patch::{self, PatchKind};
 use crate::resources::{self, RESOURCES, ResourceType, idx};
@@ -752,6 +755,83 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
         .header(header::CACHE_CONTROL, "no-cache, private")
         .body(BodyExt::boxed(StreamBody::new(stream)))
         .expect("response"))
+}
+
+/// Accepts connections while the cluster is reachable; the `unreachable` fault closes the
+/// listener (and every open connection) until it is cleared.
+pub(crate) async fn serve(core: Arc<ClusterCore>, first: TcpListener) {
+    let mut listener = Some(first);
+    let mut reachable = core.reachable.subscribe();
+    loop {
+        if !*reachable.borrow_and_update() {
+            tracing::info!("API server unreachable (fault injected)");
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                _ = reachable.changed() => continue,
+            }
+        }
+        let l = match listener.take() {
+            Some(l) => l,
+            None => match TcpListener::bind(core.addr).await {
+                Ok(l) => {
+                    tracing::info!("API server reachable again");
+                    l
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebinding the API port failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                r = reachable.changed() => {
+                    if r.is_err() || !*reachable.borrow() { break; }
+                }
+                accepted = l.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(connection(core.clone(), stream, core.reachable.subscribe()).in_current_span());
+                    }
+                    Err(e) => tracing::debug!(error = %e, "accept failed"),
+                },
+            }
+        }
+    }
+}
+
+async fn connection(core: Arc<ClusterCore>, stream: TcpStream, reachable: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    match core.tls.clone() {
+        Some(tls) => {
+            let accepted = tokio::select! {
+                a = tls.acceptor.accept(stream) => a,
+                _ = core.shutdown.cancelled() => return,
+            };
+            match accepted {
+                Ok(s) => serve_io(core, s, reachable).await,
+                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+            }
+        }
+        None => serve_io(core, stream, reachable).await,
+    }
+}
+
+async fn serve_io<I>(core: Arc<ClusterCore>, io: I, mut reachable: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let c = core.clone();
+    let svc = hyper::service::service_fn(move |req| handle(c.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    // Dropping the connection future closes the socket: that is how "unreachable" cuts watches.
+    tokio::select! {
+        _ = conn => {}
+        _ = core.shutdown.cancelled() => {}
+        _ = reachable.wait_for(|r| !*r) => {}
+    }
 }
 
 #[cfg(test)]

@@ -197,6 +197,12 @@ impl DataDir {
         Ok(())
     }
 
+    /// Whether nothing but this directory and the member's one state-machine reader still
+    /// holds its files (so they can be opened again).
+    pub(crate) fn released(&self) -> bool {
+        Arc::strong_count(&self.log) == 1 && Arc::strong_count(&self.sm) == 2
+    }
+
     /// The log store over this directory.
     pub fn log_store(&self) -> log_store::LogStore {
         log_store::LogStore::new(self.log.clone())

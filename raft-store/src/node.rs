@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::data_dir::DataDir;
 use crate::error::StoreError;
 use crate::network::NetCtx;
-use crate::proposer::{Proposal, WriteError};
+use crate::proposer::{Proposal, WriteError, write};
 use crate::state_machine::SmReader;
 use crate::types::{Applied, Command, NodeId, Raft};
 
@@ -213,7 +213,12 @@ impl StoreNode {
         if revision < 0 {
             return Err(KvError::invalid("revision", "must not be negative"));
         }
-        match self.write(Command::Compact(revision)).await {
+        let compacted = write(
+            &self.inner.raft,
+            self.inner.write_timeout,
+            Command::Compact(revision),
+        );
+        match compacted.await {
             Ok(Applied::Compacted(r)) => Ok(r),
             Ok(Applied::Rejected(e)) => Err(e),
             Ok(other) => Err(KvError::Internal(format!(
@@ -235,13 +240,23 @@ impl StoreNode {
         }
     }
 
-    /// Stops Raft (after the server that mounted this member's services has stopped).
+    /// Stops Raft (after the server that mounted this member's services has stopped), and
+    /// waits until the data directory's files are free to open again.
     pub async fn shutdown_raft(&self) -> Result<(), StoreError> {
         self.inner
             .raft
             .shutdown()
             .await
-            .map_err(|e| StoreError::Raft(e.to_string()))
+            .map_err(|e| StoreError::Raft(e.to_string()))?;
+        // openraft's replication and state-machine tasks can outlive `shutdown` by a moment,
+        // each with a handle to a redb file; a restart right after would find it locked.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.inner.data.lock().expect("data dir lock").released()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 }
 

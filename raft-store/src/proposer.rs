@@ -3,6 +3,7 @@
 //! per entry.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_core::kv::{KvError, TxnRequest, TxnResult};
 use openraft::BasicNode;
@@ -11,8 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::node::StoreNode;
-use crate::types::{Applied, Command, NodeId};
+use crate::types::{Applied, Command, NodeId, Raft};
 
 /// A client transaction waiting to be proposed, with where to send its outcome.
 pub(crate) type Proposal = (TxnRequest, oneshot::Sender<Result<TxnResult, WriteError>>);
@@ -25,7 +25,8 @@ const MAX_IN_FLIGHT: usize = 1;
 
 /// Drains queued transactions into one log entry each round.
 pub(crate) async fn propose_loop(
-    node: StoreNode,
+    raft: Raft,
+    write_timeout: Duration,
     mut rx: mpsc::Receiver<Proposal>,
     token: CancellationToken,
 ) {
@@ -46,12 +47,12 @@ pub(crate) async fn propose_loop(
                 Err(_) => break,
             }
         }
-        let node = node.clone();
+        let raft = raft.clone();
         tokio::spawn(
             async move {
                 let (reqs, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                 let n = reqs.len();
-                let outcome = node.write(Command::Txns(reqs)).await;
+                let outcome = write(&raft, write_timeout, Command::Txns(reqs)).await;
                 drop(permit);
                 match outcome {
                     Ok(Applied::Txns(results)) if results.len() == n => {
@@ -77,28 +78,29 @@ pub(crate) async fn propose_loop(
     }
 }
 
-impl StoreNode {
-    /// Proposes one command and waits for it to apply, within the write timeout.
-    pub(crate) async fn write(&self, cmd: Command) -> Result<Applied, WriteError> {
-        let res =
-            tokio::time::timeout(self.inner.write_timeout, self.inner.raft.client_write(cmd)).await;
-        match res {
-            Ok(Ok(r)) => Ok(r.data),
-            // Truncated or never proposed: certainly not applied here.
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(WriteError::Forward(f))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(WriteError::Kv(KvError::Internal(e.to_string())))
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Kv(KvError::OutcomeUnknown(format!(
-                "member stopped: {e}"
-            )))),
-            Err(_) => Err(WriteError::Kv(KvError::OutcomeUnknown(format!(
-                "not committed within {:?} (no quorum reachable?)",
-                self.inner.write_timeout
-            )))),
+/// Proposes one command and waits for it to apply, within `write_timeout`.
+pub(crate) async fn write(
+    raft: &Raft,
+    write_timeout: Duration,
+    cmd: Command,
+) -> Result<Applied, WriteError> {
+    let res = tokio::time::timeout(write_timeout, raft.client_write(cmd)).await;
+    match res {
+        Ok(Ok(r)) => Ok(r.data),
+        // Truncated or never proposed: certainly not applied here.
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(WriteError::Forward(f))
         }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(WriteError::Kv(KvError::Internal(e.to_string())))
+        }
+        Ok(Err(RaftError::Fatal(e))) => Err(WriteError::Kv(KvError::OutcomeUnknown(format!(
+            "member stopped: {e}"
+        )))),
+        Err(_) => Err(WriteError::Kv(KvError::OutcomeUnknown(format!(
+            "not committed within {:?} (no quorum reachable?)",
+            write_timeout
+        )))),
     }
 }
 

@@ -231,8 +231,13 @@ impl StoreNode {
         };
         let token = shutdown.child_token();
         tokio::spawn(
-            propose_loop(node.clone(), proposals_rx, token.clone())
-                .instrument(info_span!("store-proposer", node = node_id)),
+            propose_loop(
+                raft.clone(),
+                tuning.write_timeout,
+                proposals_rx,
+                token.clone(),
+            )
+            .instrument(info_span!("store-proposer", node = node_id)),
         );
         Ok(OpenMember { node, join })
     }

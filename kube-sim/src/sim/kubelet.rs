@@ -1,0 +1,117 @@
+//! Kubelets and device plugins: node conditions, capacity and allocatable as the plugin advertises them, GPU failures.
+
+use super::*;
+
+impl SimState {
+    pub(super) fn kubelets(&mut self, now: Instant, next: &mut Option<Instant>) {
+        let t = self.spec.timing.clone();
+        let ready_after = Duration::from_millis(t.node_ready_ms);
+        let plugin_after = ready_after + Duration::from_millis(t.device_plugin_ms);
+        let mut want_slices: HashMap<String, Value> = HashMap::new();
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            let sim = self.nodes[&name].clone();
+            let Some(pool) = self.templates.get(&sim.template).cloned() else {
+                continue;
+            };
+            let Ok(node) = self.store.get(idx::NODES, "", &name) else {
+                self.nodes.remove(&name);
+                continue;
+            };
+            let age = now.saturating_duration_since(sim.born);
+            let booted = age >= ready_after;
+            let plugin = age >= plugin_after;
+            if !booted {
+                merge_deadline(next, sim.born + ready_after);
+            } else if !plugin {
+                merge_deadline(next, sim.born + plugin_after);
+            }
+            let ready = booted && !sim.not_ready;
+            let mut allocatable = node["status"]["allocatable"].clone();
+            if let Some(g) = &pool.gpu {
+                for r in gpu::gpu_resources(g) {
+                    // A node that stops reporting keeps its last status (allocatable stays).
+                    let units = if plugin {
+                        (i64::from(g.count) - i64::from(sim.failed_gpus)).max(0) * r.per_gpu
+                    } else {
+                        0
+                    };
+                    allocatable[&r.name] = json!(units.to_string());
+                }
+                if g.dra && plugin {
+                    want_slices.insert(name.clone(), json!(sim.failed_gpus));
+                }
+            }
+            let was_ready = node_ready(&node);
+            if was_ready != ready || node["status"]["allocatable"] != allocatable {
+                let mut status = node["status"].clone();
+                status["allocatable"] = allocatable;
+                if was_ready != ready {
+                    status["conditions"] = if ready {
+                        gpu::node_conditions(
+                            "True",
+                            "KubeletReady",
+                            "kubelet is posting ready status",
+                        )
+                    } else if sim.not_ready {
+                        gpu::node_conditions(
+                            "Unknown",
+                            "NodeStatusUnknown",
+                            "Kubelet stopped posting node status.",
+                        )
+                    } else {
+                        gpu::node_conditions(
+                            "False",
+                            "KubeletNotReady",
+                            "container runtime network not ready (simulated start-up)",
+                        )
+                    };
+                }
+                self.set_status(idx::NODES, "", &name, status);
+            }
+        }
+        // DRA: one slice per ready GPU node, regenerated when its healthy devices change.
+        let existing = self.all(idx::RESOURCESLICES);
+        for s in &existing {
+            let node = s["spec"]["nodeName"].as_str().unwrap_or("");
+            if s["spec"]["driver"] == gpu::NVIDIA_DRA_DRIVER
+                && s["metadata"]["annotations"][SIMULATED_ANNOTATION] == "true"
+                && !want_slices.contains_key(node)
+            {
+                let _ = self
+                    .store
+                    .delete(idx::RESOURCESLICES, "", meta_str(s, "name"));
+            }
+        }
+        for (node, failed) in want_slices {
+            let failed = failed.as_u64().unwrap_or(0) as u32;
+            let sim = self.nodes.get(&node).cloned().expect("node sim");
+            let g = self.templates[&sim.template].gpu.clone().expect("gpu");
+            let current = existing
+                .iter()
+                .find(|s| s["spec"]["nodeName"] == node.as_str());
+            let healthy = g.count.saturating_sub(failed) as usize;
+            match current {
+                Some(s) if s["spec"]["devices"].as_array().map_or(0, Vec::len) == healthy => {}
+                Some(s) => {
+                    let generation = sim.slice_generation + 1;
+                    self.nodes.get_mut(&node).expect("sim").slice_generation = generation;
+                    let mut new = gpu::resource_slice(&node, &g, failed, generation);
+                    new["metadata"]["resourceVersion"] = s["metadata"]["resourceVersion"].clone();
+                    let _ =
+                        self.store
+                            .update(idx::RESOURCESLICES, "", meta_str(s, "name"), new, false);
+                }
+                None => {
+                    let generation = sim.slice_generation + 1;
+                    self.nodes.get_mut(&node).expect("sim").slice_generation = generation;
+                    let _ = self.store.create(
+                        idx::RESOURCESLICES,
+                        "",
+                        gpu::resource_slice(&node, &g, failed, generation),
+                    );
+                }
+            }
+        }
+    }
+}

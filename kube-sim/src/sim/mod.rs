@@ -1,0 +1,743 @@
+//! The simulated control plane of one cluster: API-server defaulting, and kwok-like
+//! controllers (MachineDeployments, kubelets, device plugins, DaemonSets, Deployments,
+//! ReplicaSets, the scheduler, EndpointSlices, PDB status, garbage collection) plus eviction.
+//!
+//! Each controller is a file of its own in this folder, as an `impl SimState` block; this file
+//! holds the state, defaulting, faults and the reconcile loop that runs them in turn.
+//!
+//! Controllers run as one reconcile pass over the in-memory store, repeated until nothing
+//! changes; they only write when an object's meaningful content differs, so an idle cluster
+//! produces no watch events.
+
+mod daemonsets;
+mod disruption;
+mod endpoints;
+mod gc;
+mod kubelet;
+mod machine_deployments;
+mod pods;
+mod scheduler;
+mod workloads;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::faults::Fault;
+use crate::gpu::{self, NodeParams, SIMULATED_ANNOTATION};
+use crate::quantity::parse_milli;
+use crate::resources::idx;
+use crate::scenario::{CAPI_POOL_LABEL, ClusterSpec, IntOrPercent, PoolSpec, WorkloadSpec};
+use crate::selector::LabelSelector;
+use crate::store::{ApiError, Obj, Store, now_rfc3339, random_suffix};
+
+pub use disruption::PdbHealth;
+
+/// Namespace of the MachineDeployments that back scenario pools.
+pub const MD_NAMESPACE: &str = "default";
+/// Annotation on a pod template asking for N GPUs through a DRA ResourceClaim.
+pub const DRA_GPUS_ANNOTATION: &str = "sim.flotilla.dev/dra-gpus";
+/// The device plugin DaemonSet every GPU cluster runs (when the scenario asks for it).
+pub const DEVICE_PLUGIN_DS: &str = "nvidia-device-plugin-daemonset";
+
+/// Requests placed on each node (milli-units by resource).
+type NodeUsage = HashMap<String, BTreeMap<String, i128>>;
+/// A DRA device: (pool, device name).
+type DeviceKey = (String, String);
+/// DRA devices already allocated.
+type DeviceSet = HashSet<DeviceKey>;
+
+/// Simulator bookkeeping for a node it created.
+#[derive(Debug, Clone)]
+struct NodeSim {
+    born: Instant,
+    template: String,
+    md: (String, String),
+    failed_gpus: u32,
+    not_ready: bool,
+    slice_generation: i64,
+}
+
+/// The state of one simulated cluster behind its lock.
+pub struct SimState {
+    /// The object store.
+    pub store: Store,
+    spec: ClusterSpec,
+    index: u32,
+    templates: BTreeMap<String, PoolSpec>,
+    nodes: HashMap<String, NodeSim>,
+    bound: HashMap<(String, String), Instant>,
+    unready_pods: HashSet<(String, String)>,
+    md_counter: HashMap<(String, String), u32>,
+    next_node_ip: u32,
+    next_pod_ip: u32,
+    next_svc_ip: u32,
+}
+
+fn meta_str<'a>(o: &'a Value, f: &str) -> &'a str {
+    o["metadata"][f].as_str().unwrap_or("")
+}
+
+fn ns_name(o: &Value) -> (String, String) {
+    (
+        meta_str(o, "namespace").to_string(),
+        meta_str(o, "name").to_string(),
+    )
+}
+
+/// Sum of a pod's requests as `kubectl describe node` computes them: containers summed,
+/// max'd against each init container, plus overhead. Values in milli-units.
+pub fn pod_requests(pod: &Value) -> BTreeMap<String, i128> {
+    let mut sum: BTreeMap<String, i128> = BTreeMap::new();
+    let read = |c: &Value| -> BTreeMap<String, i128> {
+        let mut m = BTreeMap::new();
+        if let Some(r) = c["resources"]["requests"].as_object() {
+            for (k, v) in r {
+                if let Some(q) = v.as_str().and_then(|s| parse_milli(s).ok()) {
+                    m.insert(k.clone(), q);
+                }
+            }
+        }
+        m
+    };
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        for (k, v) in read(c) {
+            *sum.entry(k).or_default() += v;
+        }
+    }
+    for c in pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for (k, v) in read(c) {
+            let e = sum.entry(k).or_default();
+            *e = (*e).max(v);
+        }
+    }
+    if let Some(o) = pod["spec"]["overhead"].as_object() {
+        for (k, v) in o {
+            if let Some(q) = v.as_str().and_then(|s| parse_milli(s).ok()) {
+                *sum.entry(k.clone()).or_default() += q;
+            }
+        }
+    }
+    sum
+}
+
+fn is_terminal(pod: &Value) -> bool {
+    matches!(
+        pod["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn condition(o: &Value, t: &str) -> Option<String> {
+    o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == t)
+        .and_then(|c| c["status"].as_str().map(String::from))
+}
+
+/// Whether a node's Ready condition is True.
+pub fn node_ready(node: &Value) -> bool {
+    condition(node, "Ready").as_deref() == Some("True")
+}
+
+/// Whether a pod's Ready condition is True.
+pub fn pod_ready(pod: &Value) -> bool {
+    condition(pod, "Ready").as_deref() == Some("True")
+}
+
+fn tolerates(pod: &Value, taint: &Value) -> bool {
+    let effect = taint["effect"].as_str().unwrap_or("");
+    if effect == "PreferNoSchedule" {
+        return true;
+    }
+    pod["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| {
+            let key_ok = match t["operator"].as_str().unwrap_or("Equal") {
+                "Exists" => t["key"].as_str().unwrap_or("").is_empty() || t["key"] == taint["key"],
+                _ => {
+                    t["key"] == taint["key"]
+                        && t["value"].as_str().unwrap_or("")
+                            == taint["value"].as_str().unwrap_or("")
+                }
+            };
+            let effect_ok =
+                t["effect"].as_str().unwrap_or("").is_empty() || t["effect"] == taint["effect"];
+            key_ok && effect_ok
+        })
+}
+
+fn owner_uid<'a>(o: &'a Value, kind: &str) -> Option<&'a str> {
+    o["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == kind && r["controller"].as_bool().unwrap_or(false))
+        .and_then(|r| r["uid"].as_str())
+}
+
+fn owner_ref(owner: &Value) -> Value {
+    json!([{
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": true,
+        "blockOwnerDeletion": true,
+    }])
+}
+
+fn scaled(v: &Value, total: i64, round_up: bool) -> i64 {
+    match v {
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        Value::String(s) => {
+            if let Some(p) = s.strip_suffix('%').and_then(|p| p.parse::<i64>().ok()) {
+                let x = p * total;
+                if round_up { (x + 99) / 100 } else { x / 100 }
+            } else {
+                s.parse().unwrap_or(0)
+            }
+        }
+        _ => 0,
+    }
+}
+
+impl SimState {
+    /// A cluster built from its spec: namespaces, pools (as MachineDeployments) and workloads.
+    pub fn new(spec: ClusterSpec, index: u32, history: usize) -> Self {
+        let mut s = Self {
+            store: Store::new(history),
+            templates: spec
+                .pools
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
+            spec,
+            index,
+            nodes: HashMap::new(),
+            bound: HashMap::new(),
+            unready_pods: HashSet::new(),
+            md_counter: HashMap::new(),
+            next_node_ip: 10,
+            next_pod_ip: 10,
+            next_svc_ip: 10,
+        };
+        s.seed();
+        s
+    }
+
+    /// The cluster's spec.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    fn seed(&mut self) {
+        let spec = self.spec.clone();
+        for p in &spec.pools {
+            let md = json!({
+                "apiVersion": "cluster.x-k8s.io/v1beta1",
+                "kind": "MachineDeployment",
+                "metadata": {"name": p.name, "labels": {"cluster.x-k8s.io/cluster-name": spec.name},
+                             "annotations": {SIMULATED_ANNOTATION: "true"}},
+                "spec": {
+                    "clusterName": spec.name,
+                    "replicas": p.count,
+                    "selector": {"matchLabels": {CAPI_POOL_LABEL: p.name}},
+                    "template": {
+                        "metadata": {"labels": {CAPI_POOL_LABEL: p.name}},
+                        "spec": {
+                            "clusterName": spec.name,
+                            "version": spec.kubernetes_version,
+                            "bootstrap": {"dataSecretName": format!("{}-bootstrap", p.name)},
+                            "infrastructureRef": {
+                                "apiVersion": "infrastructure.sim.flotilla.dev/v1alpha1",
+                                "kind": "SimMachineTemplate",
+                                "name": p.name,
+                            },
+                        },
+                    },
+                },
+            });
+            self.create(idx::MACHINEDEPLOYMENTS, MD_NAMESPACE, md)
+                .expect("seed md");
+        }
+        if spec.device_plugin_daemonset && spec.pools.iter().any(|p| p.gpu.is_some()) {
+            let ds = json!({
+                "metadata": {"name": DEVICE_PLUGIN_DS, "labels": {"app": "nvidia-device-plugin"}},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "nvidia-device-plugin"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "nvidia-device-plugin"}},
+                        "spec": {
+                            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                            "tolerations": [{"operator": "Exists"}],
+                            "priorityClassName": "system-node-critical",
+                            "containers": [{"name": "nvidia-device-plugin-ctr",
+                                            "image": "nvcr.io/nvidia/k8s-device-plugin:v0.17.0",
+                                            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}}],
+                        },
+                    },
+                },
+            });
+            self.create(idx::DAEMONSETS, "kube-system", ds)
+                .expect("seed ds");
+        }
+        for w in &spec.workloads {
+            self.seed_workload(w);
+        }
+    }
+
+    fn seed_workload(&mut self, w: &WorkloadSpec) {
+        if self.store.get(idx::NAMESPACES, "", &w.namespace).is_err() {
+            self.create(
+                idx::NAMESPACES,
+                "",
+                json!({"metadata": {"name": w.namespace}}),
+            )
+            .expect("ns");
+        }
+        let labels = json!({"app": w.name});
+        let mut container = json!({
+            "name": "server",
+            "image": format!("registry.sim/{}:latest", w.name),
+            "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+        });
+        let mut annotations = json!({});
+        if w.gpus > 0 {
+            if w.dra {
+                annotations[DRA_GPUS_ANNOTATION] = json!(w.gpus.to_string());
+            } else {
+                let r = w
+                    .resource
+                    .clone()
+                    .unwrap_or_else(|| "nvidia.com/gpu".into());
+                container["resources"]["requests"][&r] = json!(w.gpus.to_string());
+                container["resources"]["limits"][&r] = json!(w.gpus.to_string());
+            }
+        }
+        if let Some(svc) = &w.service {
+            container["ports"] = json!([{"name": "http", "containerPort": svc.target_port.unwrap_or(svc.port), "protocol": "TCP"}]);
+        }
+        let mut pod_spec = json!({
+            "containers": [container],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        });
+        if !w.node_selector.is_empty() {
+            pod_spec["nodeSelector"] = json!(w.node_selector);
+        }
+        if w.empty_dir {
+            pod_spec["volumes"] = json!([{"name": "model-cache", "emptyDir": {}}]);
+            pod_spec["containers"][0]["volumeMounts"] =
+                json!([{"name": "model-cache", "mountPath": "/cache"}]);
+        }
+        let deploy = json!({
+            "metadata": {"name": w.name, "labels": labels},
+            "spec": {
+                "replicas": w.replicas,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+            },
+        });
+        self.create(idx::DEPLOYMENTS, &w.namespace, deploy)
+            .expect("deploy");
+        if let Some(pdb) = &w.pdb {
+            let mut spec = json!({"selector": {"matchLabels": labels}});
+            let iop = |v: &IntOrPercent| match v {
+                IntOrPercent::Int(i) => json!(i),
+                IntOrPercent::Str(s) => json!(s),
+            };
+            if let Some(v) = &pdb.min_available {
+                spec["minAvailable"] = iop(v);
+            }
+            if let Some(v) = &pdb.max_unavailable {
+                spec["maxUnavailable"] = iop(v);
+            }
+            self.create(
+                idx::PDBS,
+                &w.namespace,
+                json!({"metadata": {"name": w.name}, "spec": spec}),
+            )
+            .expect("pdb");
+        }
+        if let Some(svc) = &w.service {
+            let s = json!({
+                "metadata": {"name": w.name, "labels": labels},
+                "spec": {"selector": labels, "ports": [{"name": "http", "port": svc.port,
+                         "targetPort": svc.target_port.unwrap_or(svc.port), "protocol": "TCP"}]},
+            });
+            self.create(idx::SERVICES, &w.namespace, s).expect("svc");
+            if w.export {
+                self.create(
+                    idx::SERVICEEXPORTS,
+                    &w.namespace,
+                    json!({"metadata": {"name": w.name}}),
+                )
+                .expect("export");
+            }
+        }
+    }
+
+    // ----- writes with API-server defaulting -----
+
+    /// Create with the API server's defaulting (pod status, limits→requests, ClusterIP).
+    pub fn create(&mut self, res: usize, ns: &str, mut obj: Value) -> Result<Obj, ApiError> {
+        self.default_object(res, &mut obj);
+        self.store.create(res, ns, obj)
+    }
+
+    fn default_object(&mut self, res: usize, obj: &mut Value) {
+        if !obj.is_object() {
+            return;
+        }
+        match res {
+            idx::PODS => {
+                let spec = &mut obj["spec"];
+                if spec.is_object() {
+                    for c in spec["containers"].as_array_mut().into_iter().flatten() {
+                        // Extended resources: a limit with no request means request == limit.
+                        if let Some(limits) = c["resources"]["limits"].as_object().cloned() {
+                            for (k, v) in limits {
+                                if c["resources"]["requests"].get(&k).is_none() {
+                                    c["resources"]["requests"][&k] = v;
+                                }
+                            }
+                        }
+                    }
+                    if spec.get("schedulerName").is_none() {
+                        spec["schedulerName"] = json!("default-scheduler");
+                    }
+                    if spec.get("restartPolicy").is_none() {
+                        spec["restartPolicy"] = json!("Always");
+                    }
+                    if spec.get("terminationGracePeriodSeconds").is_none() {
+                        spec["terminationGracePeriodSeconds"] = json!(30);
+                    }
+                }
+                if obj.get("status").is_none_or(|s| s.get("phase").is_none()) {
+                    obj["status"] = json!({"phase": "Pending", "qosClass": "Burstable"});
+                }
+            }
+            idx::SERVICES => {
+                let spec = &mut obj["spec"];
+                if spec.get("type").is_none() {
+                    spec["type"] = json!("ClusterIP");
+                }
+                if spec["type"] != "ExternalName" && spec.get("clusterIP").is_none() {
+                    let n = self.next_svc_ip;
+                    self.next_svc_ip += 1;
+                    let ip = format!("10.96.{}.{}", n / 256, n % 256);
+                    spec["clusterIP"] = json!(ip);
+                    spec["clusterIPs"] = json!([ip]);
+                }
+                for p in spec["ports"].as_array_mut().into_iter().flatten() {
+                    if p.get("protocol").is_none() {
+                        p["protocol"] = json!("TCP");
+                    }
+                    if p.get("targetPort").is_none() {
+                        p["targetPort"] = p["port"].clone();
+                    }
+                }
+                if spec.get("sessionAffinity").is_none() {
+                    spec["sessionAffinity"] = json!("None");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- faults -----
+
+    /// Apply a node or pod fault (API faults live outside the lock).
+    pub fn inject(&mut self, fault: &Fault) -> Result<(), ApiError> {
+        match fault {
+            Fault::NodeNotReady { node } => self.node_sim(node)?.not_ready = true,
+            Fault::GpuFailure { node, count } => {
+                let gpus = self.gpus_on(node)?;
+                if *count > gpus {
+                    return Err(ApiError::bad_request(format!(
+                        "count: node {node} has {gpus} GPUs, cannot fail {count}"
+                    )));
+                }
+                self.node_sim(node)?.failed_gpus = *count;
+            }
+            Fault::PodUnready { namespace, pod } => {
+                self.store.get(idx::PODS, namespace, pod)?;
+                self.unready_pods.insert((namespace.clone(), pod.clone()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Undo a node or pod fault.
+    pub fn clear(&mut self, fault: &Fault) {
+        match fault {
+            Fault::NodeNotReady { node } => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.not_ready = false;
+                }
+            }
+            Fault::GpuFailure { node, .. } => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.failed_gpus = 0;
+                }
+            }
+            Fault::PodUnready { namespace, pod } => {
+                self.unready_pods.remove(&(namespace.clone(), pod.clone()));
+            }
+            _ => {}
+        }
+    }
+
+    /// Undo every node and pod fault.
+    pub fn clear_all(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.not_ready = false;
+            n.failed_gpus = 0;
+        }
+        self.unready_pods.clear();
+    }
+
+    fn node_sim(&mut self, node: &str) -> Result<&mut NodeSim, ApiError> {
+        self.nodes
+            .get_mut(node)
+            .ok_or_else(|| ApiError::not_found(idx::NODES, node))
+    }
+
+    fn gpus_on(&self, node: &str) -> Result<u32, ApiError> {
+        let sim = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| ApiError::not_found(idx::NODES, node))?;
+        Ok(self
+            .templates
+            .get(&sim.template)
+            .and_then(|t| t.gpu.as_ref())
+            .map_or(0, |g| g.count))
+    }
+
+    // ----- eviction -----
+
+    // ----- controllers -----
+
+    /// Every object of a type (a snapshot the controller can iterate while writing).
+    fn all(&self, res: usize) -> Vec<Obj> {
+        self.store.iter(res, None, None).cloned().collect()
+    }
+
+    /// Write an object's status; a no-op write does not bump the revision.
+    fn set_status(&mut self, res: usize, ns: &str, name: &str, status: Value) {
+        let _ = self
+            .store
+            .update(res, ns, name, json!({ "status": status }), true);
+    }
+
+    /// Run every controller until nothing changes. Returns when the next timed transition is due.
+    pub fn reconcile(&mut self, now: Instant) -> Option<Instant> {
+        let mut next = None;
+        for _ in 0..8 {
+            let before = self.store.revision();
+            next = None;
+            self.machine_deployments(now);
+            self.kubelets(now, &mut next);
+            self.daemonsets();
+            self.deployments();
+            self.replicasets();
+            self.garbage_collect();
+            self.schedule(now);
+            self.pod_lifecycle(now, &mut next);
+            self.endpoint_slices();
+            self.pdb_status();
+            self.export_status();
+            if self.store.revision() == before {
+                break;
+            }
+        }
+        next
+    }
+}
+
+fn merge_deadline(next: &mut Option<Instant>, at: Instant) {
+    if next.is_none_or(|n| at < n) {
+        *next = Some(at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Scenario;
+
+    fn cluster(yaml: &str) -> SimState {
+        let s = Scenario::from_yaml(yaml).unwrap();
+        let mut st = SimState::new(s.clusters[0].clone(), 0, 1000);
+        st.reconcile(Instant::now());
+        st
+    }
+
+    const ONE: &str = "clusters:\n  - name: c\n    pools:\n      - name: gpu\n        count: 2\n        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}\n    workloads:\n      - {name: llm, replicas: 3, gpus: 4, pdb: {min_available: 2}, service: {port: 80}}\n";
+
+    #[test]
+    fn pools_become_ready_nodes_and_pods_fill_gpus() {
+        let st = cluster(ONE);
+        assert_eq!(st.store.count(idx::NODES), 2);
+        let pods: Vec<&Obj> = st.store.iter(idx::PODS, Some("default"), None).collect();
+        assert_eq!(pods.len(), 3);
+        assert!(pods.iter().all(|p| pod_ready(p)));
+        // 3 pods × 4 GPUs over two 8-GPU nodes: never more than 8 per node.
+        let mut per_node: HashMap<&str, i64> = HashMap::new();
+        for p in &pods {
+            *per_node
+                .entry(p["spec"]["nodeName"].as_str().unwrap())
+                .or_default() += 4;
+        }
+        assert!(per_node.values().all(|g| *g <= 8), "{per_node:?}");
+        let slice = st
+            .store
+            .get(idx::ENDPOINTSLICES, "default", "llm-sim")
+            .unwrap();
+        assert_eq!(slice["endpoints"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn pods_stay_pending_when_nothing_fits() {
+        let mut st = cluster(ONE);
+        let mut d = (*st.store.get(idx::DEPLOYMENTS, "default", "llm").unwrap()).clone();
+        d["spec"]["replicas"] = json!(5);
+        st.store
+            .update(idx::DEPLOYMENTS, "default", "llm", d, false)
+            .unwrap();
+        st.reconcile(Instant::now());
+        let pending: Vec<&Obj> = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .filter(|p| p["spec"]["nodeName"].is_null())
+            .collect();
+        assert_eq!(pending.len(), 1);
+        let msg = pending[0]["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap();
+        assert!(msg.starts_with("0/2 nodes are available"), "{msg}");
+    }
+
+    #[test]
+    fn eviction_honours_the_pdb() {
+        let mut st = cluster(ONE);
+        assert_eq!(st.pdb("default", "llm").unwrap().disruptions_allowed, 1);
+        let names: Vec<String> = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .map(|p| meta_str(p, "name").to_string())
+            .collect();
+        st.evict("default", &names[0], false).unwrap();
+        // The replacement cannot fit (only 4 GPUs were freed... it can), so reconcile and the
+        // budget is exhausted until the replacement is Ready again.
+        let e = st.evict("default", &names[1], false).unwrap_err();
+        assert_eq!(e.code, 429);
+        assert!(
+            e.details.unwrap()["causes"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("needs 2 healthy pods and has 2")
+        );
+        st.reconcile(Instant::now());
+        st.evict("default", &names[1], false).unwrap();
+        assert_eq!(st.evict("default", "gone", false).unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn gpu_failure_lowers_allocatable() {
+        let mut st = cluster(ONE);
+        let node = st.nodes.keys().next().unwrap().clone();
+        st.inject(&Fault::GpuFailure {
+            node: node.clone(),
+            count: 3,
+        })
+        .unwrap();
+        st.reconcile(Instant::now());
+        let n = st.store.get(idx::NODES, "", &node).unwrap();
+        assert_eq!(n["status"]["allocatable"]["nvidia.com/gpu"], "5");
+        assert_eq!(n["status"]["capacity"]["nvidia.com/gpu"], "8");
+        assert!(
+            st.inject(&Fault::GpuFailure {
+                node: node.clone(),
+                count: 9
+            })
+            .is_err()
+        );
+        st.clear(&Fault::GpuFailure {
+            node: node.clone(),
+            count: 0,
+        });
+        st.reconcile(Instant::now());
+        assert_eq!(
+            st.store.get(idx::NODES, "", &node).unwrap()["status"]["allocatable"]["nvidia.com/gpu"],
+            "8"
+        );
+    }
+
+    #[test]
+    fn idle_cluster_is_quiet() {
+        let mut st = cluster(ONE);
+        let rv = st.store.revision();
+        st.reconcile(Instant::now());
+        st.reconcile(Instant::now());
+        assert_eq!(
+            st.store.revision(),
+            rv,
+            "reconcile of a settled cluster must not write"
+        );
+    }
+
+    #[test]
+    fn requests_follow_describe_node_rules() {
+        let pod = json!({"spec": {
+            "containers": [{"resources": {"requests": {"nvidia.com/gpu": "2", "cpu": "500m"}}},
+                           {"resources": {"requests": {"nvidia.com/gpu": "1"}}}],
+            "initContainers": [{"resources": {"requests": {"nvidia.com/gpu": "4"}}}],
+            "overhead": {"cpu": "100m"}}});
+        let r = pod_requests(&pod);
+        assert_eq!(r["nvidia.com/gpu"], 4000);
+        assert_eq!(r["cpu"], 600);
+    }
+
+    #[test]
+    fn dra_claims_get_devices_from_slices() {
+        let st = cluster(
+            "clusters:\n  - name: c\n    pools:\n      - name: dra\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper, dra: true}\n    workloads:\n      - {name: job, replicas: 3, gpus: 3, dra: true}\n",
+        );
+        assert_eq!(st.store.count(idx::RESOURCESLICES), 1);
+        let claims: Vec<&Obj> = st
+            .store
+            .iter(idx::RESOURCECLAIMS, Some("default"), None)
+            .collect();
+        assert_eq!(claims.len(), 3);
+        let allocated: Vec<usize> = claims
+            .iter()
+            .map(|c| {
+                c["status"]["allocation"]["devices"]["results"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            })
+            .collect();
+        // 8 devices: two claims of 3 fit, the third waits.
+        assert_eq!(
+            allocated.iter().filter(|n| **n == 3).count(),
+            2,
+            "{allocated:?}"
+        );
+        let node = st.store.iter(idx::NODES, None, None).next().unwrap();
+        assert!(
+            node["status"]["allocatable"]
+                .get("nvidia.com/gpu")
+                .is_none()
+        );
+    }
+}
