@@ -158,9 +158,12 @@ mod tests {
     use crate::store::mirror::Subscriber;
     use crate::store::records::Change;
 
+    /// The fake's revision and records.
+    type Table = (Revision, BTreeMap<Vec<u8>, KeyValue>);
+
     /// Single keys and puts only: what the health controller's writes need.
     #[derive(Clone, Default)]
-    struct Keys(Arc<Mutex<(Revision, BTreeMap<Vec<u8>, KeyValue>)>>);
+    struct Keys(Arc<Mutex<Table>>);
 
     impl KvBackend for Keys {
         async fn range(&self, req: RangeRequest) -> Result<RangeResult, KvError> {
