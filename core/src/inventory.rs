@@ -592,10 +592,12 @@ pub fn pools(nodes: &[NodeInventory]) -> Vec<PoolInventory> {
 
 /// Pool totals that nodes are added to and removed from, so that a delta updates them from
 /// the nodes it touches without revisiting the rest. Products and resources are kept with
-/// counts, so removing a node undoes exactly what adding it did.
+/// counts, so removing a node undoes exactly what adding it did. The leader holds one per
+/// connected cluster, so the maps are sorted vectors: a cluster has a few pools, and a
+/// `BTreeMap` node reserves room for eleven entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolTotals {
-    pools: BTreeMap<String, PoolSums>,
+    pools: Vec<(String, PoolSums)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -604,10 +606,27 @@ struct PoolSums {
     usable_nodes: u32,
     physical_gpus: i64,
     free_gpus: i64,
-    /// Product → nodes with it.
-    products: BTreeMap<String, u32>,
-    /// Resource name → summed resource (free counted on usable nodes only) and nodes with it.
-    resources: BTreeMap<String, (GpuResource, u32)>,
+    /// Product and the nodes with it, by product.
+    products: Vec<(String, u32)>,
+    /// Summed resource (free counted on usable nodes only) and the nodes with it, by name.
+    resources: Vec<(GpuResource, u32)>,
+}
+
+/// The entry for `key` in a vector sorted by key, inserted with `new` when absent.
+fn entry<'a, T>(
+    v: &'a mut Vec<T>,
+    key: &str,
+    key_of: impl Fn(&T) -> &str,
+    new: impl FnOnce() -> T,
+) -> (usize, &'a mut T) {
+    let i = match v.binary_search_by(|x| key_of(x).cmp(key)) {
+        Ok(i) => i,
+        Err(i) => {
+            v.insert(i, new());
+            i
+        }
+    };
+    (i, &mut v[i])
 }
 
 impl PoolTotals {
@@ -622,9 +641,6 @@ impl PoolTotals {
     }
 
     fn change(&mut self, n: &NodeInventory, sign: i64) {
-        let key = n.pool.clone().unwrap_or_default();
-        let p = self.pools.entry(key.clone()).or_default();
-        let usable = n.ready && n.schedulable;
         let step = |x: &mut u32| {
             *x = if sign > 0 {
                 *x + 1
@@ -632,6 +648,14 @@ impl PoolTotals {
                 x.saturating_sub(1)
             };
         };
+        let key = n.pool.as_deref().unwrap_or_default();
+        let (pi, (_, p)) = entry(
+            &mut self.pools,
+            key,
+            |(k, _)| k,
+            || (key.to_string(), PoolSums::default()),
+        );
+        let usable = n.ready && n.schedulable;
         step(&mut p.nodes);
         if usable {
             step(&mut p.usable_nodes);
@@ -639,34 +663,35 @@ impl PoolTotals {
         }
         p.physical_gpus += sign * n.physical_gpus;
         if let Some(prod) = &n.product {
-            let c = p.products.entry(prod.clone()).or_default();
+            let (i, (_, c)) = entry(&mut p.products, prod, |(k, _)| k, || (prod.clone(), 0));
             step(c);
             if *c == 0 {
-                p.products.remove(prod);
+                p.products.remove(i);
             }
         }
         for r in &n.resources {
-            let (x, count) = p.resources.entry(r.name.clone()).or_insert_with(|| {
-                let zero = GpuResource {
+            let zero = || {
+                let x = GpuResource {
                     capacity: 0,
                     allocatable: 0,
                     allocated: 0,
                     free: 0,
                     ..r.clone()
                 };
-                (zero, 0)
-            });
+                (x, 0)
+            };
+            let (i, (x, count)) = entry(&mut p.resources, &r.name, |(x, _)| &x.name, zero);
             x.capacity += sign * r.capacity;
             x.allocatable += sign * r.allocatable;
             x.allocated += sign * r.allocated;
             x.free += if usable { sign * r.free } else { 0 };
             step(count);
             if *count == 0 {
-                p.resources.remove(&r.name);
+                p.resources.remove(i);
             }
         }
         if p.nodes == 0 {
-            self.pools.remove(&key);
+            self.pools.remove(pi);
         }
     }
 
@@ -678,10 +703,10 @@ impl PoolTotals {
                 name: name.clone(),
                 nodes: p.nodes,
                 usable_nodes: p.usable_nodes,
-                products: p.products.keys().cloned().collect(),
+                products: p.products.iter().map(|(k, _)| k.clone()).collect(),
                 physical_gpus: p.physical_gpus,
                 free_gpus: p.free_gpus,
-                resources: p.resources.values().map(|(r, _)| r.clone()).collect(),
+                resources: p.resources.iter().map(|(r, _)| r.clone()).collect(),
             })
             .collect()
     }

@@ -321,6 +321,27 @@ async fn agents_join_report_and_are_judged() {
     );
     assert_eq!(c.nodes, 2);
     assert!(c.history.len() >= 2);
+    // The pools kept up to date from the delta's nodes equal a recount of every node.
+    let inv = fleet
+        .get_inventory(v1::GetInventoryRequest {
+            cluster: "alpha".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let core = flotilla_api::convert::fleet::nodes_from_wire(
+        &inv.nodes,
+        "nodes",
+        &flotilla_api::convert::fleet::ReportLimits::unlimited(),
+    )
+    .unwrap();
+    let recount: Vec<v1::PoolInventory> = flotilla_core::inventory::pools(&core)
+        .iter()
+        .map(flotilla_api::convert::fleet::pool_to_wire)
+        .collect();
+    assert_eq!(inv.pools, recount);
+    assert_eq!((inv.pools[0].nodes, inv.pools[0].physical_gpus), (2, 16));
 
     // A report over the limits is rejected naming the field; the stored state stays intact.
     let mut bad = node("n9", 8, 8);

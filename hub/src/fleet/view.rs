@@ -10,7 +10,7 @@ use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::store::mirror::Subscriber;
-use crate::store::records::{Change, StoredInventory};
+use crate::store::records::Change;
 
 #[derive(Default)]
 struct State {
@@ -159,15 +159,24 @@ impl FleetView {
             }
             Change::Inventory {
                 name,
-                record: Some(StoredInventory { encoded, inventory }),
+                encoded: Some(encoded),
+            } => match v1::Inventory::decode(encoded.clone()) {
+                Ok(inventory) => {
+                    st.inventory
+                        .insert(name.clone(), Held::new(encoded, &inventory));
+                    // Sent as an event only when someone watches.
+                    (self.events.receiver_count() > 0)
+                        .then_some((name, v1::fleet_event::Event::Inventory(inventory)))
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %name, error = %e, "undecodable inventory record");
+                    None
+                }
+            },
+            Change::Inventory {
+                name,
+                encoded: None,
             } => {
-                st.inventory
-                    .insert(name.clone(), Held::new(encoded, &inventory));
-                // Sent as an event only when someone watches.
-                (self.events.receiver_count() > 0)
-                    .then_some((name, v1::fleet_event::Event::Inventory(inventory)))
-            }
-            Change::Inventory { name, record: None } => {
                 st.inventory.remove(&name);
                 None
             }

@@ -11,15 +11,6 @@ use prost::bytes::{BufMut, Bytes};
 
 use super::keys::Key;
 
-/// An inventory record as stored, and decoded.
-#[derive(Debug, Clone)]
-pub struct StoredInventory {
-    /// The record's bytes as stored.
-    pub encoded: Bytes,
-    /// The record.
-    pub inventory: v1::Inventory,
-}
-
 /// One change to a mirrored record (`None`: deleted).
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -30,18 +21,19 @@ pub enum Change {
         /// The record.
         record: Option<v1::Cluster>,
     },
-    /// `/inventory/<name>`.
+    /// `/inventory/<name>`, left encoded: decoded, ten thousand inventories at once (a load)
+    /// would take hundreds of MiB, so each subscriber decodes one at a time what it needs.
     Inventory {
         /// Cluster name.
         name: String,
-        /// The record.
-        record: Option<StoredInventory>,
+        /// The `v1::Inventory` record's bytes.
+        encoded: Option<Bytes>,
     },
 }
 
 impl Change {
     /// Decode a put (`Some(value)`) or delete of `key`. `None` for keys that are not mirrored;
-    /// `Some(Err)` for a record that does not decode.
+    /// `Some(Err)` for a cluster record that does not decode.
     pub fn decode(key: &[u8], value: Option<&[u8]>) -> Option<Result<Change, String>> {
         let undecodable = |e: prost::DecodeError| {
             format!("{}: undecodable record: {e}", String::from_utf8_lossy(key))
@@ -54,23 +46,10 @@ impl Change {
                 }),
                 Err(e) => Err(undecodable(e)),
             },
-            Key::Inventory(name) => {
-                let record = value
-                    .map(|v| {
-                        v1::Inventory::decode(v).map(|inventory| StoredInventory {
-                            encoded: Bytes::copy_from_slice(v),
-                            inventory,
-                        })
-                    })
-                    .transpose();
-                match record {
-                    Ok(record) => Ok(Change::Inventory {
-                        name: name.to_string(),
-                        record,
-                    }),
-                    Err(e) => Err(undecodable(e)),
-                }
-            }
+            Key::Inventory(name) => Ok(Change::Inventory {
+                name: name.to_string(),
+                encoded: value.map(Bytes::copy_from_slice),
+            }),
         })
     }
 }
@@ -262,10 +241,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Change::decode(b"/tokens/x", Some(b"")).is_none());
-        let inv = super::super::keys::inventory_key("a");
         assert!(matches!(
-            Change::decode(inv.as_bytes(), Some(b"\xff\xff")),
+            Change::decode(key.as_bytes(), Some(b"\xff\xff")),
             Some(Err(_))
         ));
+        let inv = super::super::keys::inventory_key("a");
+        match Change::decode(inv.as_bytes(), None) {
+            Some(Ok(Change::Inventory { name, encoded })) => {
+                assert_eq!((name.as_str(), encoded), ("a", None), "a delete");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
