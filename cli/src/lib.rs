@@ -1,4 +1,9 @@
-//! `flotctl` helpers: tables, JSON views of fleet records, and argument parsing.
+//! `flotctl`, the Flotilla command line, as a library: the entry point ([`app::main_from`]),
+//! one module per command group ([`commands`]), and the helpers below (tables, JSON views of
+//! fleet records, times, argument parsing).
+
+pub mod app;
+pub mod commands;
 
 use flotilla_api::v1;
 use serde_json::{Value, json};

@@ -24,15 +24,25 @@ impl DevFleet {
     }
 }
 
-/// How a newcomer runs `flotctl` against this hub: the release build, which shares the
-/// hub's dependencies (a debug build would compile the workspace again).
+/// How a newcomer runs `flotctl` against this hub at once: this very binary's `ctl`, by the
+/// path it was started from (relative to the working directory when it is under it). Building
+/// `flotctl` on its own would compile the dependencies again with other features.
 fn flotctl(grpc: SocketAddr) -> String {
     let hub = if grpc.to_string() == "127.0.0.1:7400" {
         String::new()
     } else {
         format!(" --hub {grpc}")
     };
-    format!("cargo run --release -q -p flotctl --{hub}")
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|p| {
+            let rel = std::env::current_dir()
+                .ok()
+                .and_then(|d| p.strip_prefix(d).ok().map(|r| format!("./{}", r.display())));
+            rel.unwrap_or_else(|| p.display().to_string())
+        })
+        .unwrap_or_else(|| "flotilla-hub".into());
+    format!("{exe} ctl{hub}")
 }
 
 /// Starts the scenario's clusters (default: three clusters in three regions), prints what to
@@ -61,7 +71,7 @@ pub async fn start(
         println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
     }
     let ctl = flotctl(grpc);
-    println!("an in-process agent per cluster reports to the hub; try:");
+    println!("an in-process agent per cluster reports to the hub; try (`ctl` is flotctl):");
     println!("  {ctl} get clusters");
     println!("  {ctl} get gpus --by region");
     println!("  {ctl} describe cluster {}", sim.clusters()[0].name());

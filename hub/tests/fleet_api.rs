@@ -676,7 +676,7 @@ async fn a_real_agent_reports_a_simulated_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_server_serves_store_fleet_health_and_reflection() {
+async fn one_server_serves_store_fleet_health_reflection_and_the_bundled_cli() {
     use futures::StreamExt;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -724,5 +724,20 @@ async fn one_server_serves_store_fleet_health_and_reflection() {
         assert!(names.contains(s), "{s} listed by reflection: {names:?}");
     }
     drop(stream);
+    // `flotilla-hub ctl` is flotctl, in the binary `--dev` builds.
+    let addr = hub.addr.trim_start_matches("http://").to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-hub"))
+            .args(["ctl", "--hub", &addr, "get", "clusters"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("NAME"),
+        "{out:?}"
+    );
     hub.shutdown.cancel();
 }

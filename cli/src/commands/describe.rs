@@ -1,7 +1,7 @@
 //! `flotctl describe cluster NAME`.
 
+use crate::{cluster_json, describe_text, inventory_json, unix_ms_now};
 use clap::Subcommand;
-use flotctl::{cluster_json, describe_text, inventory_json, unix_ms_now};
 use flotilla_api::v1;
 
 use super::{Ctx, Failure};

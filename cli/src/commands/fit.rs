@@ -1,7 +1,7 @@
 //! `flotctl fit`: where can replicas × GPUs run?
 
+use crate::{parse_memory_mib, table};
 use clap::Args;
-use flotctl::{parse_memory_mib, table};
 use flotilla_api::v1;
 use serde_json::json;
 

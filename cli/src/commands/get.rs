@@ -1,7 +1,7 @@
 //! `flotctl get clusters`, `flotctl get gpus`.
 
+use crate::{cluster_json, health_name, table};
 use clap::{Subcommand, ValueEnum};
-use flotctl::{cluster_json, health_name, table};
 use flotilla_api::v1;
 use serde_json::{Value, json};
 

@@ -1,6 +1,6 @@
 //! `flotctl watch`: the fleet as it is now, then every change, as `kubectl get -w` does.
 
-use flotctl::{health_name, transition_text};
+use crate::{health_name, transition_text};
 use flotilla_api::v1;
 use futures::StreamExt;
 use serde_json::json;

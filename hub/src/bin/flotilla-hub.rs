@@ -1,10 +1,28 @@
 //! `flotilla-hub`: parses flags and runs the hub library until Ctrl-C or SIGTERM.
+//! `flotilla-hub ctl ARGS` is `flotctl ARGS`, bundled so the binary `--dev` just built can be
+//! driven at once, as `k3s kubectl` is.
+
+use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
+    let mut args = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
+        args.next();
+        return Ok(flotctl::app::main_from(
+            std::iter::once("flotilla-hub ctl".into()).chain(args.skip(1)),
+        ));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

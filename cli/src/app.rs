@@ -1,0 +1,85 @@
+//! The command line itself: flags, the command groups, and the entry point both binaries
+//! call (`flotctl`, and `flotilla-hub ctl`, which the hub's `--dev` points newcomers at).
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::{self, Ctx, Failure, Output};
+
+/// Flotilla fleet CLI.
+#[derive(Debug, Parser)]
+#[command(name = "flotctl", version)]
+struct Cli {
+    /// Hub gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_HUB",
+        default_value = "127.0.0.1:7400"
+    )]
+    hub: String,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List things.
+    Get {
+        #[command(subcommand)]
+        what: commands::get::Get,
+    },
+    /// One cluster in detail: pools, nodes, GPUs, health history.
+    Describe {
+        #[command(subcommand)]
+        what: commands::describe::Describe,
+    },
+    /// Where can replicas × GPUs run?
+    Fit(commands::fit::FitArgs),
+    /// The fleet now, then every change as it happens.
+    Watch,
+    /// Print the agent install manifest for a cluster, with a new join token.
+    Join(commands::join::JoinArgs),
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut ctx = Ctx::connect(cli.hub, cli.output).await?;
+    match cli.command {
+        Command::Get { what } => commands::get::run(&mut ctx, what).await,
+        Command::Describe { what } => commands::describe::run(&mut ctx, what).await,
+        Command::Fit(a) => commands::fit::run(&mut ctx, a).await,
+        Command::Watch => commands::watch::run(&mut ctx).await,
+        Command::Join(a) => commands::join::run(&mut ctx, a).await,
+    }
+}
+
+/// Parses `args` (the first is the program name) and runs the command on a runtime of its own.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flotctl: cannot start a runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((msg, code)) => {
+            eprintln!("flotctl: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
