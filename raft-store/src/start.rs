@@ -106,6 +106,52 @@ impl NodeConfig {
     }
 }
 
+/// Before joining through `j`: the target's cluster must be this directory's (if it has one
+/// already), and a fresh directory must not claim an id the cluster already counts on. Only a
+/// member that is not yet part of a cluster asks; one with state starts from its own data,
+/// and Raft messages carry the cluster id (a member refuses another cluster's).
+async fn check_join_target(node: &StoreNode, j: &str) -> Result<(), StoreError> {
+    let node_id = node.id();
+    let status = (|| async {
+        let mut c = admin_client(&*node.inner.net.transport, j).await?;
+        c.status(v1::StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| e.to_string())
+    })
+    .retry(retry_policy())
+    .await
+    .map_err(|e| StoreError::Network(format!("join {j}: {e}")))?;
+    let dir = node.inner.data.lock().expect("data dir lock").path.clone();
+    match node.cluster_id() {
+        Some(c) if !status.cluster_id.is_empty() && c != status.cluster_id => {
+            Err(StoreError::WrongCluster {
+                dir,
+                stored: c,
+                requested: status.cluster_id,
+            })
+        }
+        Some(_) => Ok(()),
+        None if status.cluster_id.is_empty() => Err(StoreError::Network(format!(
+            "join {j}: that member has no cluster yet"
+        ))),
+        None => {
+            // A fresh directory under an id the cluster already knows means this member lost
+            // its data: rejoining would revert a log the leader counted on.
+            if status.members.iter().any(|m| m.node_id == node_id) {
+                return Err(StoreError::Config(format!(
+                    "node id {node_id} is already a member of cluster {} but {} holds no \
+                     data for it (data lost?); remove it with StoreAdmin.ChangeMembership \
+                     and rejoin under a new --node-id",
+                    status.cluster_id,
+                    dir.display()
+                )));
+            }
+            node.set_cluster_id(&status.cluster_id)
+        }
+    }
+}
+
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_jitter()
@@ -137,51 +183,8 @@ impl StoreNode {
         if node_id == 0 {
             return Err(StoreError::Config("node id must be >= 1".into()));
         }
-        let mut data = DataDir::open_with(&data_dir, node_id, tuning.cache)?;
+        let data = DataDir::open_with(&data_dir, node_id, tuning.cache)?;
         let addr = advertise.unwrap_or_else(|| bound.to_string());
-
-        // Before touching the cluster, make sure this directory is not another cluster's.
-        if let Some(j) = &join {
-            let status = (|| async {
-                let mut c = admin_client(&*transport, j).await?;
-                c.status(v1::StatusRequest {})
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|e| e.to_string())
-            })
-            .retry(retry_policy())
-            .await
-            .map_err(|e| StoreError::Network(format!("join {j}: {e}")))?;
-            match &data.cluster_id {
-                Some(c) if !status.cluster_id.is_empty() && *c != status.cluster_id => {
-                    return Err(StoreError::WrongCluster {
-                        dir: data_dir.clone(),
-                        stored: c.clone(),
-                        requested: status.cluster_id,
-                    });
-                }
-                Some(_) => {}
-                None if status.cluster_id.is_empty() => {
-                    return Err(StoreError::Network(format!(
-                        "join {j}: that member has no cluster yet"
-                    )));
-                }
-                None => {
-                    // A fresh directory under an id the cluster already knows means this
-                    // member lost its data: rejoining would revert a log the leader counted on.
-                    if status.members.iter().any(|m| m.node_id == node_id) {
-                        return Err(StoreError::Config(format!(
-                            "node id {node_id} is already a member of cluster {} but {} holds no \
-                             data for it (data lost?); remove it with StoreAdmin.ChangeMembership \
-                             and rejoin under a new --node-id",
-                            status.cluster_id,
-                            data_dir.display()
-                        )));
-                    }
-                    data.set_cluster_id(&status.cluster_id)?
-                }
-            }
-        }
 
         let raft_config = openraft::Config {
             cluster_name: "flotilla".into(),
@@ -277,6 +280,7 @@ impl OpenMember {
                     info!(node = node_id, cluster = %id, "bootstrapped a new single-member cluster");
                 }
                 Some(j) => {
+                    check_join_target(&node, j).await?;
                     let join_once = || async {
                         let mut c = admin_client(&*node.inner.net.transport, j).await?;
                         c.add_learner(v1::AddLearnerRequest {

@@ -448,3 +448,31 @@ async fn reads_at_past_revisions_see_exactly_that_state() {
     assert_eq!((r.kvs.len(), r.count, r.more), (1, 2, true));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_join_target_is_down_serves_from_its_own_data() {
+    let mut c = Cluster::start(3, fast_tuning()).await;
+    put(&c.client(), "/k", "before").await;
+    c.converge().await;
+    // Member 1 (everyone's --join target) is down, and member 2 restarts with its original
+    // flags: it must not wait for member 1, and 2 and 3 are a quorum.
+    c.kill(1).await;
+    c.kill(2).await;
+    let join = Some(c.addrs[0].to_string());
+    tokio::time::timeout(Duration::from_secs(20), c.restart_joining(2, join))
+        .await
+        .expect("a member with state starts without its join target");
+    let client = c.client_of(2);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if client.txn(TxnRequest::put("/k", "after")).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("members 2 and 3 accept writes");
+    assert_eq!(get(&c.client_of(2), "/k").await.as_deref(), Some("after"));
+    c.shutdown().await;
+}

@@ -58,7 +58,7 @@ fn another_nodes_directory_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_clusters_directory_is_refused_on_join() {
+async fn a_member_with_state_keeps_its_cluster_whatever_join_says() {
     // Two independent single-member clusters.
     let a = common::Cluster::start(1, common::fast_tuning()).await;
     let b = common::Cluster::start(1, common::fast_tuning()).await;
@@ -70,9 +70,36 @@ async fn another_clusters_directory_is_refused_on_join() {
     let n = StoreNode::start(cfg.clone(), CancellationToken::new())
         .await
         .unwrap();
+    let cluster_a = n.node.cluster_id().unwrap();
     n.shutdown().await.unwrap();
-    // Pointing the same directory at cluster B is refused before anything is written.
+    // Pointed at cluster B, it starts from its own data: still a member of A, and B is not
+    // touched (B's member refuses A's Raft messages by cluster id).
     cfg.join = Some(b.addrs[0].to_string());
+    let n = StoreNode::start(cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(n.node.cluster_id().as_deref(), Some(cluster_a.as_str()));
+    assert_eq!(b.node(1).members().len(), 1, "cluster B was not touched");
+    assert_ne!(b.node(1).cluster_id().unwrap(), cluster_a);
+    n.shutdown().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_directory_joining_refuses_the_wrong_cluster_before_writing() {
+    let a = common::Cluster::start(1, common::fast_tuning()).await;
+    let b = common::Cluster::start(1, common::fast_tuning()).await;
+    // A directory that knows cluster A's id but never became a member (it stopped between
+    // the check and the join) is refused by cluster B.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut d = DataDir::open(dir.path(), 2).unwrap();
+        d.set_cluster_id(&a.node(1).cluster_id().unwrap()).unwrap();
+    }
+    let mut cfg = NodeConfig::new(2, dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.join = Some(b.addrs[0].to_string());
+    cfg.tuning = common::fast_tuning();
     let err = StoreNode::start(cfg, CancellationToken::new())
         .await
         .err()

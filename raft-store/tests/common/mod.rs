@@ -95,11 +95,17 @@ impl Cluster {
 
     /// Restarts a killed member on its old address.
     pub async fn restart(&mut self, id: u64) {
+        self.restart_joining(id, None).await;
+    }
+
+    /// Restarts a killed member on its old address with `--join` set as given.
+    pub async fn restart_joining(&mut self, id: u64, join: Option<String>) {
         let mut cfg = NodeConfig::new(
             id,
             self.dir.path().join(format!("n{id}")),
             self.addrs[id as usize - 1],
         );
+        cfg.join = join;
         cfg.tuning = self.tuning.clone();
         cfg.faults = Some(self.faults.clone());
         let running = StoreNode::start(cfg, self.token.clone())
