@@ -5,6 +5,7 @@
 //! - `fleet`: agent streams, the fleet view and the read API.
 //! - `controllers`: leader-only work (health now; routing and campaigns next).
 //! - `metrics`, `http`: Prometheus metrics and `/metrics`, `/healthz`, `/readyz`.
+//! - `logging`: the log subscriber (openraft's per-request errors rate-limited).
 //! - `dev` (feature `dev`): the simulated development fleet of `--dev`.
 
 pub mod controllers;
@@ -12,6 +13,7 @@ pub mod controllers;
 pub mod dev;
 pub mod fleet;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -24,7 +24,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
-    tonic::transport::Server::builder()
+    flotilla_api::grpc::server()
         .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)

@@ -164,6 +164,7 @@ async fn session(
         format!("http://{addr}")
     };
     let channel = tonic::transport::Endpoint::from_shared(url)
+        .map(flotilla_api::grpc::client)
         .map_err(|e| SessionError::Retry(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .connect()

@@ -51,9 +51,10 @@ impl StoreClient {
                 };
                 Endpoint::from_shared(uri)
                     .map(|ep| {
-                        ep.connect_timeout(Duration::from_secs(1))
-                            .tcp_nodelay(true)
-                            .connect_lazy()
+                        flotilla_api::grpc::client(
+                            ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+                        )
+                        .connect_lazy()
                     })
                     .map_err(|err| KvError::invalid("endpoints", format!("{e:?}: {err}")))
             })

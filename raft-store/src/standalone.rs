@@ -71,7 +71,7 @@ impl StoreNode {
         let node = open.node().clone();
         let routes = node.services(token.clone()).routes();
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            flotilla_api::grpc::server()
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     nodelay_incoming(listener),

@@ -30,8 +30,10 @@ impl Default for PlainTransport {
 
 impl Transport for PlainTransport {
     fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true))
+        Ok(flotilla_api::grpc::client(
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(self.connect_timeout)
+                .tcp_nodelay(true),
+        ))
     }
 }

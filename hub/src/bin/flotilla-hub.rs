@@ -23,12 +23,7 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn serve() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
-        .init();
+    flotilla_hub::logging::init("info,openraft=warn");
     let args = flotilla_hub::Args::parse();
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
