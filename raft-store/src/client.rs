@@ -1,15 +1,23 @@
 //! A client for the store's gRPC API that talks to any members and implements
 //! [`KvBackend`].
 //!
+//! Deadlines: each attempt has its own deadline (default 1 s), shorter than the call's (default
+//! 8 s), so a member that stops answering (paused, partitioned away, dead) costs one attempt,
+//! not the whole call.
+//!
 //! Retries: reads, and writes the server reports as not applied (UNAVAILABLE with Flotilla's
 //! error label), are retried on the next member with jittered exponential backoff (backon). A
 //! write whose outcome is unknown (connection lost after sending, timeout) is never retried: it
 //! returns [`KvError::OutcomeUnknown`] so the caller decides. Watches resume after a broken
 //! stream from the revision after the last one delivered.
+//!
+//! After any failure the client moves to the next member, and a member that timed out or was
+//! unreachable is avoided for a moment: leader hints naming it are ignored meanwhile, so a
+//! paused leader does not pull every request back to itself.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use flotilla_api::convert::kv as conv;
@@ -28,9 +36,15 @@ pub struct StoreClient {
     endpoints: Arc<Vec<String>>,
     channels: Arc<Vec<Channel>>,
     next: Arc<AtomicUsize>,
+    /// Until when each member is avoided after it stopped answering.
+    avoid: Arc<Mutex<Vec<Option<Instant>>>>,
     timeout: Duration,
+    attempt_timeout: Duration,
     backoff: ExponentialBuilder,
 }
+
+/// How long a member that stopped answering is avoided.
+const AVOID_FOR: Duration = Duration::from_secs(3);
 
 impl StoreClient {
     /// A client for the members at `endpoints` (host:port). Connections are made lazily.
@@ -64,10 +78,12 @@ impl StoreClient {
             .map(|e| e.trim_start_matches("http://").to_string())
             .collect();
         Ok(Self {
+            avoid: Arc::new(Mutex::new(vec![None; channels.len()])),
             endpoints: Arc::new(endpoints),
             channels: Arc::new(channels),
             next: Arc::new(AtomicUsize::new(0)),
             timeout: Duration::from_secs(8),
+            attempt_timeout: Duration::from_secs(1),
             backoff: ExponentialBuilder::default()
                 .with_jitter()
                 .with_min_delay(Duration::from_millis(20))
@@ -76,9 +92,15 @@ impl StoreClient {
         })
     }
 
-    /// Sets the per-request deadline (default 8 s).
+    /// Sets the deadline of a whole call, retries included (default 8 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets the deadline of one attempt on one member (default 1 s; at most the call's).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
         self
     }
 
@@ -88,9 +110,17 @@ impl StoreClient {
         self
     }
 
-    fn client(&self) -> KvClient<Channel> {
-        let i = self.next.load(Ordering::Relaxed) % self.channels.len();
-        KvClient::new(self.channels[i].clone())
+    fn current(&self) -> usize {
+        self.next.load(Ordering::Relaxed) % self.channels.len()
+    }
+
+    fn client(&self) -> (usize, KvClient<Channel>) {
+        let i = self.current();
+        (i, KvClient::new(self.channels[i].clone()))
+    }
+
+    fn avoided(&self, i: usize, now: Instant) -> bool {
+        self.avoid.lock().expect("avoid list")[i].is_some_and(|until| now < until)
     }
 
     /// Follows the server's leader hint when the leader is one of our endpoints, so writes and
@@ -99,64 +129,109 @@ impl StoreClient {
         let Some(hint) = md.get(conv::LEADER_HINT_KEY).and_then(|v| v.to_str().ok()) else {
             return;
         };
-        let cur = self.next.load(Ordering::Relaxed) % self.channels.len();
+        let cur = self.current();
         if self.endpoints[cur] != hint
             && let Some(i) = self.endpoints.iter().position(|e| e == hint)
+            && !self.avoided(i, Instant::now())
         {
             self.next.store(i, Ordering::Relaxed);
         }
     }
 
-    /// After a failure, prefer the next member.
-    fn rotate(&self) {
-        self.next.fetch_add(1, Ordering::Relaxed);
+    /// After a failure on member `from`, move to the next member not being avoided (unless
+    /// a concurrent caller has moved already).
+    fn rotate(&self, from: usize) {
+        if self.current() != from {
+            return;
+        }
+        let n = self.channels.len();
+        let now = Instant::now();
+        let to = (1..n)
+            .map(|k| (from + k) % n)
+            .find(|i| !self.avoided(*i, now))
+            .unwrap_or((from + 1) % n);
+        self.next.store(to, Ordering::Relaxed);
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        r.set_timeout(self.timeout);
+        r.set_timeout(self.attempt_timeout.min(self.timeout));
         r
     }
 
+    /// What a failed attempt on member `i` says about that member: a client mistake says
+    /// nothing; anything else moves on. Silence (a timeout, a lost connection: no Flotilla
+    /// error label) or a member that cannot commit (`outcome_unknown`: no quorum there) also
+    /// makes the member avoided for a moment.
+    fn failed(&self, i: usize, s: &tonic::Status) {
+        use tonic::Code;
+        if matches!(
+            s.code(),
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::NotFound
+        ) {
+            return;
+        }
+        let label = s
+            .metadata()
+            .get(conv::ERROR_LABEL_KEY)
+            .and_then(|v| v.to_str().ok());
+        if matches!(label, None | Some("outcome_unknown")) {
+            self.avoid.lock().expect("avoid list")[i] = Some(Instant::now() + AVOID_FOR);
+        }
+        self.rotate(i);
+    }
+
+    /// Runs `f` (one attempt on the current member) until it succeeds, fails for good, or the
+    /// call's deadline passes. Only errors that certainly did not apply are retried.
     async fn retry<T, F, Fut>(&self, f: F) -> Result<T, KvError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, KvError>>,
     {
-        f.retry(self.backoff)
-            .when(|e| matches!(e, KvError::Unavailable(_)))
-            .notify(|_, _| self.rotate())
-            .await
+        let attempts = f
+            .retry(self.backoff)
+            .when(|e| matches!(e, KvError::Unavailable(_)));
+        match tokio::time::timeout(self.timeout, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(KvError::Unavailable(format!(
+                "no member could serve this within {:?}",
+                self.timeout
+            ))),
+        }
     }
 }
 
 impl KvBackend for StoreClient {
     async fn range(&self, req: RangeRequest) -> Result<RangeResult, KvError> {
         self.retry(|| async {
-            let r = self
-                .client()
+            let (i, mut c) = self.client();
+            let r = c
                 .range(self.request(v1::RangeRequest::from(req.clone())))
                 .await;
             r.map(|r| {
                 self.follow_hint(r.metadata());
                 conv::range_result(r.into_inner())
             })
-            .map_err(|s| conv::from_status(&s, false))
+            .map_err(|s| {
+                self.failed(i, &s);
+                conv::from_status(&s, false)
+            })
         })
         .await
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResult, KvError> {
         self.retry(|| async {
-            let r = self
-                .client()
-                .txn(self.request(v1::TxnRequest::from(req.clone())))
-                .await;
+            let (i, mut c) = self.client();
+            let r = c.txn(self.request(v1::TxnRequest::from(req.clone()))).await;
             r.map(|r| {
                 self.follow_hint(r.metadata());
                 conv::txn_result(r.into_inner())
             })
-            .map_err(|s| conv::from_status(&s, true))
+            .map_err(|s| {
+                self.failed(i, &s);
+                conv::from_status(&s, true)
+            })
         })
         .await
     }
@@ -191,7 +266,7 @@ impl KvBackend for StoreClient {
                         }
                         // A broken stream: resume on another member from the next revision.
                         Some(Err(KvError::Unavailable(_))) | None => {
-                            client.rotate();
+                            client.rotate(client.current());
                             stream = None;
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
@@ -204,12 +279,15 @@ impl KvBackend for StoreClient {
 
     async fn compact(&self, revision: Revision) -> Result<Revision, KvError> {
         self.retry(|| async {
-            let r = self
-                .client()
+            let (i, mut c) = self.client();
+            let r = c
                 .compact(self.request(v1::CompactRequest { revision }))
                 .await;
             r.map(|r| r.into_inner().header.map_or(0, |h| h.compact_revision))
-                .map_err(|s| conv::from_status(&s, true))
+                .map_err(|s| {
+                    self.failed(i, &s);
+                    conv::from_status(&s, true)
+                })
         })
         .await
     }
@@ -228,10 +306,11 @@ impl StoreClient {
         let stream = self
             .retry(|| async {
                 // No deadline on a watch: it lives until dropped.
-                self.client()
-                    .watch(wire.clone())
-                    .await
-                    .map_err(|s| conv::from_status(&s, false))
+                let (i, mut c) = self.client();
+                c.watch(wire.clone()).await.map_err(|s| {
+                    self.failed(i, &s);
+                    conv::from_status(&s, false)
+                })
             })
             .await?
             .into_inner();

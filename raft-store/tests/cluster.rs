@@ -476,3 +476,41 @@ async fn a_member_whose_join_target_is_down_serves_from_its_own_data() {
     assert_eq!(get(&c.client_of(2), "/k").await.as_deref(), Some("after"));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moves_off_a_leader_that_stopped_committing() {
+    let c = Cluster::start(3, fast_tuning()).await;
+    let leader = c.leader().await;
+    // The client prefers the leader, as it would after following its hint.
+    let mut eps = vec![c.addrs[leader as usize - 1].to_string()];
+    eps.extend(
+        c.ids()
+            .into_iter()
+            .filter(|i| *i != leader)
+            .map(|i| c.addrs[i as usize - 1].to_string()),
+    );
+    let client = flotilla_raft_store::client::StoreClient::new(&eps).unwrap();
+    client.txn(TxnRequest::put("/k", "0")).await.unwrap();
+    // The leader still answers clients but reaches no follower: nothing it takes commits.
+    let others: Vec<u64> = c.ids().into_iter().filter(|i| *i != leader).collect();
+    c.faults.isolate(leader, &others);
+    let mut unknown = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match client.txn(TxnRequest::put("/k", "1")).await {
+                Ok(_) => break,
+                // Reported as unknown, never retried behind the caller's back.
+                Err(KvError::OutcomeUnknown(_)) => unknown += 1,
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("writes resume on the majority's new leader");
+    assert!(
+        unknown >= 1,
+        "the write sent to the old leader is reported unknown"
+    );
+    c.faults.heal();
+    c.shutdown().await;
+}
