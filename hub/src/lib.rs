@@ -238,11 +238,27 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         max_concurrent_joins,
     });
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("--listen {listen}"))?;
-    let addr = listener.local_addr()?;
+    // The port is bound only once the member has opened (a restart re-applies its log first):
+    // until then clients are refused and try another member, rather than wait on a port that
+    // accepts but does not answer. Port 0 has to be bound first to learn the address.
+    let bind = || async {
+        tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}"))
+    };
+    let early = match listen.port() {
+        0 => Some(bind().await?),
+        _ => None,
+    };
+    let addr = match &early {
+        Some(l) => l.local_addr()?,
+        None => listen,
+    };
     let open = StoreNode::open(config, addr, shutdown.clone()).await?;
+    let listener = match early {
+        Some(l) => l,
+        None => bind().await?,
+    };
     let node = open.node().clone();
     let routes = node
         .services(shutdown.clone())

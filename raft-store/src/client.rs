@@ -15,7 +15,7 @@
 //! unreachable is avoided for a moment: leader hints naming it are ignored meanwhile, so a
 //! paused leader does not pull every request back to itself.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ pub struct StoreClient {
     next: Arc<AtomicUsize>,
     /// Until when each member is avoided after it stopped answering.
     avoid: Arc<Mutex<Vec<Option<Instant>>>>,
+    /// Whether members may forward to the leader: only when the client cannot reach the
+    /// leader itself (one endpoint, or a leader outside its endpoints).
+    forward: Arc<AtomicBool>,
     timeout: Duration,
     attempt_timeout: Duration,
     backoff: ExponentialBuilder,
@@ -79,6 +82,7 @@ impl StoreClient {
             .collect();
         Ok(Self {
             avoid: Arc::new(Mutex::new(vec![None; channels.len()])),
+            forward: Arc::new(AtomicBool::new(channels.len() == 1)),
             endpoints: Arc::new(endpoints),
             channels: Arc::new(channels),
             next: Arc::new(AtomicUsize::new(0)),
@@ -87,8 +91,9 @@ impl StoreClient {
             backoff: ExponentialBuilder::default()
                 .with_jitter()
                 .with_min_delay(Duration::from_millis(20))
-                .with_max_delay(Duration::from_secs(1))
-                .with_max_times(12),
+                // Short: during a failover the next attempt should follow the new leader soon.
+                .with_max_delay(Duration::from_millis(250))
+                .with_max_times(20),
         })
     }
 
@@ -156,6 +161,15 @@ impl StoreClient {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.attempt_timeout.min(self.timeout));
+        // With the leader among its endpoints the client follows hints itself: a follower
+        // answers "not me, try X" instead of holding the request on a forward to a leader
+        // that may have stopped answering.
+        if !self.forward.load(Ordering::Relaxed) {
+            r.metadata_mut().insert(
+                conv::NO_FORWARD_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
         r
     }
 
@@ -178,6 +192,17 @@ impl StoreClient {
         if matches!(label, None | Some("outcome_unknown")) {
             self.avoid.lock().expect("avoid list")[i] = Some(Instant::now() + AVOID_FOR);
         }
+        let hint = s
+            .metadata()
+            .get(conv::LEADER_HINT_KEY)
+            .and_then(|v| v.to_str().ok());
+        if let Some(h) = hint
+            && !self.endpoints.iter().any(|e| e == h)
+        {
+            // The leader is not one of ours: only a member's forward reaches it.
+            self.forward.store(true, Ordering::Relaxed);
+        }
+        self.follow_hint(s.metadata());
         self.rotate(i);
     }
 

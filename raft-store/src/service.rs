@@ -52,8 +52,9 @@ impl StoreNode {
     }
 }
 
+/// Forwarded by another member already, or sent by a client that follows hints itself.
 fn is_forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(FORWARDED_KEY)
+    r.metadata().contains_key(FORWARDED_KEY) || r.metadata().contains_key(conv::NO_FORWARD_KEY)
 }
 
 /// The client key-value API.
@@ -68,6 +69,20 @@ impl KvService {
         let term = self.node.raft().metrics().borrow().current_term;
         let compact = self.node.reader().compact_revision();
         conv::header(revision, term, self.node.id(), compact)
+    }
+
+    /// An error as a status; "unavailable" carries the leader's address, so the client can
+    /// go there next.
+    fn err(&self, e: flotilla_core::kv::KvError) -> Status {
+        let unavailable = matches!(e, flotilla_core::kv::KvError::Unavailable(_));
+        let mut s = conv::to_status(e);
+        if unavailable
+            && let Some((_, addr)) = self.node.leader()
+            && let Ok(v) = addr.parse()
+        {
+            s.metadata_mut().insert(conv::LEADER_HINT_KEY, v);
+        }
+        s
     }
 
     /// Wraps a reply with the leader's address, so clients can send the next request there
@@ -96,7 +111,7 @@ impl v1::kv_server::Kv for KvService {
             .node
             .range_inner(request.into_inner().into(), fwd)
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let h = self.header(res.revision);
         Ok(self.reply(conv::range_response(res, h)))
     }
@@ -119,7 +134,7 @@ impl v1::kv_server::Kv for KvService {
             .node
             .txn_inner(txn, fwd)
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let prev_kv = match res.results.into_iter().next() {
             Some(flotilla_core::kv::OpResult::Put { prev_kv }) => prev_kv.map(Into::into),
             _ => None,
@@ -150,7 +165,7 @@ impl v1::kv_server::Kv for KvService {
             .node
             .txn_inner(txn, fwd)
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let (deleted, prev_kvs) = match res.results.into_iter().next() {
             Some(flotilla_core::kv::OpResult::Delete { deleted, prev_kvs }) => (deleted, prev_kvs),
             _ => (0, Vec::new()),
@@ -167,12 +182,12 @@ impl v1::kv_server::Kv for KvService {
         request: Request<v1::TxnRequest>,
     ) -> Result<Response<v1::TxnResponse>, Status> {
         let fwd = is_forwarded(&request);
-        let txn = conv::txn_from_wire(request.into_inner()).map_err(conv::to_status)?;
+        let txn = conv::txn_from_wire(request.into_inner()).map_err(|e| self.err(e))?;
         let res = self
             .node
             .txn_inner(txn, fwd)
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let h = self.header(res.revision);
         Ok(self.reply(conv::txn_response(res, h)))
     }
@@ -188,7 +203,7 @@ impl v1::kv_server::Kv for KvService {
             .node
             .watch(request.into_inner().into())
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let node = self.node.clone();
         let out = stream.map(move |item| match item {
             Ok(b) => {
@@ -217,7 +232,7 @@ impl v1::kv_server::Kv for KvService {
             .node
             .compact_inner(rev, fwd)
             .await
-            .map_err(conv::to_status)?;
+            .map_err(|e| self.err(e))?;
         let mut h = self.header(self.node.reader().revisions().map_or(0, |(r, _)| r));
         h.compact_revision = compacted;
         Ok(Response::new(v1::CompactResponse { header: Some(h) }))

@@ -514,3 +514,20 @@ async fn a_client_moves_off_a_leader_that_stopped_committing() {
     c.faults.heal();
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_leader_among_its_endpoints_still_writes() {
+    let c = Cluster::start(3, fast_tuning()).await;
+    let leader = c.leader().await;
+    let followers: Vec<String> = c
+        .ids()
+        .into_iter()
+        .filter(|i| *i != leader)
+        .map(|i| c.addrs[i as usize - 1].to_string())
+        .collect();
+    // Hints name the leader, which this client cannot reach itself: members forward for it.
+    let client = flotilla_raft_store::client::StoreClient::new(&followers).unwrap();
+    put(&client, "/k", "v").await;
+    assert_eq!(get(&client, "/k").await.as_deref(), Some("v"));
+    c.shutdown().await;
+}

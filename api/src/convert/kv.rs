@@ -417,6 +417,10 @@ mod tests {
 pub const ERROR_LABEL_KEY: &str = "flotilla-error";
 /// gRPC response metadata key with the leader's address (host:port), a routing hint.
 pub const LEADER_HINT_KEY: &str = "flotilla-leader";
+/// Request metadata: answer from this member or fail (UNAVAILABLE with the leader hint); do
+/// not forward to the leader. Clients that follow hints send it, so a leader that stopped
+/// answering holds none of their requests on a follower's forward.
+pub const NO_FORWARD_KEY: &str = "flotilla-no-forward";
 /// gRPC metadata key naming the invalid field.
 pub const ERROR_FIELD_KEY: &str = "flotilla-field";
 /// gRPC metadata key with the oldest available revision after a compaction error.

@@ -6,19 +6,20 @@
 //!
 //!     cargo run --release -p flotilla-hub --features etcd --bin flotilla-store-bench
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use clap::Parser;
-use flotilla_api::v1;
 use flotilla_core::kv::{KvBackend, TxnRequest};
 use flotilla_raft_store::client::StoreClient;
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
+
+#[path = "support/procs.rs"]
+mod procs;
+
+use procs::Procs;
 
 #[derive(Parser, Debug)]
 #[command(about = "Write benchmark: Flotilla store vs etcd, 3 members each on loopback")]
@@ -52,26 +53,6 @@ struct Args {
     /// Skip etcd even when the feature is built.
     #[arg(long, env = "BENCH_NO_ETCD")]
     no_etcd: bool,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// Kills child processes on drop so a failed run leaves nothing behind.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// One measured run.
@@ -174,92 +155,21 @@ async fn open_loop<W: Writer>(w: W, rate: u64, seconds: u64, value_bytes: usize)
     Stats::of(&*hist.lock().await, start.elapsed(), &errors)
 }
 
-fn hub_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let p = me.with_file_name("flotilla-hub");
-    if !p.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p flotilla-hub)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-async fn flotilla_status(port: u16) -> Option<v1::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
-    c.status(v1::StatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
 async fn start_flotilla(dir: &Path, members: usize) -> anyhow::Result<(Procs, Vec<String>)> {
-    let bin = hub_binary()?;
-    let ports: Vec<u16> = (0..members.max(1)).map(|_| free_port()).collect();
-    let mut procs = Procs(Vec::new());
-    for (i, port) in ports.iter().enumerate() {
-        let mut cmd = Command::new(&bin);
-        cmd.args([
-            "--node-id",
-            &(i + 1).to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join(format!("flotilla-{}", i + 1)))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        if i > 0 {
-            cmd.args(["--join", &format!("127.0.0.1:{}", ports[0])]);
-        }
-        procs.0.push(cmd.spawn().context("spawn flotilla-hub")?);
-        if i == 0 {
-            wait_for("flotilla member 1", || async {
-                flotilla_status(ports[0])
-                    .await
-                    .is_some_and(|s| s.role == "leader")
-            })
-            .await?;
-        }
-    }
-    wait_for("flotilla voters", || async {
-        flotilla_status(ports[0])
-            .await
-            .is_some_and(|s| s.members.len() == ports.len() && s.members.iter().all(|m| m.voter))
-    })
-    .await?;
+    let (procs, ports, _) = procs::start_members(dir, members).await?;
     Ok((
         procs,
         ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
     ))
 }
 
-async fn wait_for<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[cfg(feature = "etcd")]
 mod etcd {
+    use std::process::{Command, Stdio};
+
+    use anyhow::Context;
+
+    use super::procs::{free_port, wait_for};
     use super::*;
 
     #[derive(Clone)]

@@ -1,0 +1,132 @@
+//! Helpers the benchmark binaries share: the hub binary beside them, store members as child
+//! processes, their status, and waiting with a bound.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_api::v1;
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Kills child processes on drop so a failed run leaves nothing behind.
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `flotilla-hub` next to this binary.
+pub fn hub_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("flotilla-hub");
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p flotilla-hub)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The store status of the member on `port`, or `None` while it does not answer.
+pub async fn status(port: u16) -> Option<v1::StatusResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .ok()?;
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Polls `f` every 20 ms until it holds, or fails naming `what` after 60 s.
+pub async fn wait_for<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The command that starts member `id` (1-based) on `ports[id - 1]`, joining member 1.
+pub fn member_command(bin: &Path, dir: &Path, ports: &[u16], id: usize) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--node-id",
+        &id.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{}", ports[id - 1]),
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir.join(format!("flotilla-{id}")))
+    .env("RUST_LOG", "error")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if id > 1 {
+        cmd.args(["--join", &format!("127.0.0.1:{}", ports[0])]);
+    }
+    cmd
+}
+
+/// Starts `members` store members (member 1 bootstraps, the rest join it) and waits until
+/// all are voters.
+pub async fn start_members(
+    dir: &Path,
+    members: usize,
+) -> anyhow::Result<(Procs, Vec<u16>, PathBuf)> {
+    let bin = hub_binary()?;
+    let ports: Vec<u16> = (0..members.max(1)).map(|_| free_port()).collect();
+    let mut procs = Procs(Vec::new());
+    for id in 1..=ports.len() {
+        procs.0.push(
+            member_command(&bin, dir, &ports, id)
+                .spawn()
+                .context("spawn flotilla-hub")?,
+        );
+        if id == 1 {
+            wait_for("flotilla member 1", || async {
+                status(ports[0]).await.is_some_and(|s| s.role == "leader")
+            })
+            .await?;
+        }
+    }
+    wait_for("flotilla voters", || async {
+        status(ports[0])
+            .await
+            .is_some_and(|s| s.members.len() == ports.len() && s.members.iter().all(|m| m.voter))
+    })
+    .await?;
+    Ok((procs, ports, bin))
+}
