@@ -7,7 +7,8 @@
 //!
 //! Applies commit without fsync: the log is fsynced, so after a crash the state machine
 //! restarts from its last durable point and openraft re-applies the committed entries that
-//! follow. Building or installing a snapshot commits durably, and the log is only purged up to
+//! follow. One apply per [`DURABLE_EVERY`] commits durably, so that point is never older than
+//! that and a restart re-applies little, whatever the log's length since the last snapshot. Building or installing a snapshot commits durably, and the log is only purged up to
 //! a snapshot, so no entry is purged before the state it produced is on disk.
 
 use std::collections::VecDeque;
@@ -423,7 +424,12 @@ pub struct StateMachine {
     reader: Arc<SmReader>,
     state: SmState,
     config: SmConfig,
+    /// When an apply last committed durably.
+    last_durable: std::time::Instant,
 }
+
+/// How often an apply commits durably (one extra fsync of `sm.redb` at most this often).
+pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl StateMachine {
     /// Opens the state machine in an opened `sm.redb` (see [`crate::data_dir`]).
@@ -443,6 +449,7 @@ impl StateMachine {
             reader,
             state,
             config,
+            last_durable: std::time::Instant::now(),
         })
     }
 
@@ -456,9 +463,14 @@ impl StateMachine {
         state: &mut SmState,
         config: SmConfig,
         entries: Vec<Entry>,
+        durable: bool,
     ) -> Result<(Vec<Applied>, Vec<WatchBatch>), redb::Error> {
         let mut w = db.begin_write()?;
-        w.set_durability(Durability::None)?;
+        w.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         let mut out = Vec::with_capacity(entries.len());
         let mut batches = Vec::new();
         for entry in entries {
@@ -721,12 +733,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let db = self.reader.db.clone();
         let mut state = self.state.clone();
         let config = self.config;
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
         let (out, batches, state) = blocking(move || {
-            let (out, batches) = Self::apply_batch(&db, &mut state, config, entries)?;
+            let (out, batches) = Self::apply_batch(&db, &mut state, config, entries, durable)?;
             Ok((out, batches, state))
         })
         .await
         .map_err(StorageIOError::write_state_machine)?;
+        if durable {
+            self.last_durable = std::time::Instant::now();
+        }
         self.state = state;
         self.reader.compact_revision.store(
             self.state.compact_revision,
