@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_api::v1;
-use flotilla_test_support::{channel, free_port, store_status as status, wait_until};
+use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
 
 /// Liveness bound for every wait in this test.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -55,17 +55,6 @@ fn binaries() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn hub(bin: &Path, id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {

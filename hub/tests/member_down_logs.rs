@@ -8,18 +8,7 @@ use std::time::Duration;
 
 use flotilla_core::kv::{KeyRange, KvBackend, RangeRequest};
 use flotilla_raft_store::client::StoreClient;
-use flotilla_test_support::{free_port, store_status, wait_until};
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use flotilla_test_support::{Procs, free_port, store_status, wait_until};
 
 fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
     let log = std::fs::File::create(dir.join(format!("n{id}.log"))).unwrap();

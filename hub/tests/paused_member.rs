@@ -3,24 +3,12 @@
 //! watch open on it, must survive (h2's default allows 20 such resets before it drops the
 //! connection with everything in flight).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flotilla_api::v1;
 use flotilla_api::v1::kv_client::KvClient;
-use flotilla_test_support::{free_port, store_status, wait_until};
-
-struct Hub(Child);
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use flotilla_test_support::{Procs, free_port, store_status, wait_until};
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
@@ -34,20 +22,22 @@ fn signal(pid: u32, sig: &str) {
 async fn many_timed_out_requests_after_a_pause_do_not_drop_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let hub = Hub(Command::new(env!("CARGO_BIN_EXE_flotilla-hub"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn flotilla-hub"));
+    let hub = Procs(vec![
+        Command::new(env!("CARGO_BIN_EXE_flotilla-hub"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flotilla-hub"),
+    ]);
     wait_until("the hub to lead", Duration::from_secs(60), || async {
         store_status(port).await.is_some_and(|s| s.role == "leader")
     })
@@ -70,7 +60,7 @@ async fn many_timed_out_requests_after_a_pause_do_not_drop_the_connection() {
         .unwrap()
         .into_inner();
 
-    signal(hub.0.id(), "-STOP");
+    signal(hub.0[0].id(), "-STOP");
     let timed_out: Vec<_> = (0..64)
         .map(|i| {
             let mut kv = KvClient::new(channel.clone());
@@ -87,7 +77,7 @@ async fn many_timed_out_requests_after_a_pause_do_not_drop_the_connection() {
     for t in timed_out {
         assert!(t.await.unwrap(), "a request to a paused hub times out");
     }
-    signal(hub.0.id(), "-CONT");
+    signal(hub.0[0].id(), "-CONT");
 
     // The watch opened before the pause still delivers, on the same connection.
     let mut put = tonic::Request::new(v1::PutRequest {

@@ -6,6 +6,22 @@ use std::time::{Duration, Instant};
 use flotilla_api::v1;
 use tonic::transport::Channel;
 
+/// Child processes killed (and resumed first, if paused) when dropped, so a failed test
+/// leaves nothing running.
+pub struct Procs(pub Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
