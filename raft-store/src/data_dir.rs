@@ -198,7 +198,8 @@ impl DataDir {
     }
 
     /// Whether nothing but this directory and the member's one state-machine reader still
-    /// holds its files (so they can be opened again).
+    /// holds its files (so they can be opened again): openraft's log store, state machine
+    /// and snapshot builders each hold a handle of their own.
     pub(crate) fn released(&self) -> bool {
         Arc::strong_count(&self.log) == 1 && Arc::strong_count(&self.sm) == 2
     }

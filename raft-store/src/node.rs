@@ -251,9 +251,11 @@ impl StoreNode {
         // openraft's replication and state-machine tasks can outlive `shutdown` by a moment,
         // each with a handle to a redb file; a restart right after would find it locked.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !self.inner.data.lock().expect("data dir lock").released()
-            && tokio::time::Instant::now() < deadline
-        {
+        while !self.inner.data.lock().expect("data dir lock").released() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("raft tasks still hold the data directory 5 s after shutdown");
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())

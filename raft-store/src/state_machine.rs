@@ -423,6 +423,9 @@ where
 /// The Raft state machine. Owned by openraft; readers use [`SmReader`].
 pub struct StateMachine {
     reader: Arc<SmReader>,
+    /// Its own handle to `sm.redb`, so that `DataDir::released` sees this state machine
+    /// (openraft's task can outlive `Raft::shutdown`; readers share one `SmReader`).
+    _db: Arc<Database>,
     state: SmState,
     config: SmConfig,
     /// When an apply last committed durably.
@@ -445,7 +448,7 @@ impl StateMachine {
     pub(crate) fn open(db: Arc<Database>, config: SmConfig) -> Result<Self, redb::Error> {
         let (notify, _) = broadcast::channel(1024);
         let reader = Arc::new(SmReader {
-            db,
+            db: db.clone(),
             notify,
             compact_revision: Default::default(),
         });
@@ -456,6 +459,7 @@ impl StateMachine {
             .store(state.compact_revision, std::sync::atomic::Ordering::Relaxed);
         Ok(Self {
             reader,
+            _db: db,
             state,
             config,
             last_durable: std::time::Instant::now(),
