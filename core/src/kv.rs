@@ -146,7 +146,8 @@ pub enum CompareTarget {
     CreateRevision(Revision),
     /// The key's mod revision (0 when absent).
     ModRevision(Revision),
-    /// The key's value (an absent key never compares equal to any value).
+    /// The key's value (as in etcd, any value compare on an absent key fails, even
+    /// `NotEqual`: an absent key has no value to compare).
     Value(Vec<u8>),
     /// Whether the key exists.
     Exists(bool),
@@ -214,8 +215,8 @@ impl Compare {
             }
             (CompareTarget::ModRevision(r), c) => Some(c.map_or(0, |kv| kv.mod_revision).cmp(r)),
             (CompareTarget::Value(v), Some(kv)) => Some(kv.value.as_slice().cmp(v.as_slice())),
-            // An absent key has no value: only NOT_EQUAL holds.
-            (CompareTarget::Value(_), None) => None,
+            // An absent key has no value: every comparison fails (etcd's rule).
+            (CompareTarget::Value(_), None) => return false,
             (CompareTarget::Exists(e), c) => {
                 let eq = c.is_some() == *e;
                 return match self.op {
@@ -226,7 +227,7 @@ impl Compare {
             }
         };
         match (ord, self.op) {
-            (None, op) => op == CompareOp::NotEqual,
+            (None, _) => false,
             (Some(o), CompareOp::Equal) => o == Ordering::Equal,
             (Some(o), CompareOp::NotEqual) => o != Ordering::Equal,
             (Some(o), CompareOp::Greater) => o == Ordering::Greater,
@@ -557,11 +558,31 @@ pub fn validate_txn(t: &TxnRequest, limits: &Limits) -> Result<(), KvError> {
             }
         }
     }
-    for (i, op) in t.success.iter().enumerate() {
-        validate_op(&format!("success[{i}]"), op, limits)?;
+    for (branch, ops) in [("success", &t.success), ("failure", &t.failure)] {
+        for (i, op) in ops.iter().enumerate() {
+            validate_op(&format!("{branch}[{i}]"), op, limits)?;
+        }
+        check_duplicate_puts(branch, ops)?;
     }
-    for (i, op) in t.failure.iter().enumerate() {
-        validate_op(&format!("failure[{i}]"), op, limits)?;
+    Ok(())
+}
+
+/// As etcd: a branch may not put one key twice, nor put a key it also deletes (the outcome
+/// would depend on op order, and etcd refuses it).
+fn check_duplicate_puts(branch: &str, ops: &[Op]) -> Result<(), KvError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Put { key, .. } = op else { continue };
+        let deleted = ops.iter().any(|o| match o {
+            Op::Delete { range, .. } => range.contains(key),
+            _ => false,
+        });
+        if !seen.insert(key.as_slice()) || deleted {
+            return Err(KvError::invalid(
+                format!("{branch}[{i}].put.key"),
+                "duplicate key in one transaction branch (put twice, or put and deleted)",
+            ));
+        }
     }
     Ok(())
 }
@@ -629,7 +650,46 @@ mod tests {
             op: CompareOp::NotEqual,
             target: CompareTarget::Value(b"x".to_vec()),
         };
-        assert!(ne.holds(None));
+        assert!(
+            !ne.holds(None),
+            "etcd fails every value compare on an absent key"
+        );
+    }
+
+    #[test]
+    fn a_branch_may_not_put_a_key_twice_or_put_what_it_deletes() {
+        let l = Limits::default();
+        let twice = TxnRequest {
+            success: vec![Op::put("/a", "1"), Op::put("/b", "1"), Op::put("/a", "2")],
+            ..Default::default()
+        };
+        let e = validate_txn(&twice, &l).unwrap_err();
+        assert!(
+            matches!(e, KvError::InvalidArgument { ref field, .. } if field == "success[2].put.key"),
+            "{e}"
+        );
+        let put_and_delete = TxnRequest {
+            failure: vec![
+                Op::put("/p/x", "1"),
+                Op::Delete {
+                    range: KeyRange::prefix("/p/"),
+                    prev_kv: false,
+                },
+            ],
+            ..Default::default()
+        };
+        let e = validate_txn(&put_and_delete, &l).unwrap_err();
+        assert!(
+            matches!(e, KvError::InvalidArgument { ref field, .. } if field == "failure[0].put.key"),
+            "{e}"
+        );
+        // The same key in the two branches is fine: only one branch runs.
+        let branches = TxnRequest {
+            success: vec![Op::put("/a", "1")],
+            failure: vec![Op::put("/a", "2")],
+            ..Default::default()
+        };
+        validate_txn(&branches, &l).unwrap();
     }
 
     #[test]

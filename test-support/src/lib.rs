@@ -1,6 +1,9 @@
 //! Helpers shared by the tests that drive real processes over loopback. Kept tiny on purpose:
 //! anything that knows a test's scenario stays in that test.
 
+pub mod kv_battery;
+pub mod mem_kv;
+
 use std::time::{Duration, Instant};
 
 use flotilla_api::v1;
