@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use flotilla_api::v1;
 use flotilla_kube_sim::{Scenario, SimFleet};
-use flotilla_raft_store::StoreNode;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::backend::HubStore;
 use crate::store::{keys, records};
 
 /// The running development fleet.
@@ -48,7 +48,8 @@ fn flotctl(grpc: SocketAddr) -> String {
 /// Starts the scenario's clusters (default: three clusters in three regions), prints what to
 /// try, and starts an agent per cluster with its own join token.
 pub async fn start(
-    node: &StoreNode,
+    store: &HubStore,
+    store_desc: &str,
     scenario: Option<&Path>,
     data_dir: &Path,
     (grpc, http): (SocketAddr, SocketAddr),
@@ -60,11 +61,7 @@ pub async fn start(
     };
     let sim = SimFleet::start(&scenario, Default::default()).await?;
     let paths: Vec<PathBuf> = sim.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
-    println!(
-        "flotilla-hub --dev: store member {} on {grpc} (data in {})",
-        node.id(),
-        data_dir.display()
-    );
+    println!("flotilla-hub --dev: hub on {grpc}, fleet state in {store_desc}");
     println!("metrics and health: http://{http}/metrics, /healthz, /readyz");
     println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
     for (c, p) in sim.clusters().iter().zip(&paths) {
@@ -86,7 +83,7 @@ pub async fn start(
             cluster: c.name().to_string(),
             expires_at_unix_ms: i64::MAX,
         };
-        records::put_if(node, &keys::token_key(&token), &rec, 0).await?;
+        records::put_if(store, &keys::token_key(&token), &rec, 0).await?;
         let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
         let client = kube::Client::try_from(
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,

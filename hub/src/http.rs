@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use flotilla_api::convert::fleet::health_from_wire;
-use flotilla_raft_store::StoreNode;
 use prometheus_client::registry::Registry;
 
 use crate::controllers::Leadership;
 use crate::fleet::view::FleetView;
 use crate::metrics::HubMetrics;
+use crate::store::backend::HubStore;
 
 /// `/metrics`, `/healthz`, `/readyz` for a hub replica.
 pub struct HubProbe {
@@ -16,8 +16,8 @@ pub struct HubProbe {
     pub metrics: Arc<HubMetrics>,
     /// Fleet view.
     pub view: Arc<FleetView>,
-    /// Store member.
-    pub node: StoreNode,
+    /// The store (and who leads).
+    pub store: HubStore,
 }
 
 impl flotilla_api::http::Probe for HubProbe {
@@ -44,11 +44,8 @@ impl flotilla_api::http::Probe for HubProbe {
                 .get_or_create(&vec![("health".into(), h.into())])
                 .set(n);
         }
-        let status = self.node.status();
-        self.metrics
-            .raft_leader
-            .set(i64::from(self.node.is_leader()));
-        self.metrics.raft_term.set(status.term as i64);
+        self.metrics.leader.set(i64::from(self.store.is_leader()));
+        self.metrics.leader_term.set(self.store.term() as i64);
     }
 
     fn registry(&self) -> &Registry {
@@ -56,8 +53,8 @@ impl flotilla_api::http::Probe for HubProbe {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.node.leader().is_none() {
-            return Err("the store has no leader".into());
+        if !self.store.leader_known() {
+            return Err(format!("the {} store has no leader", self.store.kind()));
         }
         if !self.view.is_loaded() {
             return Err("the fleet view has not loaded yet".into());

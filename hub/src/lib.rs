@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
 use crate::controllers::{Controller, run_while_leader};
+use crate::store::backend::HubStore;
 use crate::store::mirror::StoreMirror;
 
 /// Command-line flags (every flag also reads an environment variable).
@@ -101,6 +102,33 @@ pub struct Args {
     /// the rest wait their turn, so a reconnect storm queues instead of timing out.
     #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_JOINS", default_value_t = 256)]
     pub max_concurrent_joins: usize,
+    /// Where the fleet state lives: `raft` (embedded, replicated by the hubs) or `etcd` (an
+    /// existing etcd; needs a hub built with the `etcd` feature).
+    #[arg(long, env = "FLOTILLA_STORE", value_enum, default_value_t = StoreKind::Raft)]
+    pub store: StoreKind,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(
+        long,
+        env = "FLOTILLA_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this fleet in etcd (with --store etcd).
+    #[arg(long, env = "FLOTILLA_ETCD_PREFIX", default_value = "/flotilla/")]
+    pub etcd_prefix: String,
+    /// TTL of the etcd leadership lease: a dead leader's controllers move after at most this.
+    #[arg(long, env = "FLOTILLA_ETCD_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    pub etcd_lease_ttl: Duration,
+}
+
+/// Which store holds the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded Raft store.
+    Raft,
+    /// An external etcd.
+    Etcd,
 }
 
 /// Parse `3s`, `1500ms`, `2m` or a bare number of seconds.
@@ -128,8 +156,8 @@ pub struct RunningHub {
     pub addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
-    /// The store member.
-    pub node: StoreNode,
+    /// The store.
+    pub store: HubStore,
     /// The fleet's shared parts.
     pub fleet: fleet::Fleet,
     /// The data directory.
@@ -152,7 +180,7 @@ impl RunningHub {
         if let Some(d) = self.dev {
             d.shutdown().await;
         }
-        self.node.shutdown_raft().await?;
+        self.store.shutdown().await?;
         served??;
         Ok(())
     }
@@ -163,132 +191,60 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     start(args, shutdown).await?.wait().await
 }
 
-/// Starts the hub: the store member, the one gRPC server, the store mirror, the leader's
-/// controllers, HTTP, and with `--dev` the simulated fleet.
+/// Starts the hub: the store (a Raft member, or a connection to etcd), the one gRPC server,
+/// the store mirror, the leader's controllers, HTTP, and with `--dev` the simulated fleet.
 pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<RunningHub> {
-    let Args {
-        dev,
-        node_id,
-        data_dir,
-        listen,
-        advertise,
-        join,
-        history_revisions,
-        snapshot_after_logs,
-        max_value_bytes,
-        max_key_bytes,
-        heartbeat_ms,
-        dev_scenario,
-        unreachable_after,
-        leader_grace,
-        agent_heartbeat,
-        max_report_nodes,
-        http,
-        store_cache_mib,
-        max_concurrent_joins,
-    } = args;
-    if dev && !cfg!(feature = "dev") {
+    if args.dev && !cfg!(feature = "dev") {
         anyhow::bail!("--dev: this hub was built without the `dev` feature");
     }
-    // Keep a temporary directory alive for the whole run in --dev mode.
+    // Keep a temporary directory alive for the whole run in --dev mode (on etcd it holds
+    // only the dev fleet's kubeconfigs).
     let mut temp = None;
-    let data_dir = match (data_dir, dev) {
-        (Some(d), _) => d,
-        (None, true) => {
+    let data_dir = match (&args.data_dir, args.dev, args.store) {
+        (Some(d), _, _) => d.clone(),
+        (None, true, _) | (None, false, StoreKind::Etcd) => {
             let t = tempfile::Builder::new().prefix("flotilla-dev-").tempdir()?;
             let p = t.path().to_path_buf();
             temp = Some(t);
             p
         }
-        (None, false) => {
+        (None, false, StoreKind::Raft) => {
             anyhow::bail!("--data-dir (FLOTILLA_DATA_DIR) is required unless --dev is given")
         }
     };
-    let heartbeat = Duration::from_millis(heartbeat_ms.max(10));
-    let mut config = NodeConfig::new(node_id, &data_dir, listen);
-    config.advertise = advertise;
-    config.join = join;
-    config.tuning = Tuning {
-        heartbeat,
-        election_timeout_min: heartbeat * 4,
-        election_timeout_max: heartbeat * 8,
-        history_revisions,
-        snapshot_after_logs,
-        cache: flotilla_raft_store::data_dir::CacheSizes {
-            log_bytes: (store_cache_mib << 20) / 4,
-            sm_bytes: store_cache_mib << 20,
-        },
-        ..Tuning::default()
-    };
-    config.limits = Limits {
-        max_key_bytes,
-        max_value_bytes,
-        ..Limits::default()
-    };
     let fleet = fleet::Fleet::new(fleet::FleetConfig {
         policy: flotilla_core::health::Policy {
-            unreachable_after,
-            leader_grace,
+            unreachable_after: args.unreachable_after,
+            leader_grace: args.leader_grace,
         },
-        heartbeat: agent_heartbeat,
+        heartbeat: args.agent_heartbeat,
         limits: flotilla_api::convert::fleet::ReportLimits {
-            max_nodes: max_report_nodes,
+            max_nodes: args.max_report_nodes,
             ..Default::default()
         },
-        max_concurrent_joins,
+        max_concurrent_joins: args.max_concurrent_joins,
     });
-
-    // The port is bound only once the member has opened (a restart re-applies its log first):
-    // until then clients are refused and try another member, rather than wait on a port that
-    // accepts but does not answer. Port 0 has to be bound first to learn the address.
-    let bind = || async {
-        tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("--listen {listen}"))
+    let limits = Limits {
+        max_key_bytes: args.max_key_bytes,
+        max_value_bytes: args.max_value_bytes,
+        ..Limits::default()
     };
-    let early = match listen.port() {
-        0 => Some(bind().await?),
-        _ => None,
-    };
-    let addr = match &early {
-        Some(l) => l.local_addr()?,
-        None => listen,
-    };
-    let open = StoreNode::open(config, addr, shutdown.clone()).await?;
-    let listener = match early {
-        Some(l) => l,
-        None => bind().await?,
-    };
-    let node = open.node().clone();
-    let routes = node
-        .services(shutdown.clone())
-        .routes()
-        .add_service(fleet.agent_service(node.clone(), Arc::new(node.clone())))
-        .add_service(fleet.fleet_service(node.clone()));
-    let server = tokio::spawn(
-        server::serve(listener, routes, shutdown.clone())
-            .instrument(info_span!("hub-grpc", node = node_id)),
-    );
-    info!(node = node_id, addr = %node.addr(), "store member listening");
-    let node = match open.bootstrap_or_join().await {
-        Ok(n) => n,
-        Err(e) => {
-            shutdown.cancel();
-            return Err(e.into());
-        }
+    let (store, addr, server, store_desc) = match args.store {
+        StoreKind::Raft => open_raft(&args, &data_dir, limits, &fleet, &shutdown).await?,
+        StoreKind::Etcd => open_etcd(&args, limits, &fleet, &shutdown).await?,
     };
 
     let mirror = StoreMirror::new(vec![fleet.view.clone()]);
     let mut tasks = vec![tokio::spawn(
         mirror
-            .run(node.clone(), shutdown.clone())
+            .run(store.clone(), shutdown.clone())
             .instrument(info_span!("store-mirror")),
     )];
     let controllers: Vec<Arc<dyn Controller>> =
-        vec![Arc::new(fleet.health_controller(node.clone()))];
+        vec![Arc::new(fleet.health_controller(store.clone()))];
     tasks.push(tokio::spawn(
         run_while_leader(
-            Arc::new(node.clone()),
+            Arc::new(store.clone()),
             controllers,
             fleet.tick(),
             shutdown.clone(),
@@ -296,28 +252,29 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         .instrument(info_span!("controllers")),
     ));
 
-    let http_listener = tokio::net::TcpListener::bind(http)
+    let http_listener = tokio::net::TcpListener::bind(args.http)
         .await
-        .with_context(|| format!("--http {http}"))?;
+        .with_context(|| format!("--http {}", args.http))?;
     let http_addr = http_listener.local_addr()?;
     let probe = Arc::new(http::HubProbe {
         metrics: fleet.metrics.clone(),
         view: fleet.view.clone(),
-        node: node.clone(),
+        store: store.clone(),
     });
     tasks.push(tokio::spawn(
         flotilla_api::http::serve(http_listener, probe, shutdown.clone())
             .instrument(info_span!("hub-http")),
     ));
     info!(addr = %http_addr, "metrics and health on HTTP");
-    info!(node = node_id, addr = %addr, data_dir = %data_dir.display(), "flotilla-hub ready");
+    info!(addr = %addr, store = %store_desc, "flotilla-hub ready");
 
     #[cfg(feature = "dev")]
-    let dev = match dev {
+    let dev = match args.dev {
         true => Some(
             dev::start(
-                &node,
-                dev_scenario.as_deref(),
+                &store,
+                &store_desc,
+                args.dev_scenario.as_deref(),
                 &data_dir,
                 (addr, http_addr),
                 &shutdown,
@@ -326,12 +283,10 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         ),
         false => None,
     };
-    #[cfg(not(feature = "dev"))]
-    let _ = dev_scenario;
     Ok(RunningHub {
         addr,
         http_addr,
-        node,
+        store,
         fleet,
         data_dir,
         server,
@@ -340,4 +295,138 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         dev,
         _temp: temp,
     })
+}
+
+/// What opening a store gives the hub: the store, the bound gRPC address, the running
+/// server, and a description for people.
+type Opened = (
+    HubStore,
+    SocketAddr,
+    JoinHandle<Result<(), tonic::transport::Error>>,
+    String,
+);
+
+/// Binds the gRPC listener.
+async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen {listen}"))
+}
+
+/// Opens this replica's Raft member, serves it with the fleet services, and bootstraps or
+/// joins.
+async fn open_raft(
+    args: &Args,
+    data_dir: &std::path::Path,
+    limits: Limits,
+    fleet: &fleet::Fleet,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    let heartbeat = Duration::from_millis(args.heartbeat_ms.max(10));
+    let mut config = NodeConfig::new(args.node_id, data_dir, args.listen);
+    config.advertise = args.advertise.clone();
+    config.join = args.join.clone();
+    config.tuning = Tuning {
+        heartbeat,
+        election_timeout_min: heartbeat * 4,
+        election_timeout_max: heartbeat * 8,
+        history_revisions: args.history_revisions,
+        snapshot_after_logs: args.snapshot_after_logs,
+        cache: flotilla_raft_store::data_dir::CacheSizes {
+            log_bytes: (args.store_cache_mib << 20) / 4,
+            sm_bytes: args.store_cache_mib << 20,
+        },
+        ..Tuning::default()
+    };
+    config.limits = limits;
+    // The port is bound only once the member has opened (a restart re-applies its log first):
+    // until then clients are refused and try another member, rather than wait on a port that
+    // accepts but does not answer. Port 0 has to be bound first to learn the address.
+    let early = match args.listen.port() {
+        0 => Some(bind(args.listen).await?),
+        _ => None,
+    };
+    let addr = match &early {
+        Some(l) => l.local_addr()?,
+        None => args.listen,
+    };
+    let open = StoreNode::open(config, addr, shutdown.clone()).await?;
+    let listener = match early {
+        Some(l) => l,
+        None => bind(args.listen).await?,
+    };
+    let node = open.node().clone();
+    let store = HubStore::Raft(node.clone());
+    let routes = node
+        .services(shutdown.clone())
+        .routes()
+        .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
+        .add_service(fleet.fleet_service(store.clone()));
+    let server = tokio::spawn(
+        server::serve(listener, routes, shutdown.clone())
+            .instrument(info_span!("hub-grpc", node = args.node_id)),
+    );
+    info!(node = args.node_id, addr = %node.addr(), "store member listening");
+    if let Err(e) = open.bootstrap_or_join().await {
+        shutdown.cancel();
+        return Err(e.into());
+    }
+    let desc = format!(
+        "the Raft store (member {}, data in {})",
+        args.node_id,
+        data_dir.display()
+    );
+    Ok((store, addr, server, desc))
+}
+
+/// Connects to etcd, joins the leadership election, and serves the fleet services.
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    args: &Args,
+    limits: Limits,
+    fleet: &fleet::Fleet,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    use crate::store::etcd::{EtcdConfig, EtcdKv, EtcdLeadership};
+    let config = EtcdConfig {
+        prefix: args.etcd_prefix.clone(),
+        lease_ttl: args.etcd_lease_ttl,
+        ..EtcdConfig::new(args.etcd_endpoints.clone())
+    };
+    let kv = EtcdKv::connect(&config, limits)
+        .await
+        .context("--etcd-endpoints")?;
+    let listener = bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let advertise = args.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let leadership = EtcdLeadership::start(&config, advertise, shutdown.clone())
+        .await
+        .context("--etcd-endpoints")?;
+    let store = HubStore::Etcd(kv, leadership);
+    let routes = tonic::service::Routes::default()
+        .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
+        .add_service(fleet.fleet_service(store.clone()));
+    let server = tokio::spawn(
+        server::serve(listener, routes, shutdown.clone()).instrument(info_span!("hub-grpc")),
+    );
+    let desc = format!(
+        "etcd {} under {}",
+        args.etcd_endpoints.join(","),
+        args.etcd_prefix
+    );
+    Ok((store, addr, server, desc))
+}
+
+/// Without the `etcd` feature, `--store etcd` is refused with what to do instead.
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(
+    _: &Args,
+    _: Limits,
+    _: &fleet::Fleet,
+    _: &CancellationToken,
+) -> anyhow::Result<Opened> {
+    anyhow::bail!(
+        "--store etcd: this hub was built without the `etcd` feature \
+         (cargo build --release -p flotilla-hub --features etcd; it needs protoc)"
+    )
 }

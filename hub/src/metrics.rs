@@ -26,9 +26,9 @@ pub struct HubMetrics {
     /// Member clusters by health, refreshed at each scrape.
     pub clusters: Family<Labels, Gauge>,
     /// 1 when this replica leads the store.
-    pub raft_leader: Gauge,
+    pub leader: Gauge,
     /// Current Raft term.
-    pub raft_term: Gauge,
+    pub leader_term: Gauge,
     /// One counter per message kind, looked up without allocating (thousands per second).
     kinds: Vec<(&'static str, Counter)>,
 }
@@ -52,8 +52,8 @@ impl HubMetrics {
         let report_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let store_write_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let clusters = Family::<Labels, Gauge>::default();
-        let raft_leader = Gauge::default();
-        let raft_term = Gauge::default();
+        let leader = Gauge::default();
+        let leader_term = Gauge::default();
         registry.register(
             "agents_connected",
             "Agent streams open on this replica",
@@ -80,11 +80,15 @@ impl HubMetrics {
             clusters.clone(),
         );
         registry.register(
-            "raft_leader",
+            "leader",
             "1 when this replica leads the store",
-            raft_leader.clone(),
+            leader.clone(),
         );
-        registry.register("raft_term", "Current Raft term", raft_term.clone());
+        registry.register(
+            "leader_term",
+            "Term of the current leadership (Raft term, or the etcd leader key's revision)",
+            leader_term.clone(),
+        );
         let kinds = KINDS
             .iter()
             .map(|k| {
@@ -104,8 +108,8 @@ impl HubMetrics {
             report_seconds,
             store_write_seconds,
             clusters,
-            raft_leader,
-            raft_term,
+            leader,
+            leader_term,
         })
     }
 

@@ -286,7 +286,7 @@ async fn agents_join_report_and_are_judged() {
         metrics.contains(r#"flotilla_hub_agent_messages_total{kind="snapshot"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains("flotilla_hub_raft_leader 1"), "{metrics}");
+    assert!(metrics.contains("flotilla_hub_leader 1"), "{metrics}");
     assert!(
         metrics.contains("flotilla_hub_report_processing_seconds_count 1"),
         "{metrics}"

@@ -65,3 +65,43 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A single-member etcd on loopback for tests, or `None` (with the reason printed) when no
+/// `etcd` binary is on the PATH (`FLOTILLA_ETCD` names another). Returns the process and its
+/// client URL.
+pub async fn start_etcd(dir: &std::path::Path) -> Option<(Procs, String)> {
+    let bin = std::env::var("FLOTILLA_ETCD").unwrap_or_else(|_| "etcd".into());
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = std::process::Command::new(&bin)
+        .args(["--name", "e0", "--log-level", "error"])
+        .arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("e0={peer_url}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            println!("SKIP: no etcd ({bin}: {e}); install the Debian package etcd-server");
+            return None;
+        }
+    };
+    let procs = Procs(vec![child]);
+    let health = format!("127.0.0.1:{client}");
+    wait_until("etcd serving", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(&health).await.is_ok()
+    })
+    .await;
+    Some((procs, url))
+}

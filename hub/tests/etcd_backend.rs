@@ -1,0 +1,136 @@
+//! The hub's etcd backend (feature `etcd`, and an `etcd` binary; each test skips with the
+//! reason when either is missing): the store conformance battery, prefixes that keep fleets
+//! apart, and leadership by etcd election.
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn etcd_backend_tests_need_the_etcd_feature() {
+    println!("SKIP: built without the `etcd` feature (cargo test -p flotilla-hub --features etcd)");
+}
+
+#[cfg(feature = "etcd")]
+mod with_etcd {
+    use std::time::Duration;
+
+    use flotilla_core::kv::{KeyRange, KvBackend, KvError, Limits, RangeRequest, TxnRequest};
+    use flotilla_hub::controllers::Leadership;
+    use flotilla_hub::store::etcd::{EtcdConfig, EtcdKv, EtcdLeadership};
+    use flotilla_test_support::{kv_battery, start_etcd, wait_until};
+    use tokio_util::sync::CancellationToken;
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    async fn kv(url: &str, prefix: &str) -> EtcdKv {
+        let config = EtcdConfig {
+            prefix: prefix.into(),
+            ..EtcdConfig::new(vec![url.into()])
+        };
+        // etcd accepts connections a moment before it serves.
+        let mut last = None;
+        for _ in 0..100 {
+            match EtcdKv::connect(&config, Limits::default()).await {
+                Ok(kv) => match kv.range(RangeRequest::new(KeyRange::key("/ping"))).await {
+                    Ok(_) => return kv,
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd at {url} never served: {last:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_passes_the_battery() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        let b = kv(&url, "/flotilla/").await;
+        kv_battery::run(&b, "/battery/", true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefixes_keep_fleets_apart_and_keys_must_start_with_a_slash() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        let a = kv(&url, "/fleet-a/").await;
+        let b = kv(&url, "/fleet-a2/").await;
+        a.txn(TxnRequest::put("/clusters/x", "a")).await.unwrap();
+        b.txn(TxnRequest::put("/clusters/y", "b")).await.unwrap();
+        let all = |s: &EtcdKv| {
+            let s = s.clone();
+            async move {
+                let r = s
+                    .range(RangeRequest::new(KeyRange::prefix("")))
+                    .await
+                    .unwrap();
+                r.kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>()
+            }
+        };
+        // "/fleet-a" is a string prefix of "/fleet-a2": the namespace ends at its '/'.
+        assert_eq!(all(&a).await, [b"/clusters/x".to_vec()]);
+        assert_eq!(all(&b).await, [b"/clusters/y".to_vec()]);
+        let e = a.txn(TxnRequest::put("clusters/z", "v")).await.unwrap_err();
+        assert!(
+            matches!(&e, KvError::InvalidArgument { field, .. } if field == "success[0].put.key"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_leads_and_a_resigning_leader_hands_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        kv(&url, "/flotilla/").await;
+        let config = EtcdConfig {
+            lease_ttl: Duration::from_secs(2),
+            ..EtcdConfig::new(vec![url.clone()])
+        };
+        let tokens = [CancellationToken::new(), CancellationToken::new()];
+        let mut replicas = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let l = EtcdLeadership::start(&config, format!("hub-{i}:7400"), t.clone())
+                .await
+                .unwrap();
+            replicas.push(l);
+        }
+        let leaders = |rs: &[EtcdLeadership]| rs.iter().filter(|l| l.is_leader()).count();
+        wait_until("one leader", LIMIT, || async { leaders(&replicas) == 1 }).await;
+        let first = replicas.iter().position(|l| l.is_leader()).unwrap();
+        let other = 1 - first;
+        wait_until("both know the leader", LIMIT, || async {
+            replicas
+                .iter()
+                .all(|l| l.leader_addr() == Some(format!("hub-{first}:7400")))
+        })
+        .await;
+        let term = replicas[first].term();
+        assert!(term > 0);
+        // Never two leaders, while it lasts.
+        for _ in 0..20 {
+            assert_eq!(leaders(&replicas), 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The leader stops (shutdown revokes its lease): the other takes over, well before
+        // the lease's TTL would have run out.
+        tokens[first].cancel();
+        wait_until("the other replica leads", LIMIT, || async {
+            replicas[other].is_leader() && !replicas[first].is_leader()
+        })
+        .await;
+        wait_until("its address is the leader's", LIMIT, || async {
+            replicas[other].leader_addr() == Some(format!("hub-{other}:7400"))
+        })
+        .await;
+        assert!(
+            replicas[other].term() > term,
+            "a new leadership has a higher term"
+        );
+        tokens[other].cancel();
+    }
+}
