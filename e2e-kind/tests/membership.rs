@@ -1,5 +1,7 @@
 //! Membership end to end with the real binaries: `flotilla-kube-sim` serving three simulated
-//! clusters, three `flotilla-hub` replicas, three `flotilla-agent` processes.
+//! clusters, three `flotilla-hub` replicas, three `flotilla-agent` processes; once with the
+//! hubs on their embedded Raft store, once on an external etcd (with this package's `etcd`
+//! feature and an `etcd` binary; skipped with the reason otherwise).
 //!
 //! - killing an agent makes its cluster Unreachable after `--unreachable-after`; restarting it
 //!   makes it Ready again;
@@ -41,6 +43,9 @@ fn binaries() -> PathBuf {
             "flotilla-kube-sim",
             "--bins",
         ]);
+        if cfg!(feature = "etcd") {
+            cmd.args(["--features", "flotilla-hub/etcd"]);
+        }
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -57,7 +62,23 @@ fn binaries() -> PathBuf {
     dir
 }
 
-fn hub(bin: &Path, id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
+/// Where the hubs keep the fleet.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend<'a> {
+    Raft,
+    /// The etcd client URL.
+    Etcd(&'a str),
+}
+
+/// One hub replica: `id` (1-based), its gRPC and HTTP ports, and on Raft the member to join.
+fn hub(
+    bin: &Path,
+    backend: Backend<'_>,
+    id: u64,
+    dir: &Path,
+    (port, http): (u16, u16),
+    join: Option<u16>,
+) -> Child {
     let mut cmd = Command::new(bin.join("flotilla-hub"));
     cmd.args([
         "--node-id",
@@ -65,10 +86,8 @@ fn hub(bin: &Path, id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--http",
-        "127.0.0.1:0",
+        &format!("127.0.0.1:{http}"),
     ])
-    .arg("--data-dir")
-    .arg(dir.join(format!("hub{id}")))
     .args([
         "--heartbeat-ms",
         "100",
@@ -82,10 +101,59 @@ fn hub(bin: &Path, id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
     .env("RUST_LOG", "warn")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    match backend {
+        Backend::Raft => {
+            cmd.arg("--data-dir").arg(dir.join(format!("hub{id}")));
+        }
+        Backend::Etcd(url) => {
+            cmd.args(["--store", "etcd", "--etcd-endpoints", url])
+                .args(["--etcd-lease-ttl", "2s"]);
+        }
+    }
     if let Some(j) = join {
         cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
     }
     cmd.spawn().expect("spawn flotilla-hub")
+}
+
+/// Whether the hub with HTTP port `http` says it leads (`flotilla_hub_leader 1`).
+async fn leads(http: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
+        return false;
+    };
+    let req = "GET /metrics HTTP/1.0\r\nHost: hub\r\n\r\n";
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.lines().any(|l| l.trim() == "flotilla_hub_leader 1")
+}
+
+/// The 0-based index of the replica that leads, as the replicas `among` see it.
+async fn leader(
+    backend: Backend<'_>,
+    (ports, http): (&[u16; 3], &[u16; 3]),
+    among: &[usize],
+) -> Option<usize> {
+    for &i in among {
+        match backend {
+            Backend::Raft => {
+                if let Some(s) = status(ports[i]).await
+                    && s.leader_id != 0
+                {
+                    return Some(s.leader_id as usize - 1);
+                }
+            }
+            Backend::Etcd(_) => {
+                if leads(http[i]).await {
+                    return Some(i);
+                }
+            }
+        }
+    }
+    None
 }
 
 fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path) -> Child {
@@ -151,14 +219,33 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hubs_three_agents_survive_kills() {
-    let bin = binaries();
     let dir = tempfile::tempdir().unwrap();
+    survive_kills(Backend::Raft, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hubs_on_etcd_three_agents_survive_kills() {
+    if !cfg!(feature = "etcd") {
+        println!(
+            "SKIP: built without the `etcd` feature (cargo test -p flotilla-e2e --features etcd)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_etcd, url)) = flotilla_test_support::start_etcd(dir.path()).await else {
+        return;
+    };
+    survive_kills(Backend::Etcd(&url), dir.path()).await;
+}
+
+async fn survive_kills(backend: Backend<'_>, dir: &Path) {
+    let bin = binaries();
     let mut procs = Procs(Vec::new());
 
     // Simulated clusters.
-    let scenario = dir.path().join("scenario.yaml");
+    let scenario = dir.join("scenario.yaml");
     std::fs::write(&scenario, SCENARIO).unwrap();
-    let kc = dir.path().join("kc");
+    let kc = dir.join("kc");
     procs.0.push(
         Command::new(bin.join("flotilla-kube-sim"))
             .arg("--scenario")
@@ -174,23 +261,45 @@ async fn three_hubs_three_agents_survive_kills() {
 
     // Three hub replicas.
     let ports = [free_port(), free_port(), free_port()];
-    procs.0.push(hub(&bin, 1, dir.path(), ports[0], None));
-    wait_until("hub 1 up", LIMIT, || async {
-        status(ports[0]).await.is_some_and(|s| s.leader_id == 1)
+    let http = [free_port(), free_port(), free_port()];
+    procs
+        .0
+        .push(hub(&bin, backend, 1, dir, (ports[0], http[0]), None));
+    wait_until("hub 1 leads", LIMIT, || async {
+        leader(backend, (&ports, &http), &[0]).await == Some(0)
     })
     .await;
-    procs
-        .0
-        .push(hub(&bin, 2, dir.path(), ports[1], Some(ports[0])));
-    procs
-        .0
-        .push(hub(&bin, 3, dir.path(), ports[2], Some(ports[0])));
-    wait_until("three voters", LIMIT, || async {
-        status(ports[0])
+    let join = (backend == Backend::Raft).then_some(ports[0]);
+    for i in 1..3 {
+        procs.0.push(hub(
+            &bin,
+            backend,
+            i as u64 + 1,
+            dir,
+            (ports[i], http[i]),
+            join,
+        ));
+    }
+    match backend {
+        Backend::Raft => {
+            wait_until("three voters", LIMIT, || async {
+                status(ports[0])
+                    .await
+                    .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == 3)
+            })
             .await
-            .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == 3)
-    })
-    .await;
+        }
+        Backend::Etcd(_) => {
+            wait_until("three replicas serving", LIMIT, || async {
+                let mut up = 0;
+                for p in ports {
+                    up += usize::from(clusters(p).await.is_some());
+                }
+                up == 3
+            })
+            .await
+        }
+    }
 
     // Tokens and agents.
     let mut fleet =
@@ -259,12 +368,14 @@ async fn three_hubs_three_agents_survive_kills() {
     .await;
 
     // Kill the hub leader: agents move to the new leader and nobody flaps to Unreachable.
-    let leader = status(ports[0]).await.unwrap().leader_id as usize;
-    let leader_idx = leader - 1;
+    let leader_idx = leader(backend, (&ports, &http), &[0, 1, 2])
+        .await
+        .expect("a leader");
     // procs.0[0] is kube-sim; hubs follow in id order.
-    procs.0[leader].kill().unwrap();
-    procs.0[leader].wait().unwrap();
+    procs.0[leader_idx + 1].kill().unwrap();
+    procs.0[leader_idx + 1].wait().unwrap();
     let survivor = ports[(leader_idx + 1) % 3];
+    let alive: Vec<usize> = (0..3).filter(|i| *i != leader_idx).collect();
     let watch_until = Instant::now() + Duration::from_secs(10);
     let mut new_leader_seen = false;
     while Instant::now() < watch_until {
@@ -277,9 +388,9 @@ async fn three_hubs_three_agents_survive_kills() {
                 );
             }
         }
-        if let Some(s) = status(survivor).await
-            && s.leader_id != 0
-            && s.leader_id as usize != leader
+        if leader(backend, (&ports, &http), &alive)
+            .await
+            .is_some_and(|l| l != leader_idx)
         {
             new_leader_seen = true;
         }
@@ -297,8 +408,10 @@ async fn three_hubs_three_agents_survive_kills() {
     }
 
     // A report over the limits is rejected and the previous state stays.
-    let new_leader = status(survivor).await.unwrap().leader_id as usize;
-    let leader_port = ports[new_leader - 1];
+    let new_leader = leader(backend, (&ports, &http), &alive)
+        .await
+        .expect("a leader");
+    let leader_port = ports[new_leader];
     let before = clusters(leader_port)
         .await
         .unwrap()

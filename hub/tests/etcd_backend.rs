@@ -133,4 +133,83 @@ mod with_etcd {
         );
         tokens[other].cancel();
     }
+
+    async fn ready_clusters(addr: std::net::SocketAddr) -> Vec<String> {
+        use flotilla_api::v1;
+        let Some(ch) = flotilla_test_support::channel(addr.port()).await else {
+            return Vec::new();
+        };
+        let mut c = v1::fleet_service_client::FleetServiceClient::new(ch);
+        let Ok(r) = c.list_clusters(v1::ListClustersRequest {}).await else {
+            return Vec::new();
+        };
+        r.into_inner()
+            .clusters
+            .into_iter()
+            .filter(|c| c.health == v1::ClusterHealth::Ready as i32 && c.physical_gpus > 0)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dev_fleet_runs_on_etcd_and_a_second_replica_serves_it() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        kv(&url, "/flotilla/").await;
+        let hub = |extra: &[&str]| {
+            let mut a = vec![
+                "flotilla-hub",
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &url,
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--agent-heartbeat",
+                "200ms",
+            ];
+            a.extend_from_slice(extra);
+            flotilla_hub::Args::parse_from(a)
+        };
+        let shutdown = CancellationToken::new();
+        let dev = flotilla_hub::start(hub(&["--dev"]), shutdown.clone())
+            .await
+            .unwrap();
+        let replica = flotilla_hub::start(hub(&[]), shutdown.clone())
+            .await
+            .unwrap();
+        let (a, b) = (dev.addr, replica.addr);
+        wait_until("the three dev clusters Ready", LIMIT, || async {
+            ready_clusters(a).await.len() == 3
+        })
+        .await;
+        // Any replica serves reads from its own watch-fed view of the same etcd.
+        wait_until("the second replica sees them", LIMIT, || async {
+            ready_clusters(b).await.len() == 3
+        })
+        .await;
+        assert_eq!(
+            [dev.store.is_leader(), replica.store.is_leader()]
+                .iter()
+                .filter(|l| **l)
+                .count(),
+            1,
+            "exactly one replica leads"
+        );
+        // The records are etcd's, under the prefix.
+        let e = kv(&url, "/flotilla/").await;
+        let r = e
+            .range(RangeRequest::new(KeyRange::prefix("/clusters/")))
+            .await
+            .unwrap();
+        assert_eq!(r.kvs.len(), 3);
+        shutdown.cancel();
+        dev.wait().await.unwrap();
+        replica.wait().await.unwrap();
+    }
 }
