@@ -45,6 +45,11 @@ enum Command {
     Watch,
     /// Print the agent install manifest for a cluster, with a new join token.
     Join(commands::join::JoinArgs),
+    /// The fleet store: snapshots for backup, restore and moving between backends.
+    Store {
+        #[command(subcommand)]
+        what: commands::store::Store,
+    },
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -55,6 +60,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Fit(a) => commands::fit::run(&mut ctx, a).await,
         Command::Watch => commands::watch::run(&mut ctx).await,
         Command::Join(a) => commands::join::run(&mut ctx, a).await,
+        Command::Store { what } => commands::store::run(&mut ctx, what).await,
     }
 }
 

@@ -404,6 +404,10 @@ async fn open_etcd(
         .context("--etcd-endpoints")?;
     let store = HubStore::Etcd(kv, leadership);
     let routes = tonic::service::Routes::default()
+        .add_service(crate::store::kv_service::BackendKv::new(
+            store.clone(),
+            shutdown.clone(),
+        ))
         .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
         .add_service(fleet.fleet_service(store.clone()));
     let server = tokio::spawn(

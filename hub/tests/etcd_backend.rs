@@ -212,4 +212,32 @@ mod with_etcd {
         dev.wait().await.unwrap();
         replica.wait().await.unwrap();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_kv_api_of_a_hub_on_etcd_passes_the_battery() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        kv(&url, "/flotilla/").await;
+        let args = flotilla_hub::Args::parse_from([
+            "flotilla-hub",
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ]);
+        let shutdown = CancellationToken::new();
+        let hub = flotilla_hub::start(args, shutdown.clone()).await.unwrap();
+        let client =
+            flotilla_raft_store::client::StoreClient::new(&[hub.addr.to_string()]).unwrap();
+        kv_battery::run(&client, "/battery/", true).await;
+        shutdown.cancel();
+        hub.wait().await.unwrap();
+    }
 }

@@ -4,6 +4,7 @@ pub mod describe;
 pub mod fit;
 pub mod get;
 pub mod join;
+pub mod store;
 pub mod watch;
 
 use clap::ValueEnum;
@@ -33,6 +34,8 @@ pub struct Ctx {
     pub output: Output,
     /// The fleet API.
     pub client: FleetServiceClient<Channel>,
+    /// The connection, for the hub's other APIs (the store's `Kv`).
+    pub channel: Channel,
 }
 
 impl Ctx {
@@ -59,7 +62,8 @@ impl Ctx {
         Ok(Self {
             hub,
             output,
-            client: FleetServiceClient::new(ch),
+            client: FleetServiceClient::new(ch.clone()),
+            channel: ch,
         })
     }
 
@@ -76,7 +80,7 @@ impl Ctx {
                 self.hub,
                 s.message()
             ),
-            (Code::NotFound, _) => s.message().to_string(),
+            (Code::NotFound | Code::Aborted, _) => s.message().to_string(),
             (Code::InvalidArgument, Some(f)) => format!("invalid {f}: {}", s.message()),
             _ => format!("{:?}: {}", s.code(), s.message()),
         };
