@@ -201,6 +201,34 @@ mod with_etcd {
             1,
             "exactly one replica leads"
         );
+        // The fleet API and the health controller read the watch-fed view, not etcd: a burst
+        // of reads on both replicas, and a few seconds of heartbeats, send no etcd range.
+        let etcd_ranges = || -> u64 {
+            [&dev.store, &replica.store]
+                .iter()
+                .map(|s| match s {
+                    flotilla_hub::store::backend::HubStore::Etcd(kv, _) => {
+                        kv.sent().ranges.load(std::sync::atomic::Ordering::Relaxed)
+                    }
+                    _ => unreachable!("both hubs run on etcd"),
+                })
+                .sum()
+        };
+        let before = etcd_ranges();
+        for addr in [a, b] {
+            let ch = flotilla_test_support::channel(addr.port()).await.unwrap();
+            let mut c = flotilla_api::v1::fleet_service_client::FleetServiceClient::new(ch);
+            for _ in 0..20 {
+                c.list_clusters(flotilla_api::v1::ListClustersRequest {})
+                    .await
+                    .unwrap();
+                c.capacity(flotilla_api::v1::CapacityRequest::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(etcd_ranges(), before, "fleet reads went to etcd");
         // The records are etcd's, under the prefix.
         let e = kv(&url, "/flotilla/").await;
         let r = e

@@ -54,6 +54,22 @@ pub struct EtcdKv {
     /// The prefix without its trailing `/`: hub key `/a` is etcd key `{ns}/a`.
     ns: Arc<Vec<u8>>,
     limits: Limits,
+    sent: Arc<Sent>,
+}
+
+/// Requests this backend has sent to etcd, by kind.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Ranges.
+    pub ranges: std::sync::atomic::AtomicU64,
+    /// Transactions.
+    pub txns: std::sync::atomic::AtomicU64,
+    /// Watches opened.
+    pub watches: std::sync::atomic::AtomicU64,
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl EtcdKv {
@@ -73,7 +89,13 @@ impl EtcdKv {
             client,
             ns: Arc::new(ns),
             limits,
+            sent: Arc::default(),
         })
+    }
+
+    /// What this backend (and its clones) sent to etcd so far.
+    pub fn sent(&self) -> &Sent {
+        &self.sent
     }
 
     fn key(&self, field: &str, k: &[u8]) -> Result<Vec<u8>, KvError> {
@@ -275,6 +297,7 @@ impl KvBackend for EtcdKv {
         validate_range("", &req, &self.limits)?;
         let (key, o) = self.get_options(&req)?;
         let mut c = self.client.clone();
+        count(&self.sent.ranges);
         match c.get(key, Some(o)).await {
             Ok(r) => Ok(self.range_result(&r, 0)),
             Err(e) => Err(self.error(e, false, req.revision).await),
@@ -296,6 +319,7 @@ impl KvBackend for EtcdKv {
             .and_then(branch("success", &req.success)?)
             .or_else(branch("failure", &req.failure)?);
         let mut c = self.client.clone();
+        count(&self.sent.txns);
         let r = match c.txn(txn).await {
             Ok(r) => r,
             Err(e) => return Err(self.error(e, req.writes(), 0).await),
@@ -338,6 +362,7 @@ impl KvBackend for EtcdKv {
             o = o.with_prev_key();
         }
         let mut c = self.client.clone();
+        count(&self.sent.watches);
         let stream = match c.watch(key, Some(o)).await {
             Ok(s) => s,
             Err(e) => return Err(self.error(e, false, req.start_revision).await),
