@@ -6,6 +6,10 @@
 //! second) measuring hub CPU, RSS and delta acknowledgement latency; then SIGKILL and restart
 //! the hub and measure the time until every cluster is Ready again, watching for any
 //! Unreachable.
+//!
+//! With `--store etcd` the hub keeps the fleet in a single-member etcd the benchmark starts
+//! (`--etcd-bin`), and the steady-state figures name the hub's and etcd's CPU and memory
+//! apart: on Raft the hub does the storing itself.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -45,6 +49,44 @@ struct Args {
     /// number of concurrent streams per connection, and real agents each have their own).
     #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 0)]
     connections: usize,
+    /// The hub's store: `raft` (embedded) or `etcd` (needs a hub built with `--features etcd`).
+    #[arg(long, env = "BENCH_STORE", default_value = "raft")]
+    store: String,
+    /// The etcd binary, with `--store etcd`.
+    #[arg(long, env = "BENCH_ETCD", default_value = "etcd")]
+    etcd_bin: String,
+}
+
+/// A single-member etcd in `dir`, with its client URL.
+fn start_etcd(bin: &str, dir: &std::path::Path) -> anyhow::Result<(HubProc, String)> {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new(bin)
+        .args(["--name", "e0", "--log-level", "error"])
+        .arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("e0={peer_url}")])
+        // The hub's largest value (1.5 MiB) plus its key fits in one request.
+        .args([
+            "--max-request-bytes",
+            "2097152",
+            "--quota-backend-bytes",
+            "8589934592",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {bin} (install etcd-server, or set --etcd-bin)"))?;
+    Ok((HubProc(child), url))
 }
 
 fn free_port() -> u16 {
@@ -80,35 +122,43 @@ impl Drop for HubProc {
     }
 }
 
+/// Where the hub keeps the fleet: its data directory, or etcd's URL.
+enum Store<'a> {
+    Raft(&'a std::path::Path),
+    Etcd(&'a str),
+}
+
 fn start_hub(
     exe: &PathBuf,
-    data: &std::path::Path,
+    store: &Store<'_>,
     (port, http): (u16, u16),
     heartbeat: Duration,
 ) -> HubProc {
+    let mut cmd = Command::new(exe);
+    match store {
+        Store::Raft(data) => cmd.arg("--data-dir").arg(data),
+        Store::Etcd(url) => cmd.args(["--store", "etcd", "--etcd-endpoints", url]),
+    };
     HubProc(
-        Command::new(exe)
-            .args([
-                "--node-id",
-                "1",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--http",
-                &format!("127.0.0.1:{http}"),
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
-            .args([
-                "--unreachable-after",
-                &format!("{}ms", heartbeat.as_millis() * 3),
-            ])
-            .args(["--leader-grace", "10s"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn flotilla-hub"),
+        cmd.args([
+            "--node-id",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .args(["--agent-heartbeat", &format!("{}ms", heartbeat.as_millis())])
+        .args([
+            "--unreachable-after",
+            &format!("{}ms", heartbeat.as_millis() * 3),
+        ])
+        .args(["--leader-grace", "10s"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla-hub"),
     )
 }
 
@@ -120,18 +170,32 @@ async fn channel(port: u16) -> anyhow::Result<Channel> {
     )
 }
 
-async fn wait_leader(port: u16) {
+/// Waits until the hub says it leads (`flotilla_hub_leader 1`, on either store).
+async fn wait_leader(http: u16) {
     loop {
-        if let Ok(ch) = channel(port).await {
-            let mut c = v1::store_admin_client::StoreAdminClient::new(ch);
-            if let Ok(s) = c.status(v1::StatusRequest {}).await
-                && s.into_inner().leader_id == 1
-            {
-                return;
-            }
+        if metrics(http)
+            .await
+            .lines()
+            .any(|l| l == "flotilla_hub_leader 1")
+        {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The hub's `/metrics` text, or empty while it does not answer.
+async fn metrics(http: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
+        return String::new();
+    };
+    let req = "GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n";
+    let mut body = String::new();
+    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
+        return String::new();
+    }
+    body
 }
 
 fn nodes(cluster: usize, n: usize) -> Vec<v1::NodeInventory> {
@@ -169,16 +233,9 @@ fn nodes(cluster: usize, n: usize) -> Vec<v1::NodeInventory> {
 /// Cumulative buckets (upper bound in seconds, count) of the hub's report processing
 /// histogram, from its `/metrics`.
 async fn processing_buckets(http: u16) -> Vec<(f64, u64)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
-        return vec![];
-    };
-    let req = "GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n";
-    let mut body = String::new();
-    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
-        return vec![];
-    }
-    body.lines()
+    metrics(http)
+        .await
+        .lines()
         .filter_map(|l| l.strip_prefix("flotilla_hub_report_processing_seconds_bucket{le=\""))
         .filter_map(|l| {
             let (le, rest) = l.split_once("\"}")?;
@@ -363,11 +420,35 @@ async fn main() -> anyhow::Result<()> {
     let data = dir.path().join("hub");
     let port = free_port();
     let http = free_port();
-    let hub = start_hub(&exe, &data, (port, http), args.heartbeat);
-    wait_leader(port).await;
+    let etcd = match args.store.as_str() {
+        "raft" => None,
+        "etcd" => Some(start_etcd(&args.etcd_bin, dir.path())?),
+        other => anyhow::bail!("--store {other:?}: raft or etcd"),
+    };
+    let store = match &etcd {
+        Some((_, url)) => Store::Etcd(url),
+        None => Store::Raft(&data),
+    };
+    let etcd_pid = etcd.as_ref().map(|(p, _)| p.0.id());
+    // etcd takes a moment to serve; the hub exits if it cannot reach it, so retry.
+    let mut hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+    let started = Instant::now();
+    while tokio::time::timeout(Duration::from_secs(5), wait_leader(http))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the hub never led"
+        );
+        if hub.0.try_wait()?.is_some() {
+            hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+        }
+    }
     println!(
-        "machine: {} cores; hub pid {}",
+        "machine: {} cores; store {}; hub pid {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.store,
         hub.0.id()
     );
 
@@ -448,15 +529,29 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.measuring.store(true, Ordering::Relaxed);
     let (cpu0, _) = proc_stat(hub.0.id());
+    let etcd_cpu0 = etcd_pid.map_or(0.0, |p| proc_stat(p).0);
     let buckets0 = processing_buckets(http).await;
     let ts = Instant::now();
     // Sampled each second: a snapshot or a compaction shows as a peak, not in the average.
     let mut peak_rss = 0f64;
+    let mut etcd_peak_rss = 0f64;
     while ts.elapsed() < Duration::from_secs(args.steady_seconds) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         peak_rss = peak_rss.max(proc_stat(hub.0.id()).1);
+        if let Some(p) = etcd_pid {
+            etcd_peak_rss = etcd_peak_rss.max(proc_stat(p).1);
+        }
     }
     let (cpu1, rss) = proc_stat(hub.0.id());
+    if let Some(p) = etcd_pid {
+        let (etcd_cpu1, etcd_rss) = proc_stat(p);
+        println!(
+            "steady: etcd CPU {:.2} cores, RSS {:.0} MiB (peak {:.0} MiB)",
+            (etcd_cpu1 - etcd_cpu0) / ts.elapsed().as_secs_f64(),
+            etcd_rss,
+            etcd_peak_rss.max(etcd_rss)
+        );
+    }
     let buckets1 = processing_buckets(http).await;
     shared.measuring.store(false, Ordering::Relaxed);
     let cores = (cpu1 - cpu0) / ts.elapsed().as_secs_f64();
@@ -487,8 +582,8 @@ async fn main() -> anyhow::Result<()> {
     let sessions_before = shared.sessions.load(Ordering::Relaxed);
     drop(hub);
     let t_restart = Instant::now();
-    let hub = start_hub(&exe, &data, (port, http), args.heartbeat);
-    wait_leader(port).await;
+    let hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+    wait_leader(http).await;
     let mut worst_unreachable = 0;
     let mut reconnected = None;
     let observe_until = Duration::from_secs(10) + args.heartbeat * 3 + Duration::from_secs(5);
