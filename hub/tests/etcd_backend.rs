@@ -51,6 +51,52 @@ mod with_etcd {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fleet_larger_than_one_grpc_message_loads_and_watches() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        let b = kv(&url, "/flotilla/").await;
+        // Six 1 MiB records: one range of them is beyond tonic's default 4 MiB.
+        let r0 = b
+            .range(RangeRequest::new(KeyRange::key("/ping")))
+            .await
+            .unwrap()
+            .revision;
+        for i in 0..6 {
+            b.txn(TxnRequest::put(
+                format!("/inventory/c{i}"),
+                vec![b'x'; 1 << 20],
+            ))
+            .await
+            .unwrap();
+        }
+        let r = b
+            .range(RangeRequest::new(KeyRange::prefix("/inventory/")))
+            .await
+            .unwrap();
+        assert_eq!(r.kvs.len(), 6);
+        let mut w = b
+            .watch(flotilla_core::kv::WatchRequest {
+                range: KeyRange::prefix("/inventory/"),
+                start_revision: r0 + 1,
+                prev_kv: false,
+            })
+            .await
+            .unwrap();
+        use futures::StreamExt;
+        let mut seen = 0;
+        while seen < 6 {
+            let batch = tokio::time::timeout(LIMIT, w.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            seen += batch.events.len();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prefixes_keep_fleets_apart_and_keys_must_start_with_a_slash() {
         let dir = tempfile::tempdir().unwrap();
         let Some((_etcd, url)) = start_etcd(dir.path()).await else {
@@ -262,6 +308,9 @@ mod with_etcd {
         ]);
         let shutdown = CancellationToken::new();
         let hub = flotilla_hub::start(args, shutdown.clone()).await.unwrap();
+        // The battery counts revisions, and etcd's are global: let the election's one write
+        // happen first.
+        wait_until("the hub leads", LIMIT, || async { hub.store.is_leader() }).await;
         let client =
             flotilla_raft_store::client::StoreClient::new(&[hub.addr.to_string()]).unwrap();
         kv_battery::run(&client, "/battery/", true).await;

@@ -47,10 +47,14 @@ impl EtcdConfig {
     }
 }
 
+/// The largest etcd response accepted (a whole-fleet load is one response).
+const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// The store model on etcd. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdKv {
-    client: etcd::Client,
+    kv: etcd::KvClient,
+    watches: etcd::WatchClient,
     /// The prefix without its trailing `/`: hub key `/a` is etcd key `{ns}/a`.
     ns: Arc<Vec<u8>>,
     limits: Limits,
@@ -85,8 +89,16 @@ impl EtcdKv {
             .await
             .map_err(|e| KvError::Unavailable(format!("etcd {:?}: {e}", config.endpoints)))?;
         let ns = config.prefix.trim_end_matches('/').as_bytes().to_vec();
+        // A mirror's first load reads every cluster and inventory at once: far beyond the
+        // 4 MiB tonic allows a response by default.
         Ok(Self {
-            client,
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            watches: client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             ns: Arc::new(ns),
             limits,
             sent: Arc::default(),
@@ -224,7 +236,7 @@ impl EtcdKv {
     /// The compaction revision, learnt the one way etcd tells it: a watch from revision 1 is
     /// refused with it.
     async fn compact_revision(&self) -> Revision {
-        let mut c = self.client.clone();
+        let mut c = self.watches.clone();
         let o = etcd::WatchOptions::new().with_start_revision(1);
         let Ok(mut s) = c.watch(self.ns.to_vec(), Some(o)).await else {
             return 0;
@@ -296,7 +308,7 @@ impl KvBackend for EtcdKv {
     async fn range(&self, req: RangeRequest) -> Result<RangeResult, KvError> {
         validate_range("", &req, &self.limits)?;
         let (key, o) = self.get_options(&req)?;
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         count(&self.sent.ranges);
         match c.get(key, Some(o)).await {
             Ok(r) => Ok(self.range_result(&r, 0)),
@@ -318,7 +330,7 @@ impl KvBackend for EtcdKv {
             .when(compare)
             .and_then(branch("success", &req.success)?)
             .or_else(branch("failure", &req.failure)?);
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         count(&self.sent.txns);
         let r = match c.txn(txn).await {
             Ok(r) => r,
@@ -361,7 +373,7 @@ impl KvBackend for EtcdKv {
         if req.prev_kv {
             o = o.with_prev_key();
         }
-        let mut c = self.client.clone();
+        let mut c = self.watches.clone();
         count(&self.sent.watches);
         let stream = match c.watch(key, Some(o)).await {
             Ok(s) => s,
@@ -428,7 +440,7 @@ impl KvBackend for EtcdKv {
     }
 
     async fn compact(&self, revision: Revision) -> Result<Revision, KvError> {
-        let mut c = self.client.clone();
+        let mut c = self.kv.clone();
         match c.compact(revision, None).await {
             Ok(_) => Ok(revision),
             Err(e) => match self.error(e, true, revision).await {
