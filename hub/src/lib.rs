@@ -271,6 +271,15 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
     info!(addr = %addr, store = %store_desc, "flotilla-hub ready");
 
     #[cfg(feature = "dev")]
+    if args.dev {
+        // The dev agents connect at once; on etcd the election may still be under way, and an
+        // agent that meets a follower only bounces off it. Wait a moment for it.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !controllers::Leadership::is_leader(&store) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    #[cfg(feature = "dev")]
     let dev = match args.dev {
         true => Some(
             dev::start(
