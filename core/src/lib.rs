@@ -5,6 +5,7 @@ pub mod fit;
 pub mod health;
 pub mod inventory;
 pub mod kv;
+pub mod kv_apply;
 pub mod lincheck;
 pub mod membership;
 pub mod report;

@@ -17,8 +17,8 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use flotilla_core::kv::{
-    Event, EventKind, KeyRange, KeyValue, KvError, Op, OpResult, RangeRequest, RangeResult,
-    Revision, TxnRequest, TxnResult, WatchBatch, WatchRequest, WatchStream,
+    Event, KeyRange, KeyValue, KvError, RangeRequest, RangeResult, Revision, TxnRequest, TxnResult,
+    WatchBatch, WatchRequest, WatchStream,
 };
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
@@ -542,98 +542,52 @@ fn get_rec<T: ReadableTable<&'static [u8], &'static [u8]>>(
     }
 }
 
+/// The current records in `sm.redb`'s KV table, as a transaction sees them.
+struct KvTable<'t, 'w>(&'t mut redb::Table<'w, &'static [u8], &'static [u8]>);
+
+impl flotilla_core::kv_apply::TxnState for KvTable<'_, '_> {
+    type Error = redb::Error;
+
+    fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>, redb::Error> {
+        Ok(get_rec(&*self.0, key)?.map(|r| r.to_kv(key, false)))
+    }
+
+    fn range(&mut self, req: &RangeRequest) -> Result<RangeResult, redb::Error> {
+        range_latest(&*self.0, req)
+    }
+
+    fn put(&mut self, kv: KeyValue) -> Result<(), redb::Error> {
+        let rec = Rec {
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+            value: kv.value,
+        };
+        self.0.insert(kv.key.as_slice(), enc(&rec).as_slice())?;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Result<(), redb::Error> {
+        self.0.remove(key)?;
+        Ok(())
+    }
+}
+
+/// Applies one transaction (`core::kv_apply`) and records its events under its revision.
 fn apply_txn(
     w: &WriteTransaction,
     state: &mut SmState,
     req: &TxnRequest,
 ) -> Result<(TxnResult, Vec<Event>), redb::Error> {
     let mut kv = w.open_table(KV)?;
-    let mut succeeded = true;
-    for c in &req.compare {
-        let cur = get_rec(&kv, &c.key)?.map(|r| r.to_kv(&c.key, false));
-        if !c.holds(cur.as_ref()) {
-            succeeded = false;
-            break;
-        }
-    }
-    let ops = if succeeded {
-        &req.success
-    } else {
-        &req.failure
-    };
-    let rev = state.revision + 1;
-    let mut events = Vec::new();
-    let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
-        match op {
-            Op::Range(r) => {
-                // Reads inside a txn see the txn's earlier writes, at the txn's revision.
-                let mut rr = range_latest(&kv, r)?;
-                rr.revision = if events.is_empty() {
-                    state.revision
-                } else {
-                    rev
-                };
-                results.push(OpResult::Range(rr));
-            }
-            Op::Put {
-                key,
-                value,
-                prev_kv,
-            } => {
-                let prev = get_rec(&kv, key)?;
-                let rec = Rec {
-                    create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-                    mod_revision: rev,
-                    version: prev.as_ref().map_or(1, |p| p.version + 1),
-                    value: value.clone(),
-                };
-                let bytes = enc(&rec);
-                kv.insert(key.as_slice(), bytes.as_slice())?;
-                let prev_kv_rec = prev.map(|p| p.to_kv(key, false));
-                events.push(Event {
-                    kind: EventKind::Put,
-                    kv: rec.to_kv(key, false),
-                    prev_kv: prev_kv_rec.clone(),
-                });
-                results.push(OpResult::Put {
-                    prev_kv: if *prev_kv { prev_kv_rec } else { None },
-                });
-            }
-            Op::Delete { range, prev_kv } => {
-                let all = RangeRequest::new(range.clone());
-                let doomed = range_latest(&kv, &all)?.kvs;
-                for d in &doomed {
-                    kv.remove(d.key.as_slice())?;
-                    events.push(Event {
-                        kind: EventKind::Delete,
-                        kv: KeyValue {
-                            key: d.key.clone(),
-                            mod_revision: rev,
-                            ..Default::default()
-                        },
-                        prev_kv: Some(d.clone()),
-                    });
-                }
-                results.push(OpResult::Delete {
-                    deleted: doomed.len() as i64,
-                    prev_kvs: if *prev_kv { doomed } else { Vec::new() },
-                });
-            }
-        }
-    }
+    let (res, events) =
+        flotilla_core::kv_apply::apply_txn(&mut KvTable(&mut kv), state.revision, req)?;
     if !events.is_empty() {
-        state.revision = rev;
-        w.open_table(EVENTS)?.insert(rev, enc(&events).as_slice())?;
+        state.revision = res.revision;
+        w.open_table(EVENTS)?
+            .insert(res.revision, enc(&events).as_slice())?;
     }
-    Ok((
-        TxnResult {
-            succeeded,
-            revision: state.revision,
-            results,
-        },
-        events,
-    ))
+    Ok((res, events))
 }
 
 /// Discards history before `to`: reads at, and watches from, earlier revisions then fail.

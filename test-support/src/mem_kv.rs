@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use flotilla_core::kv::{
-    Event, EventKind, KeyValue, KvBackend, KvError, Limits, Op, OpResult, RangeRequest,
-    RangeResult, Revision, TxnRequest, TxnResult, WatchBatch, WatchRequest, WatchStream,
-    validate_range, validate_txn, validate_watch,
+    Event, KeyValue, KvBackend, KvError, Limits, RangeRequest, RangeResult, Revision, TxnRequest,
+    TxnResult, WatchBatch, WatchRequest, WatchStream, validate_range, validate_txn, validate_watch,
 };
+use flotilla_core::kv_apply::{TxnState, apply_txn};
 use tokio::sync::watch;
 
 /// An in-memory, single-process store with etcd's revision model. Cheap to clone (shared).
@@ -110,90 +110,56 @@ impl State {
     }
 
     fn txn(&mut self, req: &TxnRequest) -> TxnResult {
-        let succeeded = req.compare.iter().all(|c| c.holds(self.kv.get(&c.key)));
-        let ops = if succeeded {
-            &req.success
-        } else {
-            &req.failure
+        let (res, events) = match apply_txn(&mut Current(&mut self.kv), self.revision, req) {
+            Ok(r) => r,
+            Err(never) => match never {},
         };
-        let rev = self.revision + 1;
-        let mut events = Vec::new();
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            match op {
-                Op::Range(r) => {
-                    let mut rr = self.range(&RangeRequest {
-                        revision: 0,
-                        ..r.clone()
-                    });
-                    rr.revision = if events.is_empty() {
-                        self.revision
-                    } else {
-                        rev
-                    };
-                    results.push(OpResult::Range(rr));
-                }
-                Op::Put {
-                    key,
-                    value,
-                    prev_kv,
-                } => {
-                    let prev = self.kv.get(key).cloned();
-                    let kv = KeyValue {
-                        key: key.clone(),
-                        value: value.clone(),
-                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-                        mod_revision: rev,
-                        version: prev.as_ref().map_or(1, |p| p.version + 1),
-                    };
-                    self.kv.insert(key.clone(), kv.clone());
-                    events.push(Event {
-                        kind: EventKind::Put,
-                        kv,
-                        prev_kv: prev.clone(),
-                    });
-                    results.push(OpResult::Put {
-                        prev_kv: prev.filter(|_| *prev_kv),
-                    });
-                }
-                Op::Delete { range, prev_kv } => {
-                    let doomed: Vec<KeyValue> = self
-                        .kv
-                        .values()
-                        .filter(|kv| range.contains(&kv.key))
-                        .cloned()
-                        .collect();
-                    for d in &doomed {
-                        self.kv.remove(&d.key);
-                        events.push(Event {
-                            kind: EventKind::Delete,
-                            kv: KeyValue {
-                                key: d.key.clone(),
-                                mod_revision: rev,
-                                ..Default::default()
-                            },
-                            prev_kv: Some(d.clone()),
-                        });
-                    }
-                    results.push(OpResult::Delete {
-                        deleted: doomed.len() as i64,
-                        prev_kvs: if *prev_kv { doomed } else { Vec::new() },
-                    });
-                }
-            }
-        }
         if !events.is_empty() {
-            self.revision = rev;
+            self.revision = res.revision;
             self.log.push(WatchBatch {
-                revision: rev,
+                revision: res.revision,
                 events,
             });
         }
-        TxnResult {
-            succeeded,
-            revision: self.revision,
-            results,
+        res
+    }
+}
+
+/// The current records, as a transaction sees them.
+struct Current<'a>(&'a mut BTreeMap<Vec<u8>, KeyValue>);
+
+impl TxnState for Current<'_> {
+    type Error = std::convert::Infallible;
+
+    fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>, Self::Error> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn range(&mut self, req: &RangeRequest) -> Result<RangeResult, Self::Error> {
+        let mut res = RangeResult::default();
+        for kv in self.0.values().filter(|kv| req.range.contains(&kv.key)) {
+            res.count += 1;
+            if req.limit > 0 && res.kvs.len() as i64 >= req.limit {
+                res.more = true;
+                continue;
+            }
+            let mut kv = kv.clone();
+            if req.keys_only {
+                kv.value.clear();
+            }
+            res.kvs.push(kv);
         }
+        Ok(res)
+    }
+
+    fn put(&mut self, kv: KeyValue) -> Result<(), Self::Error> {
+        self.0.insert(kv.key.clone(), kv);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
+        self.0.remove(key);
+        Ok(())
     }
 }
 
