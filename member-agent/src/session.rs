@@ -103,30 +103,41 @@ pub async fn run(
     watch: ClusterWatch,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
     let mut target = 0usize;
     let mut hint: Option<String> = None;
     loop {
         let addr = hint
             .take()
             .unwrap_or_else(|| cfg.hubs[target % cfg.hubs.len()].clone());
+        let began = tokio::time::Instant::now();
         match session(&cfg, &addr, &watch, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(SessionError::Refused(s)) => return Err(SessionError::Refused(s)),
             Err(SessionError::Retry(why)) => {
                 tracing::info!(hub = %addr, reason = %why, "hub session ended; reconnecting");
-                if let Some(h) = why.strip_prefix("leader:") {
-                    hint = Some(h.to_string());
-                    continue;
+                match why.strip_prefix("leader:") {
+                    // A hint to the address just dialled (a hub that is about to lead, or
+                    // does not know yet that it does) is a plain retry, not a redirect.
+                    Some(h) if !same_hub(h, &addr) => hint = Some(h.to_string()),
+                    _ => target += 1,
                 }
-                target += 1;
             }
         }
+        // A session that ran for a while was a success: start the backoff over.
+        if began.elapsed() > SESSION_RESETS_BACKOFF {
+            backoff = new_backoff();
+        }
+        // Every reconnect waits, redirects included: a hot loop of redirects between two
+        // replicas that disagree for a moment would otherwise spin.
         let delay = backoff.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -134,6 +145,18 @@ pub async fn run(
         }
     }
 }
+
+fn same_hub(a: &str, b: &str) -> bool {
+    let bare = |s: &str| {
+        s.trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string()
+    };
+    bare(a) == bare(b)
+}
+
+/// A session that lasted this long resets the reconnect backoff.
+const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
 
 fn classify(s: tonic::Status) -> SessionError {
     match s.code() {

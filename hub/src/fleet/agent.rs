@@ -208,6 +208,29 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
 
 type HubStream = Pin<Box<dyn Stream<Item = Result<v1::HubMessage, Status>> + Send>>;
 
+/// How long a connect waits for this replica's leadership to settle before refusing.
+const LEADERSHIP_SETTLE: Duration = Duration::from_secs(2);
+
+impl<B: KvBackend + Clone> AgentSvc<B> {
+    /// Whether this replica leads with its health tracking running. While that is about to be
+    /// true (it leads but the controllers have not started yet, or no leader is known at all)
+    /// the agent is held for a moment rather than sent away to come straight back.
+    async fn settled_leader(&self) -> bool {
+        let until = tokio::time::Instant::now() + LEADERSHIP_SETTLE;
+        loop {
+            let leads = self.leader.is_leader();
+            if leads && self.health.active() {
+                return true;
+            }
+            let settling = leads || self.leader.leader_addr().is_none();
+            if !settling || tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B> {
     type ConnectStream = HubStream;
@@ -216,7 +239,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         &self,
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<HubStream>, Status> {
-        if !self.leader.is_leader() || !self.health.active() {
+        if !self.settled_leader().await {
             return Err(not_leader(&*self.leader));
         }
         // Wait for a turn before the hello timeout starts; the permit is held until the
