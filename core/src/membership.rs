@@ -51,6 +51,14 @@ pub struct ClusterRecord {
     pub history: Vec<HistoryEntry>,
 }
 
+/// Whether `tr` still applies to the stored record `c`: it starts from the health the record
+/// holds. A transition queued while the store was failing can be overtaken (the agent
+/// reconnected and its registration wrote a newer state); written late, it would put the
+/// record back in the past.
+pub fn transition_applies(c: &ClusterRecord, tr: &Transition) -> bool {
+    tr.from.is_none_or(|from| from == c.health)
+}
+
 /// Record `tr` at `at_unix_ms`: health, reason and the bounded history.
 pub fn record_transition(c: &mut ClusterRecord, tr: &Transition, at_unix_ms: i64) {
     c.health = tr.to;
@@ -163,5 +171,33 @@ mod tests {
         }
         assert_eq!(c.history.len(), HISTORY);
         assert_eq!(c.history[0].at_unix_ms, HISTORY as i64 + 4);
+    }
+
+    #[test]
+    fn a_transition_applies_only_from_the_stored_health() {
+        let mut c = ClusterRecord {
+            name: "a".into(),
+            health: Health::Ready,
+            health_reason: String::new(),
+            identity: Identity::default(),
+            joined_at_unix_ms: 0,
+            history: Vec::new(),
+        };
+        let down = Transition {
+            cluster: "a".into(),
+            from: Some(Health::Ready),
+            to: Health::Unreachable,
+            reason: "no heartbeat".into(),
+        };
+        assert!(transition_applies(&c, &down));
+        // Overtaken: the record moved on (the agent rejoined) before this was written.
+        c.health = Health::Joining;
+        assert!(!transition_applies(&c, &down));
+        let new = Transition {
+            from: None,
+            to: Health::Joining,
+            ..down
+        };
+        assert!(transition_applies(&c, &new));
     }
 }

@@ -199,6 +199,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
     if args.dev && !cfg!(feature = "dev") {
         anyhow::bail!("--dev: this hub was built without the `dev` feature");
     }
+    check_liveness_flags(args.agent_heartbeat, args.unreachable_after)?;
     // Keep a temporary directory alive for the whole run in --dev mode (on etcd it holds
     // only the dev fleet's kubeconfigs).
     let mut temp = None;
@@ -306,6 +307,22 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         dev,
         _temp: temp,
     })
+}
+
+/// Refuses an agent heartbeat that is not well below the Unreachable threshold: with less
+/// than two heartbeats per window, one late heartbeat makes a live cluster Unreachable.
+pub fn check_liveness_flags(
+    heartbeat: Duration,
+    unreachable_after: Duration,
+) -> anyhow::Result<()> {
+    if heartbeat.is_zero() || heartbeat * 2 > unreachable_after {
+        anyhow::bail!(
+            "--agent-heartbeat {heartbeat:?} must be more than zero and at most half of \
+             --unreachable-after {unreachable_after:?}: with fewer than two heartbeats in that \
+             window, one late heartbeat makes a live cluster Unreachable"
+        );
+    }
+    Ok(())
 }
 
 /// What opening a store gives the hub: the store, the bound gRPC address, the running
@@ -446,4 +463,22 @@ async fn open_etcd(
         "--store etcd: this hub was built without the `etcd` feature \
          (cargo build --release -p flotilla-hub --features etcd; it needs protoc)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_heartbeat_must_be_well_below_the_unreachable_threshold() {
+        let s = Duration::from_secs;
+        check_liveness_flags(s(1), s(3)).unwrap();
+        check_liveness_flags(Duration::from_millis(1500), s(3)).unwrap();
+        let e = check_liveness_flags(s(2), s(3)).unwrap_err().to_string();
+        assert!(
+            e.contains("--agent-heartbeat") && e.contains("--unreachable-after"),
+            "{e}"
+        );
+        check_liveness_flags(Duration::ZERO, s(3)).unwrap_err();
+    }
 }

@@ -114,11 +114,13 @@ pub async fn run(
     let mut backoff = new_backoff();
     let mut target = 0usize;
     let mut hint: Option<String> = None;
+    let mut redirects = 0u32;
     loop {
         let addr = hint
             .take()
             .unwrap_or_else(|| cfg.hubs[target % cfg.hubs.len()].clone());
         let began = tokio::time::Instant::now();
+        let mut redirected = false;
         match session(&cfg, &addr, &watch, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(SessionError::Refused(s)) => return Err(SessionError::Refused(s)),
@@ -127,7 +129,10 @@ pub async fn run(
                 match why.strip_prefix("leader:") {
                     // A hint to the address just dialled (a hub that is about to lead, or
                     // does not know yet that it does) is a plain retry, not a redirect.
-                    Some(h) if !same_hub(h, &addr) => hint = Some(h.to_string()),
+                    Some(h) if !same_hub(h, &addr) => {
+                        hint = Some(h.to_string());
+                        redirected = true;
+                    }
                     _ => target += 1,
                 }
             }
@@ -135,10 +140,18 @@ pub async fn run(
         // A session that ran for a while was a success: start the backoff over.
         if began.elapsed() > SESSION_RESETS_BACKOFF {
             backoff = new_backoff();
+            redirects = 0;
         }
-        // Every reconnect waits, redirects included: a hot loop of redirects between two
-        // replicas that disagree for a moment would otherwise spin.
-        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        // Every reconnect waits. A redirect to another replica waits briefly (after a leader
+        // change the agent should find the new leader within its grace period); a few in a
+        // row, replicas that disagree for a moment, fall back to the growing backoff.
+        let delay = if redirected && redirects < QUICK_REDIRECTS {
+            redirects += 1;
+            let ms = 50 + rand::random::<u64>() % 100;
+            Duration::from_millis(ms)
+        } else {
+            backoff.next().unwrap_or(Duration::from_secs(5))
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -154,6 +167,9 @@ fn same_hub(a: &str, b: &str) -> bool {
     };
     bare(a) == bare(b)
 }
+
+/// Redirects followed after a short jittered pause before the backoff applies to them too.
+const QUICK_REDIRECTS: u32 = 3;
 
 /// A session that lasted this long resets the reconnect backoff.
 const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);

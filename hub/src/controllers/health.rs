@@ -1,6 +1,11 @@
 //! Health: `core::health::Tracker` on the leader, fed by agent streams and a clock, its
 //! transitions persisted into cluster records. [`HealthCtl`] is the shared state the agent
 //! streams report to; [`HealthController`] is the leader's loop. Followers hold no tracker.
+//!
+//! Every transition the tracker makes (except a join's, which goes into the registration
+//! write) is queued, in the tracker's own order, and written by one task of the term that
+//! retries until the write succeeds: the record never says Ready for a cluster the tracker
+//! saw die because one write failed.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,17 +15,24 @@ use flotilla_api::v1;
 use flotilla_core::health::{Policy, Signals, Tracker, Transition};
 use flotilla_core::kv::{KvBackend, KvError};
 use flotilla_core::membership;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Clock, Controller, Leading};
 use crate::fleet::view::FleetView;
 use crate::store::{keys, records};
 
+/// The tracker of this replica's term, and where its transitions go to be written.
+struct Term {
+    tracker: Tracker,
+    writes: mpsc::UnboundedSender<Transition>,
+}
+
 /// Health bookkeeping on the leader, shared with the agent streams.
 pub struct HealthCtl {
     policy: Policy,
     clock: Arc<dyn Clock>,
-    tracker: Mutex<Option<Tracker>>,
+    term: Mutex<Option<Term>>,
 }
 
 impl HealthCtl {
@@ -29,7 +41,7 @@ impl HealthCtl {
         Arc::new(Self {
             policy,
             clock,
-            tracker: Mutex::new(None),
+            term: Mutex::new(None),
         })
     }
 
@@ -38,43 +50,65 @@ impl HealthCtl {
         &*self.clock
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Tracker, Duration) -> T) -> Option<T> {
+    /// Runs `f` on the tracker; the transitions it returns are queued for writing under the
+    /// same lock, so the queue keeps the tracker's order.
+    fn with_queued(
+        &self,
+        f: impl FnOnce(&mut Tracker, Duration) -> Vec<Transition>,
+    ) -> Vec<Transition> {
         let now = self.clock.monotonic();
-        self.tracker
-            .lock()
-            .expect("tracker")
-            .as_mut()
-            .map(|t| f(t, now))
+        let mut g = self.term.lock().expect("tracker");
+        let Some(term) = g.as_mut() else {
+            return Vec::new();
+        };
+        let trs = f(&mut term.tracker, now);
+        for tr in &trs {
+            log_transition(tr);
+            let _ = term.writes.send(tr.clone());
+        }
+        trs
     }
 
-    /// A cluster (re)connected.
+    /// A cluster (re)connected. The transition is returned, not queued: the registration
+    /// writes it together with the cluster's identity.
     pub fn joined(&self, cluster: &str) -> Option<Transition> {
-        self.with(|t, now| t.joined(cluster, now)).flatten()
+        let now = self.clock.monotonic();
+        let mut g = self.term.lock().expect("tracker");
+        g.as_mut().and_then(|t| t.tracker.joined(cluster, now))
+    }
+
+    /// A message from the cluster's agent arrived: it is alive, whatever the message is and
+    /// however long its processing takes.
+    pub fn seen(&self, cluster: &str) -> Option<Transition> {
+        self.with_queued(|t, now| t.heartbeat(cluster, now).into_iter().collect())
+            .pop()
     }
 
     /// A report or heartbeat with signals.
     pub fn report(&self, cluster: &str, signals: Signals) -> Option<Transition> {
-        self.with(|t, now| t.report(cluster, now, signals))
-            .flatten()
+        self.with_queued(|t, now| t.report(cluster, now, signals).into_iter().collect())
+            .pop()
     }
 
     /// An explicit leave.
     pub fn left(&self, cluster: &str) -> Option<Transition> {
-        self.with(|t, _| t.left(cluster)).flatten()
+        self.with_queued(|t, _| t.left(cluster).into_iter().collect())
+            .pop()
     }
 
     /// Whether this replica currently tracks health (it leads).
     pub fn active(&self) -> bool {
-        self.tracker.lock().expect("tracker").is_some()
+        self.term.lock().expect("tracker").is_some()
     }
 
-    fn set(&self, tracker: Option<Tracker>) {
-        *self.tracker.lock().expect("tracker") = tracker;
+    fn set(&self, term: Option<Term>) {
+        *self.term.lock().expect("tracker") = term;
     }
 }
 
 /// The leader's health loop: seeds a tracker from the view (with the grace period), judges
-/// liveness every `tick`, persists the transitions, and drops the tracker when the term ends.
+/// liveness every `tick`, writes every transition (retrying until each is stored), and
+/// drops the tracker when the term ends.
 pub struct HealthController<B> {
     /// Shared health state.
     pub ctl: Arc<HealthCtl>,
@@ -84,6 +118,34 @@ pub struct HealthController<B> {
     pub view: Arc<FleetView>,
     /// How often liveness is judged.
     pub tick: Duration,
+}
+
+/// Longest wait between attempts to write a transition while the store fails.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+impl<B: KvBackend + Clone> HealthController<B> {
+    /// Writes queued transitions in order; each is retried until it is stored or the term
+    /// ends (the next leader starts from what is stored, with a grace period).
+    async fn write_all(
+        &self,
+        mut queue: mpsc::UnboundedReceiver<Transition>,
+        term: &CancellationToken,
+    ) {
+        while let Some(tr) = tokio::select! {
+            _ = term.cancelled() => None,
+            tr = queue.recv() => tr,
+        } {
+            let mut wait = Duration::from_millis(50);
+            while let Err(e) = persist(&self.backend, &tr, self.ctl.clock.unix_ms()).await {
+                tracing::warn!(cluster = %tr.cluster, to = ?tr.to, error = %e, "writing a health transition failed; retrying");
+                tokio::select! {
+                    _ = term.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
 }
 
 impl<B: KvBackend + Clone> Controller for HealthController<B> {
@@ -103,22 +165,23 @@ impl<B: KvBackend + Clone> Controller for HealthController<B> {
                 .into_iter()
                 .filter_map(|c| health_from_wire(c.health).map(|h| (c.name, h)));
             let now = self.ctl.clock.monotonic();
-            self.ctl
-                .set(Some(Tracker::new(self.ctl.policy, now, persisted)));
+            let (writes, queue) = mpsc::unbounded_channel();
+            self.ctl.set(Some(Term {
+                tracker: Tracker::new(self.ctl.policy, now, persisted),
+                writes,
+            }));
             tracing::info!("health tracking started with a grace period");
-            let mut every = tokio::time::interval(self.tick);
-            loop {
-                tokio::select! {
-                    _ = term.cancelled() => break,
-                    _ = every.tick() => {}
-                }
-                let transitions = self.ctl.with(|t, now| t.tick(now)).unwrap_or_default();
-                for tr in transitions {
-                    if let Err(e) = persist(&self.backend, &tr, self.ctl.clock.unix_ms()).await {
-                        tracing::warn!(cluster = %tr.cluster, error = %e, "persisting a health transition failed");
+            let judge = async {
+                let mut every = tokio::time::interval(self.tick);
+                loop {
+                    tokio::select! {
+                        _ = term.cancelled() => break,
+                        _ = every.tick() => {}
                     }
+                    self.ctl.with_queued(|t, now| t.tick(now));
                 }
-            }
+            };
+            tokio::join!(judge, self.write_all(queue, &term));
             self.ctl.set(None);
             tracing::info!("health tracking stopped");
         })
@@ -130,11 +193,14 @@ pub fn log_transition(tr: &Transition) {
     tracing::info!(cluster = %tr.cluster, from = ?tr.from, to = ?tr.to, reason = %tr.reason, "health transition");
 }
 
-/// Write a transition into the cluster record, stamped `at_unix_ms`.
+/// Write a transition into the cluster record, stamped `at_unix_ms` (nothing, when the
+/// record has moved on: see `membership::transition_applies`).
 pub async fn persist<B: KvBackend>(b: &B, tr: &Transition, at_unix_ms: i64) -> Result<(), KvError> {
-    log_transition(tr);
     records::update::<B, v1::Cluster, _>(b, &keys::cluster_key(&tr.cluster), |cur| {
         let mut c = cluster_from_wire(&cur?);
+        if !membership::transition_applies(&c, tr) {
+            return None;
+        }
         membership::record_transition(&mut c, tr, at_unix_ms);
         Some(cluster_to_wire(&c))
     })

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::controllers::Leadership;
-use crate::controllers::health::{HealthCtl, log_transition, persist};
+use crate::controllers::health::{HealthCtl, log_transition};
 use crate::metrics::HubMetrics;
 use crate::store::{keys, records};
 
@@ -57,6 +57,10 @@ fn not_leader(leader: &dyn Leadership) -> Status {
 fn store_err(e: flotilla_core::kv::KvError) -> Status {
     flotilla_api::convert::kv::to_status(e)
 }
+
+/// Messages read ahead of processing per stream (heartbeats keep arriving while a report is
+/// written).
+const ARRIVED_BUFFER: usize = 64;
 
 /// How long a connected agent may hold a join slot before its first report.
 const JOIN_SLOT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -314,11 +318,30 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         let mut permit = Some(permit);
         // An agent that never reports does not keep its join slot.
         let join_deadline = tokio::time::sleep(JOIN_SLOT_TIMEOUT);
+        // Messages are read as they arrive, and each one counts as a sign of life then, even
+        // while an earlier report is still being written (a slow store must not make a live
+        // cluster Unreachable). Processing follows in order.
+        let (arrived, mut messages) = tokio::sync::mpsc::channel(ARRIVED_BUFFER);
+        {
+            let (health, cluster) = (health.clone(), cluster.clone());
+            tokio::spawn(async move {
+                loop {
+                    let m = inbound.message().await;
+                    let more = matches!(m, Ok(Some(_)));
+                    if more {
+                        health.seen(&cluster);
+                    }
+                    if arrived.send(m).await.is_err() || !more {
+                        break;
+                    }
+                }
+            });
+        }
         tokio::spawn(async move {
             tokio::pin!(join_deadline);
             loop {
                 let next = tokio::select! {
-                    m = inbound.message() => m,
+                    m = messages.recv() => m.unwrap_or(Ok(None)),
                     _ = &mut join_deadline, if permit.is_some() => {
                         permit.take();
                         continue;
@@ -390,25 +413,18 @@ async fn handle<B: KvBackend>(
 ) -> Result<Option<v1::HubMessage>, Status> {
     use v1::agent_message::Msg;
     let (backend, health, metrics, limits) = ctx;
-    let save = |tr: Transition| async move {
-        persist(backend, &tr, health.clock().unix_ms())
-            .await
-            .map_err(store_err)
-    };
+    // Health transitions are queued by `health` and written by the health controller,
+    // retried until stored; a slow or failed write never ends the agent's stream.
     let (next, changed, signals) = match msg.msg {
         Some(Msg::Hello(_)) => return Err(Status::invalid_argument("msg: hello was already sent")),
         Some(Msg::Heartbeat(hb)) => {
             let s = conv::signals_from_wire(hb.signals.as_ref(), "heartbeat.signals")
                 .map_err(|e| e.to_status())?;
-            if let Some(tr) = health.report(cluster, s) {
-                save(tr).await?;
-            }
+            health.report(cluster, s);
             return Ok(None);
         }
         Some(Msg::Leave(_)) => {
-            if let Some(tr) = health.left(cluster) {
-                save(tr).await?;
-            }
+            health.left(cluster);
             return Ok(None);
         }
         Some(Msg::Snapshot(s)) => {
@@ -459,9 +475,7 @@ async fn handle<B: KvBackend>(
             ..next
         };
     }
-    if let Some(tr) = health.report(cluster, signals) {
-        save(tr).await?;
-    }
+    health.report(cluster, signals);
     Ok(Some(v1::HubMessage {
         msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),
     }))
