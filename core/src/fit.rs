@@ -79,6 +79,35 @@ pub fn memory_fits(have_mib: u64, min_mib: u64) -> bool {
     have_mib.saturating_mul(100) >= min_mib.saturating_mul(98)
 }
 
+/// The words of a product name, lowercased, without vendor and brand words:
+/// `NVIDIA-H100-80GB-HBM3` → `h100 80gb hbm3`, GKE's `nvidia-tesla-t4` → `t4`.
+fn product_words(name: &str) -> Vec<String> {
+    const BRANDS: [&str; 7] = [
+        "nvidia", "tesla", "amd", "instinct", "intel", "data", "center",
+    ];
+    name.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .filter(|w| !BRANDS.contains(&w.as_str()))
+        .collect()
+}
+
+/// Whether a requested product names this node's GPU. Words are compared whole, so `A10` is
+/// not an `A100`, `L4` not an `L40S`, `H20` not an `H200`. The request's first word must be
+/// the product's model word, and every further word must appear too (`A100 80GB` matches
+/// `NVIDIA-A100-SXM4-80GB`). A request that is the GPU's family (`hopper`) matches it as well.
+pub fn product_matches(requested: &str, product: &str, family: Option<&str>) -> bool {
+    if family.is_some_and(|f| f.eq_ignore_ascii_case(requested.trim())) {
+        return true;
+    }
+    let want = product_words(requested);
+    let have = product_words(product);
+    match (want.first(), have.first()) {
+        (Some(w), Some(h)) => w == h && want.iter().all(|w| have.contains(w)),
+        _ => false,
+    }
+}
+
 /// Rank placements. Best: Ready before Degraded, then the most headroom left, then name.
 pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
     let mut out = FitResult::default();
@@ -119,7 +148,7 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                     let product_ok = req.product.as_ref().is_none_or(|p| {
                         n.product
                             .as_ref()
-                            .is_some_and(|np| np.to_lowercase().contains(&p.to_lowercase()))
+                            .is_some_and(|np| product_matches(p, np, n.family.as_deref()))
                     });
                     let family_ok = req.family.as_ref().is_none_or(|f| {
                         n.family
@@ -341,5 +370,34 @@ mod tests {
             "{}",
             r.rejections[0].reason
         );
+    }
+
+    #[test]
+    fn products_match_by_whole_words_never_by_substring() {
+        // (requested, node's product, family, matches)
+        let cases = [
+            ("H100", "NVIDIA-H100-80GB-HBM3", Some("hopper"), true),
+            ("h100", "NVIDIA H100 80GB HBM3", None, true),
+            ("A100", "NVIDIA-A100-SXM4-80GB", Some("ampere"), true),
+            ("A100-80GB", "NVIDIA-A100-SXM4-80GB", None, true),
+            ("A100 40GB", "NVIDIA-A100-SXM4-80GB", None, false),
+            ("A10", "NVIDIA-A100-SXM4-80GB", None, false),
+            ("A10", "NVIDIA-A10", None, true),
+            ("L4", "NVIDIA-L40S", None, false),
+            ("L4", "NVIDIA-L4", None, true),
+            ("H20", "NVIDIA-H200", None, false),
+            ("T4", "nvidia-tesla-t4", None, true),
+            ("MI300X", "AMD Instinct MI300X", None, true),
+            ("hopper", "NVIDIA-H100-80GB-HBM3", Some("hopper"), true),
+            ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-80GB-HBM3", None, true),
+            ("", "NVIDIA-H100-80GB-HBM3", None, false),
+        ];
+        for (want, have, family, ok) in cases {
+            assert_eq!(
+                product_matches(want, have, family),
+                ok,
+                "{want:?} vs {have:?}"
+            );
+        }
     }
 }

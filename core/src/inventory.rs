@@ -100,10 +100,20 @@ pub struct PodInput {
     pub phase: String,
     /// Requests of each container.
     pub containers: Vec<Requests>,
-    /// Requests of each init container.
-    pub init_containers: Vec<Requests>,
+    /// Each init container, in order.
+    pub init_containers: Vec<InitContainer>,
     /// `spec.overhead`.
     pub overhead: Requests,
+}
+
+/// An init container: its requests, and whether it is a sidecar (`restartPolicy: Always`,
+/// which keeps running beside the app containers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InitContainer {
+    /// Requests.
+    pub requests: Requests,
+    /// A restartable init container (sidecar).
+    pub restartable: bool,
 }
 
 /// A DRA device attribute value.
@@ -345,24 +355,53 @@ pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Ve
     None
 }
 
-/// A pod's requests as `kubectl describe node` sums them: containers added, each init
-/// container as a floor, plus overhead. Milli-units.
+/// Taints that say a node is going away (scale-down, consolidation, out of service,
+/// cordoned): its GPUs are not free capacity. The GPU dedication taint
+/// (`nvidia.com/gpu=present:NoSchedule`) is tolerated by GPU workloads and is not one.
+pub const LEAVING_TAINTS: [&str; 4] = [
+    "ToBeDeletedByClusterAutoscaler",
+    "karpenter.sh/disrupted",
+    "node.kubernetes.io/out-of-service",
+    "node.kubernetes.io/unschedulable",
+];
+
+/// Whether `t` says its node is going away.
+pub fn is_leaving(t: &Taint) -> bool {
+    t.effect != "PreferNoSchedule" && LEAVING_TAINTS.contains(&t.key.as_str())
+}
+
+/// A pod's effective requests as the scheduler computes them, milli-units: the larger of
+/// the steady phase (app containers plus every sidecar) and each init step (that init
+/// container plus the sidecars started before it), plus overhead.
 pub fn pod_requests(p: &PodInput) -> BTreeMap<String, i128> {
-    let mut sum: BTreeMap<String, i128> = BTreeMap::new();
-    for c in &p.containers {
-        for (k, v) in c {
+    type Sum = BTreeMap<String, i128>;
+    let add = |sum: &mut Sum, r: &Requests| {
+        for (k, v) in r {
             *sum.entry(k.clone()).or_default() += parse_quantity_milli(v).unwrap_or(0);
         }
-    }
-    for c in &p.init_containers {
-        for (k, v) in c {
-            let e = sum.entry(k.clone()).or_default();
-            *e = (*e).max(parse_quantity_milli(v).unwrap_or(0));
+    };
+    let max_into = |acc: &mut Sum, other: &Sum| {
+        for (k, v) in other {
+            let e = acc.entry(k.clone()).or_default();
+            *e = (*e).max(*v);
         }
+    };
+    let mut sidecars = Sum::new();
+    let mut init = Sum::new();
+    for c in &p.init_containers {
+        let mut step = sidecars.clone();
+        add(&mut step, &c.requests);
+        if c.restartable {
+            sidecars = step.clone();
+        }
+        max_into(&mut init, &step);
     }
-    for (k, v) in &p.overhead {
-        *sum.entry(k.clone()).or_default() += parse_quantity_milli(v).unwrap_or(0);
+    let mut sum = sidecars;
+    for c in &p.containers {
+        add(&mut sum, c);
     }
+    max_into(&mut sum, &init);
+    add(&mut sum, &p.overhead);
     sum
 }
 
@@ -534,7 +573,7 @@ pub fn compute(
             name: n.name.clone(),
             pool: node_pool(&n.labels, pool_label),
             ready: n.ready,
-            schedulable: !n.unschedulable,
+            schedulable: !n.unschedulable && !n.taints.iter().any(is_leaving),
             taints: n.taints.clone(),
             region: label("topology.kubernetes.io/region"),
             zone: label("topology.kubernetes.io/zone"),
@@ -800,13 +839,87 @@ mod tests {
                 map(&[("nvidia.com/gpu", "1")]),
                 map(&[("nvidia.com/gpu", "1")]),
             ],
-            init_containers: vec![map(&[("nvidia.com/gpu", "4")])],
+            init_containers: vec![InitContainer {
+                requests: map(&[("nvidia.com/gpu", "4")]),
+                restartable: false,
+            }],
             overhead: map(&[("cpu", "250m")]),
             ..Default::default()
         };
         let r = pod_requests(&p);
         assert_eq!(r["nvidia.com/gpu"], 4000);
         assert_eq!(r["cpu"], 250);
+    }
+
+    #[test]
+    fn a_node_that_is_going_away_offers_no_free_gpus_and_a_dedicated_one_does() {
+        let taint = |key: &str, effect: &str| Taint {
+            key: key.into(),
+            value: String::new(),
+            effect: effect.into(),
+        };
+        // (taint, still schedulable)
+        let cases = [
+            (taint("ToBeDeletedByClusterAutoscaler", "NoSchedule"), false),
+            (taint("karpenter.sh/disrupted", "NoSchedule"), false),
+            (
+                taint("node.kubernetes.io/out-of-service", "NoExecute"),
+                false,
+            ),
+            (
+                taint("node.kubernetes.io/unschedulable", "NoSchedule"),
+                false,
+            ),
+            (taint("nvidia.com/gpu", "NoSchedule"), true),
+            (
+                taint("ToBeDeletedByClusterAutoscaler", "PreferNoSchedule"),
+                true,
+            ),
+        ];
+        for (t, schedulable) in cases {
+            let mut n = node(
+                "n1",
+                &[("nvidia.com/gpu.count", "8")],
+                &[("nvidia.com/gpu", "8")],
+                &[("nvidia.com/gpu", "8")],
+            );
+            n.taints = vec![t.clone()];
+            let inv = compute(&[n], &[], &[], &[], None);
+            assert_eq!(inv.nodes[0].schedulable, schedulable, "{t:?}");
+            let free: i64 = inv.pools.iter().map(|p| p.free_gpus).sum();
+            assert_eq!(free, if schedulable { 8 } else { 0 }, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn sidecars_count_in_the_init_and_the_steady_phase() {
+        let init = |gpus: &str, restartable| InitContainer {
+            requests: map(&[("nvidia.com/gpu", gpus)]),
+            restartable,
+        };
+        // (init containers in order, app container GPUs, effective GPUs)
+        let cases = [
+            // A sidecar holding 1 GPU runs beside the app's 2: 3.
+            (vec![init("1", true)], "2", 3000),
+            // An init container after the sidecar runs beside it: 1 + 4 = 5 > 1 + 2.
+            (vec![init("1", true), init("4", false)], "2", 5000),
+            // Before the sidecar starts it does not: max(4, 1 + 2) = 4.
+            (vec![init("4", false), init("1", true)], "2", 4000),
+            // A plain init container is only a floor: max(1, 2) = 2.
+            (vec![init("1", false)], "2", 2000),
+        ];
+        for (inits, app, want) in cases {
+            let p = PodInput {
+                containers: vec![map(&[("nvidia.com/gpu", app)])],
+                init_containers: inits.clone(),
+                ..Default::default()
+            };
+            assert_eq!(
+                pod_requests(&p)["nvidia.com/gpu"],
+                want,
+                "{inits:?} + {app}"
+            );
+        }
     }
 
     #[test]

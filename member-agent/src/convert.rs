@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use flotilla_core::inventory::{
-    Attr, DeviceInput, DeviceRef, NodeInput, PodInput, Requests, SliceInput, Taint,
+    Attr, DeviceInput, DeviceRef, InitContainer, NodeInput, PodInput, Requests, SliceInput, Taint,
 };
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
@@ -73,7 +73,14 @@ pub fn pod(p: &Pod) -> PodInput {
             .unwrap_or_default(),
         init_containers: spec
             .and_then(|s| s.init_containers.as_ref())
-            .map(|c| c.iter().map(requests).collect())
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| InitContainer {
+                        requests: requests(c),
+                        restartable: c.restart_policy.as_deref() == Some("Always"),
+                    })
+                    .collect()
+            })
             .unwrap_or_default(),
         overhead: quantities(spec.and_then(|s| s.overhead.as_ref())),
     }
