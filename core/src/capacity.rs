@@ -106,7 +106,9 @@ fn key(c: &CapacityCluster<'_>, n: &NodeInventory, by: GroupBy) -> String {
     }
 }
 
-/// Capacity rows in key order. Clusters that left count for nothing.
+/// Capacity rows in key order. Clusters that left count for nothing; an Unreachable
+/// cluster's GPUs still count as installed, but none as free: its inventory is as old as its
+/// last report.
 pub fn capacity<'a>(
     clusters: impl IntoIterator<Item = CapacityCluster<'a>>,
     by: GroupBy,
@@ -124,7 +126,12 @@ pub fn capacity<'a>(
             });
             let alloc = allocatable_gpus(n);
             let unused = unused_gpus(n);
-            let free = if n.ready && n.schedulable { unused } else { 0 };
+            let live = c.health != Health::Unreachable;
+            let free = if live && n.ready && n.schedulable {
+                unused
+            } else {
+                0
+            };
             let mem = n.gpu_memory_mib.unwrap_or(0);
             row.gpus_total += n.physical_gpus;
             row.gpus_allocatable += alloc;
@@ -227,7 +234,30 @@ mod tests {
             nodes: &nodes,
         };
         assert!(capacity([c(Health::Left)], GroupBy::Cluster).is_empty());
-        let rows = capacity([c(Health::Unreachable)], GroupBy::Pool);
+        let rows = capacity([c(Health::Degraded)], GroupBy::Pool);
         assert_eq!((rows[0].key.as_str(), rows[0].gpus_free), ("c1/p", 8));
+    }
+
+    #[test]
+    fn an_unreachable_clusters_stale_inventory_is_not_free() {
+        let nodes = [node("a", GpuUnit::Whole, 8, 8, 0)];
+        let row = |health| {
+            capacity(
+                [CapacityCluster {
+                    name: "c",
+                    health,
+                    region: None,
+                    nodes: &nodes,
+                }],
+                GroupBy::Cluster,
+            )[0]
+            .clone()
+        };
+        assert_eq!(row(Health::Ready).gpus_free, 8);
+        let stale = row(Health::Unreachable);
+        assert_eq!(
+            (stale.gpus_total, stale.gpus_free, stale.memory_free_mib),
+            (8, 0, 0)
+        );
     }
 }

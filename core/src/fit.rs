@@ -123,13 +123,28 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                 .push(reject(format!("cluster is {:?}", c.health)));
             continue;
         }
+        // A node's region is its own label; the cluster's (the agent's `--region`, or the
+        // most common node region at its start) stands in only for nodes without one.
+        let region_of = |n: &crate::inventory::NodeInventory| -> Option<String> {
+            n.region.clone().or(c.region.map(str::to_string))
+        };
+        let in_region = |n: &crate::inventory::NodeInventory| {
+            req.region
+                .as_ref()
+                .is_none_or(|r| region_of(n).is_some_and(|nr| nr.eq_ignore_ascii_case(r)))
+        };
         if let Some(r) = &req.region
-            && c.region != Some(r.as_str())
+            && !c.inventory.nodes.iter().any(in_region)
         {
-            out.rejections.push(reject(format!(
-                "region {} is not {r}",
-                c.region.unwrap_or("unknown")
-            )));
+            let mut regions: Vec<String> = c.inventory.nodes.iter().filter_map(region_of).collect();
+            regions.sort();
+            regions.dedup();
+            let has = match regions.is_empty() {
+                true => "no region is known".to_string(),
+                false => format!("its nodes are in {}", regions.join(", ")),
+            };
+            out.rejections
+                .push(reject(format!("no nodes in region {r} ({has})")));
             continue;
         }
         let mut best_partial = 0u32;
@@ -141,6 +156,7 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                 .nodes
                 .iter()
                 .filter(|n| n.pool.clone().unwrap_or_default() == pool.name)
+                .filter(|n| in_region(n))
                 .collect();
             let matching: Vec<_> = nodes
                 .iter()
@@ -399,5 +415,34 @@ mod tests {
                 "{want:?} vs {have:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_region_filter_uses_each_nodes_region() {
+        // One cluster whose agent knew no region, with nodes in two regions.
+        let mut inventory = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 2, 8)]);
+        inventory.nodes[0].region = Some("westeurope".into());
+        inventory.nodes[1].region = Some("northeurope".into());
+        let clusters = [FitCluster {
+            name: "a",
+            region: None,
+            health: Health::Ready,
+            inventory: &inventory,
+        }];
+        let mut r = req(1, 8, 0);
+        r.region = Some("westeurope".into());
+        let out = fit(&r, &clusters);
+        assert_eq!(out.candidates.len(), 1);
+        assert_eq!(
+            out.candidates[0].replicas_fit, 1,
+            "only the node in westeurope counts"
+        );
+        r.region = Some("eastus".into());
+        let out = fit(&r, &clusters);
+        assert!(out.candidates.is_empty());
+        assert_eq!(
+            out.rejections[0].reason,
+            "no nodes in region eastus (its nodes are in northeurope, westeurope)"
+        );
     }
 }
