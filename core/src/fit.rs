@@ -147,8 +147,7 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                 .push(reject(format!("no nodes in region {r} ({has})")));
             continue;
         }
-        let mut best_partial = 0u32;
-        let mut why_nodes = None;
+        let mut why_pools: Vec<String> = Vec::new();
         let mut found = false;
         for pool in &c.inventory.pools {
             let nodes: Vec<_> = c
@@ -158,8 +157,11 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                 .filter(|n| n.pool.clone().unwrap_or_default() == pool.name)
                 .filter(|n| in_region(n))
                 .collect();
-            let matching: Vec<_> = nodes
-                .iter()
+            if nodes.is_empty() {
+                continue;
+            }
+            // Narrowed step by step, so a rejection says what stopped this pool.
+            let right_kind: Vec<_> = (nodes.iter().copied())
                 .filter(|n| {
                     let product_ok = req.product.as_ref().is_none_or(|p| {
                         n.product
@@ -171,25 +173,17 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                             .as_ref()
                             .is_some_and(|nf| nf.eq_ignore_ascii_case(f))
                     });
-                    let memory_ok = memory_fits(n.gpu_memory_mib.unwrap_or(0), req.min_memory_mib);
-                    if !product_ok || !family_ok {
-                        why_nodes.get_or_insert(
-                            "no GPUs of the requested product or family".to_string(),
-                        );
-                    } else if !memory_ok {
-                        why_nodes = Some(format!(
-                            "GPUs have {} MiB, {} MiB required",
-                            n.gpu_memory_mib.unwrap_or(0),
-                            req.min_memory_mib
-                        ));
-                    }
-                    product_ok && family_ok && memory_ok
+                    product_ok && family_ok
                 })
+                .collect();
+            let big_enough: Vec<_> = (right_kind.iter().copied())
+                .filter(|n| memory_fits(n.gpu_memory_mib.unwrap_or(0), req.min_memory_mib))
+                .collect();
+            let matching: Vec<_> = (big_enough.iter().copied())
                 .filter(|n| n.ready && n.schedulable)
                 .collect();
             let free: i64 = matching.iter().map(|n| n.free_gpus).sum();
             let fit: u32 = matching.iter().map(|n| (n.free_gpus / per) as u32).sum();
-            best_partial = best_partial.max(fit);
             if fit >= want && !matching.is_empty() {
                 found = true;
                 out.candidates.push(Candidate {
@@ -201,15 +195,41 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                     headroom_gpus: free - i64::from(want) * per,
                     degraded: c.health == Health::Degraded,
                 });
+                continue;
             }
-        }
-        if !found {
-            let reason = if best_partial > 0 {
+            let why = if right_kind.is_empty() {
+                let products: Vec<&str> = (nodes.iter())
+                    .filter_map(|n| n.product.as_deref())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                match products.is_empty() {
+                    true => "wrong product or family (the product is not known)".to_string(),
+                    false => format!("wrong product or family ({})", products.join(", ")),
+                }
+            } else if big_enough.is_empty() {
+                let mib = right_kind.iter().filter_map(|n| n.gpu_memory_mib).max();
                 format!(
-                    "only {best_partial} of {want} replicas fit (each needs {per} free GPUs on one node)"
+                    "GPUs too small ({} MiB, {} MiB required)",
+                    mib.unwrap_or(0),
+                    req.min_memory_mib
+                )
+            } else if matching.is_empty() {
+                "no Ready, schedulable node (NotReady, cordoned or leaving)".to_string()
+            } else if fit > 0 {
+                format!(
+                    "busy: only {fit} of {want} replicas fit (each needs {per} free GPUs on one node)"
                 )
             } else {
-                why_nodes.unwrap_or_else(|| format!("no node has {per} free matching GPUs"))
+                let most = matching.iter().map(|n| n.free_gpus).max().unwrap_or(0);
+                format!("busy: at most {most} free GPUs on one node, {per} needed")
+            };
+            why_pools.push(format!("pool {}: {why}", pool.name));
+        }
+        if !found {
+            let reason = match why_pools.is_empty() {
+                true => "no GPU nodes".to_string(),
+                false => why_pools.join("; "),
             };
             out.rejections.push(reject(reason));
         }
@@ -381,10 +401,51 @@ mod tests {
         }];
         let r = fit(&req(1, 8, 0), &clusters);
         assert!(r.candidates.is_empty());
+        assert_eq!(
+            r.rejections[0].reason,
+            "pool h100: busy: at most 4 free GPUs on one node, 8 needed"
+        );
+    }
+
+    #[test]
+    fn a_rejection_gives_each_pools_own_reason() {
+        let mut a = inv(&[
+            ("l4", "NVIDIA-L4", 23034, 1, 8),
+            ("h100", "NVIDIA-H100-80GB-HBM3", 81559, 1, 8),
+            ("h100b", "NVIDIA-H100-80GB-HBM3", 81559, 1, 8),
+        ]);
+        // The second H100 pool's node is leaving; the first has room for 8, not 16.
+        for n in &mut a.nodes {
+            if n.pool.as_deref() == Some("h100b") {
+                n.schedulable = false;
+            }
+        }
+        let clusters = [FitCluster {
+            name: "a",
+            health: Health::Ready,
+            region: None,
+            inventory: &a,
+        }];
+        let mut r = req(2, 8, 81920);
+        r.product = Some("H100".into());
+        let out = fit(&r, &clusters);
+        assert!(out.candidates.is_empty());
+        assert_eq!(
+            out.rejections[0].reason,
+            "pool h100: busy: only 1 of 2 replicas fit (each needs 8 free GPUs on one node); \
+             pool h100b: no Ready, schedulable node (NotReady, cordoned or leaving); \
+             pool l4: wrong product or family (NVIDIA-L4)"
+        );
+        r.product = None;
+        r.min_memory_mib = 40_000;
+        r.replicas = 3;
+        let out = fit(&r, &clusters);
         assert!(
-            r.rejections[0].reason.contains("8 free matching GPUs"),
+            out.rejections[0]
+                .reason
+                .contains("pool l4: GPUs too small (23034 MiB, 40000 MiB required)"),
             "{}",
-            r.rejections[0].reason
+            out.rejections[0].reason
         );
     }
 
