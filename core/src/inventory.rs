@@ -329,9 +329,20 @@ pub fn node_pool(labels: &BTreeMap<String, String>, pool_label: Option<&str>) ->
 /// Classify an extended resource name as a GPU resource.
 pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Vendor, GpuUnit)> {
     if resource == "nvidia.com/gpu" || resource == "nvidia.com/gpu.shared" {
+        // GFD says how many replicas share a GPU; GKE's own sharing sets no GFD label but
+        // multiplies `nvidia.com/gpu` by its clients per GPU (2-48).
+        let gke_shared = labels
+            .get("cloud.google.com/gke-gpu-sharing-strategy")
+            .is_some_and(|s| !s.is_empty());
         let replicas: u32 = labels
             .get("nvidia.com/gpu.replicas")
             .and_then(|r| r.parse().ok())
+            .or_else(|| {
+                gke_shared
+                    .then(|| labels.get("cloud.google.com/gke-max-shared-clients-per-gpu"))
+                    .flatten()
+                    .and_then(|r| r.parse().ok())
+            })
             .unwrap_or(1);
         let unit = if replicas > 1 || resource.ends_with(".shared") {
             GpuUnit::Shared(replicas.max(1))
@@ -349,7 +360,9 @@ pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Ve
     if resource.starts_with("amd.com/") {
         return Some((Vendor::Amd, GpuUnit::Partition));
     }
-    if resource.starts_with("gpu.intel.com/") {
+    // Intel's GPUs are `i915` and `xe`; its resource management adds `millicores`,
+    // `memory.max` and `tiles`, which are shares of those GPUs, not GPUs.
+    if resource == "gpu.intel.com/i915" || resource == "gpu.intel.com/xe" {
         return Some((Vendor::Intel, GpuUnit::Whole));
     }
     None
@@ -579,8 +592,12 @@ pub fn compute(
             zone: label("topology.kubernetes.io/zone"),
             instance_type: label("node.kubernetes.io/instance-type"),
             kubelet_version: n.kubelet_version.clone(),
+            // GFD's labels first; managed clusters without GFD say it their own way.
             product: label("nvidia.com/gpu.product")
                 .or(label("amd.com/gpu.product-name"))
+                .or(label("gpu.intel.com/product"))
+                .or(label("cloud.google.com/gke-accelerator"))
+                .or(label("karpenter.k8s.aws/instance-gpu-name"))
                 .or(dra_product),
             family: label("nvidia.com/gpu.family").or(label("amd.com/gpu.family")),
             gpu_memory_mib: label("nvidia.com/gpu.memory")
@@ -592,6 +609,10 @@ pub fn compute(
                             .ok()
                             .map(|g| g * 1024)
                     })
+                })
+                // Karpenter's `instance-gpu-memory` is MiB per GPU.
+                .or_else(|| {
+                    label("karpenter.k8s.aws/instance-gpu-memory").and_then(|m| m.parse().ok())
                 })
                 .or(dra_memory),
             physical_gpus: physical,
@@ -889,6 +910,70 @@ mod tests {
             let free: i64 = inv.pools.iter().map(|p| p.free_gpus).sum();
             assert_eq!(free, if schedulable { 8 } else { 0 }, "{t:?}");
         }
+    }
+
+    #[test]
+    fn managed_clusters_without_gfd_are_counted_right() {
+        // GKE time-sharing: 4 L4s shared by 8 clients each advertise 32 `nvidia.com/gpu`,
+        // with GKE's labels and no GFD.
+        let gke = node(
+            "gke",
+            &[
+                ("cloud.google.com/gke-accelerator", "nvidia-l4"),
+                ("cloud.google.com/gke-gpu-sharing-strategy", "time-sharing"),
+                ("cloud.google.com/gke-max-shared-clients-per-gpu", "8"),
+            ],
+            &[("nvidia.com/gpu", "32")],
+            &[("nvidia.com/gpu", "32")],
+        );
+        // Intel with resource management: 2 GPUs, and shares of them that are not GPUs.
+        let intel = node(
+            "intel",
+            &[("gpu.intel.com/product", "Flex-170")],
+            &[
+                ("gpu.intel.com/i915", "2"),
+                ("gpu.intel.com/millicores", "2000"),
+                ("gpu.intel.com/memory.max", "34359738368"),
+                ("gpu.intel.com/tiles", "2"),
+            ],
+            &[
+                ("gpu.intel.com/i915", "2"),
+                ("gpu.intel.com/millicores", "2000"),
+                ("gpu.intel.com/memory.max", "34359738368"),
+                ("gpu.intel.com/tiles", "2"),
+            ],
+        );
+        // EKS with Karpenter's instance labels and no GFD.
+        let eks = node(
+            "eks",
+            &[
+                ("karpenter.k8s.aws/instance-gpu-name", "a10g"),
+                ("karpenter.k8s.aws/instance-gpu-memory", "24576"),
+            ],
+            &[("nvidia.com/gpu", "4")],
+            &[("nvidia.com/gpu", "4")],
+        );
+        let inv = compute(&[gke, intel, eks], &[], &[], &[], None);
+        let n = |name: &str| inv.nodes.iter().find(|n| n.name == name).unwrap();
+        // (node, physical GPUs, product, memory MiB, GPU resources)
+        let cases = [
+            ("gke", 4, Some("nvidia-l4"), None, 1),
+            ("intel", 2, Some("Flex-170"), None, 1),
+            ("eks", 4, Some("a10g"), Some(24576), 1),
+        ];
+        for (name, physical, product, memory, resources) in cases {
+            let got = n(name);
+            assert_eq!(got.physical_gpus, physical, "{name}: physical");
+            assert_eq!(got.product.as_deref(), product, "{name}: product");
+            assert_eq!(got.gpu_memory_mib, memory, "{name}: memory");
+            assert_eq!(
+                got.resources.len(),
+                resources,
+                "{name}: {:?}",
+                got.resources
+            );
+        }
+        assert_eq!(n("gke").resources[0].unit, GpuUnit::Shared(8));
     }
 
     #[test]
