@@ -432,7 +432,7 @@ async fn open_etcd(
     let leadership = EtcdLeadership::start(&config, advertise, shutdown.clone())
         .await
         .context("--etcd-endpoints")?;
-    let store = HubStore::Etcd(kv, leadership);
+    let store = HubStore::Etcd(Box::new(kv), leadership);
     let routes = tonic::service::Routes::default()
         .add_service(crate::store::kv_service::BackendKv::new(
             store.clone(),

@@ -16,7 +16,7 @@ pub enum HubStore {
     Raft(StoreNode),
     /// An external etcd (leadership by an etcd election).
     #[cfg(feature = "etcd")]
-    Etcd(super::etcd::EtcdKv, super::etcd::EtcdLeadership),
+    Etcd(Box<super::etcd::EtcdKv>, super::etcd::EtcdLeadership),
 }
 
 impl HubStore {
