@@ -123,18 +123,46 @@ pub struct HealthController<B> {
 /// Longest wait between attempts to write a transition while the store fails.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Clusters whose transitions are written at once (a join storm makes thousands).
+const WRITERS: usize = 64;
+
+/// Most transitions taken from the queue for one round of writes.
+const BATCH: usize = 4096;
+
 impl<B: KvBackend + Clone> HealthController<B> {
-    /// Writes queued transitions in order; each is retried until it is stored or the term
-    /// ends (the next leader starts from what is stored, with a grace period).
+    /// Writes queued transitions: each cluster's in order, different clusters' concurrently,
+    /// each retried until it is stored or the term ends (the next leader starts from what is
+    /// stored, with a grace period). A round finishes before the next starts, so a cluster's
+    /// order holds across rounds too.
     async fn write_all(
         &self,
         mut queue: mpsc::UnboundedReceiver<Transition>,
         term: &CancellationToken,
     ) {
-        while let Some(tr) = tokio::select! {
+        use futures::StreamExt;
+        while let Some(first) = tokio::select! {
             _ = term.cancelled() => None,
             tr = queue.recv() => tr,
         } {
+            let mut by_cluster: std::collections::BTreeMap<String, Vec<Transition>> =
+                Default::default();
+            by_cluster
+                .entry(first.cluster.clone())
+                .or_default()
+                .push(first);
+            for _ in 1..BATCH {
+                let Ok(tr) = queue.try_recv() else { break };
+                by_cluster.entry(tr.cluster.clone()).or_default().push(tr);
+            }
+            futures::stream::iter(by_cluster.into_values())
+                .for_each_concurrent(WRITERS, |trs| self.write_in_order(trs, term))
+                .await;
+        }
+    }
+
+    /// Writes one cluster's transitions in order, retrying each until it is stored.
+    async fn write_in_order(&self, trs: Vec<Transition>, term: &CancellationToken) {
+        for tr in trs {
             let mut wait = Duration::from_millis(50);
             while let Err(e) = persist(&self.backend, &tr, self.ctl.clock.unix_ms()).await {
                 tracing::warn!(cluster = %tr.cluster, to = ?tr.to, error = %e, "writing a health transition failed; retrying");
