@@ -324,11 +324,14 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
             .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
     })
     .await;
-    let mut agents: Vec<Child> = names
-        .iter()
-        .zip(&tokens)
-        .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
-        .collect();
+    // Killed on drop like the rest, so a failed assertion leaves no agent running.
+    let mut agents = Procs(
+        names
+            .iter()
+            .zip(&tokens)
+            .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
+            .collect(),
+    );
     wait_until("all three clusters Ready", LIMIT, || async {
         clusters(ports[2]).await.is_some_and(|cs| {
             names
@@ -340,8 +343,8 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     .await;
 
     // Kill an agent: Unreachable after --unreachable-after; restart: Ready.
-    agents[0].kill().unwrap();
-    agents[0].wait().unwrap();
+    agents.0[0].kill().unwrap();
+    agents.0[0].wait().unwrap();
     let killed = Instant::now();
     wait_until("east Unreachable", LIMIT, || async {
         clusters(ports[1])
@@ -353,7 +356,7 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         killed.elapsed() >= Duration::from_millis(1500),
         "judged before --unreachable-after"
     );
-    agents[0] = agent(
+    agents.0[0] = agent(
         &bin,
         "east",
         &ports,
@@ -461,8 +464,5 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         (after.nodes, after.physical_gpus),
         (before.nodes, before.physical_gpus)
     );
-    for mut a in agents {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
+    drop(agents);
 }
