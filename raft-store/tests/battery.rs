@@ -9,6 +9,8 @@ use flotilla_test_support::kv_battery;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_member_passes_the_battery() {
     let c = common::Cluster::start(1, common::fast_tuning()).await;
+    // The battery checks semantics, not availability: start once the member leads.
+    c.leader_among(&[1]).await;
     kv_battery::run(c.node(1), "/battery/", true).await;
     c.shutdown().await;
 }
