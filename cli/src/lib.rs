@@ -156,16 +156,31 @@ pub fn inventory_json(i: &v1::Inventory) -> Value {
     json!({
         "pools": i.pools.iter().map(|p| json!({
             "name": p.name, "nodes": p.nodes, "usable_nodes": p.usable_nodes, "products": p.products,
-            "gpus": p.physical_gpus, "free_gpus": p.free_gpus,
+            "gpus": p.physical_gpus, "gpus_unknown_nodes": p.physical_unknown_nodes,
+            "free_gpus": p.free_gpus, "idle_gpus": p.idle_gpus, "failed_gpus": p.failed_gpus,
             "resources": p.resources.iter().map(resource_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "nodes": i.nodes.iter().map(|n| json!({
             "name": n.name, "pool": n.pool, "ready": n.ready, "schedulable": n.schedulable,
             "zone": n.zone, "instance_type": n.instance_type, "product": n.product,
-            "gpu_memory_mib": n.gpu_memory_mib, "gpus": n.physical_gpus, "free_gpus": n.free_gpus,
+            "gpu_memory_mib": n.gpu_memory_mib,
+            "gpus": if n.physical_unknown { Value::Null } else { json!(n.physical_gpus) },
+            "free_gpus": n.free_gpus, "idle_gpus": n.idle_gpus, "failed_gpus": n.failed_gpus,
+            "condition": condition_name(n.condition), "problem": n.problem,
             "resources": n.resources.iter().map(resource_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A node's GPU condition as `describe` prints it.
+pub fn condition_name(c: i32) -> &'static str {
+    match v1::GpuCondition::try_from(c) {
+        Ok(v1::GpuCondition::Healthy) => "Healthy",
+        Ok(v1::GpuCondition::NotAdvertised) => "NotAdvertised",
+        Ok(v1::GpuCondition::Degraded) => "Degraded",
+        Ok(v1::GpuCondition::Failed) => "Failed",
+        _ => "Unknown",
+    }
 }
 
 /// `flotctl describe cluster` as text; times are shown with their age at `now_unix_ms`.
@@ -189,7 +204,16 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory, now_unix_ms: i64) -> St
     );
     out.push_str("\nPools:\n");
     out.push_str(&table(
-        &["POOL", "NODES", "USABLE", "PRODUCTS", "GPUS", "WHOLE-FREE"],
+        &[
+            "POOL",
+            "NODES",
+            "USABLE",
+            "PRODUCTS",
+            "GPUS",
+            "WHOLE-FREE",
+            "IDLE",
+            "FAILED",
+        ],
         i.pools
             .iter()
             .map(|p| {
@@ -198,8 +222,13 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory, now_unix_ms: i64) -> St
                     p.nodes.to_string(),
                     p.usable_nodes.to_string(),
                     p.products.join(","),
-                    p.physical_gpus.to_string(),
+                    match p.physical_unknown_nodes {
+                        0 => p.physical_gpus.to_string(),
+                        n => format!("{}+{n} nodes unknown", p.physical_gpus),
+                    },
                     p.free_gpus.to_string(),
+                    p.idle_gpus.to_string(),
+                    p.failed_gpus.to_string(),
                 ]
             })
             .collect(),
@@ -214,6 +243,8 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory, now_unix_ms: i64) -> St
             "PRODUCT",
             "GPUS",
             "WHOLE-FREE",
+            "IDLE",
+            "CONDITION",
             "RESOURCES",
         ],
         i.nodes
@@ -230,8 +261,16 @@ pub fn describe_text(c: &v1::Cluster, i: &v1::Inventory, now_unix_ms: i64) -> St
                     n.ready.to_string(),
                     n.schedulable.to_string(),
                     n.product.clone(),
-                    n.physical_gpus.to_string(),
+                    match n.physical_unknown {
+                        true => "?".to_string(),
+                        false => n.physical_gpus.to_string(),
+                    },
                     n.free_gpus.to_string(),
+                    n.idle_gpus.to_string(),
+                    match n.problem.as_str() {
+                        "" => condition_name(n.condition).to_string(),
+                        p => format!("Unusable: {p}"),
+                    },
                     res.join(", "),
                 ]
             })

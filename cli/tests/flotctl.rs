@@ -89,6 +89,7 @@ async fn get_describe_fit_join_and_errors() {
         pool_label: None,
         region: String::new(),
         labels: Default::default(),
+        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
     };
     tokio::spawn(flotilla_agent::run(client, opts, None, shutdown.clone()));
 

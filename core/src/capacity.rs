@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::health::Health;
-use crate::inventory::{GpuUnit, NodeInventory};
+use crate::inventory::{GpuCondition, GpuUnit, NodeInventory};
 
 /// How capacity rows are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,47 +49,27 @@ pub struct CapacityRow {
     pub memory_total_mib: u64,
     /// GPU memory of the free GPUs, in MiB.
     pub memory_free_mib: u64,
+    /// Nodes that do not say how many physical GPUs they have (not in the totals).
+    pub nodes_gpus_unknown: u32,
 }
 
-/// Physical GPUs a node can hand out (allocatable, in whole GPUs).
+/// Physical GPUs a node can hand out: its GPUs less the failed ones, or, while its plugin
+/// is not advertising, what is advertised. 0 when the node does not say how many it has.
 pub fn allocatable_gpus(n: &NodeInventory) -> i64 {
-    let whole: i64 = n
-        .resources
-        .iter()
-        .map(|r| match r.unit {
-            GpuUnit::Whole => r.allocatable,
-            GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
-            _ => 0,
-        })
-        .sum();
-    if whole > 0
-        || n.resources
-            .iter()
-            .all(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
-    {
-        whole
-    } else if n.resources.iter().any(|r| r.allocatable > 0) {
-        // MIG or partitions only: count physical GPUs while anything is advertised.
-        n.physical_gpus
-    } else {
-        0
-    }
-}
-
-/// GPUs with nothing in use. For whole and shared GPUs that is the inventory's free count; for
-/// MIG or partitioned GPUs, a lower bound: each allocated slice may sit on a different GPU.
-pub fn unused_gpus(n: &NodeInventory) -> i64 {
-    if n.resources
-        .iter()
-        .any(|r| matches!(r.unit, GpuUnit::Whole | GpuUnit::Shared(_)))
-    {
-        return n.free_gpus;
-    }
-    if n.resources.iter().all(|r| r.allocatable == 0) {
+    let Some(physical) = n.physical_gpus else {
         return 0;
+    };
+    match n.condition {
+        GpuCondition::Healthy | GpuCondition::Degraded => (physical - n.failed_gpus).max(0),
+        GpuCondition::NotAdvertised | GpuCondition::Failed => (n.resources.iter())
+            .map(|r| match r.unit {
+                GpuUnit::Whole => r.allocatable,
+                GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
+                _ => 0,
+            })
+            .sum::<i64>()
+            .min(physical),
     }
-    let used: i64 = n.resources.iter().map(|r| r.allocated).sum();
-    (n.physical_gpus - used).max(0)
 }
 
 fn key(c: &CapacityCluster<'_>, n: &NodeInventory, by: GroupBy) -> String {
@@ -125,19 +105,19 @@ pub fn capacity<'a>(
                 ..Default::default()
             });
             let alloc = allocatable_gpus(n);
-            let unused = unused_gpus(n);
+            let unused = n.idle_gpus.min(alloc);
             let live = c.health != Health::Unreachable;
-            let free = if live && n.ready && n.schedulable {
-                unused
-            } else {
-                0
-            };
+            let free = if live && n.usable() { unused } else { 0 };
             let mem = n.gpu_memory_mib.unwrap_or(0);
-            row.gpus_total += n.physical_gpus;
+            let physical = n.physical_gpus.unwrap_or(0);
+            if n.physical_gpus.is_none() {
+                row.nodes_gpus_unknown += 1;
+            }
+            row.gpus_total += physical;
             row.gpus_allocatable += alloc;
             row.gpus_allocated += (alloc - unused).max(0);
             row.gpus_free += free;
-            row.memory_total_mib += mem * n.physical_gpus.max(0) as u64;
+            row.memory_total_mib += mem * physical.max(0) as u64;
             row.memory_free_mib += mem * free.max(0) as u64;
         }
     }
@@ -147,46 +127,56 @@ pub fn capacity<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{GpuCondition, GpuResource, Vendor};
+    use crate::inventory::{NodeInput, PodInput, compute};
 
-    fn node(name: &str, unit: GpuUnit, physical: i64, alloc: i64, used: i64) -> NodeInventory {
-        let free = alloc - used;
-        NodeInventory {
+    /// A node of `physical` GPUs advertising `alloc` units of `resource`, `used` of them
+    /// requested, through the inventory's own computation.
+    fn node_of(
+        name: &str,
+        labels: &[(&str, &str)],
+        resource: &str,
+        alloc: i64,
+        used: i64,
+    ) -> NodeInventory {
+        let mut l: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("kubernetes.azure.com/agentpool".into(), "p".into());
+        l.insert("nvidia.com/gpu.product".into(), "H100".into());
+        l.insert("nvidia.com/gpu.memory".into(), "81559".into());
+        let n = NodeInput {
             name: name.into(),
-            pool: Some("p".into()),
+            labels: l,
+            capacity: [(resource.to_string(), alloc.to_string())].into(),
+            allocatable: [(resource.to_string(), alloc.to_string())].into(),
             ready: true,
-            schedulable: true,
-            taints: vec![],
-            region: None,
-            zone: None,
-            instance_type: None,
-            kubelet_version: String::new(),
-            product: Some("H100".into()),
-            family: None,
-            gpu_memory_mib: Some(81_559),
-            physical_gpus: physical,
-            free_gpus: if matches!(unit, GpuUnit::Whole) {
-                free
-            } else {
-                0
-            },
-            resources: vec![GpuResource {
-                name: "nvidia.com/gpu".into(),
-                vendor: Vendor::Nvidia,
-                unit,
-                capacity: alloc,
-                allocatable: alloc,
-                allocated: used,
-                free,
-            }],
-            condition: GpuCondition::Healthy,
-        }
+            ..Default::default()
+        };
+        let p = PodInput {
+            node_name: Some(name.into()),
+            phase: "Running".into(),
+            containers: vec![[(resource.to_string(), used.to_string())].into()],
+            ..Default::default()
+        };
+        compute(&[n], &[p], &[], &[], None).nodes.remove(0)
+    }
+
+    fn node(name: &str, physical: i64, used: i64) -> NodeInventory {
+        let count = physical.to_string();
+        node_of(
+            name,
+            &[("nvidia.com/gpu.count", &count)],
+            "nvidia.com/gpu",
+            physical,
+            used,
+        )
     }
 
     #[test]
     fn whole_gpus_count_free_and_memory_only_where_schedulable() {
-        let a = node("a", GpuUnit::Whole, 8, 8, 3);
-        let mut b = node("b", GpuUnit::Whole, 8, 8, 0);
+        let a = node("a", 8, 3);
+        let mut b = node("b", 8, 0);
         b.schedulable = false;
         let nodes = [a, b];
         let rows = capacity(
@@ -215,18 +205,51 @@ mod tests {
 
     #[test]
     fn mig_counts_physical_gpus_and_a_lower_bound_of_unused_ones() {
-        let n = node("m", GpuUnit::MigSlice("1g.10gb".into()), 8, 56, 3);
+        let n = node_of(
+            "m",
+            &[
+                ("nvidia.com/gpu.count", "8"),
+                ("nvidia.com/mig.strategy", "mixed"),
+            ],
+            "nvidia.com/mig-1g.10gb",
+            56,
+            3,
+        );
         assert_eq!(allocatable_gpus(&n), 8);
+        assert_eq!(n.idle_gpus, 5, "each used slice may be on a different GPU");
+        // MIG single without a hardware count: the GPUs are not known, nor counted.
+        let single = node_of(
+            "s",
+            &[
+                ("nvidia.com/mig.strategy", "single"),
+                ("nvidia.com/gpu.count", "56"),
+            ],
+            "nvidia.com/gpu",
+            56,
+            3,
+        );
+        let rows = capacity(
+            [CapacityCluster {
+                name: "c",
+                health: Health::Ready,
+                region: None,
+                nodes: std::slice::from_ref(&single),
+            }],
+            GroupBy::Cluster,
+        );
         assert_eq!(
-            unused_gpus(&n),
-            5,
-            "each used slice may be on a different GPU"
+            (
+                rows[0].gpus_total,
+                rows[0].gpus_free,
+                rows[0].nodes_gpus_unknown
+            ),
+            (0, 0, 1)
         );
     }
 
     #[test]
     fn clusters_that_left_count_for_nothing() {
-        let nodes = [node("a", GpuUnit::Whole, 8, 8, 0)];
+        let nodes = [node("a", 8, 0)];
         let c = |health| CapacityCluster {
             name: "c1",
             health,
@@ -240,7 +263,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_clusters_stale_inventory_is_not_free() {
-        let nodes = [node("a", GpuUnit::Whole, 8, 8, 0)];
+        let nodes = [node("a", 8, 0)];
         let row = |health| {
             capacity(
                 [CapacityCluster {

@@ -1,18 +1,84 @@
-//! "Where can this model run?": rank (cluster, pool) placements for `replicas × gpus` whole
-//! GPUs, and say why the other clusters do not fit. Pure.
+//! "Where can this model run?": rank (cluster, pool) placements for `replicas × gpus` units
+//! (whole GPUs, shared replicas or MIG slices of one profile), and say why the other
+//! clusters do not fit. Pure. A whole-GPU request never lands on shared replicas or slices.
 
 use serde::{Deserialize, Serialize};
 
 use crate::health::Health;
-use crate::inventory::ClusterInventory;
+use crate::inventory::{ClusterInventory, GpuResource, GpuUnit, NodeInventory};
+
+/// What each replica asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum FitUnit {
+    /// Whole GPUs (`nvidia.com/gpu` on an unshared node, or a DRA GPU).
+    #[default]
+    Whole,
+    /// Time-sliced or MPS replicas: no memory or fault isolation.
+    Shared,
+    /// MIG slices of this profile (`1g.10gb`).
+    Mig(String),
+}
+
+impl FitUnit {
+    /// Whether resource `r` hands out this unit.
+    pub fn matches(&self, r: &GpuResource) -> bool {
+        match (self, &r.unit) {
+            (Self::Whole, GpuUnit::Whole) => true,
+            (Self::Shared, GpuUnit::Shared(_)) => true,
+            (Self::Mig(want), GpuUnit::MigSlice(p)) => want.eq_ignore_ascii_case(p),
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Whole => "whole GPUs".into(),
+            Self::Shared => "shared GPU replicas".into(),
+            Self::Mig(p) => format!("MIG {p} slices"),
+        }
+    }
+}
+
+/// The free units of `unit` on a node.
+pub fn free_units(n: &NodeInventory, unit: &FitUnit) -> i64 {
+    if n.problem.is_some() {
+        return 0;
+    }
+    n.resources
+        .iter()
+        .filter(|r| unit.matches(r))
+        .map(|r| r.free)
+        .sum()
+}
+
+/// What a node's GPUs are, for a rejection: `shared (time-slicing x4)`, `MIG 1g.10gb`.
+fn kinds(nodes: &[&NodeInventory]) -> String {
+    let mut k: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| n.resources.iter())
+        .filter(|r| r.capacity > 0)
+        .map(|r| match &r.unit {
+            GpuUnit::Whole => "whole GPUs".to_string(),
+            GpuUnit::Shared(k) => format!("shared replicas (x{k} per GPU)"),
+            GpuUnit::MigSlice(p) if p.is_empty() => "MIG slices".to_string(),
+            GpuUnit::MigSlice(p) => format!("MIG {p} slices"),
+            GpuUnit::Partition => format!("partitions ({})", r.name),
+        })
+        .collect();
+    k.sort();
+    k.dedup();
+    k.join(", ")
+}
 
 /// What the caller needs.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FitRequest {
     /// Replicas (each placed on a single node).
     pub replicas: u32,
-    /// Whole GPUs per replica.
+    /// Units per replica (whole GPUs unless `unit` says otherwise).
     pub gpus_per_replica: u32,
+    /// What a unit is.
+    pub unit: FitUnit,
     /// Minimum memory per GPU, MiB.
     pub min_memory_mib: u64,
     /// Product substring, case-insensitive (`H100`).
@@ -34,6 +100,8 @@ pub struct FitCluster<'a> {
     pub region: Option<&'a str>,
     /// Inventory.
     pub inventory: &'a ClusterInventory,
+    /// Resources the agent has not (yet) listed: its free counts are not known.
+    pub incomplete: &'a [String],
 }
 
 /// A placement that fits.
@@ -53,6 +121,11 @@ pub struct Candidate {
     pub headroom_gpus: i64,
     /// Whether the cluster is Degraded (ranked after Ready ones).
     pub degraded: bool,
+    /// What a replica's pod should request: an extended resource (`nvidia.com/gpu`), or,
+    /// for DRA GPUs, a ResourceClaim of `device_class`.
+    pub resource: String,
+    /// The DRA DeviceClass to claim from, when the GPUs are DRA devices.
+    pub device_class: Option<String>,
 }
 
 /// A cluster that does not fit, and why.
@@ -108,6 +181,30 @@ pub fn product_matches(requested: &str, product: &str, family: Option<&str>) -> 
     }
 }
 
+/// What a replica should request on these nodes: the resource with the most free units
+/// (a DRA driver's GPUs are claimed through its DeviceClass, named after the driver).
+fn how_to_request(nodes: &[&NodeInventory], unit: &FitUnit, per: i64) -> (String, Option<String>) {
+    let mut by_name: std::collections::BTreeMap<&str, i64> = Default::default();
+    for n in nodes {
+        for r in n
+            .resources
+            .iter()
+            .filter(|r| unit.matches(r) && r.free >= per)
+        {
+            *by_name.entry(&r.name).or_default() += r.free;
+        }
+    }
+    let best = by_name
+        .into_iter()
+        .max_by_key(|(_, free)| *free)
+        .map(|(name, _)| name.to_string())
+        .unwrap_or_default();
+    match best.strip_prefix("dra:") {
+        Some(driver) => ("resourceclaim".to_string(), Some(driver.to_string())),
+        None => (best, None),
+    }
+}
+
 /// Rank placements. Best: Ready before Degraded, then the most headroom left, then name.
 pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
     let mut out = FitResult::default();
@@ -121,6 +218,13 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
         if !matches!(c.health, Health::Ready | Health::Degraded) {
             out.rejections
                 .push(reject(format!("cluster is {:?}", c.health)));
+            continue;
+        }
+        if !c.incomplete.is_empty() {
+            out.rejections.push(reject(format!(
+                "inventory incomplete ({} not listed yet): its free GPUs are not known",
+                c.incomplete.join(", ")
+            )));
             continue;
         }
         // A node's region is its own label; the cluster's (the agent's `--region`, or the
@@ -177,15 +281,28 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                 })
                 .collect();
             let big_enough: Vec<_> = (right_kind.iter().copied())
-                .filter(|n| memory_fits(n.gpu_memory_mib.unwrap_or(0), req.min_memory_mib))
+                .filter(|n| {
+                    // A slice's size is its profile; the GPU memory label is the GPU's.
+                    matches!(req.unit, FitUnit::Mig(_))
+                        || memory_fits(n.gpu_memory_mib.unwrap_or(0), req.min_memory_mib)
+                })
                 .collect();
-            let matching: Vec<_> = (big_enough.iter().copied())
-                .filter(|n| n.ready && n.schedulable)
+            let right_unit: Vec<_> = (big_enough.iter().copied())
+                .filter(|n| {
+                    n.resources
+                        .iter()
+                        .any(|r| r.capacity > 0 && req.unit.matches(r))
+                })
                 .collect();
-            let free: i64 = matching.iter().map(|n| n.free_gpus).sum();
-            let fit: u32 = matching.iter().map(|n| (n.free_gpus / per) as u32).sum();
+            let matching: Vec<_> = (right_unit.iter().copied())
+                .filter(|n| n.usable())
+                .collect();
+            let free_of = |n: &NodeInventory| free_units(n, &req.unit);
+            let free: i64 = matching.iter().map(|n| free_of(n)).sum();
+            let fit: u32 = matching.iter().map(|n| (free_of(n) / per) as u32).sum();
             if fit >= want && !matching.is_empty() {
                 found = true;
+                let (resource, device_class) = how_to_request(&matching, &req.unit, per);
                 out.candidates.push(Candidate {
                     cluster: c.name.to_string(),
                     pool: pool.name.clone(),
@@ -194,6 +311,8 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                     free_gpus: free,
                     headroom_gpus: free - i64::from(want) * per,
                     degraded: c.health == Health::Degraded,
+                    resource,
+                    device_class,
                 });
                 continue;
             }
@@ -214,15 +333,30 @@ pub fn fit(req: &FitRequest, clusters: &[FitCluster<'_>]) -> FitResult {
                     mib.unwrap_or(0),
                     req.min_memory_mib
                 )
+            } else if right_unit.is_empty() {
+                format!(
+                    "no {} here: its GPUs are {}",
+                    req.unit.describe(),
+                    kinds(&big_enough)
+                )
             } else if matching.is_empty() {
-                "no Ready, schedulable node (NotReady, cordoned or leaving)".to_string()
+                match right_unit.iter().find_map(|n| n.problem.as_deref()) {
+                    Some(p) if right_unit.iter().all(|n| n.problem.is_some()) => {
+                        format!("node numbers make no sense ({p})")
+                    }
+                    _ => "no Ready, schedulable node (NotReady, cordoned or leaving)".to_string(),
+                }
             } else if fit > 0 {
                 format!(
-                    "busy: only {fit} of {want} replicas fit (each needs {per} free GPUs on one node)"
+                    "busy: only {fit} of {want} replicas fit (each needs {per} free {} on one node)",
+                    req.unit.describe()
                 )
             } else {
-                let most = matching.iter().map(|n| n.free_gpus).max().unwrap_or(0);
-                format!("busy: at most {most} free GPUs on one node, {per} needed")
+                let most = matching.iter().map(|n| free_of(n)).max().unwrap_or(0);
+                format!(
+                    "busy: at most {most} free {} on one node, {per} needed",
+                    req.unit.describe()
+                )
             };
             why_pools.push(format!("pool {}: {why}", pool.name));
         }
@@ -300,30 +434,35 @@ mod tests {
                 health: Health::Ready,
                 region: Some("eu"),
                 inventory: &a,
+                incomplete: &[],
             },
             FitCluster {
                 name: "b",
                 health: Health::Degraded,
                 region: Some("us"),
                 inventory: &b,
+                incomplete: &[],
             },
             FitCluster {
                 name: "c",
                 health: Health::Ready,
                 region: Some("us"),
                 inventory: &c,
+                incomplete: &[],
             },
             FitCluster {
                 name: "d",
                 health: Health::Ready,
                 region: Some("us"),
                 inventory: &d,
+                incomplete: &[],
             },
             FitCluster {
                 name: "e",
                 health: Health::Unreachable,
                 region: Some("us"),
                 inventory: &b,
+                incomplete: &[],
             },
         ];
         let r = fit(&req(2, 4, 80 * 1024), &clusters);
@@ -378,6 +517,182 @@ mod tests {
         );
     }
 
+    fn one_node(labels: &[(&str, &str)], resources: &[(&str, &str)]) -> ClusterInventory {
+        let mut l: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("kubernetes.azure.com/agentpool".into(), "p".into());
+        let r: BTreeMap<String, String> = resources
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let n = NodeInput {
+            name: "n".into(),
+            labels: l,
+            capacity: r.clone(),
+            allocatable: r,
+            ready: true,
+            ..Default::default()
+        };
+        compute(&[n], &[], &[], &[], None)
+    }
+
+    #[test]
+    fn each_request_unit_fits_only_its_own_kind_of_gpu() {
+        let a100 = ("nvidia.com/gpu.product", "NVIDIA-A100-SXM4-80GB");
+        let whole = one_node(
+            &[a100, ("nvidia.com/gpu.count", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let shared = one_node(
+            &[
+                ("nvidia.com/gpu.product", "NVIDIA-L4"),
+                ("nvidia.com/gpu.replicas", "4"),
+            ],
+            &[("nvidia.com/gpu", "32")],
+        );
+        let single = one_node(
+            &[
+                ("nvidia.com/mig.strategy", "single"),
+                (
+                    "nvidia.com/gpu.product",
+                    "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb",
+                ),
+            ],
+            &[("nvidia.com/gpu", "56")],
+        );
+        let mixed = one_node(
+            &[
+                a100,
+                ("nvidia.com/mig.strategy", "mixed"),
+                ("nvidia.com/gpu.count", "8"),
+            ],
+            &[("nvidia.com/gpu", "2"), ("nvidia.com/mig-3g.40gb", "12")],
+        );
+        let cluster = |name, inventory| FitCluster {
+            name,
+            health: Health::Ready,
+            region: None,
+            inventory,
+            incomplete: &[],
+        };
+        let clusters = [
+            cluster("whole", &whole),
+            cluster("shared", &shared),
+            cluster("single", &single),
+            cluster("mixed", &mixed),
+        ];
+        let placed = |unit: FitUnit, gpus: u32| {
+            let mut r = req(1, gpus, 0);
+            r.unit = unit;
+            let out = fit(&r, &clusters);
+            let mut c: Vec<String> = out.candidates.iter().map(|c| c.cluster.clone()).collect();
+            c.sort();
+            (c, out)
+        };
+        // (unit, units per replica, clusters that fit)
+        let cases = [
+            (FitUnit::Whole, 1, vec!["mixed", "whole"]),
+            (FitUnit::Whole, 4, vec!["whole"]),
+            (FitUnit::Shared, 1, vec!["shared"]),
+            (FitUnit::Mig("1g.10gb".into()), 1, vec!["single"]),
+            (FitUnit::Mig("3g.40gb".into()), 2, vec!["mixed"]),
+        ];
+        for (unit, gpus, want) in cases {
+            let (got, _) = placed(unit.clone(), gpus);
+            assert_eq!(got, want, "{unit:?} x{gpus}");
+        }
+        // `fit --gpus 1 --product A100` never lands on a slice, and says why.
+        let mut r = req(1, 1, 0);
+        r.product = Some("A100".into());
+        let out = fit(&r, &clusters);
+        let why = |c: &str| {
+            out.rejections
+                .iter()
+                .find(|x| x.cluster == c)
+                .map(|x| x.reason.clone())
+                .unwrap_or_default()
+        };
+        assert!(
+            why("single").contains("no whole GPUs here: its GPUs are MIG 1g.10gb slices"),
+            "{}",
+            why("single")
+        );
+        let (_, out) = placed(FitUnit::Whole, 1);
+        let shared_why = out
+            .rejections
+            .iter()
+            .find(|x| x.cluster == "shared")
+            .unwrap();
+        assert!(
+            shared_why.reason.contains("shared replicas (x4 per GPU)"),
+            "{}",
+            shared_why.reason
+        );
+        assert_eq!(out.candidates[0].resource, "nvidia.com/gpu");
+    }
+
+    #[test]
+    fn an_incomplete_inventory_is_not_placed_on() {
+        let a = inv(&[("h100", "NVIDIA-H100-80GB-HBM3", 81559, 2, 8)]);
+        let missing = ["pods".to_string()];
+        let clusters = [FitCluster {
+            name: "a",
+            health: Health::Ready,
+            region: None,
+            inventory: &a,
+            incomplete: &missing,
+        }];
+        let out = fit(&req(1, 1, 0), &clusters);
+        assert!(out.candidates.is_empty());
+        assert_eq!(
+            out.rejections[0].reason,
+            "inventory incomplete (pods not listed yet): its free GPUs are not known"
+        );
+    }
+
+    #[test]
+    fn dra_gpus_are_requested_through_a_claim() {
+        let n = NodeInput {
+            name: "n".into(),
+            labels: [(
+                "kubernetes.azure.com/agentpool".to_string(),
+                "dra".to_string(),
+            )]
+            .into(),
+            ready: true,
+            ..Default::default()
+        };
+        let s = crate::inventory::SliceInput {
+            driver: "gpu.nvidia.com".into(),
+            node_name: Some("n".into()),
+            pool: "n".into(),
+            generation: 1,
+            slice_count: 1,
+            devices: (0..4)
+                .map(|i| crate::inventory::DeviceInput {
+                    name: format!("gpu-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let inventory = compute(&[n], &[], &[s], &[], None);
+        let clusters = [FitCluster {
+            name: "a",
+            health: Health::Ready,
+            region: None,
+            inventory: &inventory,
+            incomplete: &[],
+        }];
+        let out = fit(&req(1, 2, 0), &clusters);
+        let c = &out.candidates[0];
+        assert_eq!(
+            (c.resource.as_str(), c.device_class.as_deref()),
+            ("resourceclaim", Some("gpu.nvidia.com"))
+        );
+    }
+
     #[test]
     fn marketed_memory_sizes_match() {
         assert!(
@@ -398,12 +713,13 @@ mod tests {
             health: Health::Ready,
             region: None,
             inventory: &a,
+            incomplete: &[],
         }];
         let r = fit(&req(1, 8, 0), &clusters);
         assert!(r.candidates.is_empty());
         assert_eq!(
             r.rejections[0].reason,
-            "pool h100: busy: at most 4 free GPUs on one node, 8 needed"
+            "pool h100: busy: at most 4 free whole GPUs on one node, 8 needed"
         );
     }
 
@@ -425,6 +741,7 @@ mod tests {
             health: Health::Ready,
             region: None,
             inventory: &a,
+            incomplete: &[],
         }];
         let mut r = req(2, 8, 81920);
         r.product = Some("H100".into());
@@ -432,7 +749,7 @@ mod tests {
         assert!(out.candidates.is_empty());
         assert_eq!(
             out.rejections[0].reason,
-            "pool h100: busy: only 1 of 2 replicas fit (each needs 8 free GPUs on one node); \
+            "pool h100: busy: only 1 of 2 replicas fit (each needs 8 free whole GPUs on one node); \
              pool h100b: no Ready, schedulable node (NotReady, cordoned or leaving); \
              pool l4: wrong product or family (NVIDIA-L4)"
         );
@@ -489,6 +806,7 @@ mod tests {
             region: None,
             health: Health::Ready,
             inventory: &inventory,
+            incomplete: &[],
         }];
         let mut r = req(1, 8, 0);
         r.region = Some("westeurope".into());

@@ -37,14 +37,40 @@ pub struct Signals {
     pub api_unreachable: bool,
     /// Nodes whose Ready condition is not True.
     pub nodes_not_ready: u32,
-    /// GPUs advertised below capacity (failed devices).
+    /// Failed GPUs (unhealthy devices, plugins silent past the start-up bound).
     pub gpus_failed: i64,
+    /// Nodes with failed GPUs (bounded by the agent).
+    pub failed_nodes: Vec<String>,
+    /// Resources the agent has not listed yet: its inventory is incomplete.
+    pub incomplete: Vec<String>,
+    /// Resources the agent's credentials may not read (403).
+    pub forbidden: Vec<String>,
+}
+
+/// Most node names a reason lists.
+const NAMES_SHOWN: usize = 5;
+
+fn names(v: &[String]) -> String {
+    let mut s = v
+        .iter()
+        .take(NAMES_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if v.len() > NAMES_SHOWN {
+        s.push_str(&format!(" and {} more", v.len() - NAMES_SHOWN));
+    }
+    s
 }
 
 impl Signals {
     /// Nothing wrong: exactly when [`Signals::reasons`] is empty.
     pub fn healthy(&self) -> bool {
-        !self.api_unreachable && self.nodes_not_ready == 0 && self.gpus_failed <= 0
+        !self.api_unreachable
+            && self.nodes_not_ready == 0
+            && self.gpus_failed <= 0
+            && self.incomplete.is_empty()
+            && self.forbidden.is_empty()
     }
 
     /// Why these signals make a cluster Degraded (empty: healthy).
@@ -57,9 +83,22 @@ impl Signals {
             r.push(format!("{} node(s) not Ready", self.nodes_not_ready));
         }
         if self.gpus_failed > 0 {
+            let on = match self.failed_nodes.is_empty() {
+                true => String::new(),
+                false => format!(" on {}", names(&self.failed_nodes)),
+            };
+            r.push(format!("{} GPU(s) failed{on}", self.gpus_failed));
+        }
+        if !self.forbidden.is_empty() {
             r.push(format!(
-                "{} GPU(s) failed (allocatable below capacity)",
-                self.gpus_failed
+                "agent may not read {} (403 Forbidden: grant it in the agent's RBAC)",
+                self.forbidden.join(", ")
+            ));
+        }
+        if !self.incomplete.is_empty() {
+            r.push(format!(
+                "inventory incomplete: {} not listed yet",
+                self.incomplete.join(", ")
             ));
         }
         r
@@ -77,6 +116,10 @@ pub struct Transition {
     pub to: Health,
     /// Why, for people.
     pub reason: String,
+    /// Resources the agent had not listed when this was decided (its inventory cannot be
+    /// placed on until it has).
+    #[serde(default)]
+    pub incomplete: Vec<String>,
 }
 
 /// Timing policy.
@@ -165,6 +208,7 @@ impl Tracker {
             from: Some(from),
             to,
             reason: reason(),
+            incomplete: Vec::new(),
         })
     }
 
@@ -184,6 +228,7 @@ impl Tracker {
                 from: None,
                 to: Health::Joining,
                 reason: "joined the fleet".into(),
+                incomplete: Vec::new(),
             });
         };
         e.last_seen = Some(now);
@@ -228,17 +273,22 @@ impl Tracker {
                 from: Some(Health::Degraded),
                 to: Health::Degraded,
                 reason: signals.reasons().join("; "),
+                incomplete: signals.incomplete.clone(),
             });
         }
         self.apply(cluster, &signals)
     }
 
     fn apply(&mut self, cluster: &str, s: &Signals) -> Option<Transition> {
-        if s.healthy() {
+        let tr = if s.healthy() {
             self.set(cluster, Health::Ready, || "reporting, no problems".into())
         } else {
             self.set(cluster, Health::Degraded, || s.reasons().join("; "))
-        }
+        };
+        tr.map(|mut t| {
+            t.incomplete = s.incomplete.clone();
+            t
+        })
     }
 
     /// The cluster left explicitly.
@@ -318,11 +368,50 @@ mod tests {
                         api_unreachable,
                         nodes_not_ready,
                         gpus_failed,
+                        ..Default::default()
                     };
                     assert_eq!(s.healthy(), s.reasons().is_empty(), "{s:?}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_incomplete_or_forbidden_inventory_degrades_and_says_which() {
+        let mut t = Tracker::new(policy(), S(0), []);
+        t.joined("a", S(0));
+        let partial = Signals {
+            incomplete: vec!["pods".into()],
+            forbidden: vec!["resourceslices".into()],
+            ..Default::default()
+        };
+        let tr = t.report("a", S(1), partial).unwrap();
+        assert_eq!(tr.to, Health::Degraded);
+        assert_eq!(tr.incomplete, ["pods"]);
+        assert!(
+            tr.reason
+                .contains("inventory incomplete: pods not listed yet"),
+            "{}",
+            tr.reason
+        );
+        assert!(
+            tr.reason.contains("may not read resourceslices (403"),
+            "{}",
+            tr.reason
+        );
+        let failed = Signals {
+            gpus_failed: 8,
+            failed_nodes: (0..7).map(|i| format!("n{i}")).collect(),
+            ..Default::default()
+        };
+        let tr = t.report("a", S(2), failed).unwrap();
+        assert!(tr.incomplete.is_empty());
+        assert!(
+            tr.reason
+                .contains("8 GPU(s) failed on n0, n1, n2, n3, n4 and 2 more"),
+            "{}",
+            tr.reason
+        );
     }
 
     fn policy() -> Policy {

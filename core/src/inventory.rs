@@ -76,6 +76,8 @@ pub struct NodeInput {
     pub allocatable: BTreeMap<String, String>,
     /// Ready condition is True.
     pub ready: bool,
+    /// When the Ready condition last turned True (Unix ms), if it is True.
+    pub ready_since_ms: Option<i64>,
     /// `spec.unschedulable`.
     pub unschedulable: bool,
     /// `spec.taints`.
@@ -138,6 +140,9 @@ pub struct DeviceInput {
     pub attributes: BTreeMap<String, Attr>,
     /// Capacities (e.g. `memory` → `"80Gi"`).
     pub capacity: BTreeMap<String, String>,
+    /// Names of the shared counter sets this device draws on (partitionable devices: a
+    /// GPU and its partitions draw on the same set, so allocating one takes the others).
+    pub consumes: Vec<String>,
 }
 
 /// What the agent reads from a ResourceSlice.
@@ -219,8 +224,12 @@ pub enum GpuCondition {
     Healthy,
     /// Capacity present but allocatable 0: device plugin not (yet) advertising.
     NotAdvertised,
-    /// Allocatable below capacity: the plugin marked devices unhealthy.
+    /// Allocatable below capacity: the plugin marked devices unhealthy (or a DRA slice lists
+    /// fewer GPUs than the node's hardware labels say it has).
     Degraded,
+    /// Capacity present but allocatable 0 for longer than the start-up bound after the node
+    /// turned Ready: a crashed plugin or failed devices, not a slow start.
+    Failed,
 }
 
 /// One node's inventory.
@@ -250,33 +259,46 @@ pub struct NodeInventory {
     pub family: Option<String>,
     /// Memory per physical GPU in MiB.
     pub gpu_memory_mib: Option<u64>,
-    /// Physical GPUs on the node (not sharing replicas, not MIG slices).
-    pub physical_gpus: i64,
-    /// Physical GPUs that are free (no part of them requested).
+    /// Physical GPUs on the node (not sharing replicas, not MIG slices or partitions);
+    /// `None` when nothing on the node says (MIG `single` without a hardware count).
+    pub physical_gpus: Option<i64>,
+    /// Whole GPUs a pod can still request (free units of whole-GPU resources). Shared
+    /// replicas, MIG slices and partitions are not whole GPUs and never count here.
     pub free_gpus: i64,
+    /// Physical GPUs with nothing in use, a lower bound: each allocated replica, slice or
+    /// partition may sit on a different GPU.
+    pub idle_gpus: i64,
+    /// Physical GPUs that failed (unhealthy devices, a plugin down past the start-up bound,
+    /// DRA devices missing from the slice).
+    pub failed_gpus: i64,
     /// Per-resource usage.
     pub resources: Vec<GpuResource>,
     /// GPU health as advertised.
     pub condition: GpuCondition,
+    /// Why the node's numbers cannot be used, when they make no sense (its GPUs then count
+    /// for nothing, and the rest of the report stands).
+    pub problem: Option<String>,
+}
+
+impl NodeInventory {
+    /// Ready, schedulable and with usable numbers: its free GPUs are capacity.
+    pub fn usable(&self) -> bool {
+        self.ready && self.schedulable && self.problem.is_none()
+    }
 }
 
 impl ClusterInventory {
-    /// Physical GPUs advertised below capacity on nodes whose plugin is running (failed
-    /// devices). Nodes whose plugin is not advertising yet do not count as failures.
+    /// Failed physical GPUs. Nodes whose plugin is still starting do not count.
     pub fn failed_gpus(&self) -> i64 {
-        self.nodes
-            .iter()
-            .filter(|n| n.condition == GpuCondition::Degraded)
-            .flat_map(|n| n.resources.iter())
-            .map(|r| {
-                let missing = (r.capacity - r.allocatable).max(0);
-                match r.unit {
-                    GpuUnit::Whole => missing,
-                    GpuUnit::Shared(k) => missing / i64::from(k.max(1)),
-                    _ => 0,
-                }
-            })
-            .sum()
+        self.nodes.iter().map(|n| n.failed_gpus).sum()
+    }
+
+    /// Nodes whose GPUs failed, by name (for the health reason).
+    pub fn failed_nodes(&self) -> Vec<String> {
+        (self.nodes.iter())
+            .filter(|n| n.failed_gpus > 0)
+            .map(|n| n.name.clone())
+            .collect()
     }
 }
 
@@ -291,10 +313,16 @@ pub struct PoolInventory {
     pub usable_nodes: u32,
     /// Products seen in the pool.
     pub products: Vec<String>,
-    /// Physical GPUs.
+    /// Physical GPUs of the nodes that say how many they have.
     pub physical_gpus: i64,
-    /// Free physical GPUs on usable nodes.
+    /// Nodes whose physical GPU count is not known.
+    pub physical_unknown_nodes: u32,
+    /// Requestable whole GPUs free on usable nodes.
     pub free_gpus: i64,
+    /// Idle physical GPUs (lower bound) on usable nodes.
+    pub idle_gpus: i64,
+    /// Failed physical GPUs.
+    pub failed_gpus: i64,
     /// Per-resource sums.
     pub resources: Vec<GpuResource>,
 }
@@ -326,9 +354,55 @@ pub fn node_pool(labels: &BTreeMap<String, String>, pool_label: Option<&str>) ->
     }
 }
 
-/// Classify an extended resource name as a GPU resource.
+/// The MIG profile of a node in MIG `single` mode, where GFD renames the product
+/// (`NVIDIA-A100-SXM4-40GB-MIG-1g.5gb`) and the slices are advertised as `nvidia.com/gpu`.
+/// `Some("")` when the strategy label says single but the product does not name a profile.
+pub fn mig_single_profile(labels: &BTreeMap<String, String>) -> Option<String> {
+    let product = labels.get("nvidia.com/gpu.product").map(String::as_str);
+    let from_product = product
+        .and_then(|p| p.split_once("-MIG-"))
+        .map(|(_, profile)| profile.to_string());
+    let single = labels
+        .get("nvidia.com/mig.strategy")
+        .is_some_and(|s| s == "single");
+    match (from_product, single) {
+        (Some(p), _) => Some(p),
+        (None, true) => Some(String::new()),
+        (None, false) => None,
+    }
+}
+
+/// Partitions per physical GPU of an AMD node whose device plugin names partitions
+/// `amd.com/gpu` (its default `single` naming), from the node labeller's
+/// `amd.com/compute-memory-partition` (e.g. `cpx_nps4`). `None`: not partitioned (SPX), or
+/// a mode whose factor is not known.
+fn amd_partitions_per_gpu(labels: &BTreeMap<String, String>) -> Option<Option<i64>> {
+    let mode = labels.get("amd.com/compute-memory-partition")?;
+    let compute = mode.split('_').next().unwrap_or("").to_ascii_lowercase();
+    // MI300A has 6 accelerator dies, the rest of the MI300/MI350 family 8.
+    let dies = match labels.get("amd.com/gpu.product-name") {
+        Some(p) if p.to_ascii_uppercase().contains("MI300A") => 6,
+        _ => 8,
+    };
+    match compute.as_str() {
+        "" | "spx" => None,
+        "dpx" => Some(Some(2)),
+        "tpx" => Some(Some(3)),
+        "qpx" => Some(Some(4)),
+        "cpx" => Some(Some(dies)),
+        _ => Some(None),
+    }
+}
+
+/// Classify an extended resource name as a GPU resource, given its node's labels (which say
+/// whether `nvidia.com/gpu` is whole GPUs, sharing replicas or MIG slices).
 pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Vendor, GpuUnit)> {
     if resource == "nvidia.com/gpu" || resource == "nvidia.com/gpu.shared" {
+        if resource == "nvidia.com/gpu"
+            && let Some(profile) = mig_single_profile(labels)
+        {
+            return Some((Vendor::Nvidia, GpuUnit::MigSlice(profile)));
+        }
         // GFD says how many replicas share a GPU; GKE's own sharing sets no GFD label but
         // multiplies `nvidia.com/gpu` by its clients per GPU (2-48).
         let gke_shared = labels
@@ -344,7 +418,7 @@ pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Ve
                     .and_then(|r| r.parse().ok())
             })
             .unwrap_or(1);
-        let unit = if replicas > 1 || resource.ends_with(".shared") {
+        let unit = if replicas > 1 || resource.ends_with(".shared") || gke_shared {
             GpuUnit::Shared(replicas.max(1))
         } else {
             GpuUnit::Whole
@@ -355,7 +429,11 @@ pub fn classify(resource: &str, labels: &BTreeMap<String, String>) -> Option<(Ve
         return Some((Vendor::Nvidia, GpuUnit::MigSlice(profile.to_string())));
     }
     if resource == "amd.com/gpu" {
-        return Some((Vendor::Amd, GpuUnit::Whole));
+        // In the default `single` naming a partitioned GPU's partitions are `amd.com/gpu`.
+        return Some(match amd_partitions_per_gpu(labels) {
+            Some(_) => (Vendor::Amd, GpuUnit::Partition),
+            None => (Vendor::Amd, GpuUnit::Whole),
+        });
     }
     if resource.starts_with("amd.com/") {
         return Some((Vendor::Amd, GpuUnit::Partition));
@@ -459,13 +537,65 @@ fn usable_slices(slices: &[SliceInput]) -> BTreeMap<String, Vec<&SliceInput>> {
     out
 }
 
-/// Compute the inventory. `pool_label` overrides provider pool detection.
+/// What [`compute`] needs besides the API objects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Node label naming pools, overriding provider detection.
+    pub pool_label: Option<String>,
+    /// Now, Unix ms; with `not_advertised_bound_ms`, turns a plugin that never advertised
+    /// into a failure. `None`: never (no clock).
+    pub now_ms: Option<i64>,
+    /// How long after a node turned Ready its GPUs may stay unadvertised before they count
+    /// as failed.
+    pub not_advertised_bound_ms: i64,
+}
+
+/// The default start-up bound: five minutes after Ready.
+pub const NOT_ADVERTISED_BOUND_MS: i64 = 5 * 60 * 1000;
+
+/// Most physical GPUs a node can plausibly have; a report above is a broken number.
+pub const MAX_PLAUSIBLE_GPUS_PER_NODE: i64 = 64;
+
+/// Compute the inventory without a clock. `pool_label` overrides provider pool detection.
 pub fn compute(
     nodes: &[NodeInput],
     pods: &[PodInput],
     slices: &[SliceInput],
     claims: &[DeviceRef],
     pool_label: Option<&str>,
+) -> ClusterInventory {
+    let opts = Options {
+        pool_label: pool_label.map(str::to_string),
+        ..Options::default()
+    };
+    compute_with(nodes, pods, slices, claims, &opts)
+}
+
+/// The earliest time (Unix ms) at which a node's unadvertised GPUs turn into failures, if
+/// any node is waiting for that: the agent recomputes then.
+pub fn next_deadline(nodes: &[NodeInput], opts: &Options) -> Option<i64> {
+    nodes
+        .iter()
+        .filter(|n| {
+            n.capacity.iter().any(|(r, c)| {
+                classify(r, &n.labels).is_some()
+                    && count(c) > 0
+                    && n.allocatable.get(r).is_none_or(|a| count(a) == 0)
+            })
+        })
+        .filter_map(|n| n.ready_since_ms)
+        .map(|t| t + opts.not_advertised_bound_ms)
+        .filter(|d| opts.now_ms.is_none_or(|now| *d > now))
+        .min()
+}
+
+/// Compute the inventory.
+pub fn compute_with(
+    nodes: &[NodeInput],
+    pods: &[PodInput],
+    slices: &[SliceInput],
+    claims: &[DeviceRef],
+    opts: &Options,
 ) -> ClusterInventory {
     let mut requested: BTreeMap<&str, BTreeMap<String, i128>> = BTreeMap::new();
     for p in pods.iter().filter(|p| !is_terminal(&p.phase)) {
@@ -478,167 +608,320 @@ pub fn compute(
     }
     let claimed: BTreeSet<&DeviceRef> = claims.iter().collect();
     let dra = usable_slices(slices);
-    let mut out = Vec::new();
-    for n in nodes {
-        let mut resources = Vec::new();
-        for (name, cap) in &n.capacity {
-            let Some((vendor, unit)) = classify(name, &n.labels) else {
-                continue;
-            };
-            let capacity = count(cap);
-            let allocatable = n.allocatable.get(name).map_or(0, |a| count(a));
-            let allocated = requested
-                .get(n.name.as_str())
-                .and_then(|r| r.get(name))
-                .map_or(0, |m| (*m / 1000) as i64);
-            resources.push(GpuResource {
-                name: name.clone(),
-                vendor,
-                unit,
-                capacity,
-                allocatable,
-                allocated,
-                free: (allocatable - allocated).max(0),
-            });
-        }
-        let mut dra_product = None;
-        let mut dra_memory = None;
-        for s in dra.get(&n.name).into_iter().flatten() {
-            let Some(vendor) = dra_vendor(&s.driver) else {
-                continue;
-            };
-            let whole: Vec<&DeviceInput> = s
-                .devices
-                .iter()
-                .filter(|d| !matches!(d.attributes.get("type"), Some(Attr::Str(t)) if t == "mig"))
-                .collect();
-            let used = whole
-                .iter()
-                .filter(|d| {
-                    claimed.contains(&DeviceRef {
-                        driver: s.driver.clone(),
-                        pool: s.pool.clone(),
-                        device: d.name.clone(),
-                    })
-                })
-                .count() as i64;
-            let total = whole.len() as i64;
-            if let Some(d) = whole.first() {
-                if let Some(Attr::Str(p)) = d.attributes.get("productName") {
-                    dra_product = Some(p.replace(' ', "-"));
-                }
-                dra_memory = d
-                    .capacity
-                    .get("memory")
-                    .and_then(|m| parse_quantity_milli(m))
-                    .map(|b| (b / 1000 / (1 << 20)) as u64);
-            }
-            let name = format!("dra:{}", s.driver);
-            match resources.iter_mut().find(|r| r.name == name) {
-                Some(r) => {
-                    r.capacity += total;
-                    r.allocatable += total;
-                    r.allocated += used;
-                    r.free = (r.allocatable - r.allocated).max(0);
-                }
-                None => resources.push(GpuResource {
-                    name,
-                    vendor,
-                    unit: GpuUnit::Whole,
-                    capacity: total,
-                    allocatable: total,
-                    allocated: used,
-                    free: total - used,
-                }),
-            }
-        }
-        if resources.is_empty() {
-            continue;
-        }
-        let label = |k: &str| n.labels.get(k).cloned();
-        // Physical GPUs: GFD's count when present (sharing inflates the resource); otherwise
-        // whole-GPU resources and DRA devices.
-        let physical = label("nvidia.com/gpu.count")
-            .and_then(|c| c.parse::<i64>().ok())
-            .filter(|_| !matches!(label("nvidia.com/mig.strategy").as_deref(), Some("single")))
-            .unwrap_or_else(|| {
-                resources
-                    .iter()
-                    .map(|r| match r.unit {
-                        GpuUnit::Whole => r.capacity,
-                        GpuUnit::Shared(k) => r.capacity / i64::from(k.max(1)),
-                        _ => 0,
-                    })
-                    .sum()
-            });
-        let free_gpus = free_physical(&resources, &n.labels);
-        let condition = if resources
-            .iter()
-            .any(|r| r.capacity > 0 && r.allocatable == 0)
-        {
-            GpuCondition::NotAdvertised
-        } else if resources.iter().any(|r| r.allocatable < r.capacity) {
-            GpuCondition::Degraded
-        } else {
-            GpuCondition::Healthy
-        };
-        out.push(NodeInventory {
-            name: n.name.clone(),
-            pool: node_pool(&n.labels, pool_label),
-            ready: n.ready,
-            schedulable: !n.unschedulable && !n.taints.iter().any(is_leaving),
-            taints: n.taints.clone(),
-            region: label("topology.kubernetes.io/region"),
-            zone: label("topology.kubernetes.io/zone"),
-            instance_type: label("node.kubernetes.io/instance-type"),
-            kubelet_version: n.kubelet_version.clone(),
-            // GFD's labels first; managed clusters without GFD say it their own way.
-            product: label("nvidia.com/gpu.product")
-                .or(label("amd.com/gpu.product-name"))
-                .or(label("gpu.intel.com/product"))
-                .or(label("cloud.google.com/gke-accelerator"))
-                .or(label("karpenter.k8s.aws/instance-gpu-name"))
-                .or(dra_product),
-            family: label("nvidia.com/gpu.family").or(label("amd.com/gpu.family")),
-            gpu_memory_mib: label("nvidia.com/gpu.memory")
-                .and_then(|m| m.parse().ok())
-                .or_else(|| {
-                    label("amd.com/gpu.vram").and_then(|v| {
-                        v.trim_end_matches('G')
-                            .parse::<u64>()
-                            .ok()
-                            .map(|g| g * 1024)
-                    })
-                })
-                // Karpenter's `instance-gpu-memory` is MiB per GPU.
-                .or_else(|| {
-                    label("karpenter.k8s.aws/instance-gpu-memory").and_then(|m| m.parse().ok())
-                })
-                .or(dra_memory),
-            physical_gpus: physical,
-            free_gpus,
-            resources,
-            condition,
-        });
-    }
+    let empty = BTreeMap::new();
+    let out: Vec<NodeInventory> = nodes
+        .iter()
+        .filter_map(|n| {
+            let req = requested.get(n.name.as_str()).unwrap_or(&empty);
+            let node_slices = dra.get(&n.name).map(Vec::as_slice).unwrap_or(&[]);
+            node_inventory(n, req, node_slices, &claimed, opts)
+        })
+        .collect();
     let pools = pools(&out);
     ClusterInventory { nodes: out, pools }
 }
 
-/// Free physical GPUs: whole GPUs free; for sharing, GPUs with no replica in use cannot be
-/// known per device, so count `free / replicas` rounded down; MIG slices do not free a GPU.
-fn free_physical(resources: &[GpuResource], labels: &BTreeMap<String, String>) -> i64 {
-    let mig_mixed = labels
-        .get("nvidia.com/mig.strategy")
-        .is_some_and(|s| s == "mixed");
-    resources
-        .iter()
-        .map(|r| match r.unit {
-            GpuUnit::Whole if !mig_mixed => r.free,
-            GpuUnit::Shared(k) => r.free / i64::from(k.max(1)),
-            _ => 0,
+/// What a node's DRA slices hold for the inventory.
+#[derive(Default)]
+struct DraDevices {
+    product: Option<String>,
+    memory_mib: Option<u64>,
+}
+
+/// Add a node's DRA GPUs to `resources`: whole GPUs (not partitions), allocated from claims;
+/// a GPU whose counters a partition draws on is taken too.
+fn dra_resources(
+    slices: &[&SliceInput],
+    claimed: &BTreeSet<&DeviceRef>,
+    resources: &mut Vec<GpuResource>,
+) -> DraDevices {
+    let mut out = DraDevices::default();
+    for s in slices {
+        let Some(vendor) = dra_vendor(&s.driver) else {
+            continue;
+        };
+        let is_claimed = |d: &DeviceInput| {
+            claimed.contains(&DeviceRef {
+                driver: s.driver.clone(),
+                pool: s.pool.clone(),
+                device: d.name.clone(),
+            })
+        };
+        let is_gpu =
+            |d: &DeviceInput| !matches!(d.attributes.get("type"), Some(Attr::Str(t)) if t != "gpu");
+        // Counter sets with any allocated device on them: every device there is taken.
+        let busy_sets: BTreeSet<&str> = (s.devices.iter())
+            .filter(|d| is_claimed(d))
+            .flat_map(|d| d.consumes.iter().map(String::as_str))
+            .collect();
+        let whole: Vec<&DeviceInput> = s.devices.iter().filter(|d| is_gpu(d)).collect();
+        let used = (whole.iter())
+            .filter(|d| is_claimed(d) || d.consumes.iter().any(|c| busy_sets.contains(c.as_str())))
+            .count() as i64;
+        let total = whole.len() as i64;
+        if let Some(d) = whole.first() {
+            if let Some(Attr::Str(p)) = d.attributes.get("productName") {
+                out.product = Some(p.replace(' ', "-"));
+            }
+            out.memory_mib = d
+                .capacity
+                .get("memory")
+                .and_then(|m| parse_quantity_milli(m))
+                .map(|b| (b / 1000 / (1 << 20)) as u64);
+        }
+        let name = format!("dra:{}", s.driver);
+        match resources.iter_mut().find(|r| r.name == name) {
+            Some(r) => {
+                r.capacity += total;
+                r.allocatable += total;
+                r.allocated += used;
+                r.free = (r.allocatable - r.allocated).max(0);
+            }
+            None => resources.push(GpuResource {
+                name,
+                vendor,
+                unit: GpuUnit::Whole,
+                capacity: total,
+                allocatable: total,
+                allocated: used,
+                free: (total - used).max(0),
+            }),
+        }
+    }
+    out
+}
+
+/// GPUs the node's hardware labels say it has, independent of what is advertised.
+fn hardware_count(labels: &BTreeMap<String, String>, mig_single: bool) -> Option<i64> {
+    let label = |k: &str| labels.get(k).and_then(|v| v.parse::<i64>().ok());
+    label("karpenter.k8s.aws/instance-gpu-count")
+        .or_else(|| label("gpu.intel.com/device.count"))
+        // In MIG `single` mode GFD overwrites `gpu.count` with the slice count.
+        .or_else(|| {
+            (!mig_single)
+                .then(|| label("nvidia.com/gpu.count"))
+                .flatten()
         })
-        .sum()
+}
+
+fn node_inventory(
+    n: &NodeInput,
+    requested: &BTreeMap<String, i128>,
+    slices: &[&SliceInput],
+    claimed: &BTreeSet<&DeviceRef>,
+    opts: &Options,
+) -> Option<NodeInventory> {
+    let mut resources = Vec::new();
+    // A resource the kubelet keeps at capacity 0 (gone after re-partitioning) is kept: zero
+    // is an answer, not missing information.
+    for (name, cap) in &n.capacity {
+        let Some((vendor, unit)) = classify(name, &n.labels) else {
+            continue;
+        };
+        let capacity = count(cap);
+        let allocatable = n.allocatable.get(name).map_or(0, |a| count(a));
+        let allocated = requested.get(name).map_or(0, |m| (*m / 1000) as i64);
+        resources.push(GpuResource {
+            name: name.clone(),
+            vendor,
+            unit,
+            capacity,
+            allocatable,
+            allocated,
+            free: (allocatable - allocated).max(0),
+        });
+    }
+    let has_device_plugin_gpus = resources.iter().any(|r| r.capacity > 0);
+    let dra = dra_resources(slices, claimed, &mut resources);
+    if resources.is_empty() {
+        return None;
+    }
+    let label = |k: &str| n.labels.get(k).cloned();
+    let mig_single = mig_single_profile(&n.labels).is_some();
+    let hardware = hardware_count(&n.labels, mig_single);
+
+    // Physical GPUs: the hardware count when the node states one; otherwise what the
+    // advertised units add up to, where a unit's size in GPUs is known.
+    let whole_units: i64 = (resources.iter())
+        .filter(|r| r.unit == GpuUnit::Whole)
+        .map(|r| r.capacity)
+        .sum();
+    let shared_gpus: i64 = (resources.iter())
+        .filter_map(|r| match r.unit {
+            GpuUnit::Shared(k) => Some(r.capacity / i64::from(k.max(1))),
+            _ => None,
+        })
+        .sum();
+    let split: Vec<&GpuResource> = (resources.iter())
+        .filter(|r| matches!(r.unit, GpuUnit::MigSlice(_) | GpuUnit::Partition))
+        .filter(|r| r.capacity > 0)
+        .collect();
+    let amd_factor = amd_partitions_per_gpu(&n.labels).flatten();
+    let split_units: i64 = split.iter().map(|r| r.capacity).sum();
+    let physical = match hardware {
+        Some(h) => Some(h),
+        None if split.is_empty() => Some(whole_units + shared_gpus),
+        // AMD partitions of a known mode add up to GPUs; MIG slices do not (a GPU's slices
+        // depend on its layout).
+        None => match (split.iter().all(|r| r.vendor == Vendor::Amd), amd_factor) {
+            (true, Some(f)) => Some(whole_units + shared_gpus + split_units / f),
+            _ => None,
+        },
+    };
+    // GPUs given over to slices or partitions, when the total is known.
+    let split_gpus = physical.map(|p| (p - whole_units - shared_gpus).max(0));
+
+    // Condition and failures.
+    let not_advertised = resources
+        .iter()
+        .any(|r| r.capacity > 0 && r.allocatable == 0 && !r.name.starts_with("dra:"));
+    let past_bound = match (opts.now_ms, n.ready_since_ms) {
+        (Some(now), Some(since)) if n.ready => now - since >= opts.not_advertised_bound_ms,
+        _ => false,
+    };
+    let dra_gpus: i64 = (resources.iter())
+        .filter(|r| r.name.starts_with("dra:"))
+        .map(|r| r.capacity)
+        .sum();
+    // A DRA driver leaves an unhealthy GPU out of its slice; the hardware labels still
+    // count it.
+    let dra_missing = match hardware {
+        Some(h) if !has_device_plugin_gpus && dra_gpus > 0 => (h - dra_gpus).max(0),
+        _ => 0,
+    };
+    let units_to_gpus = |missing: i64, r: &GpuResource| -> i64 {
+        match &r.unit {
+            GpuUnit::Whole => missing,
+            GpuUnit::Shared(k) => (missing + i64::from(*k) - 1) / i64::from((*k).max(1)),
+            _ => match split_gpus {
+                // Units per GPU = advertised units / GPUs split; round up.
+                Some(g) if g > 0 && split_units > 0 => {
+                    (missing * g + split_units - 1) / split_units
+                }
+                _ => 0,
+            },
+        }
+    };
+    let unhealthy: i64 = (resources.iter())
+        .filter(|r| r.allocatable > 0)
+        .map(|r| units_to_gpus((r.capacity - r.allocatable).max(0), r))
+        .sum::<i64>()
+        + dra_missing;
+    let silent: i64 = (resources.iter())
+        .filter(|r| r.capacity > 0 && r.allocatable == 0)
+        .map(|r| units_to_gpus(r.capacity, r))
+        .sum();
+    let condition = if not_advertised && past_bound {
+        GpuCondition::Failed
+    } else if not_advertised {
+        GpuCondition::NotAdvertised
+    } else if unhealthy > 0 || resources.iter().any(|r| r.allocatable < r.capacity) {
+        GpuCondition::Degraded
+    } else {
+        GpuCondition::Healthy
+    };
+    let failed_gpus = match condition {
+        GpuCondition::Failed => unhealthy + silent,
+        GpuCondition::Degraded => unhealthy,
+        _ => 0,
+    };
+
+    // Free whole GPUs and idle physical GPUs.
+    let free_gpus: i64 = (resources.iter())
+        .filter(|r| r.unit == GpuUnit::Whole)
+        .map(|r| r.free)
+        .sum();
+    let shared_idle: i64 = (resources.iter())
+        .filter_map(|r| match r.unit {
+            // Replicas spread over GPUs: each one in use may hold a different GPU.
+            GpuUnit::Shared(k) => Some((r.allocatable / i64::from(k.max(1)) - r.allocated).max(0)),
+            _ => None,
+        })
+        .sum();
+    let split_idle = match split_gpus {
+        Some(g) if split.iter().any(|r| r.allocatable > 0) => {
+            let used: i64 = split.iter().map(|r| r.allocated).sum();
+            let down: i64 = (split.iter())
+                .map(|r| units_to_gpus((r.capacity - r.allocatable).max(0), r))
+                .sum();
+            (g - used - down).max(0)
+        }
+        _ => 0,
+    };
+    let idle_gpus = free_gpus + shared_idle + split_idle;
+
+    let problem = implausible(&resources, physical);
+    let mut inv = NodeInventory {
+        name: n.name.clone(),
+        pool: node_pool(&n.labels, opts.pool_label.as_deref()),
+        ready: n.ready,
+        schedulable: !n.unschedulable && !n.taints.iter().any(is_leaving),
+        taints: n.taints.clone(),
+        region: label("topology.kubernetes.io/region"),
+        zone: label("topology.kubernetes.io/zone"),
+        instance_type: label("node.kubernetes.io/instance-type"),
+        kubelet_version: n.kubelet_version.clone(),
+        // GFD's labels first; managed clusters without GFD say it their own way.
+        product: label("nvidia.com/gpu.product")
+            .or(label("amd.com/gpu.product-name"))
+            .or(label("gpu.intel.com/product"))
+            .or(label("cloud.google.com/gke-accelerator"))
+            .or(label("karpenter.k8s.aws/instance-gpu-name"))
+            .or(dra.product),
+        family: label("nvidia.com/gpu.family").or(label("amd.com/gpu.family")),
+        gpu_memory_mib: label("nvidia.com/gpu.memory")
+            .and_then(|m| m.parse().ok())
+            .or_else(|| {
+                label("amd.com/gpu.vram").and_then(|v| {
+                    v.trim_end_matches('G')
+                        .parse::<u64>()
+                        .ok()
+                        .map(|g| g * 1024)
+                })
+            })
+            // Karpenter's `instance-gpu-memory` is MiB per GPU.
+            .or_else(|| label("karpenter.k8s.aws/instance-gpu-memory").and_then(|m| m.parse().ok()))
+            .or(dra.memory_mib),
+        physical_gpus: physical,
+        free_gpus,
+        idle_gpus: idle_gpus.min(physical.unwrap_or(i64::MAX)),
+        failed_gpus,
+        resources,
+        condition,
+        problem: None,
+    };
+    if let Some(p) = problem {
+        inv.quarantine(p);
+    }
+    Some(inv)
+}
+
+/// Why a node's numbers cannot be true, if they cannot.
+fn implausible(resources: &[GpuResource], physical: Option<i64>) -> Option<String> {
+    if let Some(p) = physical.filter(|p| *p > MAX_PLAUSIBLE_GPUS_PER_NODE) {
+        return Some(format!(
+            "reports {p} physical GPUs, more than {MAX_PLAUSIBLE_GPUS_PER_NODE} per node"
+        ));
+    }
+    if let Some(r) = resources.iter().find(|r| r.allocatable > r.capacity) {
+        return Some(format!(
+            "{}: allocatable {} is above capacity {}",
+            r.name, r.allocatable, r.capacity
+        ));
+    }
+    None
+}
+
+impl NodeInventory {
+    /// Keep the node, with `reason`, and count none of its GPUs: numbers that make no sense
+    /// must not make the fleet look bigger, nor reject the rest of the report.
+    pub fn quarantine(&mut self, reason: String) {
+        self.problem = Some(reason);
+        self.physical_gpus = None;
+        self.free_gpus = 0;
+        self.idle_gpus = 0;
+        self.failed_gpus = 0;
+    }
 }
 
 /// Per-pool totals of the nodes added, in pool order.
@@ -665,7 +948,10 @@ struct PoolSums {
     nodes: u32,
     usable_nodes: u32,
     physical_gpus: i64,
+    physical_unknown_nodes: u32,
     free_gpus: i64,
+    idle_gpus: i64,
+    failed_gpus: i64,
     /// Product and the nodes with it, by product.
     products: Vec<(String, u32)>,
     /// Summed resource (free counted on usable nodes only) and the nodes with it, by name.
@@ -715,13 +1001,18 @@ impl PoolTotals {
             |(k, _)| k,
             || (key.to_string(), PoolSums::default()),
         );
-        let usable = n.ready && n.schedulable;
+        let usable = n.usable();
         step(&mut p.nodes);
         if usable {
             step(&mut p.usable_nodes);
             p.free_gpus += sign * n.free_gpus;
+            p.idle_gpus += sign * n.idle_gpus;
         }
-        p.physical_gpus += sign * n.physical_gpus;
+        match n.physical_gpus {
+            Some(g) => p.physical_gpus += sign * g,
+            None => step(&mut p.physical_unknown_nodes),
+        }
+        p.failed_gpus += sign * n.failed_gpus;
         if let Some(prod) = &n.product {
             let (i, (_, c)) = entry(&mut p.products, prod, |(k, _)| k, || (prod.clone(), 0));
             step(c);
@@ -729,7 +1020,12 @@ impl PoolTotals {
                 p.products.remove(i);
             }
         }
-        for r in &n.resources {
+        // A quarantined node's numbers are shown on the node, never summed.
+        let summed: &[GpuResource] = match n.problem {
+            None => &n.resources,
+            Some(_) => &[],
+        };
+        for r in summed {
             let zero = || {
                 let x = GpuResource {
                     capacity: 0,
@@ -765,7 +1061,10 @@ impl PoolTotals {
                 usable_nodes: p.usable_nodes,
                 products: p.products.iter().map(|(k, _)| k.clone()).collect(),
                 physical_gpus: p.physical_gpus,
+                physical_unknown_nodes: p.physical_unknown_nodes,
                 free_gpus: p.free_gpus,
+                idle_gpus: p.idle_gpus,
+                failed_gpus: p.failed_gpus,
                 resources: p.resources.iter().map(|(r, _)| r.clone()).collect(),
             })
             .collect()
@@ -963,7 +1262,7 @@ mod tests {
         ];
         for (name, physical, product, memory, resources) in cases {
             let got = n(name);
-            assert_eq!(got.physical_gpus, physical, "{name}: physical");
+            assert_eq!(got.physical_gpus, Some(physical), "{name}: physical");
             assert_eq!(got.product.as_deref(), product, "{name}: product");
             assert_eq!(got.gpu_memory_mib, memory, "{name}: memory");
             assert_eq!(
@@ -974,6 +1273,364 @@ mod tests {
             );
         }
         assert_eq!(n("gke").resources[0].unit, GpuUnit::Shared(8));
+    }
+
+    /// One row of the GPU-mode table: what a node shows, and what Flotilla counts.
+    struct Mode {
+        what: &'static str,
+        labels: Vec<(&'static str, &'static str)>,
+        /// (resource, capacity, allocatable)
+        resources: Vec<(&'static str, &'static str, &'static str)>,
+        /// (resource, requested by one running pod)
+        used: Vec<(&'static str, &'static str)>,
+        physical: Option<i64>,
+        free_whole: i64,
+        idle: i64,
+        failed: i64,
+        /// The unit of the first resource named in `resources`.
+        unit: GpuUnit,
+    }
+
+    fn run(m: &Mode) -> NodeInventory {
+        let cap: Vec<(&str, &str)> = m.resources.iter().map(|(r, c, _)| (*r, *c)).collect();
+        let alloc: Vec<(&str, &str)> = m.resources.iter().map(|(r, _, a)| (*r, *a)).collect();
+        let n = node("n", &m.labels, &cap, &alloc);
+        let pods: Vec<PodInput> = m
+            .used
+            .iter()
+            .map(|(r, q)| pod("n", "Running", &[(r, q)]))
+            .collect();
+        compute(&[n], &pods, &[], &[], None).nodes.remove(0)
+    }
+
+    #[test]
+    fn every_gpu_mode_is_counted_as_what_it_is() {
+        let modes = [
+            Mode {
+                what: "whole GPUs",
+                labels: vec![("nvidia.com/gpu.count", "8")],
+                resources: vec![("nvidia.com/gpu", "8", "8")],
+                used: vec![("nvidia.com/gpu", "3")],
+                physical: Some(8),
+                free_whole: 5,
+                idle: 5,
+                failed: 0,
+                unit: GpuUnit::Whole,
+            },
+            // Case 1: GFD in MIG single overwrites gpu.count with the slice count.
+            Mode {
+                what: "MIG single, no hardware count",
+                labels: vec![
+                    ("nvidia.com/mig.strategy", "single"),
+                    ("nvidia.com/gpu.count", "56"),
+                    (
+                        "nvidia.com/gpu.product",
+                        "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb",
+                    ),
+                ],
+                resources: vec![("nvidia.com/gpu", "56", "56")],
+                used: vec![],
+                physical: None,
+                free_whole: 0,
+                idle: 0,
+                failed: 0,
+                unit: GpuUnit::MigSlice("1g.10gb".into()),
+            },
+            Mode {
+                what: "MIG single on Karpenter (instance GPU count)",
+                labels: vec![
+                    ("nvidia.com/mig.strategy", "single"),
+                    (
+                        "nvidia.com/gpu.product",
+                        "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb",
+                    ),
+                    ("karpenter.k8s.aws/instance-gpu-count", "8"),
+                ],
+                resources: vec![("nvidia.com/gpu", "16", "16")],
+                used: vec![("nvidia.com/gpu", "2")],
+                physical: Some(8),
+                free_whole: 0,
+                idle: 6,
+                failed: 0,
+                unit: GpuUnit::MigSlice("3g.20gb".into()),
+            },
+            // Case 2: two GPUs left whole beside six split ones.
+            Mode {
+                what: "MIG mixed, two GPUs whole",
+                labels: vec![
+                    ("nvidia.com/mig.strategy", "mixed"),
+                    ("nvidia.com/gpu.count", "8"),
+                ],
+                resources: vec![
+                    ("nvidia.com/gpu", "2", "2"),
+                    ("nvidia.com/mig-1g.10gb", "42", "42"),
+                ],
+                used: vec![("nvidia.com/mig-1g.10gb", "4")],
+                physical: Some(8),
+                free_whole: 2,
+                idle: 4,
+                failed: 0,
+                unit: GpuUnit::Whole,
+            },
+            Mode {
+                what: "MIG mixed, re-partitioned (nvidia.com/gpu kept at 0)",
+                labels: vec![
+                    ("nvidia.com/mig.strategy", "mixed"),
+                    ("nvidia.com/gpu.count", "8"),
+                ],
+                resources: vec![
+                    ("nvidia.com/gpu", "0", "0"),
+                    ("nvidia.com/mig-3g.40gb", "16", "16"),
+                ],
+                used: vec![],
+                physical: Some(8),
+                free_whole: 0,
+                idle: 8,
+                failed: 0,
+                unit: GpuUnit::Whole,
+            },
+            // Case 3: replicas are neither whole GPUs nor a bound on idle ones.
+            Mode {
+                what: "time-slicing x4",
+                labels: vec![
+                    ("nvidia.com/gpu.count", "4"),
+                    ("nvidia.com/gpu.replicas", "4"),
+                ],
+                resources: vec![("nvidia.com/gpu", "16", "16")],
+                used: vec![("nvidia.com/gpu", "1")],
+                physical: Some(4),
+                free_whole: 0,
+                idle: 3,
+                failed: 0,
+                unit: GpuUnit::Shared(4),
+            },
+            // Case 4: GKE time-sharing, 8 GPUs x 48 clients, no GFD.
+            Mode {
+                what: "GKE time-sharing x48",
+                labels: vec![
+                    ("cloud.google.com/gke-accelerator", "nvidia-l4"),
+                    ("cloud.google.com/gke-gpu-sharing-strategy", "time-sharing"),
+                    ("cloud.google.com/gke-max-shared-clients-per-gpu", "48"),
+                ],
+                resources: vec![("nvidia.com/gpu", "384", "384")],
+                used: vec![],
+                physical: Some(8),
+                free_whole: 0,
+                idle: 8,
+                failed: 0,
+                unit: GpuUnit::Shared(48),
+            },
+            Mode {
+                what: "AMD MI300X in CPX, default single naming",
+                labels: vec![
+                    ("amd.com/gpu.product-name", "AMD_Instinct_MI300X"),
+                    ("amd.com/compute-memory-partition", "cpx_nps4"),
+                ],
+                resources: vec![("amd.com/gpu", "64", "64")],
+                used: vec![("amd.com/gpu", "9")],
+                physical: Some(8),
+                free_whole: 0,
+                idle: 0,
+                failed: 0,
+                unit: GpuUnit::Partition,
+            },
+            Mode {
+                what: "AMD MI300X unpartitioned",
+                labels: vec![
+                    ("amd.com/gpu.product-name", "AMD_Instinct_MI300X"),
+                    ("amd.com/compute-memory-partition", "spx_nps1"),
+                ],
+                resources: vec![("amd.com/gpu", "8", "8")],
+                used: vec![],
+                physical: Some(8),
+                free_whole: 8,
+                idle: 8,
+                failed: 0,
+                unit: GpuUnit::Whole,
+            },
+            Mode {
+                what: "Intel with resource management",
+                labels: vec![("gpu.intel.com/device.count", "2")],
+                resources: vec![
+                    ("gpu.intel.com/i915", "2", "2"),
+                    ("gpu.intel.com/millicores", "2000", "2000"),
+                    ("gpu.intel.com/tiles", "2", "2"),
+                ],
+                used: vec![],
+                physical: Some(2),
+                free_whole: 2,
+                idle: 2,
+                failed: 0,
+                unit: GpuUnit::Whole,
+            },
+            Mode {
+                what: "two devices unhealthy",
+                labels: vec![("nvidia.com/gpu.count", "8")],
+                resources: vec![("nvidia.com/gpu", "8", "6")],
+                used: vec![],
+                physical: Some(8),
+                free_whole: 6,
+                idle: 6,
+                failed: 2,
+                unit: GpuUnit::Whole,
+            },
+        ];
+        for m in &modes {
+            let n = run(m);
+            let got = (n.physical_gpus, n.free_gpus, n.idle_gpus, n.failed_gpus);
+            assert_eq!(
+                got,
+                (m.physical, m.free_whole, m.idle, m.failed),
+                "{}: (physical, free whole, idle, failed)",
+                m.what
+            );
+            assert_eq!(n.resources[0].unit, m.unit, "{}: unit", m.what);
+            assert_eq!(n.problem, None, "{}", m.what);
+        }
+    }
+
+    #[test]
+    fn a_node_with_impossible_numbers_is_kept_with_a_reason_and_counts_nothing() {
+        let broken = node(
+            "broken",
+            &[("nvidia.com/gpu.count", "512")],
+            &[("nvidia.com/gpu", "512")],
+            &[("nvidia.com/gpu", "512")],
+        );
+        let over = node(
+            "over",
+            &[],
+            &[("nvidia.com/gpu", "4")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let fine = node(
+            "fine",
+            &[],
+            &[("nvidia.com/gpu", "8")],
+            &[("nvidia.com/gpu", "8")],
+        );
+        let inv = compute(&[broken, over, fine], &[], &[], &[], None);
+        assert_eq!(inv.nodes.len(), 3, "the report stands");
+        let why = |name: &str| {
+            let n = inv.nodes.iter().find(|n| n.name == name).unwrap();
+            (n.problem.clone(), n.physical_gpus, n.free_gpus)
+        };
+        assert!(why("broken").0.unwrap().contains("512 physical GPUs"));
+        assert!(why("over").0.unwrap().contains("above capacity"));
+        assert_eq!(why("fine"), (None, Some(8), 8));
+        let p = &inv.pools[0];
+        assert_eq!((p.physical_gpus, p.free_gpus, p.usable_nodes), (8, 8, 1));
+        assert_eq!(
+            p.resources[0].capacity, 8,
+            "quarantined numbers are not summed"
+        );
+    }
+
+    #[test]
+    fn gpus_unadvertised_past_the_bound_after_ready_are_failures() {
+        let minute = 60_000;
+        let n = |ready_since: Option<i64>| NodeInput {
+            ready_since_ms: ready_since,
+            ready: ready_since.is_some(),
+            ..node(
+                "n",
+                &[("nvidia.com/gpu.count", "8")],
+                &[("nvidia.com/gpu", "8")],
+                &[("nvidia.com/gpu", "0")],
+            )
+        };
+        let opts = Options {
+            now_ms: Some(100 * minute),
+            not_advertised_bound_ms: 5 * minute,
+            ..Options::default()
+        };
+        // (Ready since, condition, failed)
+        let cases = [
+            (Some(99 * minute), GpuCondition::NotAdvertised, 0),
+            (Some(95 * minute), GpuCondition::Failed, 8),
+            (Some(10 * minute), GpuCondition::Failed, 8),
+            (None, GpuCondition::NotAdvertised, 0),
+        ];
+        for (since, condition, failed) in cases {
+            let inv = compute_with(&[n(since)], &[], &[], &[], &opts);
+            let got = &inv.nodes[0];
+            assert_eq!(
+                (got.condition, got.failed_gpus),
+                (condition, failed),
+                "{since:?}"
+            );
+        }
+        // The agent wakes when the first bound passes, and not for one already past.
+        assert_eq!(
+            next_deadline(&[n(Some(99 * minute)), n(Some(98 * minute))], &opts),
+            Some(103 * minute)
+        );
+        assert_eq!(next_deadline(&[n(Some(10 * minute))], &opts), None);
+        // Without a clock nothing turns into a failure.
+        assert_eq!(
+            compute(&[n(Some(0))], &[], &[], &[], None).nodes[0].condition,
+            GpuCondition::NotAdvertised
+        );
+    }
+
+    fn device(name: &str, kind: &str, consumes: &[&str]) -> DeviceInput {
+        DeviceInput {
+            name: name.into(),
+            attributes: [("type".to_string(), Attr::Str(kind.into()))].into(),
+            capacity: BTreeMap::new(),
+            consumes: consumes.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn dra_missing_devices_fail_and_an_allocated_partition_takes_its_parent() {
+        let claim = |d: &str| DeviceRef {
+            driver: "gpu.nvidia.com".into(),
+            pool: "n".into(),
+            device: d.into(),
+        };
+        // Two GPUs, each also offered as two partitions drawing on the GPU's counters.
+        let s = SliceInput {
+            driver: "gpu.nvidia.com".into(),
+            node_name: Some("n".into()),
+            pool: "n".into(),
+            generation: 1,
+            slice_count: 1,
+            devices: vec![
+                device("gpu-0", "gpu", &["gpu-0-counters"]),
+                device("gpu-0-mig-0", "mig", &["gpu-0-counters"]),
+                device("gpu-0-mig-1", "mig", &["gpu-0-counters"]),
+                device("gpu-1", "gpu", &["gpu-1-counters"]),
+                device("gpu-1-mig-0", "mig", &["gpu-1-counters"]),
+            ],
+        };
+        let hw = node(
+            "n",
+            &[("nvidia.com/gpu.count", "3")],
+            &[("cpu", "96")],
+            &[("cpu", "96")],
+        );
+        // (claims, free whole GPUs)
+        let cases = [
+            (vec![], 2),
+            (vec![claim("gpu-0-mig-1")], 1),
+            (vec![claim("gpu-1")], 1),
+            (vec![claim("gpu-0-mig-0"), claim("gpu-1-mig-0")], 0),
+        ];
+        for (claims, free) in cases {
+            let inv = compute(
+                std::slice::from_ref(&hw),
+                &[],
+                std::slice::from_ref(&s),
+                &claims,
+                None,
+            );
+            let n = &inv.nodes[0];
+            assert_eq!(n.free_gpus, free, "{claims:?}");
+            // The hardware says 3 GPUs; the driver publishes 2: one failed.
+            assert_eq!((n.physical_gpus, n.failed_gpus), (Some(3), 1));
+            assert_eq!(n.condition, GpuCondition::Degraded);
+        }
     }
 
     #[test]
@@ -1028,12 +1685,17 @@ mod tests {
             None,
         );
         let node = &inv.nodes[0];
-        assert_eq!(node.physical_gpus, 2, "8 advertised replicas are 2 GPUs");
+        assert_eq!(
+            node.physical_gpus,
+            Some(2),
+            "8 advertised replicas are 2 GPUs"
+        );
         assert_eq!(node.resources[0].unit, GpuUnit::Shared(4));
         assert_eq!(node.resources[0].free, 5);
+        assert_eq!(node.free_gpus, 0, "a replica is not a whole GPU");
         assert_eq!(
-            node.free_gpus, 1,
-            "5 free replicas of 4 per GPU: one whole GPU"
+            node.idle_gpus, 0,
+            "3 replicas in use may sit on both GPUs: none is surely idle"
         );
         // Without GFD labels, a .shared resource still isn't counted as whole GPUs.
         let bare = node_with_shared();
@@ -1083,10 +1745,11 @@ mod tests {
             res(&inv, "n", "nvidia.com/mig-2g.20gb").unit,
             GpuUnit::MigSlice("2g.20gb".into())
         );
-        assert_eq!(inv.nodes[0].physical_gpus, 8);
+        assert_eq!(inv.nodes[0].physical_gpus, Some(8));
+        assert_eq!(inv.nodes[0].free_gpus, 0, "MIG slices are never whole GPUs");
         assert_eq!(
-            inv.nodes[0].free_gpus, 0,
-            "MIG slices never free a whole GPU"
+            inv.nodes[0].idle_gpus, 6,
+            "2 slices in use hold at most 2 GPUs"
         );
     }
 
@@ -1149,6 +1812,7 @@ mod tests {
                     ]
                     .into(),
                     capacity: map(&[("memory", "81559Mi")]),
+                    consumes: vec![],
                 })
                 .collect(),
         }
@@ -1173,7 +1837,7 @@ mod tests {
             Some("NVIDIA-H100-80GB-HBM3")
         );
         assert_eq!(inv.nodes[0].gpu_memory_mib, Some(81559));
-        assert_eq!(inv.nodes[0].physical_gpus, 6);
+        assert_eq!(inv.nodes[0].physical_gpus, Some(6));
         // An incomplete newest generation (1 of 2 slices) is not used; the node has no GPUs.
         let partial = [slice("n", 3, 2, 8)];
         assert!(compute(&[n], &[], &partial, &[], None).nodes.is_empty());

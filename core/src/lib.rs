@@ -1,6 +1,7 @@
 //! Flotilla's pure domain: types, decisions and the store backend trait. No I/O, no runtime.
 
 pub mod capacity;
+pub mod duration;
 pub mod fit;
 pub mod health;
 pub mod inventory;

@@ -49,6 +49,8 @@ pub struct ClusterRecord {
     pub joined_at_unix_ms: i64,
     /// Recent transitions, most recent first, at most [`HISTORY`].
     pub history: Vec<HistoryEntry>,
+    /// Resources its agent has not listed: the inventory is incomplete, Fit skips it.
+    pub inventory_incomplete: Vec<String>,
 }
 
 /// Whether `tr` still applies to the stored record `c`: it starts from the health the record
@@ -63,6 +65,7 @@ pub fn transition_applies(c: &ClusterRecord, tr: &Transition) -> bool {
 pub fn record_transition(c: &mut ClusterRecord, tr: &Transition, at_unix_ms: i64) {
     c.health = tr.to;
     c.health_reason = tr.reason.clone();
+    c.inventory_incomplete = tr.incomplete.clone();
     c.history.insert(
         0,
         HistoryEntry {
@@ -96,6 +99,7 @@ pub fn register(
             identity: Identity::default(),
             joined_at_unix_ms: now_unix_ms,
             history: Vec::new(),
+            inventory_incomplete: Vec::new(),
         },
     };
     if next.health == Health::Left {
@@ -126,6 +130,7 @@ mod tests {
             from,
             to,
             reason: "r".into(),
+            incomplete: vec![],
         }
     }
 
@@ -164,6 +169,20 @@ mod tests {
     }
 
     #[test]
+    fn a_transition_records_whether_the_inventory_is_complete() {
+        let mut c = register(None, "a", &id("eu"), None, 0).unwrap();
+        let mut t = tr(Some(Health::Joining), Health::Degraded);
+        t.incomplete = vec!["pods".into()];
+        record_transition(&mut c, &t, 1);
+        assert_eq!(c.inventory_incomplete, ["pods"]);
+        record_transition(&mut c, &tr(Some(Health::Degraded), Health::Ready), 2);
+        assert!(
+            c.inventory_incomplete.is_empty(),
+            "the next transition clears it"
+        );
+    }
+
+    #[test]
     fn history_is_bounded_most_recent_first() {
         let mut c = register(None, "a", &id("eu"), None, 0).unwrap();
         for i in 0..(HISTORY as i64 + 5) {
@@ -182,12 +201,14 @@ mod tests {
             identity: Identity::default(),
             joined_at_unix_ms: 0,
             history: Vec::new(),
+            inventory_incomplete: Vec::new(),
         };
         let down = Transition {
             cluster: "a".into(),
             from: Some(Health::Ready),
             to: Health::Unreachable,
             reason: "no heartbeat".into(),
+            incomplete: vec![],
         };
         assert!(transition_applies(&c, &down));
         // Overtaken: the record moved on (the agent rejoined) before this was written.

@@ -100,6 +100,7 @@ pub async fn start(
                 .find(|s| s.name == c.name())
                 .map(|s| s.labels.clone())
                 .unwrap_or_default(),
+            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         };
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());

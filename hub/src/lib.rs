@@ -133,24 +133,8 @@ pub enum StoreKind {
     Etcd,
 }
 
-/// Parse `3s`, `1500ms`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 3s or 500ms"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
+/// Parse `3s`, `1500ms`, `2m`, `1h` or a bare number of seconds.
+pub use flotilla_core::duration::parse as parse_duration;
 
 /// A started hub.
 pub struct RunningHub {

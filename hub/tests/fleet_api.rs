@@ -86,6 +86,7 @@ fn node(name: &str, gpus: i64, free: i64) -> v1::NodeInventory {
         gpu_memory_mib: 81559,
         physical_gpus: gpus,
         free_gpus: free,
+        idle_gpus: free,
         resources: vec![v1::GpuResource {
             name: "nvidia.com/gpu".into(),
             vendor: v1::GpuVendor::Nvidia as i32,
@@ -343,9 +344,50 @@ async fn agents_join_report_and_are_judged() {
     assert_eq!(inv.pools, recount);
     assert_eq!((inv.pools[0].nodes, inv.pools[0].physical_gpus), (2, 16));
 
-    // A report over the limits is rejected naming the field; the stored state stays intact.
+    // A node whose numbers make no sense is kept with the reason and counts for nothing;
+    // the rest of the report stands.
     let mut bad = node("n9", 8, 8);
     bad.resources[0].capacity = -3;
+    tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+        upsert: vec![bad],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let ack = rx.message().await;
+    assert!(
+        matches!(
+            &ack,
+            Ok(Some(v1::HubMessage {
+                msg: Some(v1::hub_message::Msg::Ack(_))
+            }))
+        ),
+        "{ack:?}"
+    );
+    let inv = inventory(&mut fleet, "alpha", "").await.unwrap();
+    let n9 = inv.nodes.iter().find(|n| n.name == "n9").unwrap();
+    assert!(
+        n9.problem.contains("resources[0].capacity is negative"),
+        "{}",
+        n9.problem
+    );
+    assert_eq!((n9.physical_unknown, n9.free_gpus), (true, 0));
+    assert_eq!(
+        (inv.pools[0].physical_gpus, inv.pools[0].free_gpus),
+        (16, 10),
+        "n9 adds nothing"
+    );
+    tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+        remove: vec!["n9".into()],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    rx.message().await.unwrap().unwrap();
+
+    // A malformed report is rejected naming the field; the stored state stays intact.
+    let mut bad = node("n9", 8, 8);
+    bad.resources[0].unit = 99;
     tx.send(msg(v1::agent_message::Msg::Delta(v1::InventoryDelta {
         upsert: vec![bad],
         ..Default::default()
@@ -356,7 +398,7 @@ async fn agents_join_report_and_are_judged() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert_eq!(
         e.metadata().get("flotilla-field").unwrap(),
-        "delta.upsert[0].resources[0].capacity"
+        "delta.upsert[0].resources[0].unit"
     );
     let inv = inventory(&mut fleet, "alpha", "").await.unwrap();
     let names: Vec<&str> = inv.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -568,6 +610,7 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         pool_label: None,
         region: String::new(),
         labels: Default::default(),
+        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
     };
     let agent_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_http_addr = agent_http.local_addr().unwrap();

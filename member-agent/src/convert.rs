@@ -6,8 +6,8 @@ use flotilla_core::inventory::{
     Attr, DeviceInput, DeviceRef, InitContainer, NodeInput, PodInput, Requests, SliceInput, Taint,
 };
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
-use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::Value;
 
 fn quantities(m: Option<&BTreeMap<String, Quantity>>) -> BTreeMap<String, String> {
     m.map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
@@ -17,9 +17,13 @@ fn quantities(m: Option<&BTreeMap<String, Quantity>>) -> BTreeMap<String, String
 /// What the inventory needs from a Node.
 pub fn node(n: &Node) -> NodeInput {
     let status = n.status.as_ref();
-    let ready = status
+    let ready_cond = status
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"));
+    let ready = ready_cond.is_some();
+    let ready_since_ms = ready_cond
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0.as_millisecond());
     let spec = n.spec.as_ref();
     NodeInput {
         name: n.metadata.name.clone().unwrap_or_default(),
@@ -27,6 +31,7 @@ pub fn node(n: &Node) -> NodeInput {
         capacity: quantities(status.and_then(|s| s.capacity.as_ref())),
         allocatable: quantities(status.and_then(|s| s.allocatable.as_ref())),
         ready,
+        ready_since_ms,
         unschedulable: spec.and_then(|s| s.unschedulable).unwrap_or(false),
         taints: spec
             .and_then(|s| s.taints.as_ref())
@@ -86,74 +91,130 @@ pub fn pod(p: &Pod) -> PodInput {
     }
 }
 
-/// What the inventory needs from a ResourceSlice.
-pub fn slice(s: &ResourceSlice) -> SliceInput {
-    let devices = s
-        .spec
-        .devices
-        .as_ref()
+/// A DRA device attribute (`{"int": 1}`, `{"string": "gpu"}`, …) as the inventory holds it.
+fn attr(v: &Value) -> Option<Attr> {
+    if let Some(i) = v.get("int").and_then(Value::as_i64) {
+        Some(Attr::Int(i))
+    } else if let Some(b) = v.get("bool").and_then(Value::as_bool) {
+        Some(Attr::Bool(b))
+    } else if let Some(s) = v.get("string").and_then(Value::as_str) {
+        Some(Attr::Str(s.to_string()))
+    } else {
+        v.get("version")
+            .and_then(Value::as_str)
+            .map(|s| Attr::Version(s.to_string()))
+    }
+}
+
+/// What the inventory needs from a ResourceSlice, in any served version: `v1` and `v1beta2`
+/// list a device's fields directly, `v1beta1` nests them under `basic`.
+pub fn slice(obj: &Value) -> SliceInput {
+    let spec = &obj["spec"];
+    let devices = spec["devices"]
+        .as_array()
         .map(|ds| {
             ds.iter()
-                .map(|d| DeviceInput {
-                    name: d.name.clone(),
-                    attributes: d
-                        .attributes
-                        .as_ref()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|(k, v)| {
-                                    let attr = if let Some(i) = v.int {
-                                        Attr::Int(i)
-                                    } else if let Some(b) = v.bool {
-                                        Attr::Bool(b)
-                                    } else if let Some(s) = &v.string {
-                                        Attr::Str(s.clone())
-                                    } else {
-                                        Attr::Version(v.version.clone()?)
-                                    };
-                                    Some((k.clone(), attr))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    capacity: d
-                        .capacity
-                        .as_ref()
-                        .map(|c| {
-                            c.iter()
-                                .map(|(k, v)| (k.clone(), v.value.0.clone()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                .map(|d| {
+                    let body = d.get("basic").unwrap_or(d);
+                    DeviceInput {
+                        name: d["name"].as_str().unwrap_or_default().to_string(),
+                        attributes: body["attributes"]
+                            .as_object()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|(k, v)| Some((k.clone(), attr(v)?)))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        // `{"value": "80Gi"}`; a bare quantity in older alphas.
+                        capacity: body["capacity"]
+                            .as_object()
+                            .map(|c| {
+                                c.iter()
+                                    .filter_map(|(k, v)| {
+                                        let q = v.get("value").unwrap_or(v).as_str()?;
+                                        Some((k.clone(), q.to_string()))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        consumes: body["consumesCounters"]
+                            .as_array()
+                            .map(|cs| {
+                                cs.iter()
+                                    .filter_map(|c| c["counterSet"].as_str().map(str::to_string))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    }
                 })
                 .collect()
         })
         .unwrap_or_default();
     SliceInput {
-        driver: s.spec.driver.clone(),
-        node_name: s.spec.node_name.clone(),
-        pool: s.spec.pool.name.clone(),
-        generation: s.spec.pool.generation,
-        slice_count: s.spec.pool.resource_slice_count,
+        driver: spec["driver"].as_str().unwrap_or_default().to_string(),
+        node_name: spec["nodeName"].as_str().map(str::to_string),
+        pool: spec["pool"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        generation: spec["pool"]["generation"].as_i64().unwrap_or(0),
+        slice_count: spec["pool"]["resourceSliceCount"].as_i64().unwrap_or(1),
         devices,
     }
 }
 
-/// The devices a claim has been allocated.
-pub fn claim(c: &ResourceClaim) -> Vec<DeviceRef> {
-    c.status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_ref())
+/// The devices a claim (any served version) has been allocated.
+pub fn claim(obj: &Value) -> Vec<DeviceRef> {
+    obj["status"]["allocation"]["devices"]["results"]
+        .as_array()
         .map(|r| {
             r.iter()
                 .map(|r| DeviceRef {
-                    driver: r.driver.clone(),
-                    pool: r.pool.clone(),
-                    device: r.device.clone(),
+                    driver: r["driver"].as_str().unwrap_or_default().to_string(),
+                    pool: r["pool"].as_str().unwrap_or_default().to_string(),
+                    device: r["device"].as_str().unwrap_or_default().to_string(),
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn slices_read_the_same_in_every_served_version() {
+        let device = json!({
+            "attributes": {"type": {"string": "gpu"}, "index": {"int": 0}},
+            "capacity": {"memory": {"value": "80Gi"}},
+            "consumesCounters": [{"counterSet": "gpu-0", "counters": {"memory": {"value": "80Gi"}}}],
+        });
+        let mut nested = json!({"name": "gpu-0", "basic": device.clone()});
+        let mut flat = device;
+        flat["name"] = json!("gpu-0");
+        let spec = |d: &Value| {
+            json!({"spec": {"driver": "gpu.nvidia.com", "nodeName": "n",
+            "pool": {"name": "n", "generation": 2, "resourceSliceCount": 1}, "devices": [d]}})
+        };
+        let v1 = slice(&spec(&flat));
+        let v1beta1 = slice(&spec(&nested));
+        assert_eq!(v1, v1beta1);
+        let d = &v1.devices[0];
+        assert_eq!(d.attributes["type"], Attr::Str("gpu".into()));
+        assert_eq!(d.capacity["memory"], "80Gi");
+        assert_eq!(d.consumes, ["gpu-0"]);
+        assert_eq!((v1.generation, v1.node_name.as_deref()), (2, Some("n")));
+        nested["basic"]["attributes"] = json!({"type": {"string": "mig"}});
+        assert_eq!(
+            slice(&spec(&nested)).devices[0].attributes["type"],
+            Attr::Str("mig".into())
+        );
+        let c = json!({"status": {"allocation": {"devices": {"results": [
+            {"request": "gpu", "driver": "gpu.nvidia.com", "pool": "n", "device": "gpu-0"}]}}}});
+        assert_eq!(claim(&c)[0].device, "gpu-0");
+        assert!(claim(&json!({})).is_empty());
+    }
 }

@@ -6,12 +6,16 @@ pub mod metrics;
 pub mod session;
 pub mod watch;
 
-pub use watch::ClusterWatch;
+pub use watch::{ClusterWatch, Listing, WatchOptions};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+/// The default start-up bound for GPU advertising (`--gpu-advertise-bound`).
+pub const DEFAULT_GPU_ADVERTISE_BOUND: Duration =
+    Duration::from_millis(flotilla_core::inventory::NOT_ADVERTISED_BOUND_MS as u64);
 
 /// Everything an agent needs besides the Kubernetes client.
 #[derive(Debug, Clone)]
@@ -28,6 +32,9 @@ pub struct AgentOptions {
     pub region: String,
     /// Cluster labels.
     pub labels: BTreeMap<String, String>,
+    /// How long after a node turned Ready its GPUs may stay unadvertised before they count
+    /// as failed.
+    pub gpu_advertise_bound: Duration,
 }
 
 /// Watch the cluster and report to the hub until `shutdown`.
@@ -44,7 +51,14 @@ pub async fn run(
             String::new()
         }
     };
-    let watch = ClusterWatch::start(client, opts.pool_label.clone(), shutdown.clone());
+    let watch = ClusterWatch::start(
+        client,
+        WatchOptions {
+            pool_label: opts.pool_label.clone(),
+            not_advertised_bound: opts.gpu_advertise_bound,
+        },
+        shutdown.clone(),
+    );
     let metrics = metrics::AgentMetrics::new();
     if let Some(l) = http {
         let probe = std::sync::Arc::new(metrics::AgentProbe {
@@ -53,7 +67,8 @@ pub async fn run(
         });
         tokio::spawn(flotilla_api::http::serve(l, probe, shutdown.clone()));
     }
-    // Report as soon as the caches are filled; an unreachable API is reported, not waited on.
+    // Report as soon as the caches are filled; an unreachable API is reported, not waited
+    // on, and a report from caches still listing says it is incomplete.
     let _ = tokio::time::timeout(Duration::from_secs(10), watch.ready()).await;
     let region = if opts.region.is_empty() {
         let mut count: BTreeMap<String, usize> = BTreeMap::new();

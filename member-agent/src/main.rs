@@ -40,6 +40,10 @@ struct Args {
     /// Cluster labels, key=value, comma-separated.
     #[arg(long = "labels", env = "FLOTILLA_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
+    /// How long after a node turned Ready its GPUs may stay unadvertised (allocatable 0)
+    /// before they count as failed, e.g. `5m`, `90s`.
+    #[arg(long, env = "FLOTILLA_GPU_ADVERTISE_BOUND", default_value = "5m", value_parser = flotilla_core::duration::parse)]
+    gpu_advertise_bound: std::time::Duration,
 }
 
 #[tokio::main]
@@ -82,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         pool_label: args.pool_label,
         region: args.region,
         labels,
+        gpu_advertise_bound: args.gpu_advertise_bound,
     };
     let http = if args.http.is_empty() {
         None

@@ -51,11 +51,32 @@ pub enum SessionError {
     Retry(String),
 }
 
-fn signals(w: &ClusterWatch, failed: i64) -> v1::HealthSignals {
+/// Failed GPUs and the nodes they are on, as the signals carry them.
+#[derive(Debug, Clone, Default)]
+struct Failed {
+    gpus: i64,
+    nodes: Vec<String>,
+}
+
+impl Failed {
+    fn of(inv: &flotilla_core::inventory::ClusterInventory) -> Self {
+        let mut nodes = inv.failed_nodes();
+        nodes.truncate(conv::MAX_SIGNAL_NAMES);
+        Self {
+            gpus: inv.failed_gpus(),
+            nodes,
+        }
+    }
+}
+
+fn signals(w: &ClusterWatch, failed: &Failed) -> v1::HealthSignals {
     conv::signals_to_wire(&Signals {
         api_unreachable: !w.api_reachable(),
         nodes_not_ready: w.nodes_not_ready(),
-        gpus_failed: failed,
+        gpus_failed: failed.gpus,
+        failed_nodes: failed.nodes.clone(),
+        incomplete: w.incomplete(),
+        forbidden: w.forbidden(),
     })
 }
 
@@ -63,7 +84,7 @@ fn signals(w: &ClusterWatch, failed: i64) -> v1::HealthSignals {
 struct Current {
     nodes: BTreeMap<String, v1::NodeInventory>,
     digests: BTreeMap<String, Digest>,
-    failed: i64,
+    failed: Failed,
 }
 
 fn current(w: &ClusterWatch) -> Current {
@@ -80,7 +101,7 @@ fn current(w: &ClusterWatch) -> Current {
     Current {
         nodes,
         digests,
-        failed: inv.failed_gpus(),
+        failed: Failed::of(&inv),
     }
 }
 
@@ -251,13 +272,13 @@ async fn session(
     let first = if held.is_empty() {
         v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
             nodes: upsert,
-            signals: Some(signals(watch, now.failed)),
+            signals: Some(signals(watch, &now.failed)),
         })
     } else {
         v1::agent_message::Msg::Delta(v1::InventoryDelta {
             upsert,
             remove,
-            signals: Some(signals(watch, now.failed)),
+            signals: Some(signals(watch, &now.failed)),
         })
     };
     let first = send(first);
@@ -294,12 +315,14 @@ async fn follow(
     heartbeat: Duration,
 ) -> Result<(), SessionError> {
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
-    let mut last_signals = signals(watch, first.failed);
+    let mut last_signals = signals(watch, &first.failed);
     let mut sent = first.digests;
     let mut changes = watch.changes();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     loop {
+        // A node's start-up bound passing changes the inventory with no watch event.
+        let clock = watch.next_deadline().unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = changes.changed() => {
@@ -309,22 +332,26 @@ async fn follow(
                 // Coalesce a burst of watch events into one delta.
                 tokio::time::sleep(cfg.coalesce).await;
                 changes.borrow_and_update();
-                let now = current(watch);
-                let sig = signals(watch, now.failed);
-                let (upsert, remove) = delta_lists(&sent, &now);
-                if upsert.is_empty() && remove.is_empty() && sig == last_signals {
-                    continue;
-                }
-                let d = send(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert, remove, signals: Some(sig) }));
+                let (d, now, sig) = match delta(watch, &sent, &last_signals) {
+                    Some(x) => x,
+                    None => continue,
+                };
+                observe(cfg, &d);
+                tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                sent = now.digests;
+                last_signals = sig;
+            }
+            _ = tokio::time::sleep(clock + Duration::from_millis(10)) => {
+                let Some((d, now, sig)) = delta(watch, &sent, &last_signals) else { continue };
                 observe(cfg, &d);
                 tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 sent = now.digests;
                 last_signals = sig;
             }
             _ = tick.tick() => {
-                let failed = watch.inventory().failed_gpus();
-                let sig = signals(watch, failed);
-                let hb = v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(sig) });
+                let failed = Failed::of(&watch.inventory());
+                let sig = signals(watch, &failed);
+                let hb = v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(sig.clone()) });
                 tx.send(send(hb)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 last_signals = sig;
             }
@@ -335,4 +362,26 @@ async fn follow(
             },
         }
     }
+}
+
+/// The delta message from what was `sent` to the caches now, unless nothing changed.
+fn delta(
+    watch: &ClusterWatch,
+    sent: &BTreeMap<String, Digest>,
+    last_signals: &v1::HealthSignals,
+) -> Option<(v1::AgentMessage, Current, v1::HealthSignals)> {
+    let now = current(watch);
+    let sig = signals(watch, &now.failed);
+    let (upsert, remove) = delta_lists(sent, &now);
+    if upsert.is_empty() && remove.is_empty() && &sig == last_signals {
+        return None;
+    }
+    let d = v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Delta(v1::InventoryDelta {
+            upsert,
+            remove,
+            signals: Some(sig.clone()),
+        })),
+    };
+    Some((d, now, sig))
 }

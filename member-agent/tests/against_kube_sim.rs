@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use flotilla_agent::ClusterWatch;
+use flotilla_agent::{ClusterWatch, WatchOptions};
 use flotilla_core::inventory::{ClusterInventory, GpuCondition};
 use flotilla_kube_sim::{Fault, Scenario, SimCluster, SimFleet, SimOptions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -31,14 +31,25 @@ clusters:
 "#;
 
 async fn watch(c: &SimCluster, shutdown: &CancellationToken) -> ClusterWatch {
+    watch_with(c, WatchOptions::default(), shutdown).await
+}
+
+async fn client(c: &SimCluster) -> kube::Client {
     let kc = Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .unwrap();
-    let w = ClusterWatch::start(kube::Client::try_from(cfg).unwrap(), None, shutdown.clone());
+    kube::Client::try_from(cfg).unwrap()
+}
+
+async fn watch_with(
+    c: &SimCluster,
+    opts: WatchOptions,
+    shutdown: &CancellationToken,
+) -> ClusterWatch {
+    let w = ClusterWatch::start(client(c).await, opts, shutdown.clone());
     tokio::time::timeout(Duration::from_secs(30), w.ready())
         .await
-        .unwrap()
         .unwrap();
     w
 }

@@ -1,6 +1,8 @@
 //! Fleet wire types ↔ `flotilla_core` inventory and health, with the edge validation every
 //! agent report goes through: limits, known enum values, no negative quantities, DNS-label
-//! names. An invalid report is rejected whole, naming the field.
+//! names. A malformed report (missing names, unknown enum values, too many nodes) is
+//! rejected whole, naming the field; a node whose numbers make no sense is kept with the
+//! reason, and counts for nothing.
 
 use flotilla_core::health::{Health, Signals};
 use flotilla_core::inventory::{self as inv, GpuCondition, GpuUnit, Vendor};
@@ -107,6 +109,7 @@ fn condition_to_wire(c: GpuCondition) -> v1::GpuCondition {
         GpuCondition::Healthy => v1::GpuCondition::Healthy,
         GpuCondition::NotAdvertised => v1::GpuCondition::NotAdvertised,
         GpuCondition::Degraded => v1::GpuCondition::Degraded,
+        GpuCondition::Failed => v1::GpuCondition::Failed,
     }
 }
 
@@ -154,10 +157,14 @@ pub fn node_to_wire(n: &inv::NodeInventory) -> v1::NodeInventory {
         product: n.product.clone().unwrap_or_default(),
         family: n.family.clone().unwrap_or_default(),
         gpu_memory_mib: n.gpu_memory_mib.unwrap_or(0),
-        physical_gpus: n.physical_gpus,
+        physical_gpus: n.physical_gpus.unwrap_or(0),
+        physical_unknown: n.physical_gpus.is_none(),
         free_gpus: n.free_gpus,
+        idle_gpus: n.idle_gpus,
+        failed_gpus: n.failed_gpus,
         resources: n.resources.iter().map(resource_to_wire).collect(),
         condition: condition_to_wire(n.condition) as i32,
+        problem: n.problem.clone().unwrap_or_default(),
     }
 }
 
@@ -169,7 +176,10 @@ pub fn pool_to_wire(p: &inv::PoolInventory) -> v1::PoolInventory {
         usable_nodes: p.usable_nodes,
         products: p.products.clone(),
         physical_gpus: p.physical_gpus,
+        physical_unknown_nodes: p.physical_unknown_nodes,
         free_gpus: p.free_gpus,
+        idle_gpus: p.idle_gpus,
+        failed_gpus: p.failed_gpus,
         resources: p.resources.iter().map(resource_to_wire).collect(),
     }
 }
@@ -244,14 +254,6 @@ fn resource_at(
             ));
         }
     };
-    for (f, v) in [
-        ("capacity", r.capacity),
-        ("allocatable", r.allocatable),
-        ("allocated", r.allocated),
-        ("free", r.free),
-    ] {
-        non_negative(|| format!("{}.{f}", at()), v)?;
-    }
     Ok(inv::GpuResource {
         name: r.name.clone(),
         vendor,
@@ -292,31 +294,11 @@ fn node_at(
     ] {
         text(|| format!("{}.{f}", at()), v, limits)?;
     }
-    non_negative(|| format!("{}.physical_gpus", at()), n.physical_gpus)?;
-    non_negative(|| format!("{}.free_gpus", at()), n.free_gpus)?;
-    if n.physical_gpus > limits.max_gpus_per_node {
-        return Err(Invalid::new(
-            format!("{}.physical_gpus", at()),
-            format!(
-                "{} exceeds the limit of {} GPUs per node",
-                n.physical_gpus, limits.max_gpus_per_node
-            ),
-        ));
-    }
-    if n.resources.len() > limits.max_resources_per_node {
-        return Err(Invalid::new(
-            format!("{}.resources", at()),
-            format!(
-                "{} resources exceed the limit of {}",
-                n.resources.len(),
-                limits.max_resources_per_node
-            ),
-        ));
-    }
     let condition = match v1::GpuCondition::try_from(n.condition) {
         Ok(v1::GpuCondition::Healthy) => GpuCondition::Healthy,
         Ok(v1::GpuCondition::NotAdvertised) => GpuCondition::NotAdvertised,
         Ok(v1::GpuCondition::Degraded) => GpuCondition::Degraded,
+        Ok(v1::GpuCondition::Failed) => GpuCondition::Failed,
         _ => {
             return Err(Invalid::new(
                 format!("{}.condition", at()),
@@ -324,13 +306,15 @@ fn node_at(
             ));
         }
     };
+    let too_many = n.resources.len() > limits.max_resources_per_node;
     let resources = n
         .resources
         .iter()
+        .take(limits.max_resources_per_node)
         .enumerate()
         .map(|(i, r)| resource_at(r, &|| format!("{}.resources[{i}]", at()), limits))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(inv::NodeInventory {
+    let mut node = inv::NodeInventory {
         name: n.name.clone(),
         pool: opt(&n.pool),
         ready: n.ready,
@@ -351,11 +335,60 @@ fn node_at(
         product: opt(&n.product),
         family: opt(&n.family),
         gpu_memory_mib: (n.gpu_memory_mib > 0).then_some(n.gpu_memory_mib),
-        physical_gpus: n.physical_gpus,
+        physical_gpus: (!n.physical_unknown).then_some(n.physical_gpus),
         free_gpus: n.free_gpus,
+        idle_gpus: n.idle_gpus,
+        failed_gpus: n.failed_gpus,
         resources,
         condition,
-    })
+        problem: opt(&n.problem),
+    };
+    text(|| format!("{}.problem", at()), &n.problem, limits)?;
+    let problem = if too_many {
+        Some(format!(
+            "{} GPU resources exceed the limit of {}",
+            n.resources.len(),
+            limits.max_resources_per_node
+        ))
+    } else {
+        numbers_problem(n, limits)
+    };
+    if let Some(p) = problem {
+        node.quarantine(p);
+    }
+    Ok(node)
+}
+
+/// Why a node's numbers cannot be true (negative, or above the per-node GPU limit), naming
+/// the field. The node is then kept with the reason instead of failing the whole report.
+fn numbers_problem(n: &v1::NodeInventory, limits: &ReportLimits) -> Option<String> {
+    let node_fields = [
+        ("physical_gpus", n.physical_gpus),
+        ("free_gpus", n.free_gpus),
+        ("idle_gpus", n.idle_gpus),
+        ("failed_gpus", n.failed_gpus),
+    ];
+    if let Some((f, v)) = node_fields.iter().find(|(_, v)| *v < 0) {
+        return Some(format!("{f} is negative ({v})"));
+    }
+    for (i, r) in n.resources.iter().enumerate() {
+        let fields = [
+            ("capacity", r.capacity),
+            ("allocatable", r.allocatable),
+            ("allocated", r.allocated),
+            ("free", r.free),
+        ];
+        if let Some((f, v)) = fields.iter().find(|(_, v)| *v < 0) {
+            return Some(format!("resources[{i}].{f} is negative ({v})"));
+        }
+    }
+    if n.physical_gpus > limits.max_gpus_per_node {
+        return Some(format!(
+            "physical_gpus {} exceeds the limit of {} GPUs per node",
+            n.physical_gpus, limits.max_gpus_per_node
+        ));
+    }
+    None
 }
 
 /// A whole node list (snapshot or delta upserts), validated: limits, duplicates, each node.
@@ -439,6 +472,7 @@ pub fn cluster_from_wire(c: &v1::Cluster) -> ClusterRecord {
                 at_unix_ms: h.at_unix_ms,
             })
             .collect(),
+        inventory_incomplete: c.inventory_incomplete.clone(),
     }
 }
 
@@ -471,9 +505,13 @@ pub fn cluster_to_wire(c: &ClusterRecord) -> v1::Cluster {
                 at_unix_ms: h.at_unix_ms,
             })
             .collect(),
+        inventory_incomplete: c.inventory_incomplete.clone(),
         ..Default::default()
     }
 }
+
+/// Most names a signal list may carry.
+pub const MAX_SIGNAL_NAMES: usize = 20;
 
 /// Wire signals → core, validated.
 pub fn signals_from_wire(s: Option<&v1::HealthSignals>, at: &str) -> Result<Signals, Invalid> {
@@ -481,10 +519,25 @@ pub fn signals_from_wire(s: Option<&v1::HealthSignals>, at: &str) -> Result<Sign
         return Ok(Signals::default());
     };
     non_negative(|| format!("{at}.gpus_failed"), s.gpus_failed)?;
+    let list = |f: &str, v: &[String]| -> Result<Vec<String>, Invalid> {
+        if v.len() > MAX_SIGNAL_NAMES {
+            return Err(Invalid::new(
+                format!("{at}.{f}"),
+                format!("{} names exceed the limit of {MAX_SIGNAL_NAMES}", v.len()),
+            ));
+        }
+        for (i, name) in v.iter().enumerate() {
+            text(|| format!("{at}.{f}[{i}]"), name, &ReportLimits::default())?;
+        }
+        Ok(v.to_vec())
+    };
     Ok(Signals {
         api_unreachable: s.api_unreachable,
         nodes_not_ready: s.nodes_not_ready,
         gpus_failed: s.gpus_failed,
+        failed_nodes: list("failed_nodes", &s.failed_nodes)?,
+        incomplete: list("incomplete", &s.incomplete)?,
+        forbidden: list("forbidden", &s.forbidden)?,
     })
 }
 
@@ -494,6 +547,9 @@ pub fn signals_to_wire(s: &Signals) -> v1::HealthSignals {
         api_unreachable: s.api_unreachable,
         nodes_not_ready: s.nodes_not_ready,
         gpus_failed: s.gpus_failed,
+        failed_nodes: s.failed_nodes.clone(),
+        incomplete: s.incomplete.clone(),
+        forbidden: s.forbidden.clone(),
     }
 }
 
@@ -519,8 +575,11 @@ mod tests {
             product: Some("NVIDIA-H100-80GB-HBM3".into()),
             family: Some("hopper".into()),
             gpu_memory_mib: Some(81559),
-            physical_gpus: 8,
+            physical_gpus: Some(8),
             free_gpus: 4,
+            idle_gpus: 2,
+            failed_gpus: 1,
+            problem: None,
             resources: vec![
                 inv::GpuResource {
                     name: "nvidia.com/gpu".into(),
@@ -547,18 +606,70 @@ mod tests {
 
     #[test]
     fn nodes_round_trip() {
-        let n = node();
+        let mut n = node();
         let back = node_from_wire(&node_to_wire(&n), "n", &ReportLimits::default()).unwrap();
         assert_eq!(back, n);
+        n.physical_gpus = None;
+        n.condition = GpuCondition::Failed;
+        let back = node_from_wire(&node_to_wire(&n), "n", &ReportLimits::default()).unwrap();
+        assert_eq!(back, n, "an unknown GPU count stays unknown");
+    }
+
+    #[test]
+    fn a_node_with_impossible_numbers_is_kept_with_the_reason() {
+        let limits = ReportLimits::default();
+        // (change, the reason names)
+        type Change = fn(&mut v1::NodeInventory);
+        let cases: [(Change, &str); 4] = [
+            (
+                |w| w.resources[1].capacity = -1,
+                "resources[1].capacity is negative",
+            ),
+            (|w| w.free_gpus = -3, "free_gpus is negative"),
+            (
+                |w| w.physical_gpus = 1000,
+                "exceeds the limit of 64 GPUs per node",
+            ),
+            (
+                |w| w.resources = vec![w.resources[0].clone(); 40],
+                "40 GPU resources exceed the limit of 32",
+            ),
+        ];
+        for (change, reason) in cases {
+            let mut w = node_to_wire(&node());
+            change(&mut w);
+            let mut other = node_to_wire(&node());
+            other.name = "n2".into();
+            let nodes = nodes_from_wire(&[w, other], "snapshot.nodes", &limits).unwrap();
+            let bad = &nodes[0];
+            assert!(
+                bad.problem.as_deref().unwrap_or("").contains(reason),
+                "{:?}",
+                bad.problem
+            );
+            assert_eq!(
+                (bad.physical_gpus, bad.free_gpus, bad.idle_gpus),
+                (None, 0, 0)
+            );
+            assert_eq!(
+                nodes[1],
+                {
+                    let mut n = node();
+                    n.name = "n2".into();
+                    n
+                },
+                "the rest of the report stands"
+            );
+        }
     }
 
     #[test]
     fn invalid_reports_name_the_field() {
         let limits = ReportLimits::default();
         let mut w = node_to_wire(&node());
-        w.resources[1].capacity = -1;
+        w.resources[1].unit = 42;
         let e = nodes_from_wire(&[w], "snapshot.nodes", &limits).unwrap_err();
-        assert_eq!(e.field, "snapshot.nodes[0].resources[1].capacity");
+        assert_eq!(e.field, "snapshot.nodes[0].resources[1].unit");
         let mut w = node_to_wire(&node());
         w.resources[0].vendor = 42;
         assert_eq!(
@@ -570,14 +681,6 @@ mod tests {
         assert_eq!(
             node_from_wire(&w, "n", &limits).unwrap_err().field,
             "n.condition"
-        );
-        let mut w = node_to_wire(&node());
-        w.physical_gpus = 1000;
-        assert!(
-            node_from_wire(&w, "n", &limits)
-                .unwrap_err()
-                .reason
-                .contains("limit of 64")
         );
         let many = vec![node_to_wire(&node()); 2];
         let e = nodes_from_wire(&many, "s", &limits).unwrap_err();
@@ -629,6 +732,27 @@ mod tests {
             )
             .is_err()
         );
+        let many = v1::HealthSignals {
+            failed_nodes: vec!["n".into(); 21],
+            ..Default::default()
+        };
+        assert_eq!(
+            signals_from_wire(Some(&many), "hb.signals")
+                .unwrap_err()
+                .field,
+            "hb.signals.failed_nodes"
+        );
+        let s = Signals {
+            incomplete: vec!["pods".into()],
+            forbidden: vec!["resourceslices".into()],
+            failed_nodes: vec!["n1".into()],
+            gpus_failed: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            signals_from_wire(Some(&signals_to_wire(&s)), "s").unwrap(),
+            s
+        );
     }
 
     #[test]
@@ -650,6 +774,7 @@ mod tests {
                 reason: "joined the fleet".into(),
                 at_unix_ms: 7,
             }],
+            inventory_incomplete: vec!["pods".into()],
         };
         let w = cluster_to_wire(&c);
         assert_eq!(w.history[0].from, v1::ClusterHealth::Unspecified as i32);

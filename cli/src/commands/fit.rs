@@ -10,9 +10,15 @@ use super::{Ctx, Failure};
 /// The request.
 #[derive(Debug, Args)]
 pub struct FitArgs {
-    /// GPUs per replica.
+    /// GPUs per replica (with --shared: shared replicas; with --mig-profile: slices).
     #[arg(long)]
     gpus: u32,
+    /// Each replica takes time-sliced/MPS GPU replicas (no memory or fault isolation).
+    #[arg(long, conflicts_with = "mig_profile")]
+    shared: bool,
+    /// Each replica takes MIG slices of this profile, e.g. 1g.10gb.
+    #[arg(long)]
+    mig_profile: Option<String>,
     /// Replicas.
     #[arg(long, default_value_t = 1)]
     replicas: u32,
@@ -45,19 +51,22 @@ pub async fn run(ctx: &mut Ctx, a: FitArgs) -> Result<(), Failure> {
             product: a.product.unwrap_or_default(),
             family: a.family.unwrap_or_default(),
             region: a.region.unwrap_or_default(),
+            shared: a.shared,
+            mig_profile: a.mig_profile.unwrap_or_default(),
         })
         .await
         .map_err(|s| ctx.explain(s))?
         .into_inner();
     let v = json!({
         "candidates": r.candidates.iter().map(|c| json!({"cluster": c.cluster, "pool": c.pool, "product": c.product,
-            "replicas_fit": c.replicas_fit, "free_gpus": c.free_gpus, "headroom_gpus": c.headroom_gpus, "degraded": c.degraded})).collect::<Vec<_>>(),
+            "replicas_fit": c.replicas_fit, "free_gpus": c.free_gpus, "headroom_gpus": c.headroom_gpus, "degraded": c.degraded,
+            "resource": c.resource, "device_class": c.device_class})).collect::<Vec<_>>(),
         "rejections": r.rejections.iter().map(|x| json!({"cluster": x.cluster, "reason": x.reason})).collect::<Vec<_>>(),
     });
     ctx.print(&v, || {
         let mut out = table(
             &[
-                "RANK", "CLUSTER", "POOL", "PRODUCT", "FITS", "FREE", "HEADROOM",
+                "RANK", "CLUSTER", "POOL", "PRODUCT", "FITS", "FREE", "HEADROOM", "REQUEST",
             ],
             r.candidates
                 .iter()
@@ -71,6 +80,10 @@ pub async fn run(ctx: &mut Ctx, a: FitArgs) -> Result<(), Failure> {
                         c.replicas_fit.to_string(),
                         c.free_gpus.to_string(),
                         c.headroom_gpus.to_string(),
+                        match c.device_class.as_str() {
+                            "" => c.resource.clone(),
+                            class => format!("ResourceClaim ({class})"),
+                        },
                     ]
                 })
                 .collect(),

@@ -214,6 +214,7 @@ fn nodes(cluster: usize, n: usize) -> Vec<v1::NodeInventory> {
             gpu_memory_mib: 81559,
             physical_gpus: 8,
             free_gpus: 8,
+            idle_gpus: 8,
             resources: vec![v1::GpuResource {
                 name: "nvidia.com/gpu".into(),
                 vendor: v1::GpuVendor::Nvidia as i32,
@@ -365,6 +366,7 @@ async fn agent(
                         let n = &mut inventory[i];
                         n.free_gpus = (n.free_gpus + 7) % 9;
                         n.resources[0].free = n.free_gpus;
+                        n.idle_gpus = n.free_gpus;
                         n.resources[0].allocated = 8 - n.free_gpus;
                         let d = m(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert: vec![n.clone()], remove: vec![], signals: Some(Default::default()) }));
                         let t = Instant::now();

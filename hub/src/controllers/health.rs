@@ -341,7 +341,7 @@ mod tests {
             1,
             vec![Change::Cluster {
                 name: "a".into(),
-                record: Some(ready),
+                record: Some(Box::new(ready)),
             }],
         );
         let policy = Policy {

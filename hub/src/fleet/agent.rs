@@ -76,6 +76,16 @@ struct Held {
     stored: bool,
 }
 
+/// The bytes a node is held and stored as: as the agent sent it, unless validation found its
+/// numbers impossible, in which case the record says so (and counts nothing) for every
+/// reader.
+fn stored_bytes(w: &v1::NodeInventory, c: &NodeInventory) -> Bytes {
+    match (&c.problem, w.problem.is_empty()) {
+        (Some(_), true) => Bytes::from(conv::node_to_wire(c).encode_to_vec()),
+        _ => Bytes::from(w.encode_to_vec()),
+    }
+}
+
 impl Held {
     /// From validated wire nodes and their core form.
     fn from_nodes(wire: &[v1::NodeInventory], core: &[NodeInventory]) -> Self {
@@ -86,7 +96,8 @@ impl Held {
         Self {
             nodes: wire
                 .iter()
-                .map(|n| (n.name.clone(), Bytes::from(n.encode_to_vec())))
+                .zip(core)
+                .map(|(w, c)| (w.name.clone(), stored_bytes(w, c)))
                 .collect(),
             pools,
             stored: false,
@@ -122,7 +133,7 @@ impl Held {
             }
         }
         for (w, c) in wire.iter().zip(core) {
-            let b = Bytes::from(w.encode_to_vec());
+            let b = stored_bytes(w, c);
             if self.nodes.get(&w.name) == Some(&b) {
                 continue;
             }

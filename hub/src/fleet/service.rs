@@ -147,6 +147,7 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
                     gpus_free: r.gpus_free,
                     memory_total_mib: r.memory_total_mib,
                     memory_free_mib: r.memory_free_mib,
+                    nodes_gpus_unknown: r.nodes_gpus_unknown,
                 })
                 .collect(),
         }))
@@ -160,9 +161,20 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
             ));
         }
         let opt = |s: String| (!s.is_empty()).then_some(s);
+        let unit = match (r.shared, r.mig_profile.as_str()) {
+            (true, "") => fit::FitUnit::Shared,
+            (false, "") => fit::FitUnit::Whole,
+            (false, p) => fit::FitUnit::Mig(p.to_string()),
+            (true, _) => {
+                return Err(Status::invalid_argument(
+                    "shared, mig_profile: a replica asks for shared replicas or MIG slices, not both",
+                ));
+            }
+        };
         let request = FitRequest {
             replicas: r.replicas.max(1),
             gpus_per_replica: r.gpus_per_replica,
+            unit,
             min_memory_mib: r.min_memory_mib,
             product: opt(r.product),
             family: opt(r.family),
@@ -190,6 +202,7 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
                 health: health_from_wire(c.health).unwrap_or(Health::Joining),
                 region: (!c.region.is_empty()).then_some(c.region.as_str()),
                 inventory: i,
+                incomplete: &c.inventory_incomplete,
             })
             .collect();
         let result = fit::fit(&request, &fits);
@@ -205,6 +218,8 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
                     free_gpus: c.free_gpus,
                     headroom_gpus: c.headroom_gpus,
                     degraded: c.degraded,
+                    resource: c.resource,
+                    device_class: c.device_class.unwrap_or_default(),
                 })
                 .collect(),
             rejections: result

@@ -137,10 +137,10 @@ impl FleetView {
                 record: Some(c),
             } => {
                 let event = match st.clusters.get(&name) {
-                    None => Some(v1::fleet_event::Event::Joined(c.clone())),
+                    None => Some(v1::fleet_event::Event::Joined((*c).clone())),
                     Some(b) if b.health != c.health => {
                         if c.health == v1::ClusterHealth::Left as i32 {
-                            Some(v1::fleet_event::Event::Left(c.clone()))
+                            Some(v1::fleet_event::Event::Left((*c).clone()))
                         } else {
                             c.history
                                 .first()
@@ -150,7 +150,7 @@ impl FleetView {
                     }
                     _ => None,
                 };
-                st.clusters.insert(name.clone(), c);
+                st.clusters.insert(name.clone(), *c);
                 event.map(|e| (name, e))
             }
             Change::Cluster { name, record: None } => {

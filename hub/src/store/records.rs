@@ -18,8 +18,8 @@ pub enum Change {
     Cluster {
         /// Cluster name.
         name: String,
-        /// The record.
-        record: Option<v1::Cluster>,
+        /// The record (boxed: it is several times the size of the other variant).
+        record: Option<Box<v1::Cluster>>,
     },
     /// `/inventory/<name>`, left encoded: decoded, ten thousand inventories at once (a load)
     /// would take hundreds of MiB, so each subscriber decodes one at a time what it needs.
@@ -42,7 +42,7 @@ impl Change {
             Key::Cluster(name) => match value.map(v1::Cluster::decode).transpose() {
                 Ok(record) => Ok(Change::Cluster {
                     name: name.to_string(),
-                    record,
+                    record: record.map(Box::new),
                 }),
                 Err(e) => Err(undecodable(e)),
             },
@@ -236,7 +236,7 @@ mod tests {
         let key = super::super::keys::cluster_key("a");
         match Change::decode(key.as_bytes(), Some(&c.encode_to_vec())) {
             Some(Ok(Change::Cluster { name, record })) => {
-                assert_eq!((name.as_str(), record), ("a", Some(c)));
+                assert_eq!((name.as_str(), record), ("a", Some(Box::new(c))));
             }
             other => panic!("{other:?}"),
         }
