@@ -784,3 +784,73 @@ async fn one_server_serves_store_fleet_health_reflection_and_the_bundled_cli() {
     );
     hub.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn an_incomplete_report_is_shown_as_such_and_not_placed_on() {
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let token = token(&mut fleet, "partial").await;
+    let (tx, mut rx) = connect(&hub.addr, hello("partial", &token)).await.unwrap();
+    rx.message().await.unwrap().unwrap();
+    // The agent's pod cache has not listed: every GPU looks free in what it sends.
+    let incomplete = v1::HealthSignals {
+        incomplete: vec!["pods".into()],
+        ..Default::default()
+    };
+    tx.send(msg(v1::agent_message::Msg::Snapshot(
+        v1::InventorySnapshot {
+            nodes: vec![node("n1", 8, 8)],
+            signals: Some(incomplete.clone()),
+        },
+    )))
+    .await
+    .unwrap();
+    rx.message().await.unwrap().unwrap();
+    wait_reason(
+        &mut fleet,
+        "partial",
+        v1::ClusterHealth::Degraded,
+        "inventory incomplete: pods not listed yet",
+    )
+    .await;
+    let c = fleet
+        .get_cluster(v1::GetClusterRequest {
+            name: "partial".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.inventory_incomplete, ["pods"]);
+    let fit = |fleet: &mut FleetServiceClient<Channel>| {
+        let mut fleet = fleet.clone();
+        async move {
+            fleet
+                .fit(v1::FitRequest {
+                    replicas: 1,
+                    gpus_per_replica: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let r = fit(&mut fleet).await;
+    assert!(r.candidates.is_empty(), "{r:?}");
+    assert!(
+        r.rejections[0]
+            .reason
+            .contains("inventory incomplete (pods not listed yet)"),
+        "{r:?}"
+    );
+    // Once the cache has listed, the same GPUs are placed on.
+    tx.send(msg(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+        signals: Some(v1::HealthSignals::default()),
+    })))
+    .await
+    .unwrap();
+    wait_health(&mut fleet, "partial", v1::ClusterHealth::Ready).await;
+    let r = fit(&mut fleet).await;
+    assert_eq!(r.candidates.len(), 1, "{r:?}");
+    assert_eq!(r.candidates[0].resource, "nvidia.com/gpu");
+}

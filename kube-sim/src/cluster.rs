@@ -255,6 +255,7 @@ impl SimFleet {
                 api_faults: RwLock::new(ApiFaults::default()),
                 changed: Notify::new(),
                 reachable: watch::Sender::new(true),
+                rbac_deny: spec.rbac_deny.clone(),
             });
             let span = tracing::info_span!("kube-sim", cluster = %spec.name);
             fleet.tasks.push(tokio::spawn(

@@ -30,6 +30,8 @@ pub struct ClusterCore {
     pub(crate) api_faults: RwLock<ApiFaults>,
     pub(crate) changed: Notify,
     pub(crate) reachable: watch::Sender<bool>,
+    /// Plural resources the token may not access (403), from the scenario's `rbac_deny`.
+    pub(crate) rbac_deny: Vec<String>,
 }
 
 impl ClusterCore {
@@ -48,6 +50,11 @@ impl ClusterCore {
     /// A copy of the API faults in force.
     pub fn api_faults(&self) -> ApiFaults {
         self.api_faults.read().expect("faults poisoned").clone()
+    }
+
+    /// The `resource.k8s.io` versions this cluster's Kubernetes version serves.
+    pub fn dra_versions(&self) -> &'static [&'static str] {
+        crate::versions::dra_versions(&self.version)
     }
 
     /// `host:port` the cluster listens on.

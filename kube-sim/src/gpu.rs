@@ -5,7 +5,8 @@
 use serde_json::{Map, Value, json};
 
 use crate::scenario::{
-    CAPI_POOL_LABEL, ClusterSpec, GpuSpec, MigStrategy, PoolSpec, SharingStrategy, Vendor,
+    AmdNaming, CAPI_POOL_LABEL, ClusterSpec, GpuSpec, MigStrategy, PoolSpec, Provider,
+    SharingStrategy, Vendor,
 };
 
 /// The DRA driver name used for simulated NVIDIA GPUs.
@@ -21,6 +22,21 @@ pub struct GpuResource {
     pub name: String,
     /// Advertised units per physical GPU (MIG slices or sharing replicas; 1 otherwise).
     pub per_gpu: i64,
+    /// Units per node when not `count × per_gpu` (MIG mixed with some GPUs whole: a
+    /// resource kept at 0 is still advertised, as the kubelet keeps it).
+    pub per_node: Option<i64>,
+}
+
+impl GpuResource {
+    /// Units advertised on a node of `count` GPUs of which `failed` have failed.
+    pub fn units(&self, count: u32, failed: u32) -> i64 {
+        let total = self.per_node.unwrap_or(i64::from(count) * self.per_gpu);
+        if count == 0 {
+            return 0;
+        }
+        // Failures take GPUs, and with them their share of the units.
+        (total - total * i64::from(failed.min(count)) / i64::from(count)).max(0)
+    }
 }
 
 /// The extended resources a node with these GPUs advertises (none for DRA).
@@ -28,13 +44,31 @@ pub fn gpu_resources(g: &GpuSpec) -> Vec<GpuResource> {
     let one = |name: &str, per_gpu: i64| GpuResource {
         name: name.into(),
         per_gpu,
+        per_node: None,
     };
     if g.dra {
         return vec![];
     }
     match g.vendor {
-        Vendor::Amd => vec![one("amd.com/gpu", 1)],
-        Vendor::Intel => vec![one("gpu.intel.com/i915", 1)],
+        Vendor::Amd => {
+            let per = i64::from(g.amd_partitions());
+            match (&g.partition, g.naming) {
+                (Some(mode), AmdNaming::Mixed) if per > 1 => {
+                    vec![one(&format!("amd.com/{mode}"), per)]
+                }
+                // The default `single` naming advertises partitions as `amd.com/gpu`.
+                _ => vec![one("amd.com/gpu", per)],
+            }
+        }
+        Vendor::Intel => {
+            let mut r = vec![one("gpu.intel.com/i915", 1)];
+            if g.resource_management {
+                r.push(one("gpu.intel.com/millicores", 1000));
+                r.push(one("gpu.intel.com/memory.max", (g.memory_mib << 20) as i64));
+                r.push(one("gpu.intel.com/tiles", 1));
+            }
+            r
+        }
         Vendor::Nvidia => {
             if let Some(m) = &g.mig {
                 match m.strategy {
@@ -42,11 +76,23 @@ pub fn gpu_resources(g: &GpuSpec) -> Vec<GpuResource> {
                         let n = *m.profiles.values().next().unwrap_or(&1);
                         vec![one("nvidia.com/gpu", i64::from(n))]
                     }
-                    MigStrategy::Mixed => m
-                        .profiles
-                        .iter()
-                        .map(|(p, n)| one(&format!("nvidia.com/mig-{p}"), i64::from(*n)))
-                        .collect(),
+                    // Resources per node, not per GPU, here: only `mig.gpus` of the GPUs are
+                    // split; the others stay whole.
+                    MigStrategy::Mixed => {
+                        let split = i64::from(m.split_gpus(g.count));
+                        let whole = i64::from(g.count) - split;
+                        let mut r = vec![GpuResource {
+                            name: "nvidia.com/gpu".into(),
+                            per_gpu: 0,
+                            per_node: Some(whole),
+                        }];
+                        r.extend(m.profiles.iter().map(|(p, n)| GpuResource {
+                            name: format!("nvidia.com/mig-{p}"),
+                            per_gpu: i64::from(*n),
+                            per_node: Some(split * i64::from(*n)),
+                        }));
+                        r
+                    }
                 }
             } else if let Some(s) = &g.sharing {
                 let name = if s.rename {
@@ -90,6 +136,7 @@ fn gpu_labels(g: &GpuSpec, labels: &mut Map<String, Value>) {
         labels.insert(k.into(), Value::String(v));
     };
     match g.vendor {
+        Vendor::Nvidia if !g.gfd => {}
         Vendor::Nvidia => {
             let (major, minor) = compute_capability(&g.family);
             put("nvidia.com/gpu.present", "true".into());
@@ -135,7 +182,7 @@ fn gpu_labels(g: &GpuSpec, labels: &mut Map<String, Value>) {
                     for (p, n) in &m.profiles {
                         put(
                             &format!("nvidia.com/mig-{p}.count"),
-                            (g.count * n).to_string(),
+                            (m.split_gpus(g.count) * n).to_string(),
                         );
                         put(
                             &format!("nvidia.com/mig-{p}.memory"),
@@ -156,10 +203,16 @@ fn gpu_labels(g: &GpuSpec, labels: &mut Map<String, Value>) {
             put("amd.com/gpu.family", g.family.clone());
             put("amd.com/gpu.cu-count", "304".into());
             put("amd.com/gpu.device-id", "74a1".into());
+            if let Some(mode) = &g.partition {
+                put("amd.com/compute-partitioning-supported", "true".into());
+                put("amd.com/memory-partitioning-supported", "true".into());
+                put("amd.com/compute-memory-partition", mode.clone());
+            }
         }
         Vendor::Intel => {
             put("intel.feature.node.kubernetes.io/gpu", "true".into());
             put("gpu.intel.com/product", g.product.clone());
+            put("gpu.intel.com/device.count", g.count.to_string());
         }
     }
 }
@@ -210,10 +263,34 @@ pub fn new_node(p: &NodeParams<'_>) -> Value {
     if let Some(g) = &p.pool.gpu {
         if g.vendor == Vendor::Nvidia {
             match p.cluster.provider {
-                crate::scenario::Provider::Aks => put("kubernetes.azure.com/accelerator", "nvidia"),
-                crate::scenario::Provider::Gke => {
+                Provider::Aks => put("kubernetes.azure.com/accelerator", "nvidia"),
+                Provider::Gke => {
                     let acc = format!("nvidia-{}", g.product.to_lowercase());
-                    put("cloud.google.com/gke-accelerator", &acc)
+                    put("cloud.google.com/gke-accelerator", &acc);
+                    // GKE's own sharing multiplies `nvidia.com/gpu` and says so here.
+                    if let Some(s) = &g.sharing {
+                        let strategy = match s.strategy {
+                            SharingStrategy::TimeSlicing => "time-sharing",
+                            SharingStrategy::Mps => "mps",
+                        };
+                        put("cloud.google.com/gke-gpu-sharing-strategy", strategy);
+                        put(
+                            "cloud.google.com/gke-max-shared-clients-per-gpu",
+                            &s.replicas.to_string(),
+                        );
+                    }
+                }
+                Provider::Karpenter => {
+                    put("karpenter.k8s.aws/instance-gpu-manufacturer", "nvidia");
+                    put(
+                        "karpenter.k8s.aws/instance-gpu-name",
+                        &g.product.to_lowercase(),
+                    );
+                    put("karpenter.k8s.aws/instance-gpu-count", &g.count.to_string());
+                    put(
+                        "karpenter.k8s.aws/instance-gpu-memory",
+                        &g.memory_mib.to_string(),
+                    );
                 }
                 _ => {}
             }
@@ -238,7 +315,7 @@ pub fn new_node(p: &NodeParams<'_>) -> Value {
     });
     if let Some(g) = &p.pool.gpu {
         for r in gpu_resources(g) {
-            capacity[&r.name] = json!((i64::from(g.count) * r.per_gpu).to_string());
+            capacity[&r.name] = json!(r.units(g.count, 0).to_string());
             allocatable[&r.name] = json!("0");
         }
     }
@@ -336,26 +413,57 @@ pub fn resource_slice(node: &str, g: &GpuSpec, failed: u32, generation: i64) -> 
         )
     };
     let healthy = g.count.saturating_sub(failed);
-    let devices: Vec<Value> = (0..healthy)
-        .map(|i| {
-            json!({
-                "name": format!("gpu-{i}"),
-                "attributes": {
-                    "type": {"string": "gpu"},
-                    "uuid": {"string": format!("GPU-{node}-{i}")},
-                    "index": {"int": i},
-                    "minor": {"int": i},
-                    "productName": {"string": product},
-                    "brand": {"string": "Nvidia"},
-                    "architecture": {"string": arch},
-                    "cudaComputeCapability": {"version": format!("{major}.{minor}.0")},
-                    "driverVersion": {"version": driver},
-                },
-                "capacity": {"memory": {"value": format!("{}Mi", g.memory_mib)}},
-            })
-        })
-        .collect();
-    json!({
+    let mut devices: Vec<Value> = Vec::new();
+    let mut counter_sets: Vec<Value> = Vec::new();
+    let memory = |mib: u64| json!({"value": format!("{mib}Mi")});
+    for i in 0..healthy {
+        let uuid = format!("GPU-{node}-{i}");
+        let mut gpu = json!({
+            "name": format!("gpu-{i}"),
+            "attributes": {
+                "type": {"string": "gpu"},
+                "uuid": {"string": uuid},
+                "index": {"int": i},
+                "minor": {"int": i},
+                "productName": {"string": product},
+                "brand": {"string": "Nvidia"},
+                "architecture": {"string": arch},
+                "cudaComputeCapability": {"version": format!("{major}.{minor}.0")},
+                "driverVersion": {"version": driver},
+            },
+            "capacity": {"memory": memory(g.memory_mib)},
+        });
+        // Partitionable: the GPU and its MIG partitions draw on one counter set, so
+        // allocating either takes (part of) the other.
+        if let Some(m) = &g.mig {
+            let set = format!("gpu-{i}-counters");
+            counter_sets.push(json!({"name": set, "counters": {"memory": memory(g.memory_mib)}}));
+            gpu["consumesCounters"] =
+                json!([{"counterSet": set, "counters": {"memory": memory(g.memory_mib)}}]);
+            devices.push(gpu);
+            for (p, n) in &m.profiles {
+                // A profile's share of the GPU, so that `n` of them fill it.
+                let share = g.memory_mib / u64::from((*n).max(1));
+                for j in 0..*n {
+                    devices.push(json!({
+                        "name": format!("gpu-{i}-mig-{}-{j}", p.replace('.', "-")),
+                        "attributes": {
+                            "type": {"string": "mig"},
+                            "uuid": {"string": format!("MIG-{node}-{i}-{p}-{j}")},
+                            "parentUUID": {"string": uuid},
+                            "profile": {"string": p},
+                            "productName": {"string": product},
+                        },
+                        "capacity": {"memory": memory(share)},
+                        "consumesCounters": [{"counterSet": set, "counters": {"memory": memory(share)}}],
+                    }));
+                }
+            }
+        } else {
+            devices.push(gpu);
+        }
+    }
+    let mut slice = json!({
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceSlice",
         "metadata": {
@@ -368,7 +476,11 @@ pub fn resource_slice(node: &str, g: &GpuSpec, failed: u32, generation: i64) -> 
             "pool": {"name": node, "generation": generation, "resourceSliceCount": 1},
             "devices": devices,
         },
-    })
+    });
+    if !counter_sets.is_empty() {
+        slice["spec"]["sharedCounters"] = json!(counter_sets);
+    }
+    slice
 }
 
 #[cfg(test)]
@@ -387,7 +499,19 @@ mod tests {
             mig: None,
             sharing: None,
             dra: false,
+            gfd: true,
+            plugin_crashed: false,
+            partition: None,
+            naming: AmdNaming::Single,
+            resource_management: false,
         }
+    }
+
+    fn units(g: &GpuSpec) -> Vec<(String, i64)> {
+        gpu_resources(g)
+            .into_iter()
+            .map(|r| (r.name.clone(), r.units(g.count, 0)))
+            .collect()
     }
 
     #[test]
@@ -396,17 +520,32 @@ mod tests {
             gpu_resources(&gpu()),
             vec![GpuResource {
                 name: "nvidia.com/gpu".into(),
-                per_gpu: 1
+                per_gpu: 1,
+                per_node: None,
             }]
         );
         let mut mixed = gpu();
         mixed.mig = Some(MigSpec {
             strategy: MigStrategy::Mixed,
             profiles: [("1g.10gb".to_string(), 3), ("2g.20gb".to_string(), 2)].into(),
+            gpus: None,
         });
-        let r = gpu_resources(&mixed);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].name, "nvidia.com/mig-1g.10gb");
+        assert_eq!(
+            units(&mixed),
+            [
+                ("nvidia.com/gpu".to_string(), 0),
+                ("nvidia.com/mig-1g.10gb".to_string(), 24),
+                ("nvidia.com/mig-2g.20gb".to_string(), 16)
+            ],
+            "a fully split node keeps nvidia.com/gpu at 0"
+        );
+        let mut partly = mixed.clone();
+        partly.mig.as_mut().unwrap().gpus = Some(6);
+        assert_eq!(units(&partly)[0], ("nvidia.com/gpu".to_string(), 2));
+        assert_eq!(
+            units(&partly)[1],
+            ("nvidia.com/mig-1g.10gb".to_string(), 18)
+        );
         let mut shared = gpu();
         shared.sharing = Some(SharingSpec {
             strategy: SharingStrategy::TimeSlicing,
@@ -425,6 +564,7 @@ mod tests {
         single.mig = Some(MigSpec {
             strategy: MigStrategy::Single,
             profiles: [("1g.10gb".to_string(), 7)].into(),
+            gpus: None,
         });
         let mut labels = Map::new();
         gpu_labels(&single, &mut labels);
@@ -433,6 +573,35 @@ mod tests {
             "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb"
         );
         assert_eq!(labels["nvidia.com/gpu.count"], "56");
+    }
+
+    #[test]
+    fn vendor_modes_advertise_what_their_plugins_do() {
+        let mut amd = gpu();
+        amd.vendor = Vendor::Amd;
+        amd.partition = Some("cpx_nps4".into());
+        assert_eq!(
+            units(&amd),
+            [("amd.com/gpu".to_string(), 64)],
+            "single naming"
+        );
+        amd.naming = AmdNaming::Mixed;
+        assert_eq!(units(&amd), [("amd.com/cpx_nps4".to_string(), 64)]);
+        let mut labels = Map::new();
+        gpu_labels(&amd, &mut labels);
+        assert_eq!(labels["amd.com/compute-memory-partition"], "cpx_nps4");
+        let mut intel = gpu();
+        intel.vendor = Vendor::Intel;
+        intel.count = 2;
+        intel.resource_management = true;
+        let u = units(&intel);
+        assert_eq!(u[0], ("gpu.intel.com/i915".to_string(), 2));
+        assert_eq!(u[1], ("gpu.intel.com/millicores".to_string(), 2000));
+        let mut bare = gpu();
+        bare.gfd = false;
+        let mut labels = Map::new();
+        gpu_labels(&bare, &mut labels);
+        assert!(labels.is_empty(), "no GFD: no nvidia.com labels");
     }
 
     #[test]

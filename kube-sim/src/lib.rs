@@ -22,6 +22,7 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod table;
+pub mod versions;
 
 pub use cluster::{SimCluster, SimFleet, SimOptions};
 pub use faults::Fault;

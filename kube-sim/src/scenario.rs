@@ -82,6 +82,10 @@ pub struct ClusterSpec {
     /// must skip with `--ignore-daemonsets`).
     #[serde(default = "yes")]
     pub device_plugin_daemonset: bool,
+    /// Resources (plurals, e.g. `resourceslices`) the cluster's token may not access: every
+    /// request for them gets 403 Forbidden, as from an RBAC role that leaves them out.
+    #[serde(default)]
+    pub rbac_deny: Vec<String>,
 }
 
 fn default_version() -> String {
@@ -164,9 +168,53 @@ pub struct GpuSpec {
     /// Time-slicing or MPS sharing (NVIDIA only).
     #[serde(default)]
     pub sharing: Option<SharingSpec>,
-    /// Publish the GPUs as DRA ResourceSlices instead of a device-plugin resource.
+    /// Publish the GPUs as DRA ResourceSlices instead of a device-plugin resource. With
+    /// `mig` (strategy mixed) the slice offers each GPU and its partitions as partitionable
+    /// devices drawing on the GPU's shared counters.
     #[serde(default)]
     pub dra: bool,
+    /// GPU Feature Discovery runs (its `nvidia.com/gpu.*` labels). Off: only the provider's
+    /// own labels say what the GPUs are, as on GKE or EKS without the GPU operator.
+    #[serde(default = "yes")]
+    pub gfd: bool,
+    /// The device plugin crashed: allocatable stays 0 after the node is Ready.
+    #[serde(default)]
+    pub plugin_crashed: bool,
+    /// AMD compute/memory partition mode, e.g. `cpx_nps4` (8 partitions per MI300X).
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// AMD device plugin resource naming: `single` (its default: partitions are
+    /// `amd.com/gpu`) or `mixed` (`amd.com/<partition>`).
+    #[serde(default)]
+    pub naming: AmdNaming,
+    /// Intel GPU plugin resource management: also advertise `gpu.intel.com/millicores`,
+    /// `memory.max` and `tiles`.
+    #[serde(default)]
+    pub resource_management: bool,
+}
+
+/// How the AMD device plugin names partitioned GPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmdNaming {
+    /// Every partition is an `amd.com/gpu`.
+    #[default]
+    Single,
+    /// Partitions are `amd.com/<mode>`, e.g. `amd.com/cpx_nps4`.
+    Mixed,
+}
+
+impl GpuSpec {
+    /// AMD partitions per GPU in this spec's mode (1 when not partitioned).
+    pub fn amd_partitions(&self) -> u32 {
+        match self.partition.as_deref().and_then(|p| p.split('_').next()) {
+            Some("dpx") => 2,
+            Some("tpx") => 3,
+            Some("qpx") => 4,
+            Some("cpx") => 8,
+            _ => 1,
+        }
+    }
 }
 
 fn default_driver() -> String {
@@ -183,7 +231,7 @@ pub enum MigStrategy {
     Mixed,
 }
 
-/// MIG layout applied to every GPU of the node.
+/// MIG layout applied to the node's GPUs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigSpec {
@@ -191,6 +239,17 @@ pub struct MigSpec {
     pub strategy: MigStrategy,
     /// Profile (e.g. `1g.10gb`) → slices per GPU.
     pub profiles: BTreeMap<String, u32>,
+    /// GPUs of each node that are MIG-enabled (mixed only; default all). The others stay
+    /// whole `nvidia.com/gpu`.
+    #[serde(default)]
+    pub gpus: Option<u32>,
+}
+
+impl MigSpec {
+    /// MIG-enabled GPUs of a node with `count` GPUs.
+    pub fn split_gpus(&self, count: u32) -> u32 {
+        self.gpus.unwrap_or(count).min(count)
+    }
 }
 
 /// GPU sharing strategy.
@@ -249,6 +308,13 @@ pub struct WorkloadSpec {
     /// Request GPUs through a DRA ResourceClaim (driver `gpu.nvidia.com`) instead.
     #[serde(default)]
     pub dra: bool,
+    /// With `dra`: claim MIG partitions of this profile (DeviceClass `mig.nvidia.com`)
+    /// instead of whole GPUs.
+    #[serde(default)]
+    pub dra_profile: Option<String>,
+    /// GPUs held by a sidecar (a restartable init container) in each pod, besides `gpus`.
+    #[serde(default)]
+    pub sidecar_gpus: u32,
     /// Pod `nodeSelector`.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
@@ -483,6 +549,15 @@ impl Scenario {
                 if w.export && w.service.is_none() {
                     return Err(invalid(format!("{at}.export"), "exporting needs a service"));
                 }
+                if w.dra_profile.is_some() && !w.dra {
+                    return Err(invalid(format!("{at}.dra_profile"), "needs dra: true"));
+                }
+                if w.dra && w.sidecar_gpus > 0 {
+                    return Err(invalid(
+                        format!("{at}.sidecar_gpus"),
+                        "sidecars request extended resources; not with dra",
+                    ));
+                }
                 if w.dra && w.resource.is_some() {
                     return Err(invalid(
                         format!("{at}.resource"),
@@ -528,10 +603,37 @@ fn validate_gpu(g: &GpuSpec, at: &str) -> Result<(), ScenarioError> {
             "cannot be combined with mig here",
         ));
     }
-    if g.dra && (g.mig.is_some() || g.sharing.is_some() || g.vendor != Vendor::Nvidia) {
+    if g.dra
+        && (g.sharing.is_some()
+            || g.vendor != Vendor::Nvidia
+            || g.mig
+                .as_ref()
+                .is_some_and(|m| m.strategy != MigStrategy::Mixed))
+    {
         return Err(invalid(
             format!("{at}.dra"),
-            "DRA is simulated for whole NVIDIA GPUs only",
+            "DRA is simulated for NVIDIA GPUs, whole or with mixed MIG partitions",
+        ));
+    }
+    if g.partition.is_some() && g.vendor != Vendor::Amd {
+        return Err(invalid(
+            format!("{at}.partition"),
+            "partition modes are AMD's",
+        ));
+    }
+    if let Some(p) = &g.partition {
+        let (compute, memory) = p.split_once('_').unwrap_or((p, ""));
+        if !["spx", "dpx", "tpx", "qpx", "cpx"].contains(&compute) || !memory.starts_with("nps") {
+            return Err(invalid(
+                format!("{at}.partition"),
+                format!("{p:?} is not a mode like cpx_nps4"),
+            ));
+        }
+    }
+    if g.resource_management && g.vendor != Vendor::Intel {
+        return Err(invalid(
+            format!("{at}.resource_management"),
+            "resource management is Intel's",
         ));
     }
     if let Some(m) = &g.mig {
@@ -545,6 +647,12 @@ fn validate_gpu(g: &GpuSpec, at: &str) -> Result<(), ScenarioError> {
             return Err(invalid(
                 format!("{at}.mig.profiles"),
                 "strategy single takes exactly one profile",
+            ));
+        }
+        if m.gpus.is_some() && m.strategy != MigStrategy::Mixed {
+            return Err(invalid(
+                format!("{at}.mig.gpus"),
+                "only strategy mixed leaves some GPUs whole",
             ));
         }
         for (p, n) in &m.profiles {

@@ -24,6 +24,7 @@ use crate::patch::{self, PatchKind};
 use crate::resources::{self, RESOURCES, ResourceType, idx};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{ApiError, Change, EventType, Obj};
+use crate::versions::{self, DRA_GROUP};
 
 /// Response body: whole JSON documents or a watch stream.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -170,7 +171,27 @@ pub async fn handle(
     let addr = core.addr_string();
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api"] => return Ok(json_response(200, &resources::core_versions(&addr))),
-        ["apis"] => return Ok(json_response(200, &resources::group_list())),
+        ["apis"] => {
+            let mut groups = resources::group_list();
+            versions::filter_groups(&mut groups, core.dra_versions());
+            return Ok(json_response(200, &groups));
+        }
+        ["apis", g] if *g == DRA_GROUP => {
+            let mut doc = resources::group(g).expect("served");
+            versions::filter_groups(&mut doc, core.dra_versions());
+            return Ok(match core.dra_versions().is_empty() {
+                true => not_found_path(&path),
+                false => json_response(200, &doc),
+            });
+        }
+        ["apis", g, v] if *g == DRA_GROUP => {
+            if !core.dra_versions().contains(v) {
+                return Ok(not_found_path(&path));
+            }
+            let mut doc = resources::resource_list(g, versions::STORAGE).expect("served");
+            doc["groupVersion"] = json!(format!("{DRA_GROUP}/{v}"));
+            return Ok(json_response(200, &doc));
+        }
         ["api", "v1"] => {
             return Ok(json_response(
                 200,
@@ -193,10 +214,28 @@ pub async fn handle(
         ["apis", g, v, rest @ ..] => (g, v, rest),
         _ => return Ok(not_found_path(&path)),
     };
-    let Some(target) = resolve(group, version, rest) else {
+    // DRA objects are stored as v1 and shown in the version the client asked for, if this
+    // cluster's Kubernetes version serves it.
+    let dra_as: Option<&'static str> = match group == DRA_GROUP {
+        true => match core.dra_versions().iter().find(|v| **v == version) {
+            Some(v) => Some(*v),
+            None => return Ok(not_found_path(&path)),
+        },
+        false => None,
+    };
+    let stored_version = if dra_as.is_some() {
+        versions::STORAGE
+    } else {
+        version
+    };
+    let Some(target) = resolve(group, stored_version, rest) else {
         return Ok(not_found_path(&path));
     };
     let verb = verb_of(req.method(), &target, &q);
+    let plural = RESOURCES[target.res].plural;
+    if core.rbac_deny.iter().any(|d| d == plural) {
+        return Ok(error_response(&forbidden(verb, &target, group)));
+    }
     let faults = core.api_faults();
     if let Some(d) = faults.latency {
         tokio::time::sleep(d).await;
@@ -224,10 +263,18 @@ pub async fn handle(
         .unwrap_or("application/json")
         .to_string();
     let method = req.method().clone();
-    let body = match read_body(req).await {
+    let mut body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return Ok(error_response(&e)),
     };
+    let old_dra = dra_as.filter(|v| *v != versions::STORAGE);
+    if let Some(v) = old_dra
+        && content_type.starts_with("application/json")
+        && let Ok(mut obj) = serde_json::from_slice::<Value>(&body)
+    {
+        versions::to_storage(&mut obj, v);
+        body = Bytes::from(serde_json::to_vec(&obj).expect("json"));
+    }
     let resp = match dispatch(
         &core,
         &method,
@@ -243,7 +290,53 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
-    Ok(resp)
+    Ok(match old_dra {
+        Some(v) if !table => in_version(resp, v),
+        _ => resp,
+    })
+}
+
+/// A response whose documents (one per frame: a whole body, or one watch event) are
+/// converted for a client of `version`.
+fn in_version(resp: Response<Body>, version: &'static str) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let body = body.map_frame(move |f| {
+        f.map_data(|d| {
+            let Ok(mut doc) = serde_json::from_slice::<Value>(&d) else {
+                return d;
+            };
+            versions::convert_doc(&mut doc, version);
+            let mut out = serde_json::to_vec(&doc).expect("json");
+            if d.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            Bytes::from(out)
+        })
+    });
+    Response::from_parts(parts, BodyExt::boxed(body))
+}
+
+/// The 403 a real API server sends a token whose RBAC role leaves this resource out.
+fn forbidden(verb: &str, t: &Target, group: &str) -> ApiError {
+    let r = &RESOURCES[t.res];
+    let scope = match &t.ns {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let qualified = match group {
+        "" => r.plural.to_string(),
+        g => format!("{}.{g}", r.plural),
+    };
+    let mut e = ApiError::new(
+        403,
+        "Forbidden",
+        format!(
+            "{qualified} is forbidden: User \"system:serviceaccount:flotilla:flotilla-agent\" cannot {verb} resource \"{}\" in API group \"{group}\" {scope}",
+            r.plural
+        ),
+    );
+    e.details = Some(json!({"group": group, "kind": r.plural}));
+    e
 }
 
 fn not_found_path(path: &str) -> Response<Body> {

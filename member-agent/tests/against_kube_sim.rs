@@ -99,7 +99,10 @@ async fn nodes_gpus_and_allocations_follow_the_cluster() {
     .await;
     let a100 = pool(&inv, "a100").unwrap();
     assert_eq!(a100.physical_gpus, 8);
-    assert_eq!(a100.resources[0].name, "nvidia.com/mig-1g.10gb");
+    // A fully split node keeps `nvidia.com/gpu` at 0 beside its slices.
+    let names: Vec<&str> = a100.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["nvidia.com/gpu", "nvidia.com/mig-1g.10gb"]);
+    assert_eq!((a100.resources[0].capacity, a100.free_gpus), (0, 0));
     let n = inv
         .nodes
         .iter()

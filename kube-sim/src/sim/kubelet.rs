@@ -31,14 +31,15 @@ impl SimState {
             if let Some(g) = &pool.gpu {
                 for r in gpu::gpu_resources(g) {
                     // A node that stops reporting keeps its last status (allocatable stays).
-                    let units = if plugin {
-                        (i64::from(g.count) - i64::from(sim.failed_gpus)).max(0) * r.per_gpu
+                    // A crashed plugin never advertises: allocatable stays 0 after Ready.
+                    let units = if plugin && !g.plugin_crashed {
+                        r.units(g.count, sim.failed_gpus)
                     } else {
                         0
                     };
                     allocatable[&r.name] = json!(units.to_string());
                 }
-                if g.dra && plugin {
+                if g.dra && plugin && !g.plugin_crashed {
                     want_slices.insert(name.clone(), json!(sim.failed_gpus));
                 }
             }
@@ -90,9 +91,9 @@ impl SimState {
             let current = existing
                 .iter()
                 .find(|s| s["spec"]["nodeName"] == node.as_str());
-            let healthy = g.count.saturating_sub(failed) as usize;
+            let want = gpu::resource_slice(&node, &g, failed, 0);
             match current {
-                Some(s) if s["spec"]["devices"].as_array().map_or(0, Vec::len) == healthy => {}
+                Some(s) if s["spec"]["devices"] == want["spec"]["devices"] => {}
                 Some(s) => {
                     let generation = sim.slice_generation + 1;
                     self.nodes.get_mut(&node).expect("sim").slice_generation = generation;

@@ -38,6 +38,10 @@ pub use disruption::PdbHealth;
 pub const MD_NAMESPACE: &str = "default";
 /// Annotation on a pod template asking for N GPUs through a DRA ResourceClaim.
 pub const DRA_GPUS_ANNOTATION: &str = "sim.flotilla.dev/dra-gpus";
+/// Pod-template annotation: claim MIG partitions of this profile instead of whole GPUs.
+pub const DRA_PROFILE_ANNOTATION: &str = "sim.flotilla.dev/dra-profile";
+/// The DeviceClass of MIG partitions published by the NVIDIA DRA driver.
+pub const NVIDIA_MIG_CLASS: &str = "mig.nvidia.com";
 /// The device plugin DaemonSet every GPU cluster runs (when the scenario asks for it).
 pub const DEVICE_PLUGIN_DS: &str = "nvidia-device-plugin-daemonset";
 
@@ -86,11 +90,12 @@ fn ns_name(o: &Value) -> (String, String) {
     )
 }
 
-/// Sum of a pod's requests as `kubectl describe node` computes them: containers summed,
-/// max'd against each init container, plus overhead. Values in milli-units.
+/// A pod's effective requests as the scheduler computes them, milli-units: the larger of
+/// the steady phase (app containers plus every sidecar, i.e. restartable init container) and
+/// each init step (that init container plus the sidecars started before it), plus overhead.
 pub fn pod_requests(pod: &Value) -> BTreeMap<String, i128> {
-    let mut sum: BTreeMap<String, i128> = BTreeMap::new();
-    let read = |c: &Value| -> BTreeMap<String, i128> {
+    type Sum = BTreeMap<String, i128>;
+    let read = |c: &Value| -> Sum {
         let mut m = BTreeMap::new();
         if let Some(r) = c["resources"]["requests"].as_object() {
             for (k, v) in r {
@@ -101,21 +106,36 @@ pub fn pod_requests(pod: &Value) -> BTreeMap<String, i128> {
         }
         m
     };
-    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
-        for (k, v) in read(c) {
-            *sum.entry(k).or_default() += v;
+    let add = |sum: &mut Sum, other: &Sum| {
+        for (k, v) in other {
+            *sum.entry(k.clone()).or_default() += v;
         }
-    }
+    };
+    let max_into = |acc: &mut Sum, other: &Sum| {
+        for (k, v) in other {
+            let e = acc.entry(k.clone()).or_default();
+            *e = (*e).max(*v);
+        }
+    };
+    let mut sidecars = Sum::new();
+    let mut init = Sum::new();
     for c in pod["spec"]["initContainers"]
         .as_array()
         .into_iter()
         .flatten()
     {
-        for (k, v) in read(c) {
-            let e = sum.entry(k).or_default();
-            *e = (*e).max(v);
+        let mut step = sidecars.clone();
+        add(&mut step, &read(c));
+        if c["restartPolicy"] == "Always" {
+            sidecars = step.clone();
         }
+        max_into(&mut init, &step);
     }
+    let mut sum = sidecars;
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        add(&mut sum, &read(c));
+    }
+    max_into(&mut sum, &init);
     if let Some(o) = pod["spec"]["overhead"].as_object() {
         for (k, v) in o {
             if let Some(q) = v.as_str().and_then(|s| parse_milli(s).ok()) {
@@ -310,9 +330,13 @@ impl SimState {
             "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
         });
         let mut annotations = json!({});
+        let mut init_containers = vec![];
         if w.gpus > 0 {
             if w.dra {
                 annotations[DRA_GPUS_ANNOTATION] = json!(w.gpus.to_string());
+                if let Some(p) = &w.dra_profile {
+                    annotations[DRA_PROFILE_ANNOTATION] = json!(p);
+                }
             } else {
                 let r = w
                     .resource
@@ -322,6 +346,20 @@ impl SimState {
                 container["resources"]["limits"][&r] = json!(w.gpus.to_string());
             }
         }
+        if w.sidecar_gpus > 0 {
+            // A native sidecar: a restartable init container, running beside the app.
+            let r = w
+                .resource
+                .clone()
+                .unwrap_or_else(|| "nvidia.com/gpu".into());
+            let n = w.sidecar_gpus.to_string();
+            init_containers.push(json!({
+                "name": "gpu-sidecar",
+                "image": "registry.sim/gpu-sidecar:latest",
+                "restartPolicy": "Always",
+                "resources": {"requests": {"cpu": "100m", &r: n}, "limits": {&r: n}},
+            }));
+        }
         if let Some(svc) = &w.service {
             container["ports"] = json!([{"name": "http", "containerPort": svc.target_port.unwrap_or(svc.port), "protocol": "TCP"}]);
         }
@@ -329,6 +367,9 @@ impl SimState {
             "containers": [container],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         });
+        if !init_containers.is_empty() {
+            pod_spec["initContainers"] = json!(init_containers);
+        }
         if !w.node_selector.is_empty() {
             pod_spec["nodeSelector"] = json!(w.node_selector);
         }
@@ -604,6 +645,84 @@ mod tests {
             .get(idx::ENDPOINTSLICES, "default", "llm-sim")
             .unwrap();
         assert_eq!(slice["endpoints"].as_array().unwrap().len(), 3);
+    }
+
+    fn scheduled(st: &SimState) -> (usize, usize) {
+        let pods: Vec<&Obj> = st.store.iter(idx::PODS, Some("default"), None).collect();
+        let bound = pods
+            .iter()
+            .filter(|p| p["spec"]["nodeName"].is_string())
+            .count();
+        (bound, pods.len() - bound)
+    }
+
+    #[test]
+    fn a_sidecars_gpus_count_beside_the_apps() {
+        // 2 app GPUs + 2 sidecar GPUs = 4 per pod: two pods fill one 8-GPU node, the third
+        // waits (counted without the sidecar, all three would fit).
+        let st = cluster(
+            "clusters:\n  - name: c\n    pools:\n      - name: gpu\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-L4, memory_mib: 23034, count: 8}\n    workloads:\n      - {name: llm, replicas: 3, gpus: 2, sidecar_gpus: 2}\n",
+        );
+        assert_eq!(scheduled(&st), (2, 1));
+        let p = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .next()
+            .unwrap();
+        assert_eq!(p["spec"]["initContainers"][0]["restartPolicy"], "Always");
+        assert_eq!(pod_requests(p)["nvidia.com/gpu"], 4000);
+    }
+
+    #[test]
+    fn a_crashed_plugin_never_advertises() {
+        let st = cluster(
+            "clusters:\n  - name: c\n    pools:\n      - name: gpu\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-L4, memory_mib: 23034, count: 8, plugin_crashed: true}\n",
+        );
+        let n = st.store.iter(idx::NODES, None, None).next().unwrap();
+        assert!(node_ready(n));
+        assert_eq!(n["status"]["capacity"]["nvidia.com/gpu"], "8");
+        assert_eq!(n["status"]["allocatable"]["nvidia.com/gpu"], "0");
+    }
+
+    #[test]
+    fn an_allocated_partition_takes_its_gpu() {
+        // One GPU offered whole and as two 3g.40gb partitions on shared counters.
+        let mut st = cluster(
+            "clusters:\n  - name: c\n    pools:\n      - name: dra\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-A100-SXM4-80GB, memory_mib: 81920, count: 1, dra: true, mig: {strategy: mixed, profiles: {3g.40gb: 2}}}\n    workloads:\n      - {name: small, replicas: 1, gpus: 1, dra: true, dra_profile: 3g.40gb}\n",
+        );
+        let slice = st
+            .store
+            .iter(idx::RESOURCESLICES, None, None)
+            .next()
+            .unwrap();
+        assert_eq!(slice["spec"]["devices"].as_array().unwrap().len(), 3);
+        assert_eq!(slice["spec"]["sharedCounters"][0]["name"], "gpu-0-counters");
+        assert_eq!(scheduled(&st), (1, 0), "the partition is allocated");
+        // A whole-GPU claim now finds no GPU: its counters are partly drawn.
+        let w = crate::scenario::Scenario::from_yaml("clusters:\n  - name: c\n    workloads:\n      - {name: big, replicas: 1, gpus: 1, dra: true}\n").unwrap();
+        st.seed_workload(&w.clusters[0].workloads[0]);
+        st.reconcile(Instant::now());
+        let big = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .find(|p| p["metadata"]["name"].as_str().unwrap().starts_with("big"))
+            .unwrap();
+        assert!(big["spec"]["nodeName"].is_null(), "{big}");
+        // The second partition still fits.
+        let w = crate::scenario::Scenario::from_yaml("clusters:\n  - name: c\n    workloads:\n      - {name: small2, replicas: 1, gpus: 1, dra: true, dra_profile: 3g.40gb}\n").unwrap();
+        st.seed_workload(&w.clusters[0].workloads[0]);
+        st.reconcile(Instant::now());
+        let small2 = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .find(|p| {
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("small2")
+            })
+            .unwrap();
+        assert!(small2["spec"]["nodeName"].is_string(), "{small2}");
     }
 
     #[test]

@@ -65,6 +65,20 @@ impl SimState {
                 })
                 .map(|r| r["exactly"]["count"].as_i64().unwrap_or(1))
                 .sum();
+            // What the claims ask for: whole GPUs, or MIG partitions of one profile.
+            let dra_profile: Option<String> = claims.first().and_then(|c| {
+                let ex = &c["spec"]["devices"]["requests"][0]["exactly"];
+                (ex["deviceClassName"] == NVIDIA_MIG_CLASS).then(|| {
+                    let cel = ex["selectors"][0]["cel"]["expression"]
+                        .as_str()
+                        .unwrap_or("");
+                    cel.rsplit("== '")
+                        .next()
+                        .unwrap_or("")
+                        .trim_end_matches('\'')
+                        .to_string()
+                })
+            });
             let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
             let mut best: Option<(f64, String, Vec<DeviceKey>)> = None;
             for node in &nodes {
@@ -124,31 +138,14 @@ impl SimState {
                 }
                 let mut picked = Vec::new();
                 if dra_want > 0 {
-                    let free: Vec<(String, String)> = self
-                        .store
-                        .iter(idx::RESOURCESLICES, None, None)
-                        .filter(|s| {
-                            s["spec"]["nodeName"] == node_name
-                                && s["spec"]["driver"] == gpu::NVIDIA_DRA_DRIVER
-                        })
-                        .flat_map(|s| {
-                            let pool = s["spec"]["pool"]["name"].as_str().unwrap_or("").to_string();
-                            s["spec"]["devices"]
-                                .as_array()
-                                .cloned()
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(move |d| {
-                                    (pool.clone(), d["name"].as_str().unwrap_or("").to_string())
-                                })
-                        })
-                        .filter(|k| !dra_used.contains(k))
-                        .collect();
-                    if (free.len() as i64) < dra_want {
-                        *reasons.entry("cannot allocate all claims").or_default() += 1;
-                        continue;
+                    match self.pick_devices(node_name, dra_want, dra_profile.as_deref(), &dra_used)
+                    {
+                        Some(p) => picked = p,
+                        None => {
+                            *reasons.entry("cannot allocate all claims").or_default() += 1;
+                            continue;
+                        }
                     }
-                    picked = free.into_iter().take(dra_want as usize).collect();
                 }
                 // Least-allocated wins (the default scheduler's spreading); name breaks ties.
                 if best
@@ -220,6 +217,105 @@ impl SimState {
                 }
             }
         }
+    }
+}
+
+/// One device of a node's slices, with what it draws from shared counters.
+struct Device {
+    key: DeviceKey,
+    kind: String,
+    profile: String,
+    /// (counter set, counter) → amount, milli-units.
+    consumes: Vec<((String, String), i128)>,
+}
+
+type Counters = HashMap<(String, String), i128>;
+
+impl SimState {
+    /// `want` free devices on `node`: whole GPUs, or MIG partitions of `profile`, such that
+    /// no shared counter is overdrawn (a GPU with a partition allocated is not free, and a
+    /// partition of an allocated GPU is not either).
+    fn pick_devices(
+        &self,
+        node: &str,
+        want: i64,
+        profile: Option<&str>,
+        used: &DeviceSet,
+    ) -> Option<Vec<DeviceKey>> {
+        let mut devices = Vec::new();
+        let mut capacity = Counters::new();
+        let milli = |v: &Value| {
+            v["value"]
+                .as_str()
+                .and_then(|q| parse_milli(q).ok())
+                .unwrap_or(0)
+        };
+        for s in self
+            .store
+            .iter(idx::RESOURCESLICES, None, None)
+            .filter(|s| {
+                s["spec"]["nodeName"] == node && s["spec"]["driver"] == gpu::NVIDIA_DRA_DRIVER
+            })
+        {
+            let pool = s["spec"]["pool"]["name"].as_str().unwrap_or("").to_string();
+            for set in s["spec"]["sharedCounters"].as_array().into_iter().flatten() {
+                let name = set["name"].as_str().unwrap_or("").to_string();
+                for (c, v) in set["counters"].as_object().into_iter().flatten() {
+                    capacity.insert((name.clone(), c.clone()), milli(v));
+                }
+            }
+            for d in s["spec"]["devices"].as_array().into_iter().flatten() {
+                let mut consumes = Vec::new();
+                for cc in d["consumesCounters"].as_array().into_iter().flatten() {
+                    let set = cc["counterSet"].as_str().unwrap_or("").to_string();
+                    for (c, v) in cc["counters"].as_object().into_iter().flatten() {
+                        consumes.push(((set.clone(), c.clone()), milli(v)));
+                    }
+                }
+                devices.push(Device {
+                    key: (pool.clone(), d["name"].as_str().unwrap_or("").to_string()),
+                    kind: d["attributes"]["type"]["string"]
+                        .as_str()
+                        .unwrap_or("gpu")
+                        .to_string(),
+                    profile: d["attributes"]["profile"]["string"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    consumes,
+                });
+            }
+        }
+        let draw = |d: &Device, drawn: &mut Counters| {
+            for (k, v) in &d.consumes {
+                *drawn.entry(k.clone()).or_default() += v;
+            }
+        };
+        let mut drawn = Counters::new();
+        for d in devices.iter().filter(|d| used.contains(&d.key)) {
+            draw(d, &mut drawn);
+        }
+        let fits = |d: &Device, drawn: &Counters| {
+            d.consumes.iter().all(|(k, v)| {
+                drawn.get(k).copied().unwrap_or(0) + v
+                    <= capacity.get(k).copied().unwrap_or(i128::MAX)
+            })
+        };
+        let mut picked = Vec::new();
+        for d in &devices {
+            if picked.len() as i64 == want {
+                break;
+            }
+            let right_kind = match profile {
+                None => d.kind == "gpu",
+                Some(p) => d.kind == "mig" && d.profile == p,
+            };
+            if right_kind && !used.contains(&d.key) && fits(d, &drawn) {
+                draw(d, &mut drawn);
+                picked.push(d.key.clone());
+            }
+        }
+        (picked.len() as i64 == want).then_some(picked)
     }
 }
 

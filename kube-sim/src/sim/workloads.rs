@@ -86,11 +86,14 @@ impl SimState {
                 let dra = template["metadata"]["annotations"][DRA_GPUS_ANNOTATION]
                     .as_str()
                     .and_then(|n| n.parse::<i64>().ok());
+                let profile = template["metadata"]["annotations"][DRA_PROFILE_ANNOTATION]
+                    .as_str()
+                    .map(str::to_string);
                 let Ok(created) = self.create(idx::PODS, &ns, pod) else {
                     break;
                 };
                 if let Some(count) = dra {
-                    self.create_claim(&ns, &created, count);
+                    self.create_claim(&ns, &created, count, profile.as_deref());
                 }
                 pods.push(created);
             }
@@ -123,13 +126,20 @@ impl SimState {
         }
     }
 
-    pub(super) fn create_claim(&mut self, ns: &str, pod: &Obj, count: i64) {
+    /// A claim for `count` whole GPUs, or MIG partitions of `profile`, for the pod.
+    pub(super) fn create_claim(&mut self, ns: &str, pod: &Obj, count: i64, profile: Option<&str>) {
         let pod_name = meta_str(pod, "name").to_string();
         let claim_name = format!("{pod_name}-gpu");
+        let mut exactly = json!({"deviceClassName": gpu::NVIDIA_DRA_DRIVER,
+            "allocationMode": "ExactCount", "count": count});
+        if let Some(p) = profile {
+            exactly["deviceClassName"] = json!(NVIDIA_MIG_CLASS);
+            exactly["selectors"] = json!([{"cel": {"expression":
+                format!("device.attributes['{}'].profile == '{p}'", gpu::NVIDIA_DRA_DRIVER)}}]);
+        }
         let claim = json!({
             "metadata": {"name": claim_name, "ownerReferences": owner_ref(pod)},
-            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
-                "deviceClassName": gpu::NVIDIA_DRA_DRIVER, "allocationMode": "ExactCount", "count": count}}]}},
+            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}]}},
         });
         if self.create(idx::RESOURCECLAIMS, ns, claim).is_ok() {
             let mut p = (**pod).clone();
