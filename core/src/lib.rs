@@ -3,6 +3,7 @@
 pub mod capacity;
 pub mod duration;
 pub mod fit;
+pub mod gpu_metrics;
 pub mod health;
 pub mod inventory;
 pub mod kv;

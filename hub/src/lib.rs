@@ -94,6 +94,10 @@ pub struct Args {
     /// HTTP address for /metrics, /healthz and /readyz.
     #[arg(long, env = "FLOTILLA_HTTP", default_value = "127.0.0.1:7480")]
     pub http: SocketAddr,
+    /// Also export per-node GPU series on /metrics (one series per node and figure: mind
+    /// the cardinality on a large fleet).
+    #[arg(long, env = "FLOTILLA_METRICS_PER_NODE")]
+    pub metrics_per_node: bool,
     /// Most nodes one cluster may report.
     #[arg(long, env = "FLOTILLA_MAX_REPORT_NODES", default_value_t = 5_000)]
     pub max_report_nodes: usize,
@@ -210,6 +214,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             ..Default::default()
         },
         max_concurrent_joins: args.max_concurrent_joins,
+        metrics_per_node: args.metrics_per_node,
     });
     let limits = Limits {
         max_key_bytes: args.max_key_bytes,

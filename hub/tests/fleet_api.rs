@@ -288,6 +288,34 @@ async fn agents_join_report_and_are_judged() {
         "{metrics}"
     );
     assert!(metrics.contains("flotilla_hub_leader 1"), "{metrics}");
+    // The fleet's GPUs, per cluster, pool and product.
+    let pool = r#"{cluster="alpha",pool="h100",product="NVIDIA-H100-80GB-HBM3"}"#;
+    for (name, value) in [
+        ("flotilla_hub_fleet_gpus_physical", 16),
+        ("flotilla_hub_fleet_gpus_free", 10),
+        ("flotilla_hub_fleet_gpus_idle", 10),
+        ("flotilla_hub_fleet_gpus_failed", 0),
+    ] {
+        let line = format!("{name}{pool} {value}\n");
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"flotilla_hub_fleet_cluster_health{cluster="alpha",state="Ready"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"flotilla_hub_fleet_cluster_health{cluster="alpha",state="Degraded"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"flotilla_hub_fleet_inventory_age_seconds{cluster="alpha"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("fleet_node_gpus"),
+        "per-node series only when asked"
+    );
     assert!(
         metrics.contains("flotilla_hub_report_processing_seconds_count 1"),
         "{metrics}"

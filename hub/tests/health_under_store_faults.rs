@@ -97,6 +97,7 @@ async fn hub() -> Hub {
         heartbeat: Duration::from_millis(200),
         limits: Default::default(),
         max_concurrent_joins: 8,
+        metrics_per_node: false,
     });
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

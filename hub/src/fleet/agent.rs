@@ -145,11 +145,11 @@ impl Held {
         Ok(changed)
     }
 
-    /// The stored inventory record's bytes.
-    fn record(&self, cluster: &str) -> Vec<u8> {
+    /// The stored inventory record's bytes, stamped `now_unix_ms`.
+    fn record(&self, cluster: &str, now_unix_ms: i64) -> Vec<u8> {
         let pools: Vec<v1::PoolInventory> =
             self.pools.pools().iter().map(conv::pool_to_wire).collect();
-        records::encode_inventory(cluster, self.nodes.values(), &pools)
+        records::encode_inventory(cluster, self.nodes.values(), &pools, now_unix_ms)
     }
 }
 
@@ -475,9 +475,13 @@ async fn handle<B: KvBackend>(
     if changed || !held.stored {
         let write_started = std::time::Instant::now();
         // Only this stream writes this cluster's inventory, so no compare is needed.
-        revision = records::put_bytes(backend, &keys::inventory_key(cluster), next.record(cluster))
-            .await
-            .map_err(store_err)?;
+        revision = records::put_bytes(
+            backend,
+            &keys::inventory_key(cluster),
+            next.record(cluster, health.clock().unix_ms()),
+        )
+        .await
+        .map_err(store_err)?;
         metrics
             .store_write_seconds
             .observe(write_started.elapsed().as_secs_f64());

@@ -29,6 +29,8 @@ pub struct FleetConfig {
     pub limits: ReportLimits,
     /// Agents in the join handshake at once.
     pub max_concurrent_joins: usize,
+    /// Export per-node GPU series too (`--metrics-per-node`).
+    pub metrics_per_node: bool,
 }
 
 /// The fleet's shared parts, created before the hub serves.
@@ -54,11 +56,12 @@ impl Fleet {
 
     /// New, empty fleet state on `clock`.
     pub fn with_clock(config: FleetConfig, clock: Arc<dyn Clock>) -> Self {
+        let view = view::FleetView::new();
         Self {
-            view: view::FleetView::new(),
+            metrics: HubMetrics::new(view.clone(), config.metrics_per_node),
+            view,
             health: HealthCtl::new(config.policy, clock),
             config,
-            metrics: HubMetrics::new(),
             joins: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_joins.max(1),
             )),

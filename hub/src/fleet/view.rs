@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use flotilla_api::convert::fleet::{ReportLimits, nodes_from_wire};
 use flotilla_api::v1;
+use flotilla_core::gpu_metrics::{PoolGpus, pool_gpus};
 use prost::Message;
 use prost::bytes::Bytes;
 use tokio::sync::{broadcast, watch};
@@ -25,17 +27,38 @@ struct Held {
     nodes: u32,
     physical_gpus: i64,
     free_gpus: i64,
+    updated_at_unix_ms: i64,
+    /// The metric rows, summarised once on arrival (a scrape reads ten thousand of them).
+    gpus: Arc<Vec<PoolGpus>>,
 }
 
 impl Held {
     fn new(encoded: Bytes, i: &v1::Inventory) -> Self {
+        // Stored records were validated when written.
+        let nodes =
+            nodes_from_wire(&i.nodes, "stored", &ReportLimits::unlimited()).unwrap_or_default();
         Self {
             encoded,
             nodes: i.nodes.len() as u32,
             physical_gpus: i.nodes.iter().map(|n| n.physical_gpus).sum(),
             free_gpus: i.pools.iter().map(|p| p.free_gpus).sum(),
+            updated_at_unix_ms: i.updated_at_unix_ms,
+            gpus: Arc::new(pool_gpus(&nodes)),
         }
     }
+}
+
+/// One cluster's GPU metric rows as this replica sees them.
+#[derive(Debug, Clone)]
+pub struct ClusterGpus {
+    /// Cluster name.
+    pub name: String,
+    /// Health (wire enum value).
+    pub health: i32,
+    /// When its inventory last changed (0: never reported).
+    pub updated_at_unix_ms: i64,
+    /// Rows by pool and product.
+    pub pools: Arc<Vec<PoolGpus>>,
 }
 
 /// A cluster record with node and GPU totals from its inventory.
@@ -98,6 +121,34 @@ impl FleetView {
         st.clusters
             .get(name)
             .map(|c| with_totals(c, st.inventory.get(name)))
+    }
+
+    /// Every cluster's GPU metric rows.
+    pub fn gpu_rows(&self) -> Vec<ClusterGpus> {
+        let st = self.state.read().expect("view");
+        st.clusters
+            .values()
+            .map(|c| {
+                let held = st.inventory.get(&c.name);
+                ClusterGpus {
+                    name: c.name.clone(),
+                    health: c.health,
+                    updated_at_unix_ms: held.map_or(0, |h| h.updated_at_unix_ms),
+                    pools: held.map(|h| h.gpus.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Every cluster's name with its inventory (decoded one at a time by the caller).
+    pub fn inventory_names(&self) -> Vec<String> {
+        self.state
+            .read()
+            .expect("view")
+            .inventory
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// One cluster's inventory.

@@ -54,12 +54,13 @@ impl Change {
     }
 }
 
-/// The bytes of `v1::Inventory { cluster, nodes, pools }` built from nodes that are already
-/// encoded, so a delta re-encodes none of the nodes it does not carry.
+/// The bytes of `v1::Inventory { cluster, nodes, pools, updated_at_unix_ms }` built from
+/// nodes that are already encoded, so a delta re-encodes none of the nodes it does not carry.
 pub fn encode_inventory<'a>(
     cluster: &str,
     nodes: impl ExactSizeIterator<Item = &'a Bytes>,
     pools: &[v1::PoolInventory],
+    updated_at_unix_ms: i64,
 ) -> Vec<u8> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let mut nodes_len = 0;
@@ -79,6 +80,9 @@ pub fn encode_inventory<'a>(
     }
     for p in pools {
         prost::encoding::message::encode(3, p, &mut buf);
+    }
+    if updated_at_unix_ms != 0 {
+        prost::encoding::int64::encode(4, &updated_at_unix_ms, &mut buf);
     }
     buf
 }
@@ -211,14 +215,15 @@ mod tests {
             cluster: "c1".into(),
             nodes: nodes.clone(),
             pools: pools.clone(),
+            updated_at_unix_ms: 1_700_000_000_000,
         };
         let encoded: Vec<Bytes> = nodes.iter().map(|n| n.encode_to_vec().into()).collect();
         assert_eq!(
-            encode_inventory("c1", encoded.iter(), &pools),
+            encode_inventory("c1", encoded.iter(), &pools, 1_700_000_000_000),
             whole.encode_to_vec()
         );
         assert_eq!(
-            encode_inventory("c1", [].iter(), &[]),
+            encode_inventory("c1", [].iter(), &[], 0),
             v1::Inventory {
                 cluster: "c1".into(),
                 ..Default::default()
