@@ -56,6 +56,8 @@ clusters:
       - name: h100
         count: 1
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+    workloads:
+      - {name: llm, replicas: 1, gpus: 2, sidecar_gpus: 1}
   - name: rbac
     rbac_deny: [resourceslices]
     timing: {node_ready_ms: 20, device_plugin_ms: 20}
@@ -181,6 +183,13 @@ async fn every_gpu_mode_is_reported_as_what_it_is() {
     assert_eq!(w.listing("resourceslices"), Listing::NotServed);
     assert_eq!(w.dra_version(), None);
     until(&w, "whole GPUs", advertised).await;
+    // 7. The pod's sidecar holds a GPU beside the app's two.
+    until(&w, "the pod's 3 GPUs allocated", |_, i| {
+        i.nodes
+            .first()
+            .is_some_and(|n| n.resources[0].allocated == 3 && n.free_gpus == 5)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(w.api_reachable(), "a missing API version is not an outage");
     assert!(w.incomplete().is_empty(), "{:?}", w.incomplete());
