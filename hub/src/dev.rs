@@ -73,6 +73,7 @@ pub async fn start(
     println!("  {ctl} get gpus --by region");
     println!("  {ctl} describe cluster {}", sim.clusters()[0].name());
     println!("  {ctl} fit --gpus 4 --min-memory 80Gi --product H100 --replicas 2");
+    println!("  {ctl} fit --gpus 2 --mig-profile 1g.10gb    (or --shared: time-sliced GPUs)");
     println!("  {ctl} watch");
     if let Some(p) = paths.first() {
         println!("  KUBECONFIG={} kubectl get nodes", p.display());

@@ -104,7 +104,8 @@ async fn gpus(ctx: &mut Ctx, by: GroupBy) -> Result<(), Failure> {
             .map(|r| {
                 json!({"key": r.key, "total": r.gpus_total, "allocatable": r.gpus_allocatable,
                        "allocated": r.gpus_allocated, "idle": r.gpus_free,
-                       "memory_total_mib": r.memory_total_mib, "memory_idle_mib": r.memory_free_mib})
+                       "memory_total_mib": r.memory_total_mib, "memory_idle_mib": r.memory_free_mib,
+                       "nodes_gpus_unknown": r.nodes_gpus_unknown})
             })
             .collect(),
     );
@@ -127,7 +128,12 @@ async fn gpus(ctx: &mut Ctx, by: GroupBy) -> Result<(), Failure> {
                 .map(|r| {
                     vec![
                         r.key.clone(),
-                        r.gpus_total.to_string(),
+                        // Nodes that do not say how many GPUs they have (MIG single without a
+                        // hardware count) are not in the total; say so.
+                        match r.nodes_gpus_unknown {
+                            0 => r.gpus_total.to_string(),
+                            n => format!("{}+? ({n} nodes unknown)", r.gpus_total),
+                        },
                         r.gpus_allocatable.to_string(),
                         r.gpus_allocated.to_string(),
                         r.gpus_free.to_string(),
