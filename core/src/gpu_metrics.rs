@@ -1,16 +1,17 @@
-//! The fleet's GPU figures as metric series, with bounded cardinality: one row per cluster,
-//! pool and product (and MIG profile for slices), never per node unless asked. Pure: the hub
-//! summarises each inventory when it arrives and encodes the rows at scrape time.
+//! The fleet's GPU figures as metric series, with bounded cardinality: one row per cluster
+//! and pool (labelled with the pool's products), and MIG profile for slices; never per node
+//! unless asked. Pure, and cheap: rows come from the pool totals the leader already keeps in
+//! each stored inventory, so the hub builds them when an inventory arrives without looking at
+//! its nodes.
 
-use crate::capacity::allocatable_gpus;
-use crate::inventory::{GpuUnit, NodeInventory};
+use crate::inventory::{GpuUnit, PoolInventory};
 
-/// One pool's (and product's) GPU figures.
+/// One pool's GPU figures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolGpus {
     /// Pool (`""` for nodes without one).
     pub pool: String,
-    /// Product (`unknown` when the nodes do not say).
+    /// The pool's products, comma-separated (`unknown` when the nodes do not say).
     pub product: String,
     /// Physical GPUs of the nodes that say how many they have.
     pub physical: i64,
@@ -24,7 +25,7 @@ pub struct PoolGpus {
     pub idle: i64,
     /// Failed GPUs.
     pub failed: i64,
-    /// Time-sliced/MPS replicas advertised, and free on usable nodes.
+    /// Time-sliced/MPS replicas advertised.
     pub shared_replicas: i64,
     /// Shared replicas free on usable nodes.
     pub shared_replicas_free: i64,
@@ -32,65 +33,56 @@ pub struct PoolGpus {
     pub mig_slices: Vec<(String, i64, i64)>,
 }
 
-/// Rows for one cluster's nodes, by pool and product, in that order.
-pub fn pool_gpus(nodes: &[NodeInventory]) -> Vec<PoolGpus> {
-    let mut rows: Vec<PoolGpus> = Vec::new();
-    for n in nodes {
-        let pool = n.pool.clone().unwrap_or_default();
-        let product = n.product.clone().unwrap_or_else(|| "unknown".into());
-        let i = match rows
-            .iter()
-            .position(|r| r.pool == pool && r.product == product)
-        {
-            Some(i) => i,
-            None => {
-                rows.push(PoolGpus {
-                    pool,
-                    product,
-                    ..Default::default()
-                });
-                rows.len() - 1
-            }
-        };
-        let r = &mut rows[i];
-        let usable = n.usable();
-        let alloc = allocatable_gpus(n);
-        let idle = if usable { n.idle_gpus.min(alloc) } else { 0 };
-        r.physical += n.physical_gpus.unwrap_or(0);
-        r.allocatable += alloc;
-        r.allocated += (alloc - n.idle_gpus.min(alloc)).max(0);
-        r.free += if usable { n.free_gpus } else { 0 };
-        r.idle += idle;
-        r.failed += n.failed_gpus;
-        if n.problem.is_some() {
-            continue;
-        }
-        for res in &n.resources {
-            let free = if usable { res.free } else { 0 };
-            match &res.unit {
-                GpuUnit::Shared(_) => {
-                    r.shared_replicas += res.capacity;
-                    r.shared_replicas_free += free;
-                }
-                GpuUnit::MigSlice(p) => {
-                    let profile = if p.is_empty() { "unknown" } else { p };
-                    match r.mig_slices.iter_mut().find(|(q, _, _)| q == profile) {
-                        Some(m) => {
-                            m.1 += res.capacity;
-                            m.2 += free;
-                        }
-                        None => r.mig_slices.push((profile.to_string(), res.capacity, free)),
+/// Rows for one cluster's pools, in pool order.
+pub fn pool_gpus(pools: &[PoolInventory]) -> Vec<PoolGpus> {
+    pools
+        .iter()
+        .map(|p| {
+            let mut r = PoolGpus {
+                pool: p.name.clone(),
+                product: match p.products.is_empty() {
+                    true => "unknown".to_string(),
+                    false => p.products.join(","),
+                },
+                physical: p.physical_gpus,
+                allocatable: p.allocatable_gpus,
+                allocated: p.allocated_gpus,
+                free: p.free_gpus,
+                idle: p.idle_gpus,
+                failed: p.failed_gpus,
+                ..Default::default()
+            };
+            // Pool resource sums count `free` on usable nodes only.
+            for res in &p.resources {
+                match &res.unit {
+                    GpuUnit::Shared(_) => {
+                        r.shared_replicas += res.capacity;
+                        r.shared_replicas_free += res.free;
                     }
+                    GpuUnit::MigSlice(profile) => {
+                        let profile = if profile.is_empty() {
+                            "unknown"
+                        } else {
+                            profile
+                        };
+                        match r.mig_slices.iter_mut().find(|(q, _, _)| q == profile) {
+                            Some(m) => {
+                                m.1 += res.capacity;
+                                m.2 += res.free;
+                            }
+                            None => {
+                                r.mig_slices
+                                    .push((profile.to_string(), res.capacity, res.free))
+                            }
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-    }
-    rows.sort_by(|a, b| (&a.pool, &a.product).cmp(&(&b.pool, &b.product)));
-    for r in &mut rows {
-        r.mig_slices.sort();
-    }
-    rows
+            r.mig_slices.sort();
+            r
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -158,10 +150,19 @@ mod tests {
             ),
         ];
         let inv = compute(&nodes, &[], &[], &[], None);
-        let rows = pool_gpus(&inv.nodes);
+        let rows = pool_gpus(&inv.pools);
         let pools: Vec<&str> = rows.iter().map(|r| r.pool.as_str()).collect();
         assert_eq!(pools, ["a100", "h100", "l4"]);
-        assert_eq!((rows[1].physical, rows[1].free, rows[1].idle), (16, 16, 16));
+        assert_eq!(
+            (
+                rows[1].physical,
+                rows[1].allocatable,
+                rows[1].free,
+                rows[1].idle
+            ),
+            (16, 16, 16, 16)
+        );
+        assert_eq!(rows[1].product, "NVIDIA-H100-80GB-HBM3");
         assert_eq!(
             rows[0].mig_slices,
             [

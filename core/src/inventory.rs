@@ -323,6 +323,10 @@ pub struct PoolInventory {
     pub idle_gpus: i64,
     /// Failed physical GPUs.
     pub failed_gpus: i64,
+    /// Physical GPUs the nodes can hand out (`capacity::allocatable_gpus`).
+    pub allocatable_gpus: i64,
+    /// Allocatable GPUs with something in use.
+    pub allocated_gpus: i64,
     /// Per-resource sums.
     pub resources: Vec<GpuResource>,
 }
@@ -952,6 +956,8 @@ struct PoolSums {
     free_gpus: i64,
     idle_gpus: i64,
     failed_gpus: i64,
+    allocatable_gpus: i64,
+    allocated_gpus: i64,
     /// Product and the nodes with it, by product.
     products: Vec<(String, u32)>,
     /// Summed resource (free counted on usable nodes only) and the nodes with it, by name.
@@ -1013,6 +1019,9 @@ impl PoolTotals {
             None => step(&mut p.physical_unknown_nodes),
         }
         p.failed_gpus += sign * n.failed_gpus;
+        let alloc = crate::capacity::allocatable_gpus(n);
+        p.allocatable_gpus += sign * alloc;
+        p.allocated_gpus += sign * (alloc - n.idle_gpus.min(alloc)).max(0);
         if let Some(prod) = &n.product {
             let (i, (_, c)) = entry(&mut p.products, prod, |(k, _)| k, || (prod.clone(), 0));
             step(c);
@@ -1065,6 +1074,8 @@ impl PoolTotals {
                 free_gpus: p.free_gpus,
                 idle_gpus: p.idle_gpus,
                 failed_gpus: p.failed_gpus,
+                allocatable_gpus: p.allocatable_gpus,
+                allocated_gpus: p.allocated_gpus,
                 resources: p.resources.iter().map(|(r, _)| r.clone()).collect(),
             })
             .collect()

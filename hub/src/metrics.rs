@@ -382,11 +382,22 @@ mod tests {
             condition: v1::GpuCondition::Healthy as i32,
             ..Default::default()
         };
+        let nodes = vec![node("n1"), node("n2")];
+        // Pool totals as the leader computes them for the stored record.
+        let core = flotilla_api::convert::fleet::nodes_from_wire(
+            &nodes,
+            "n",
+            &flotilla_api::convert::fleet::ReportLimits::default(),
+        )
+        .unwrap();
         let inv = v1::Inventory {
             cluster: "c".into(),
-            nodes: vec![node("n1"), node("n2")],
+            nodes,
+            pools: flotilla_core::inventory::pools(&core)
+                .iter()
+                .map(flotilla_api::convert::fleet::pool_to_wire)
+                .collect(),
             updated_at_unix_ms: 1,
-            ..Default::default()
         };
         let cluster = v1::Cluster {
             name: "c".into(),

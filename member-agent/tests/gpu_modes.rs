@@ -177,6 +177,23 @@ async fn every_gpu_mode_is_reported_as_what_it_is() {
     })
     .await;
     assert_eq!(inv.nodes[0].resources[0].name, "dra:gpu.nvidia.com");
+    // 8. A GPU the driver leaves out of its slice is failed: the hardware labels count it.
+    let node = inv.nodes[0].name.clone();
+    cluster("k8s-133")
+        .inject(&Fault::GpuFailure {
+            node: node.clone(),
+            count: 2,
+        })
+        .unwrap();
+    let inv = until(&w, "2 DRA GPUs failed", |_, i| {
+        i.nodes.first().is_some_and(|n| n.failed_gpus == 2)
+    })
+    .await;
+    assert_eq!(inv.nodes[0].condition, GpuCondition::Degraded);
+    assert_eq!(
+        (inv.nodes[0].physical_gpus, inv.nodes[0].free_gpus),
+        (Some(8), 6)
+    );
 
     // 9. Kubernetes 1.31 serves no DRA API: nothing to list, and the API is not "unreachable".
     let w = watch(cluster("k8s-131"), WatchOptions::default(), &shutdown).await;

@@ -180,7 +180,31 @@ pub fn pool_to_wire(p: &inv::PoolInventory) -> v1::PoolInventory {
         free_gpus: p.free_gpus,
         idle_gpus: p.idle_gpus,
         failed_gpus: p.failed_gpus,
+        allocatable_gpus: p.allocatable_gpus,
+        allocated_gpus: p.allocated_gpus,
         resources: p.resources.iter().map(resource_to_wire).collect(),
+    }
+}
+
+/// A stored pool record → core (validated when written; a resource that no longer
+/// validates is left out).
+pub fn pool_from_wire(p: &v1::PoolInventory) -> inv::PoolInventory {
+    let limits = ReportLimits::unlimited();
+    inv::PoolInventory {
+        name: p.name.clone(),
+        nodes: p.nodes,
+        usable_nodes: p.usable_nodes,
+        products: p.products.clone(),
+        physical_gpus: p.physical_gpus,
+        physical_unknown_nodes: p.physical_unknown_nodes,
+        free_gpus: p.free_gpus,
+        idle_gpus: p.idle_gpus,
+        failed_gpus: p.failed_gpus,
+        allocatable_gpus: p.allocatable_gpus,
+        allocated_gpus: p.allocated_gpus,
+        resources: (p.resources.iter())
+            .filter_map(|r| resource_from_wire(r, "stored", &limits).ok())
+            .collect(),
     }
 }
 

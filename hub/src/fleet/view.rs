@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use flotilla_api::convert::fleet::{ReportLimits, nodes_from_wire};
+use flotilla_api::convert::fleet::pool_from_wire;
 use flotilla_api::v1;
 use flotilla_core::gpu_metrics::{PoolGpus, pool_gpus};
 use prost::Message;
@@ -28,22 +28,21 @@ struct Held {
     physical_gpus: i64,
     free_gpus: i64,
     updated_at_unix_ms: i64,
-    /// The metric rows, summarised once on arrival (a scrape reads ten thousand of them).
+    /// The metric rows, from the record's pool totals (no node is looked at).
     gpus: Arc<Vec<PoolGpus>>,
 }
 
 impl Held {
     fn new(encoded: Bytes, i: &v1::Inventory) -> Self {
-        // Stored records were validated when written.
-        let nodes =
-            nodes_from_wire(&i.nodes, "stored", &ReportLimits::unlimited()).unwrap_or_default();
         Self {
+            gpus: Arc::new(pool_gpus(
+                &i.pools.iter().map(pool_from_wire).collect::<Vec<_>>(),
+            )),
             encoded,
             nodes: i.nodes.len() as u32,
             physical_gpus: i.nodes.iter().map(|n| n.physical_gpus).sum(),
             free_gpus: i.pools.iter().map(|p| p.free_gpus).sum(),
             updated_at_unix_ms: i.updated_at_unix_ms,
-            gpus: Arc::new(pool_gpus(&nodes)),
         }
     }
 }
