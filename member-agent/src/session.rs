@@ -124,15 +124,17 @@ pub async fn run(
     watch: ClusterWatch,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let new_backoff = || {
+    let new_backoff = |max: Duration| {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
+            .with_max_delay(max)
             .with_jitter()
             .without_max_times()
             .build()
     };
-    let mut backoff = new_backoff();
+    // Until a hub has said how often to heartbeat, the longest wait is 5 s.
+    let mut heartbeat: Option<Duration> = None;
+    let mut backoff = new_backoff(reconnect_cap(heartbeat));
     let mut target = 0usize;
     let mut hint: Option<String> = None;
     let mut redirects = 0u32;
@@ -142,7 +144,7 @@ pub async fn run(
             .unwrap_or_else(|| cfg.hubs[target % cfg.hubs.len()].clone());
         let began = tokio::time::Instant::now();
         let mut redirected = false;
-        match session(&cfg, &addr, &watch, &shutdown).await {
+        match session(&cfg, &addr, &watch, &shutdown, &mut heartbeat).await {
             Ok(()) => return Ok(()),
             Err(SessionError::Refused(s)) => return Err(SessionError::Refused(s)),
             Err(SessionError::Retry(why)) => {
@@ -160,7 +162,7 @@ pub async fn run(
         }
         // A session that ran for a while was a success: start the backoff over.
         if began.elapsed() > SESSION_RESETS_BACKOFF {
-            backoff = new_backoff();
+            backoff = new_backoff(reconnect_cap(heartbeat));
             redirects = 0;
         }
         // Every reconnect waits. A redirect to another replica waits briefly (after a leader
@@ -187,6 +189,16 @@ fn same_hub(a: &str, b: &str) -> bool {
             .to_string()
     };
     bare(a) == bare(b)
+}
+
+/// The longest reconnect wait (before jitter, which adds up to as much again): four heartbeat
+/// intervals, between 1 and 5 s. After a hub failover a new leader judges liveness after its
+/// grace period plus `--unreachable-after` (at least two heartbeats), so an agent must not
+/// sleep through it between two tries.
+fn reconnect_cap(heartbeat: Option<Duration>) -> Duration {
+    heartbeat.map_or(Duration::from_secs(5), |h| {
+        (h * 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    })
 }
 
 /// Redirects followed after a short jittered pause before the backoff applies to them too.
@@ -217,6 +229,7 @@ async fn session(
     addr: &str,
     watch: &ClusterWatch,
     shutdown: &CancellationToken,
+    learned_heartbeat: &mut Option<Duration>,
 ) -> Result<(), SessionError> {
     let url = if addr.starts_with("http") {
         addr.to_string()
@@ -260,6 +273,7 @@ async fn session(
     };
     tracing::info!(hub = %addr, "connected to the hub");
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
+    *learned_heartbeat = Some(heartbeat);
     // Send only what the hub does not hold already. A malformed digest matches nothing, so
     // that node is sent again.
     let now = current(watch);
@@ -384,4 +398,25 @@ fn delta(
         })),
     };
     Some((d, now, sig))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_stay_within_a_few_heartbeats() {
+        let ms = Duration::from_millis;
+        // (heartbeat the hub asked for, longest wait before jitter)
+        let cases = [
+            (None, ms(5000)),
+            (Some(ms(100)), ms(1000)),
+            (Some(ms(300)), ms(1200)),
+            (Some(ms(1000)), ms(4000)),
+            (Some(ms(2000)), ms(5000)),
+        ];
+        for (hb, cap) in cases {
+            assert_eq!(reconnect_cap(hb), cap, "{hb:?}");
+        }
+    }
 }

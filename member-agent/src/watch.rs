@@ -459,7 +459,12 @@ where
                         match event {
                             watcher::Event::InitDone => shared.set(what, Listing::Listed),
                             // A relist after a 403 is not complete until it is done.
-                            watcher::Event::Init if shared.get(what) == Listing::Forbidden => {
+                            watcher::Event::Init
+                                if matches!(
+                                    shared.get(what),
+                                    Listing::Forbidden | Listing::NotServed
+                                ) =>
+                            {
                                 shared.set(what, Listing::Pending)
                             }
                             _ => {}
@@ -471,6 +476,13 @@ where
                             tracing::warn!(error = %e, "the agent may not list {what}; grant it in the agent's RBAC");
                             shared.api(true);
                             shared.set(what, Listing::Forbidden);
+                        }
+                        // The API server answered: this version is no longer served (an API
+                        // disabled or a downgrade). Not an outage; nothing to list until it is.
+                        Some(404) => {
+                            tracing::warn!(error = %e, "{what} are not served (404)");
+                            shared.api(true);
+                            shared.set(what, Listing::NotServed);
                         }
                         _ => {
                             tracing::warn!(error = %e, "watch failed; retrying with backoff");

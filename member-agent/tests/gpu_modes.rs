@@ -286,3 +286,38 @@ async fn a_cache_that_has_not_listed_makes_the_report_incomplete() {
     shutdown.cancel();
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_version_that_stops_being_served_is_not_an_outage() {
+    let fleet = SimFleet::start(
+        &Scenario::from_yaml(SCENARIO).unwrap(),
+        SimOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = fleet.cluster("k8s-133").unwrap();
+    // Discovery lists v1beta2, but the API server answers 404 for slices (the version was
+    // disabled after the document was read).
+    let gone = Fault::ApiError {
+        verb: None,
+        resource: Some("resourceslices".into()),
+        code: 404,
+    };
+    c.inject(&gone).unwrap();
+    let shutdown = CancellationToken::new();
+    let w = watch(c, WatchOptions::default(), &shutdown).await;
+    assert_eq!(w.listing("resourceslices"), Listing::NotServed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        w.api_reachable(),
+        "a 404 is an answer, not an unreachable API"
+    );
+    assert!(w.incomplete().is_empty(), "{:?}", w.incomplete());
+    c.clear(&gone);
+    until(&w, "slices listed again", |w, _| {
+        w.listing("resourceslices") == Listing::Listed
+    })
+    .await;
+    shutdown.cancel();
+    fleet.shutdown().await;
+}
