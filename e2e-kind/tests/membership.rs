@@ -107,10 +107,10 @@ fn hub(
             "5s"
         },
     ])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    // Kept for a failed run: `hub<id>.log` beside the test's data.
-    .stderr(std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log"));
+    .env("RUST_LOG", "info");
+    // Kept for a failed run: `hub<id>.log` beside the test's data (tracing writes stdout).
+    let log = std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log");
+    cmd.stderr(log.try_clone().expect("hub log")).stdout(log);
     match backend {
         Backend::Raft => {
             cmd.arg("--data-dir").arg(dir.join(format!("hub{id}")));
@@ -168,6 +168,12 @@ async fn leader(
 
 fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path) -> Child {
     let hubs: Vec<String> = hubs.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // Beside the kubeconfigs; appended to, so a restarted agent's log follows the first.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(kubeconfig.with_extension("agent.log"))
+        .expect("agent log");
     Command::new(bin.join("flotilla-agent"))
         .args([
             "--cluster",
@@ -181,9 +187,9 @@ fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path
         ])
         .arg("--kubeconfig")
         .arg(kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(log.try_clone().expect("agent log"))
+        .stdout(log)
         .spawn()
         .expect("spawn flotilla-agent")
 }
@@ -395,12 +401,15 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         if let Some(cs) = clusters(survivor).await {
             for n in names {
                 if health(&cs, n) == Some(v1::ClusterHealth::Unreachable) {
-                    for id in 1..=3 {
-                        let log = std::fs::read_to_string(dir.join(format!("hub{id}.log")))
-                            .unwrap_or_default();
+                    let mut logs: Vec<std::path::PathBuf> =
+                        (1..=3).map(|id| dir.join(format!("hub{id}.log"))).collect();
+                    logs.extend(names.iter().map(|c| kc.join(format!("{c}.agent.log"))));
+                    for p in logs {
+                        let log = std::fs::read_to_string(&p).unwrap_or_default();
                         let tail: Vec<&str> = log.lines().rev().take(40).collect();
                         eprintln!(
-                            "--- hub{id} (last 40 lines, newest first)\n{}",
+                            "--- {} (last 40 lines, newest first)\n{}",
+                            p.display(),
                             tail.join("\n")
                         );
                     }
