@@ -96,17 +96,7 @@ fn hub(
         "--agent-heartbeat",
         "300ms",
     ])
-    // The grace a new leader gives agents is 10 s against a 3 s etcd lease in production;
-    // compressed here to 3 s on Raft (failover ~1 s) and 5 s on etcd, whose 2 s lease
-    // must expire before anyone can lead.
-    .args([
-        "--leader-grace",
-        if matches!(backend, Backend::Raft) {
-            "3s"
-        } else {
-            "5s"
-        },
-    ])
+    .args(["--leader-grace", "3s"])
     .env("RUST_LOG", "info");
     // Kept for a failed run: `hub<id>.log` beside the test's data (tracing writes stdout).
     let log = std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log");

@@ -96,6 +96,34 @@ mod with_etcd {
         }
     }
 
+    /// etcd sends GOAWAY (too_many_pings) to a client that pings more often than its
+    /// `--grpc-keepalive-min-time` (5 s by default). With the hub's old 2 s keep-alive every
+    /// watch on the connection failed within about 13 s; nothing may fail here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_watch_outlives_etcds_ping_policy() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_etcd, url)) = start_etcd(dir.path()).await else {
+            return;
+        };
+        let b = kv(&url, "/flotilla/").await;
+        let mut w = b
+            .watch(flotilla_core::kv::WatchRequest {
+                range: KeyRange::prefix("/quiet/"),
+                start_revision: 0,
+                prev_kv: false,
+            })
+            .await
+            .unwrap();
+        // 20 s: a few times the window in which the old settings lost the connection.
+        match tokio::time::timeout(Duration::from_secs(20), w.next()).await {
+            Err(_) => {}
+            Ok(got) => panic!("the quiet watch ended or errored: {got:?}"),
+        }
+        let r = b.range(RangeRequest::new(KeyRange::key("/ping"))).await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prefixes_keep_fleets_apart_and_keys_must_start_with_a_slash() {
         let dir = tempfile::tempdir().unwrap();

@@ -295,8 +295,13 @@ impl EtcdKv {
 fn options(config: &EtcdConfig, timeout: bool) -> etcd::ConnectOptions {
     let o = etcd::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
+        // etcd enforces gRPC's ping policy (`--grpc-keepalive-min-time`, default 5 s, and no
+        // pings without a stream): a client that pings more often is sent GOAWAY
+        // (too_many_pings) and loses every watch and request on the connection. Pinging every
+        // 2 s dropped the hubs' connections every few seconds. Dead connections are found by
+        // the leadership lease's own keep-alives (every TTL/3) and request deadlines.
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(false)
         .with_require_leader(true);
     match timeout {
         true => o.with_timeout(config.request_timeout),
