@@ -2,6 +2,7 @@
 
 pub mod capacity;
 pub mod duration;
+pub mod export;
 pub mod fit;
 pub mod gpu_metrics;
 pub mod health;
@@ -11,3 +12,5 @@ pub mod kv_apply;
 pub mod lincheck;
 pub mod membership;
 pub mod report;
+pub mod routing;
+pub mod selector;
