@@ -13,4 +13,5 @@ pub mod lincheck;
 pub mod membership;
 pub mod report;
 pub mod routing;
+pub mod routing_table;
 pub mod selector;

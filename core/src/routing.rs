@@ -341,6 +341,8 @@ pub struct ClusterState {
 pub struct Client {
     /// The client's cluster, if known (from `--from`, its address or EDNS Client Subnet).
     pub cluster: Option<String>,
+    /// The client's region when its cluster is not a member (its cluster's region otherwise).
+    pub region: Option<String>,
 }
 
 /// Everything [`route`] reads besides the service and policy.
@@ -440,30 +442,53 @@ struct Judged<'a> {
     addresses: Vec<(IpAddr, &'a str)>,
 }
 
-/// Decide who answers for `service` under `policy`. See the module docs for the rules.
+/// Decide who answers for `service` under `policy` and order one query's answer. See the
+/// module docs for the rules.
 pub fn route(
     service: &Service,
     policy: &RoutingPolicy,
     inputs: Inputs<'_>,
     client: &Client,
 ) -> Route {
+    decide(
+        service,
+        policy,
+        inputs.clusters,
+        inputs.loads,
+        inputs.now_unix_ms,
+        client,
+    )
+    .route(inputs.seed)
+}
+
+/// Decide who answers for `service` under `policy` for `client`, leaving the per-query order
+/// to [`Decision::for_each_answer`].
+pub fn decide(
+    service: &Service,
+    policy: &RoutingPolicy,
+    clusters: &BTreeMap<String, ClusterState>,
+    loads: &BTreeMap<String, InferenceLoad>,
+    now_unix_ms: i64,
+    client: &Client,
+) -> Decision {
     let headless = service.service_type == Some(ServiceType::Headless);
-    let client_cluster = client
-        .cluster
-        .as_deref()
-        .and_then(|c| inputs.clusters.get(c));
+    let client_cluster = client.cluster.as_deref().and_then(|c| clusters.get(c));
+    let client_region = client_cluster
+        .map(|c| c.region.as_str())
+        .or(client.region.as_deref())
+        .filter(|r| !r.is_empty());
     // Effective tiers: (name, predicate).
     let mut tiers: Vec<(String, TierMatch<'_>)> = Vec::new();
-    if policy.local_first
-        && let Some(cc) = client_cluster
-    {
-        let me = cc.name.clone();
-        tiers.push((
-            format!("local cluster {me}"),
-            Box::new(move |c: &ClusterState| c.name == me),
-        ));
-        if !cc.region.is_empty() {
-            let r = cc.region.clone();
+    if policy.local_first {
+        if let Some(cc) = client_cluster {
+            let me = cc.name.clone();
+            tiers.push((
+                format!("local cluster {me}"),
+                Box::new(move |c: &ClusterState| c.name == me),
+            ));
+        }
+        if let Some(r) = client_region {
+            let r = r.to_string();
             tiers.push((
                 format!("local region {r}"),
                 Box::new(move |c: &ClusterState| c.region.eq_ignore_ascii_case(&r)),
@@ -506,7 +531,7 @@ pub fn route(
                 false => e.addresses.iter().map(|a| (*a, "")).collect(),
             };
             let mut j = Judged { verdict: v.clone(), headroom: false, addresses };
-            let Some(c) = inputs.clusters.get(&e.cluster) else {
+            let Some(c) = clusters.get(&e.cluster) else {
                 v.reason = "not a member of the fleet".into();
                 j.verdict = v;
                 return j;
@@ -538,7 +563,7 @@ pub fn route(
             let below = ready < policy.min_healthy_endpoints
                 || (total > 0 && f64::from(ready) / f64::from(total) < policy.min_healthy_fraction);
             let degraded = c.health == Some(Health::Degraded) || c.inventory_incomplete;
-            let (saturated, headroom) = saturation(policy.saturation.as_ref(), e.gpu_pools.as_slice(), c, inputs.loads.get(&e.cluster), inputs.now_unix_ms);
+            let (saturated, headroom) = saturation(policy.saturation.as_ref(), e.gpu_pools.as_slice(), c, loads.get(&e.cluster), now_unix_ms);
             (v.class, v.reason) = if degraded && policy.degraded == DegradedMode::Never {
                 (Class::Excluded, format!("{} and the policy never answers Degraded clusters", degraded_why(c)))
             } else if below {
@@ -624,58 +649,135 @@ pub fn route(
         }
     }
 
-    // Weighted order without replacement (Efraimidis–Spirakis): key = u^(1/w), largest first.
-    let mut rng = SplitMix(inputs.seed);
-    let mut keyed: Vec<(f64, usize)> = chosen
-        .iter()
-        .map(|&i| {
-            let u = rng.unit();
-            (u.powf(1.0 / f64::from(judged[i].verdict.weight.max(1))), i)
-        })
-        .collect();
-    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let order: Vec<usize> = keyed.into_iter().map(|(_, i)| i).collect();
-
-    // Interleave: one address from each cluster in turn, each cluster's own list rotated by
-    // the seed so repeated queries spread over its addresses.
-    let mut lists: Vec<(usize, Vec<(IpAddr, &str)>)> = order
-        .iter()
-        .map(|&i| {
-            let mut a = judged[i].addresses.clone();
-            if !a.is_empty() {
-                let k = (rng.next() % a.len() as u64) as usize;
-                a.rotate_left(k);
-            }
-            (i, a)
-        })
-        .collect();
-    let max = policy.max_answers as usize;
-    let mut answers = Vec::new();
-    let mut round = 0;
-    while answers.len() < max && lists.iter().any(|(_, a)| round < a.len()) {
-        for (i, a) in &mut lists {
-            if answers.len() == max {
-                break;
-            }
-            if let Some((addr, host)) = a.get(round) {
-                answers.push(Answer {
-                    cluster: judged[*i].verdict.cluster.clone(),
-                    address: *addr,
-                    hostname: host.to_string(),
-                });
-            }
-        }
-        round += 1;
-    }
-    Route {
-        answers,
-        clusters: order
+    Decision {
+        chosen: chosen
             .iter()
-            .map(|&i| judged[i].verdict.cluster.clone())
+            .map(|&i| Choice {
+                cluster: judged[i].verdict.cluster.clone(),
+                weight: judged[i].verdict.weight.max(1),
+                addresses: judged[i]
+                    .addresses
+                    .iter()
+                    .map(|(a, h)| (*a, h.to_string()))
+                    .collect(),
+            })
             .collect(),
         ttl_seconds: policy.ttl_seconds,
+        max_answers: policy.max_answers,
         tiers: tiers.iter().map(|(n, _)| n.clone()).collect(),
         verdicts: judged.into_iter().map(|j| j.verdict).collect(),
+    }
+}
+
+/// One answered cluster and what it answers with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    /// Cluster.
+    pub cluster: String,
+    /// Weight (at least 1).
+    pub weight: u32,
+    /// Addresses, with the endpoint hostname for headless services.
+    pub addresses: Vec<(IpAddr, String)>,
+}
+
+/// Who answers for a service, before the per-query order: what a routing table holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Decision {
+    /// Answered clusters (unordered: each query orders them by weight).
+    pub chosen: Vec<Choice>,
+    /// TTL, seconds.
+    pub ttl_seconds: u32,
+    /// Most addresses in one answer.
+    pub max_answers: u32,
+    /// The effective tiers, by name, in order.
+    pub tiers: Vec<String>,
+    /// One verdict per exporting cluster, in export order.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Decision {
+    /// The answer for one query: clusters ordered by weighted random choice from `seed`
+    /// (Efraimidis–Spirakis: key u^(1/w), largest first), then addresses interleaved one per
+    /// cluster in turn, each cluster's list rotated by the seed, at most `max_answers`.
+    /// `f` gets each (choice, address, hostname) in answer order.
+    pub fn for_each_answer(&self, seed: u64, mut f: impl FnMut(&Choice, IpAddr, &str)) {
+        let mut rng = SplitMix(seed);
+        let mut keyed: Vec<(f64, usize, usize)> = self
+            .chosen
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let key = rng.unit().powf(1.0 / f64::from(c.weight.max(1)));
+                let rot = match c.addresses.len() {
+                    0 => 0,
+                    n => (rng.next() % n as u64) as usize,
+                };
+                (key, i, rot)
+            })
+            .collect();
+        keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let max = self.max_answers as usize;
+        let mut n = 0;
+        let mut round = 0;
+        while n < max
+            && keyed
+                .iter()
+                .any(|(_, i, _)| round < self.chosen[*i].addresses.len())
+        {
+            for (_, i, rot) in &keyed {
+                let c = &self.chosen[*i];
+                if n == max {
+                    break;
+                }
+                if round < c.addresses.len() {
+                    let (a, h) = &c.addresses[(round + rot) % c.addresses.len()];
+                    f(c, *a, h);
+                    n += 1;
+                }
+            }
+            round += 1;
+        }
+    }
+
+    /// The answered clusters in this query's order.
+    pub fn order(&self, seed: u64) -> Vec<String> {
+        let mut rng = SplitMix(seed);
+        let mut keyed: Vec<(f64, usize)> = self
+            .chosen
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let key = rng.unit().powf(1.0 / f64::from(c.weight.max(1)));
+                if !c.addresses.is_empty() {
+                    rng.next();
+                }
+                (key, i)
+            })
+            .collect();
+        keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        keyed
+            .into_iter()
+            .map(|(_, i)| self.chosen[i].cluster.clone())
+            .collect()
+    }
+
+    /// The full [`Route`] for one query.
+    pub fn route(&self, seed: u64) -> Route {
+        let mut answers = Vec::new();
+        self.for_each_answer(seed, |c, address, hostname| {
+            answers.push(Answer {
+                cluster: c.cluster.clone(),
+                address,
+                hostname: hostname.to_string(),
+            })
+        });
+        Route {
+            answers,
+            clusters: self.order(seed),
+            ttl_seconds: self.ttl_seconds,
+            tiers: self.tiers.clone(),
+            verdicts: self.verdicts.clone(),
+        }
     }
 }
 

@@ -111,6 +111,7 @@ impl Fleet {
             inputs,
             &Client {
                 cluster: from.map(str::to_string),
+                region: None,
             },
         )
     }
