@@ -256,6 +256,7 @@ impl SimFleet {
                 changed: Notify::new(),
                 reachable: watch::Sender::new(true),
                 rbac_deny: spec.rbac_deny.clone(),
+                mcs_versions: spec.mcs_versions.clone(),
             });
             let span = tracing::info_span!("kube-sim", cluster = %spec.name);
             fleet.tasks.push(tokio::spawn(

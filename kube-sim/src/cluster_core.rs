@@ -32,6 +32,8 @@ pub struct ClusterCore {
     pub(crate) reachable: watch::Sender<bool>,
     /// Plural resources the token may not access (403), from the scenario's `rbac_deny`.
     pub(crate) rbac_deny: Vec<String>,
+    /// MCS versions served (empty: v1beta1 and v1alpha1), from the scenario's `mcs_versions`.
+    pub(crate) mcs_versions: Vec<String>,
 }
 
 impl ClusterCore {
@@ -55,6 +57,19 @@ impl ClusterCore {
     /// The `resource.k8s.io` versions this cluster's Kubernetes version serves.
     pub fn dra_versions(&self) -> &'static [&'static str] {
         crate::versions::dra_versions(&self.version)
+    }
+
+    /// The MCS versions this cluster's CRDs serve.
+    pub fn mcs_versions(&self) -> Vec<&'static str> {
+        crate::versions::mcs_versions(&self.mcs_versions)
+    }
+
+    /// The served versions of a multi-version group.
+    pub fn versions_of(&self, group: &str) -> Vec<&'static str> {
+        match group {
+            crate::versions::MCS_GROUP => self.mcs_versions(),
+            _ => self.dra_versions().to_vec(),
+        }
     }
 
     /// `host:port` the cluster listens on.

@@ -99,9 +99,9 @@ pub mod idx {
     pub const ENDPOINTSLICES: usize = 9;
     /// policy/v1 poddisruptionbudgets
     pub const PDBS: usize = 10;
-    /// multicluster.x-k8s.io/v1alpha1 serviceexports
+    /// multicluster.x-k8s.io/v1beta1 serviceexports
     pub const SERVICEEXPORTS: usize = 11;
-    /// multicluster.x-k8s.io/v1alpha1 serviceimports
+    /// multicluster.x-k8s.io/v1beta1 serviceimports
     pub const SERVICEIMPORTS: usize = 12;
     /// resource.k8s.io/v1 resourceslices
     pub const RESOURCESLICES: usize = 13;
@@ -248,7 +248,7 @@ pub static RESOURCES: [ResourceType; 18] = [
     ),
     rt(
         "multicluster.x-k8s.io",
-        "v1alpha1",
+        "v1beta1",
         "serviceexports",
         "serviceexport",
         "ServiceExport",
@@ -257,7 +257,7 @@ pub static RESOURCES: [ResourceType; 18] = [
     ),
     rt(
         "multicluster.x-k8s.io",
-        "v1alpha1",
+        "v1beta1",
         "serviceimports",
         "serviceimport",
         "ServiceImport",

@@ -86,6 +86,10 @@ pub struct ClusterSpec {
     /// request for them gets 403 Forbidden, as from an RBAC role that leaves them out.
     #[serde(default)]
     pub rbac_deny: Vec<String>,
+    /// MCS API versions the cluster's CRDs serve (`v1beta1`, `v1alpha1`); empty: both, as
+    /// mcs-api v0.5 installs them. `[v1alpha1]` is a cluster with the older CRDs.
+    #[serde(default)]
+    pub mcs_versions: Vec<String>,
 }
 
 fn default_version() -> String {
@@ -367,6 +371,13 @@ pub struct ServiceSpec {
     /// Container port (defaults to `port`).
     #[serde(default)]
     pub target_port: Option<u16>,
+    /// `ClusterIP` (default), `LoadBalancer` (kube-sim's load-balancer controller gives it an
+    /// ingress address in 198.18.0.0/15, as a cloud's would) or `ExternalName`.
+    #[serde(default, rename = "type")]
+    pub service_type: Option<String>,
+    /// `clusterIP: None`: a headless Service.
+    #[serde(default)]
+    pub headless: bool,
 }
 
 /// Simulated delays, in milliseconds.

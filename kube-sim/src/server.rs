@@ -24,7 +24,7 @@ use crate::patch::{self, PatchKind};
 use crate::resources::{self, RESOURCES, ResourceType, idx};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{ApiError, Change, EventType, Obj};
-use crate::versions::{self, DRA_GROUP};
+use crate::versions::{self, DRA_GROUP, MCS_GROUP};
 
 /// Response body: whole JSON documents or a watch stream.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -173,23 +173,25 @@ pub async fn handle(
         ["api"] => return Ok(json_response(200, &resources::core_versions(&addr))),
         ["apis"] => {
             let mut groups = resources::group_list();
-            versions::filter_groups(&mut groups, core.dra_versions());
+            versions::filter_groups(&mut groups, DRA_GROUP, core.dra_versions());
+            versions::filter_groups(&mut groups, MCS_GROUP, &core.mcs_versions());
             return Ok(json_response(200, &groups));
         }
-        ["apis", g] if *g == DRA_GROUP => {
+        ["apis", g] if *g == DRA_GROUP || *g == MCS_GROUP => {
+            let served = core.versions_of(g);
             let mut doc = resources::group(g).expect("served");
-            versions::filter_groups(&mut doc, core.dra_versions());
-            return Ok(match core.dra_versions().is_empty() {
+            versions::filter_groups(&mut doc, g, &served);
+            return Ok(match served.is_empty() {
                 true => not_found_path(&path),
                 false => json_response(200, &doc),
             });
         }
-        ["apis", g, v] if *g == DRA_GROUP => {
-            if !core.dra_versions().contains(v) {
+        ["apis", g, v] if *g == DRA_GROUP || *g == MCS_GROUP => {
+            if !core.versions_of(g).contains(v) {
                 return Ok(not_found_path(&path));
             }
-            let mut doc = resources::resource_list(g, versions::STORAGE).expect("served");
-            doc["groupVersion"] = json!(format!("{DRA_GROUP}/{v}"));
+            let mut doc = resources::resource_list(g, versions::storage_of(g)).expect("served");
+            doc["groupVersion"] = json!(format!("{g}/{v}"));
             return Ok(json_response(200, &doc));
         }
         ["api", "v1"] => {
@@ -214,19 +216,19 @@ pub async fn handle(
         ["apis", g, v, rest @ ..] => (g, v, rest),
         _ => return Ok(not_found_path(&path)),
     };
-    // DRA objects are stored as v1 and shown in the version the client asked for, if this
-    // cluster's Kubernetes version serves it.
-    let dra_as: Option<&'static str> = match group == DRA_GROUP {
-        true => match core.dra_versions().iter().find(|v| **v == version) {
-            Some(v) => Some(*v),
+    // DRA and MCS objects are stored in one version and shown in the version the client
+    // asked for, if this cluster serves it.
+    let versioned = group == DRA_GROUP || group == MCS_GROUP;
+    let asked: Option<&'static str> = match versioned {
+        true => match core.versions_of(group).into_iter().find(|v| *v == version) {
+            Some(v) => Some(v),
             None => return Ok(not_found_path(&path)),
         },
         false => None,
     };
-    let stored_version = if dra_as.is_some() {
-        versions::STORAGE
-    } else {
-        version
+    let stored_version = match versioned {
+        true => versions::storage_of(group),
+        false => version,
     };
     let Some(target) = resolve(group, stored_version, rest) else {
         return Ok(not_found_path(&path));
@@ -267,12 +269,12 @@ pub async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(error_response(&e)),
     };
-    let old_dra = dra_as.filter(|v| *v != versions::STORAGE);
-    if let Some(v) = old_dra
+    let converted = asked.filter(|v| *v != stored_version);
+    if let Some(v) = converted
         && content_type.starts_with("application/json")
         && let Ok(mut obj) = serde_json::from_slice::<Value>(&body)
     {
-        versions::to_storage(&mut obj, v);
+        versions::to_storage_of(&mut obj, group, v);
         body = Bytes::from(serde_json::to_vec(&obj).expect("json"));
     }
     let resp = match dispatch(
@@ -290,22 +292,27 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
-    Ok(match old_dra {
-        Some(v) if !table => in_version(resp, v),
+    let group: &'static str = if group == MCS_GROUP {
+        MCS_GROUP
+    } else {
+        DRA_GROUP
+    };
+    Ok(match converted {
+        Some(v) if !table => in_version(resp, group, v),
         _ => resp,
     })
 }
 
 /// A response whose documents (one per frame: a whole body, or one watch event) are
 /// converted for a client of `version`.
-fn in_version(resp: Response<Body>, version: &'static str) -> Response<Body> {
+fn in_version(resp: Response<Body>, group: &'static str, version: &'static str) -> Response<Body> {
     let (parts, body) = resp.into_parts();
     let body = body.map_frame(move |f| {
         f.map_data(|d| {
             let Ok(mut doc) = serde_json::from_slice::<Value>(&d) else {
                 return d;
             };
-            versions::convert_doc(&mut doc, version);
+            versions::convert_doc(&mut doc, group, version);
             let mut out = serde_json::to_vec(&doc).expect("json");
             if d.ends_with(b"\n") {
                 out.push(b'\n');

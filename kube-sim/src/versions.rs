@@ -1,7 +1,12 @@
-//! Which `resource.k8s.io` versions a simulated cluster serves, decided by its Kubernetes
-//! version as on a real API server, and the conversion between them. Objects are stored as
-//! `v1`; a client of an older version reads and writes its own shape (`v1beta1` nests a
-//! device's fields under `basic`, and a claim request's fields beside its name).
+//! Groups served in several versions, and the conversion between them.
+//!
+//! - `resource.k8s.io`: the versions follow the cluster's Kubernetes version as on a real API
+//!   server. Objects are stored as `v1`; a client of an older version reads and writes its own
+//!   shape (`v1beta1` nests a device's fields under `basic`, and a claim request's fields
+//!   beside its name).
+//! - `multicluster.x-k8s.io` (MCS): the CRDs of mcs-api v0.5 serve `v1beta1` (storage) and
+//!   `v1alpha1` with the same schema, as a CRD with conversion strategy `None` does: only
+//!   `apiVersion` changes. A scenario can install the older CRDs (`v1alpha1` only).
 
 use serde_json::{Map, Value, json};
 
@@ -29,12 +34,39 @@ pub fn dra_versions(k8s: &str) -> &'static [&'static str] {
     }
 }
 
-fn rename_api_version(obj: &mut Value, version: &str) {
-    if let Some(av) = obj["apiVersion"].as_str()
-        && av.starts_with(DRA_GROUP)
-    {
-        obj["apiVersion"] = json!(format!("{DRA_GROUP}/{version}"));
+/// The MCS API group.
+pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
+
+/// The version MCS objects are stored in.
+pub const MCS_STORAGE: &str = "v1beta1";
+
+/// MCS versions served: both by default, or those a scenario names (older CRDs).
+pub fn mcs_versions(named: &[String]) -> Vec<&'static str> {
+    ["v1beta1", "v1alpha1"]
+        .into_iter()
+        .filter(|v| named.is_empty() || named.iter().any(|n| n == v))
+        .collect()
+}
+
+/// The storage version of a multi-version group.
+pub fn storage_of(group: &str) -> &'static str {
+    match group {
+        MCS_GROUP => MCS_STORAGE,
+        _ => STORAGE,
     }
+}
+
+fn rename_in(obj: &mut Value, group: &str, version: &str) {
+    if let Some(av) = obj["apiVersion"].as_str()
+        && av.starts_with(group)
+        && av[group.len()..].starts_with('/')
+    {
+        obj["apiVersion"] = json!(format!("{group}/{version}"));
+    }
+}
+
+fn rename_api_version(obj: &mut Value, version: &str) {
+    rename_in(obj, DRA_GROUP, version);
 }
 
 /// Move every field but `keep` into `obj[under]` (v1 → v1beta1 shapes).
@@ -112,27 +144,43 @@ pub fn to_storage(obj: &mut Value, version: &str) {
     }
 }
 
-/// A response document (an object, a list, or a watch event) for a client of `version`.
-pub fn convert_doc(doc: &mut Value, version: &str) {
-    if let Some(items) = doc["items"].as_array_mut() {
-        for i in items {
-            to_version(i, version);
-        }
-        rename_api_version(doc, version);
-    } else if doc.get("object").is_some() && doc.get("type").is_some() {
-        to_version(&mut doc["object"], version);
-    } else {
-        to_version(doc, version);
+/// A stored object of `group` as a client of `version` sees it.
+pub fn to_version_of(obj: &mut Value, group: &str, version: &str) {
+    match group {
+        MCS_GROUP => rename_in(obj, MCS_GROUP, version),
+        _ => to_version(obj, version),
     }
 }
 
-/// The `/apis` or `/apis/resource.k8s.io` document with the DRA group's versions cut to
-/// those served (and the group gone when none is).
-pub fn filter_groups(doc: &mut Value, served: &[&str]) {
+/// An object of `group` a client of `version` wrote, as stored.
+pub fn to_storage_of(obj: &mut Value, group: &str, version: &str) {
+    match group {
+        MCS_GROUP => rename_in(obj, MCS_GROUP, MCS_STORAGE),
+        _ => to_storage(obj, version),
+    }
+}
+
+/// A response document (an object, a list, or a watch event) for a client of `version`.
+pub fn convert_doc(doc: &mut Value, group: &str, version: &str) {
+    if let Some(items) = doc["items"].as_array_mut() {
+        for i in items {
+            to_version_of(i, group, version);
+        }
+        rename_in(doc, group, version);
+    } else if doc.get("object").is_some() && doc.get("type").is_some() {
+        to_version_of(&mut doc["object"], group, version);
+    } else {
+        to_version_of(doc, group, version);
+    }
+}
+
+/// The `/apis` or `/apis/{group}` document with `group`'s versions cut to those served (and
+/// the group gone when none is).
+pub fn filter_groups(doc: &mut Value, group: &str, served: &[&str]) {
     let fix = |g: &mut Value| {
         let versions: Vec<Value> = served
             .iter()
-            .map(|v| json!({"groupVersion": format!("{DRA_GROUP}/{v}"), "version": v}))
+            .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
             .collect();
         if let Some(first) = versions.first() {
             g["preferredVersion"] = first.clone();
@@ -140,11 +188,11 @@ pub fn filter_groups(doc: &mut Value, served: &[&str]) {
         g["versions"] = json!(versions);
     };
     if let Some(groups) = doc["groups"].as_array_mut() {
-        groups.retain(|g| g["name"] != DRA_GROUP || !served.is_empty());
-        for g in groups.iter_mut().filter(|g| g["name"] == DRA_GROUP) {
+        groups.retain(|g| g["name"] != group || !served.is_empty());
+        for g in groups.iter_mut().filter(|g| g["name"] == group) {
             fix(g);
         }
-    } else if doc["name"] == DRA_GROUP {
+    } else if doc["name"] == group {
         fix(doc);
     }
 }
@@ -205,10 +253,10 @@ mod tests {
             {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}]},
             {"name": DRA_GROUP, "versions": [{"groupVersion": "resource.k8s.io/v1", "version": "v1"}]}]});
         let mut old = groups.clone();
-        filter_groups(&mut old, &["v1beta2", "v1beta1"]);
+        filter_groups(&mut old, DRA_GROUP, &["v1beta2", "v1beta1"]);
         assert_eq!(old["groups"][1]["preferredVersion"]["version"], "v1beta2");
         assert_eq!(old["groups"][1]["versions"].as_array().unwrap().len(), 2);
-        filter_groups(&mut groups, &[]);
+        filter_groups(&mut groups, DRA_GROUP, &[]);
         assert_eq!(
             groups["groups"].as_array().unwrap().len(),
             1,

@@ -887,3 +887,86 @@ async fn bookmarks_and_streaming_lists() {
     task.abort();
     fleet.shutdown().await;
 }
+
+fn mcs_api(client: Client, version: &str, plural: &str, kind: &str) -> Api<DynamicObject> {
+    let ar = ApiResource {
+        group: "multicluster.x-k8s.io".into(),
+        version: version.into(),
+        api_version: format!("multicluster.x-k8s.io/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    Api::namespaced_with(client, "inference", &ar)
+}
+
+#[tokio::test]
+async fn mcs_objects_are_served_in_v1beta1_and_v1alpha1_or_only_the_older_crds() {
+    let fleet = start().await;
+    let c = client(fleet.cluster("test").unwrap()).await;
+    for v in ["v1beta1", "v1alpha1"] {
+        let exports = mcs_api(c.clone(), v, "serviceexports", "ServiceExport");
+        let list = exports.list(&ListParams::default()).await.unwrap();
+        assert_eq!(list.items.len(), 1, "{v}");
+        assert_eq!(
+            list.items[0].types.as_ref().unwrap().api_version,
+            format!("multicluster.x-k8s.io/{v}")
+        );
+    }
+    // Written in v1alpha1, read in v1beta1.
+    let old = mcs_api(c.clone(), "v1alpha1", "serviceexports", "ServiceExport");
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "other", "namespace": "inference"}}))
+    .unwrap();
+    old.create(&PostParams::default(), &obj).await.unwrap();
+    let got = mcs_api(c.clone(), "v1beta1", "serviceexports", "ServiceExport")
+        .get("other")
+        .await
+        .unwrap();
+    assert_eq!(
+        got.types.unwrap().api_version,
+        "multicluster.x-k8s.io/v1beta1"
+    );
+
+    let older = Scenario::from_yaml(&SCENARIO.replace(
+        "provider: aks",
+        "provider: aks\n    mcs_versions: [v1alpha1]",
+    ))
+    .unwrap();
+    let fleet = SimFleet::start(&older, SimOptions::default())
+        .await
+        .unwrap();
+    let c = client(fleet.cluster("test").unwrap()).await;
+    let e = mcs_api(c.clone(), "v1beta1", "serviceexports", "ServiceExport")
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, kube::Error::Api(ref s) if s.code == 404), "{e}");
+    assert_eq!(
+        mcs_api(c, "v1alpha1", "serviceexports", "ServiceExport")
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn load_balancer_services_get_an_ingress_address() {
+    let s = Scenario::from_yaml(&SCENARIO.replace(
+        "service: {port: 8000}",
+        "service: {port: 8000, type: LoadBalancer}",
+    ))
+    .unwrap();
+    let fleet = SimFleet::start(&s, SimOptions::default()).await.unwrap();
+    let c = client(fleet.cluster("test").unwrap()).await;
+    let svc: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(c, "inference");
+    let got = svc.get("llm").await.unwrap();
+    let ingress = got.status.unwrap().load_balancer.unwrap().ingress.unwrap();
+    assert!(
+        ingress[0].ip.as_deref().unwrap().starts_with("198.18."),
+        "{ingress:?}"
+    );
+}

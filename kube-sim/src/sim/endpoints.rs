@@ -1,4 +1,5 @@
-//! EndpointSlices for Services, and MCS ServiceExport status.
+//! EndpointSlices for Services. (ServiceExport status is the MCS controller's: Flotilla's
+//! agent writes it, as on a real cluster.)
 
 use super::*;
 
@@ -97,27 +98,6 @@ impl SimState {
             .collect();
         for (ns, name) in stale {
             let _ = self.store.delete(idx::ENDPOINTSLICES, &ns, &name);
-        }
-    }
-
-    pub(super) fn export_status(&mut self) {
-        let exports = self.all(idx::SERVICEEXPORTS);
-        for e in exports {
-            let (ns, name) = ns_name(&e);
-            let exists = self.store.get(idx::SERVICES, &ns, &name).is_ok();
-            let (status, reason, message) = if exists {
-                ("True", "Exported", "service is exported")
-            } else {
-                ("False", "NoService", "service not found")
-            };
-            if e["status"]["conditions"][0]["status"] == status {
-                continue;
-            }
-            let s = json!({"conditions": [{"type": "Valid", "status": status, "reason": reason,
-                "message": message, "lastTransitionTime": now_rfc3339()}]});
-            let _ = self
-                .store
-                .update(idx::SERVICEEXPORTS, &ns, &name, json!({"status": s}), true);
         }
     }
 }

@@ -76,6 +76,7 @@ pub struct SimState {
     md_counter: HashMap<(String, String), u32>,
     next_node_ip: u32,
     next_pod_ip: u32,
+    next_lb_ip: u32,
     next_svc_ip: u32,
 }
 
@@ -248,6 +249,7 @@ impl SimState {
             next_node_ip: 10,
             next_pod_ip: 10,
             next_svc_ip: 10,
+            next_lb_ip: 0,
         };
         s.seed();
         s
@@ -408,11 +410,20 @@ impl SimState {
             .expect("pdb");
         }
         if let Some(svc) = &w.service {
-            let s = json!({
+            let mut s = json!({
                 "metadata": {"name": w.name, "labels": labels},
                 "spec": {"selector": labels, "ports": [{"name": "http", "port": svc.port,
                          "targetPort": svc.target_port.unwrap_or(svc.port), "protocol": "TCP"}]},
             });
+            if let Some(t) = &svc.service_type {
+                s["spec"]["type"] = json!(t);
+                if t == "ExternalName" {
+                    s["spec"] = json!({"type": "ExternalName", "externalName": "example.invalid"});
+                }
+            }
+            if svc.headless {
+                s["spec"]["clusterIP"] = json!("None");
+            }
             self.create(idx::SERVICES, &w.namespace, s).expect("svc");
             if w.export {
                 self.create(
@@ -487,6 +498,21 @@ impl SimState {
                 }
                 if spec.get("sessionAffinity").is_none() {
                     spec["sessionAffinity"] = json!("None");
+                }
+                // The load-balancer controller a cloud runs: one ingress address per Service.
+                if spec["type"] == "LoadBalancer"
+                    && !obj["status"]["loadBalancer"]["ingress"].is_array()
+                {
+                    let n = self.next_lb_ip;
+                    self.next_lb_ip += 1;
+                    let ip = format!(
+                        "198.{}.{}.{}",
+                        18 + (self.index / 256) % 2,
+                        self.index % 256,
+                        n % 250 + 1
+                    );
+                    obj["status"] =
+                        json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}});
                 }
             }
             _ => {}
@@ -596,7 +622,6 @@ impl SimState {
             self.pod_lifecycle(now, &mut next);
             self.endpoint_slices();
             self.pdb_status();
-            self.export_status();
             if self.store.revision() == before {
                 break;
             }
