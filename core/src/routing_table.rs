@@ -23,8 +23,10 @@ pub struct TableInputs<'a> {
     pub policies: &'a BTreeMap<ServiceKey, RoutingPolicy>,
     /// The policy of services without one.
     pub default_policy: &'a RoutingPolicy,
-    /// Member clusters.
+    /// Member clusters (at least every exporting cluster; others are not read).
     pub clusters: &'a BTreeMap<String, ClusterState>,
+    /// Every member cluster's region (local-first answers per region).
+    pub regions: &'a BTreeMap<String, String>,
     /// Inference load per service and cluster.
     pub loads: &'a BTreeMap<ServiceKey, BTreeMap<String, InferenceLoad>>,
     /// The networks (pod and node CIDRs) each cluster reported, to locate clients.
@@ -94,112 +96,157 @@ pub struct RoutingTable {
     pub regions: HashMap<String, String>,
 }
 
+fn service_routes(
+    key: &ServiceKey,
+    s: &Service,
+    inputs: &TableInputs<'_>,
+    regions: &BTreeSet<&str>,
+) -> ServiceRoutes {
+    let no_loads = BTreeMap::new();
+    let (policy, own) = match inputs.policies.get(key) {
+        Some(p) => (p, true),
+        None => (inputs.default_policy, false),
+    };
+    let loads = inputs.loads.get(key).unwrap_or(&no_loads);
+    let d = |client: &Client| {
+        decide(
+            s,
+            policy,
+            inputs.clusters,
+            loads,
+            inputs.now_unix_ms,
+            client,
+        )
+    };
+    let default = d(&Client::default());
+    let (mut by_cluster, mut by_region) = (BTreeMap::new(), BTreeMap::new());
+    if policy.local_first {
+        for e in &s.exports {
+            by_cluster.insert(
+                e.cluster.clone(),
+                d(&Client {
+                    cluster: Some(e.cluster.clone()),
+                    region: None,
+                }),
+            );
+        }
+        for r in regions {
+            by_region.insert(
+                r.to_string(),
+                d(&Client {
+                    cluster: None,
+                    region: Some(r.to_string()),
+                }),
+            );
+        }
+    }
+    let mut hosts: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
+    if s.service_type == Some(ServiceType::Headless) {
+        // Per-host names answer for every reporting cluster's ready endpoints: the policy
+        // orders the service name, it does not hide pods that exist.
+        let answerable = |c: &str| {
+            inputs
+                .clusters
+                .get(c)
+                .and_then(|c| c.health)
+                .is_some_and(|h| matches!(h, Health::Ready | Health::Degraded))
+        };
+        for e in s.exports.iter().filter(|e| answerable(&e.cluster)) {
+            for ep in e.ready_endpoints() {
+                hosts
+                    .entry((
+                        e.cluster.to_ascii_lowercase(),
+                        host_label(&ep.hostname, ep.address),
+                    ))
+                    .or_default()
+                    .push(ep.address);
+            }
+        }
+    }
+    ServiceRoutes {
+        service: s.clone(),
+        policy: policy.clone(),
+        own_policy: own,
+        default,
+        by_cluster,
+        by_region,
+        hosts,
+    }
+}
+
 impl RoutingTable {
-    /// Decide every service. `previous` lends the routes of services whose inputs did not
-    /// change (compared by value), so a rebuild after one endpoint change is cheap to publish.
+    /// Decide every service. `previous` lends the routes of services whose result did not
+    /// change (compared by value), so unchanged entries keep their identity.
     pub fn build(
         generation: u64,
         inputs: TableInputs<'_>,
         previous: Option<&RoutingTable>,
     ) -> Self {
-        let no_loads = BTreeMap::new();
-        let mut services = HashMap::with_capacity(inputs.services.len());
         let regions: BTreeSet<&str> = inputs
-            .clusters
+            .regions
             .values()
-            .map(|c| c.region.as_str())
+            .map(String::as_str)
             .filter(|r| !r.is_empty())
             .collect();
+        let mut services = HashMap::with_capacity(inputs.services.len());
         for (key, s) in inputs.services {
-            let (policy, own) = match inputs.policies.get(key) {
-                Some(p) => (p, true),
-                None => (inputs.default_policy, false),
-            };
-            let loads = inputs.loads.get(key).unwrap_or(&no_loads);
-            let d = |client: &Client| {
-                decide(
-                    s,
-                    policy,
-                    inputs.clusters,
-                    loads,
-                    inputs.now_unix_ms,
-                    client,
-                )
-            };
-            let default = d(&Client::default());
-            let (mut by_cluster, mut by_region) = (BTreeMap::new(), BTreeMap::new());
-            if policy.local_first {
-                for e in &s.exports {
-                    by_cluster.insert(
-                        e.cluster.clone(),
-                        d(&Client {
-                            cluster: Some(e.cluster.clone()),
-                            region: None,
-                        }),
-                    );
-                }
-                for r in &regions {
-                    by_region.insert(
-                        r.to_string(),
-                        d(&Client {
-                            cluster: None,
-                            region: Some(r.to_string()),
-                        }),
-                    );
-                }
-            }
-            let mut hosts: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
-            if s.service_type == Some(ServiceType::Headless) {
-                // Per-host names answer for every reporting cluster's ready endpoints: the
-                // policy orders the service name, it does not hide pods that exist.
-                let answerable = |c: &str| {
-                    inputs
-                        .clusters
-                        .get(c)
-                        .and_then(|c| c.health)
-                        .is_some_and(|h| matches!(h, Health::Ready | Health::Degraded))
-                };
-                for e in s.exports.iter().filter(|e| answerable(&e.cluster)) {
-                    for ep in e.ready_endpoints() {
-                        hosts
-                            .entry((
-                                e.cluster.to_ascii_lowercase(),
-                                host_label(&ep.hostname, ep.address),
-                            ))
-                            .or_default()
-                            .push(ep.address);
-                    }
-                }
-            }
-            let routes = ServiceRoutes {
-                service: s.clone(),
-                policy: policy.clone(),
-                own_policy: own,
-                default,
-                by_cluster,
-                by_region,
-                hosts,
-            };
+            let routes = service_routes(key, s, &inputs, &regions);
             let reused = previous
                 .and_then(|p| p.services.get(key))
                 .filter(|old| ***old == routes)
                 .cloned();
             services.insert(key.clone(), reused.unwrap_or_else(|| Arc::new(routes)));
         }
+        Self::assemble(generation, &inputs, services)
+    }
+
+    /// Decide again only the services in `changed` (gone from `inputs.services`: removed);
+    /// every other entry is shared with `self`. The hub calls this after each batch of store
+    /// changes, so one endpoint change costs one decision, not ten thousand.
+    pub fn update(
+        &self,
+        generation: u64,
+        inputs: TableInputs<'_>,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Self {
+        let regions: BTreeSet<&str> = inputs
+            .regions
+            .values()
+            .map(String::as_str)
+            .filter(|r| !r.is_empty())
+            .collect();
+        let mut services = self.services.clone();
+        for key in changed {
+            match inputs.services.get(key) {
+                Some(s) => {
+                    services.insert(
+                        key.clone(),
+                        Arc::new(service_routes(key, s, &inputs, &regions)),
+                    );
+                }
+                None => {
+                    services.remove(key);
+                }
+            }
+        }
+        Self::assemble(generation, &inputs, services)
+    }
+
+    fn assemble(
+        generation: u64,
+        inputs: &TableInputs<'_>,
+        services: HashMap<ServiceKey, Arc<ServiceRoutes>>,
+    ) -> Self {
         RoutingTable {
             generation,
             built_at_unix_ms: inputs.now_unix_ms,
-            namespaces: inputs
-                .services
-                .keys()
-                .map(|k| k.namespace.clone())
-                .collect(),
+            namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
             services,
             networks: inputs.networks.to_vec(),
             regions: inputs
-                .clusters
-                .values()
-                .map(|c| (c.name.clone(), c.region.clone()))
+                .regions
+                .iter()
+                .map(|(c, r)| (c.clone(), r.clone()))
                 .collect(),
         }
     }
@@ -327,6 +374,11 @@ mod tests {
                     policies: &self.policies,
                     default_policy: &self.default_policy,
                     clusters: &self.clusters,
+                    regions: &self
+                        .clusters
+                        .values()
+                        .map(|c| (c.name.clone(), c.region.clone()))
+                        .collect(),
                     loads: &self.loads,
                     networks: &self.networks,
                     now_unix_ms: 0,
@@ -382,6 +434,36 @@ mod tests {
         assert!(Arc::ptr_eq(&t1.services[&k_other], &t2.services[&k_other]));
         assert!(!Arc::ptr_eq(&t1.services[&k_llm], &t2.services[&k_llm]));
         assert!(t2.services[&k_llm].default.chosen.is_empty());
+    }
+
+    #[test]
+    fn an_update_decides_only_the_changed_services_and_drops_removed_ones() {
+        let mut exports = vec![export("a", 1, false)];
+        let mut other = export("b", 2, false);
+        other.name = "other".into();
+        exports.push(other);
+        let mut f = Fixture::new(&exports);
+        let t1 = f.build(None);
+        exports[0].endpoints[0].ready = false;
+        exports.pop();
+        f.services = aggregate(&exports);
+        let (k_llm, k_other) = (ServiceKey::new("ml", "llm"), ServiceKey::new("ml", "other"));
+        let inputs = TableInputs {
+            services: &f.services,
+            policies: &f.policies,
+            default_policy: &f.default_policy,
+            clusters: &f.clusters,
+            regions: &BTreeMap::new(),
+            loads: &f.loads,
+            networks: &f.networks,
+            now_unix_ms: 0,
+        };
+        let only_llm = t1.update(2, inputs, &[k_llm.clone()].into());
+        assert!(only_llm.services[&k_llm].default.chosen.is_empty());
+        assert!(Arc::ptr_eq(&t1.services[&k_other], &only_llm.services[&k_other]), "not in `changed`: kept");
+        let both = t1.update(3, inputs, &[k_llm.clone(), k_other.clone()].into());
+        assert!(!both.services.contains_key(&k_other));
+        assert_eq!(both.generation, 3);
     }
 
     #[test]
