@@ -460,7 +460,10 @@ mod tests {
         };
         let only_llm = t1.update(2, inputs, &[k_llm.clone()].into());
         assert!(only_llm.services[&k_llm].default.chosen.is_empty());
-        assert!(Arc::ptr_eq(&t1.services[&k_other], &only_llm.services[&k_other]), "not in `changed`: kept");
+        assert!(
+            Arc::ptr_eq(&t1.services[&k_other], &only_llm.services[&k_other]),
+            "not in `changed`: kept"
+        );
         let both = t1.update(3, inputs, &[k_llm.clone(), k_other.clone()].into());
         assert!(!both.services.contains_key(&k_other));
         assert_eq!(both.generation, 3);

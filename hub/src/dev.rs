@@ -52,7 +52,7 @@ pub async fn start(
     store_desc: &str,
     scenario: Option<&Path>,
     data_dir: &Path,
-    (grpc, http): (SocketAddr, SocketAddr),
+    (grpc, http, dns): (SocketAddr, SocketAddr, Option<SocketAddr>),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<DevFleet> {
     let scenario = match scenario {
@@ -74,6 +74,18 @@ pub async fn start(
     println!("  {ctl} describe cluster {}", sim.clusters()[0].name());
     println!("  {ctl} fit --gpus 4 --min-memory 80Gi --product H100 --replicas 2");
     println!("  {ctl} fit --gpus 2 --mig-profile 1g.10gb    (or --shared: time-sliced GPUs)");
+    println!("  {ctl} get services");
+    println!(
+        "  {ctl} explain route llama-70b.inference --from {}",
+        sim.clusters()[0].name()
+    );
+    if let Some(d) = dns {
+        println!(
+            "  dig @{} -p {} llama-70b.inference.svc.clusterset.local",
+            d.ip(),
+            d.port()
+        );
+    }
     println!("  {ctl} watch");
     if let Some(p) = paths.first() {
         println!("  KUBECONFIG={} kubectl get nodes", p.display());
@@ -102,6 +114,7 @@ pub async fn start(
                 .map(|s| s.labels.clone())
                 .unwrap_or_default(),
             gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
+            flat_network: false,
         };
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());

@@ -3,6 +3,7 @@
 //! - `server`: the one gRPC server (store, fleet, health, reflection on one port).
 //! - `store`: the schema, typed records, and the replica's mirror of the store.
 //! - `fleet`: agent streams, the fleet view and the read API.
+//! - `discovery`: exports, the routing table, DNS and the discovery API.
 //! - `controllers`: leader-only work (health now; routing and campaigns next).
 //! - `metrics`, `http`: Prometheus metrics and `/metrics`, `/healthz`, `/readyz`.
 //! - `logging`: the log subscriber (openraft's per-request errors rate-limited).
@@ -11,6 +12,7 @@
 pub mod controllers;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod discovery;
 pub mod fleet;
 pub mod http;
 pub mod logging;
@@ -126,6 +128,24 @@ pub struct Args {
     /// TTL of the etcd leadership lease: a dead leader's controllers move after at most this.
     #[arg(long, env = "FLOTILLA_ETCD_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
     pub etcd_lease_ttl: Duration,
+    /// Serve DNS (`clusterset.local` and the global zone) on this address, UDP and TCP.
+    /// Default: off, except with --dev (127.0.0.1:7453, or a free port when --listen's is 0).
+    #[arg(long, env = "FLOTILLA_DNS")]
+    pub dns: Option<SocketAddr>,
+    /// A global DNS zone for clients outside the clusters: `<svc>.<ns>.<zone>` (e.g.
+    /// fleet.example.com, delegated to the hubs).
+    #[arg(long, env = "FLOTILLA_GLOBAL_ZONE")]
+    pub global_zone: Option<String>,
+}
+
+/// The DNS address in force: `--dns`, or with `--dev` the dev default.
+fn dns_addr(args: &Args) -> Option<SocketAddr> {
+    match (args.dns, args.dev) {
+        (Some(a), _) => Some(a),
+        (None, true) if args.listen.port() == 0 => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        (None, true) => Some(SocketAddr::from(([127, 0, 0, 1], 7453))),
+        (None, false) => None,
+    }
 }
 
 /// Which store holds the fleet.
@@ -146,6 +166,8 @@ pub struct RunningHub {
     pub addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
+    /// The bound DNS address (UDP and TCP), if DNS is served.
+    pub dns_addr: Option<SocketAddr>,
     /// The store.
     pub store: HubStore,
     /// The fleet's shared parts.
@@ -188,6 +210,8 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         anyhow::bail!("--dev: this hub was built without the `dev` feature");
     }
     check_liveness_flags(args.agent_heartbeat, args.unreachable_after)?;
+    let zones =
+        flotilla_dns::Zones::new(args.global_zone.as_deref()).map_err(anyhow::Error::msg)?;
     // Keep a temporary directory alive for the whole run in --dev mode (on etcd it holds
     // only the dev fleet's kubeconfigs).
     let mut temp = None;
@@ -226,12 +250,37 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         StoreKind::Etcd => open_etcd(&args, limits, &fleet, &shutdown).await?,
     };
 
-    let mirror = StoreMirror::new(vec![fleet.view.clone()]);
+    // The view first: discovery reads cluster records when it decides.
+    let mirror = StoreMirror::new(vec![fleet.view.clone(), fleet.discovery.clone()]);
     let mut tasks = vec![tokio::spawn(
         mirror
             .run(store.clone(), shutdown.clone())
             .instrument(info_span!("store-mirror")),
     )];
+    tasks.push(tokio::spawn(
+        fleet
+            .discovery
+            .clone()
+            .run(shutdown.clone())
+            .instrument(info_span!("routing-table")),
+    ));
+    let dns_addr = match dns_addr(&args) {
+        None => None,
+        Some(a) => {
+            let server = flotilla_dns::DnsServer::bind(a, zones, fleet.discovery.table())
+                .await
+                .with_context(|| format!("--dns {a}"))?;
+            let bound = server.local_addr();
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.run(s).await {
+                    tracing::error!(error = %e, "DNS stopped");
+                }
+            }));
+            info!(addr = %bound, "DNS for clusterset.local on UDP and TCP");
+            Some(bound)
+        }
+    };
     let controllers: Vec<Arc<dyn Controller>> =
         vec![Arc::new(fleet.health_controller(store.clone()))];
     tasks.push(tokio::spawn(
@@ -277,7 +326,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
                 &store_desc,
                 args.dev_scenario.as_deref(),
                 &data_dir,
-                (addr, http_addr),
+                (addr, http_addr, dns_addr),
                 &shutdown,
             )
             .await?,
@@ -287,6 +336,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
     Ok(RunningHub {
         addr,
         http_addr,
+        dns_addr,
         store,
         fleet,
         data_dir,
@@ -380,7 +430,8 @@ async fn open_raft(
         .services(shutdown.clone())
         .routes()
         .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
-        .add_service(fleet.fleet_service(store.clone()));
+        .add_service(fleet.fleet_service(store.clone()))
+        .add_service(fleet.discovery_service(store.clone()));
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone())
             .instrument(info_span!("hub-grpc", node = args.node_id)),
@@ -428,7 +479,8 @@ async fn open_etcd(
             shutdown.clone(),
         ))
         .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
-        .add_service(fleet.fleet_service(store.clone()));
+        .add_service(fleet.fleet_service(store.clone()))
+        .add_service(fleet.discovery_service(store.clone()));
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone()).instrument(info_span!("hub-grpc")),
     );

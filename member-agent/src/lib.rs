@@ -2,6 +2,7 @@
 //! reports it to the hub over one `AgentService.Connect` stream.
 
 pub mod convert;
+pub mod exports;
 pub mod metrics;
 pub mod session;
 pub mod watch;
@@ -35,6 +36,9 @@ pub struct AgentOptions {
     /// How long after a node turned Ready its GPUs may stay unadvertised before they count
     /// as failed.
     pub gpu_advertise_bound: Duration,
+    /// Other clusters reach this cluster's Service IPs directly (a flat network): export
+    /// cluster IPs as reachable addresses too.
+    pub flat_network: bool,
 }
 
 /// Watch the cluster and report to the hub until `shutdown`.
@@ -51,6 +55,7 @@ pub async fn run(
             String::new()
         }
     };
+    let exports = exports::ExportWatch::start(client.clone(), opts.flat_network, shutdown.clone());
     let watch = ClusterWatch::start(
         client,
         WatchOptions {
@@ -94,6 +99,7 @@ pub async fn run(
         kubernetes_version: version,
         coalesce: Duration::from_millis(100),
         metrics,
+        exports: Some(exports),
     };
     session::run(cfg, watch, shutdown).await
 }

@@ -44,6 +44,11 @@ struct Args {
     /// before they count as failed, e.g. `5m`, `90s`.
     #[arg(long, env = "FLOTILLA_GPU_ADVERTISE_BOUND", default_value = "5m", value_parser = flotilla_core::duration::parse)]
     gpu_advertise_bound: std::time::Duration,
+    /// Other clusters reach this cluster's Service IPs directly (one flat network, e.g.
+    /// Cilium Cluster Mesh or a shared VPC): export cluster IPs, not only LoadBalancer and
+    /// external addresses.
+    #[arg(long, env = "FLOTILLA_FLAT_NETWORK")]
+    flat_network: bool,
 }
 
 #[tokio::main]
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         region: args.region,
         labels,
         gpu_advertise_bound: args.gpu_advertise_bound,
+        flat_network: args.flat_network,
     };
     let http = if args.http.is_empty() {
         None

@@ -38,6 +38,8 @@ pub struct SessionConfig {
     pub coalesce: Duration,
     /// Metrics.
     pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
+    /// The cluster's MCS exports, if they are watched.
+    pub exports: Option<crate::exports::ExportWatch>,
 }
 
 /// Why a session ended.
@@ -115,6 +117,78 @@ fn delta_lists(
         d.upsert.iter().map(|n| now.nodes[*n].clone()).collect(),
         d.remove.iter().map(|n| n.to_string()).collect(),
     )
+}
+
+/// The cluster's exports now, as sent: by `namespace/name`.
+fn current_exports(
+    cfg: &SessionConfig,
+    watch: &ClusterWatch,
+) -> BTreeMap<String, v1::ServiceExport> {
+    let Some(x) = &cfg.exports else {
+        return BTreeMap::new();
+    };
+    let pools: BTreeMap<String, String> = watch
+        .inventory()
+        .nodes
+        .into_iter()
+        .filter_map(|n| Some((n.name, n.pool?)))
+        .collect();
+    x.exports(&|node| pools.get(node).cloned())
+        .iter()
+        .map(|e| {
+            (
+                format!("{}/{}", e.namespace, e.name),
+                flotilla_api::convert::discovery::export_to_wire(e),
+            )
+        })
+        .collect()
+}
+
+/// The exports delta from `sent` to `now`, unless nothing changed.
+fn exports_delta(
+    sent: &BTreeMap<String, v1::ServiceExport>,
+    now: &BTreeMap<String, v1::ServiceExport>,
+) -> Option<v1::AgentMessage> {
+    let upsert: Vec<v1::ServiceExport> = now
+        .iter()
+        .filter(|(k, v)| sent.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let remove: Vec<String> = sent
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .cloned()
+        .collect();
+    if upsert.is_empty() && remove.is_empty() {
+        return None;
+    }
+    Some(v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::ExportsDelta(v1::ExportsDelta {
+            upsert,
+            remove,
+        })),
+    })
+}
+
+/// Hand the hub's export status to the status writer.
+fn apply_status(cfg: &SessionConfig, s: v1::ExportStatuses) {
+    if let Some(x) = &cfg.exports {
+        x.set_hub_status(
+            s.exports
+                .into_iter()
+                .map(|e| {
+                    (
+                        (e.namespace, e.name),
+                        crate::exports::HubStatus {
+                            conflict_reason: e.conflict_reason,
+                            conflict_message: e.conflict_message,
+                            included: e.included,
+                        },
+                    )
+                })
+                .collect(),
+        );
+    }
 }
 
 /// Run sessions until `shutdown`, reconnecting on failure. Returns only on shutdown or when
@@ -203,6 +277,9 @@ fn reconnect_cap(heartbeat: Option<Duration>) -> Duration {
 
 /// Redirects followed after a short jittered pause before the backoff applies to them too.
 const QUICK_REDIRECTS: u32 = 3;
+
+/// How long export changes are gathered before one delta goes.
+const EXPORT_COALESCE: Duration = Duration::from_millis(20);
 
 /// A session that lasted this long resets the reconnect backoff.
 const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
@@ -300,9 +377,28 @@ async fn session(
     tx.send(first)
         .await
         .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    // Every export, once per session: the hub writes only what differs from its store.
+    let exports = current_exports(cfg, watch);
+    if cfg.exports.is_some() {
+        let m = send(v1::agent_message::Msg::Exports(v1::ExportsSnapshot {
+            exports: exports.values().cloned().collect(),
+        }));
+        tx.send(m)
+            .await
+            .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    }
     cfg.metrics.hub_connected.set(1);
     cfg.metrics.hub_connects.inc();
-    let r = follow(cfg, watch, shutdown, &tx, &mut inbound, now, heartbeat).await;
+    let r = follow(
+        cfg,
+        watch,
+        shutdown,
+        &tx,
+        &mut inbound,
+        (now, exports),
+        heartbeat,
+    )
+    .await;
     cfg.metrics.hub_connected.set(0);
     r
 }
@@ -325,13 +421,17 @@ async fn follow(
     shutdown: &CancellationToken,
     tx: &mpsc::Sender<v1::AgentMessage>,
     inbound: &mut tonic::Streaming<v1::HubMessage>,
-    first: Current,
+    (first, mut sent_exports): (Current, BTreeMap<String, v1::ServiceExport>),
     heartbeat: Duration,
 ) -> Result<(), SessionError> {
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
     let mut last_signals = signals(watch, &first.failed);
     let mut sent = first.digests;
     let mut changes = watch.changes();
+    // Without an export watch this never changes.
+    let (_idle, idle_rx) = tokio::sync::watch::channel(0u64);
+    let mut export_changes = cfg.exports.as_ref().map_or(idle_rx, |x| x.changes());
+    export_changes.borrow_and_update();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     loop {
@@ -369,7 +469,22 @@ async fn follow(
                 tx.send(send(hb)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 last_signals = sig;
             }
+            r = export_changes.changed() => {
+                if r.is_err() {
+                    return Err(SessionError::Retry("export watch ended".into()));
+                }
+                // Endpoint readiness changes fast: a short coalescing window keeps answers
+                // within the convergence target.
+                tokio::time::sleep(EXPORT_COALESCE).await;
+                export_changes.borrow_and_update();
+                let now = current_exports(cfg, watch);
+                if let Some(d) = exports_delta(&sent_exports, &now) {
+                    tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                    sent_exports = now;
+                }
+            }
             m = inbound.message() => match m {
+                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(s)) })) => apply_status(cfg, s),
                 Ok(Some(_ack)) => {}
                 Ok(None) => return Err(SessionError::Retry("the hub closed the stream".into())),
                 Err(s) => return Err(classify(s)),

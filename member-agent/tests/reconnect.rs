@@ -86,6 +86,7 @@ async fn a_hint_naming_the_same_hub_is_followed_with_backoff() {
         region: String::new(),
         labels: Default::default(),
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
+        flat_network: false,
     };
     let agent = tokio::spawn(flotilla_agent::run(
         kube::Client::try_from(cfg).unwrap(),

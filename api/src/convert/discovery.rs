@@ -461,7 +461,8 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut v1::ServiceExport)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut v1::ServiceExport)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|w| w.name = "Bad_Name".into()), "exports[0].name"),
             (
                 Box::new(|w| w.ports[0].protocol = "HTTP".into()),

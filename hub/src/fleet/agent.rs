@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::controllers::Leadership;
 use crate::controllers::health::{HealthCtl, log_transition};
+use crate::discovery::exports::HeldExports;
 use crate::metrics::HubMetrics;
 use crate::store::{keys, records};
 
@@ -42,6 +43,8 @@ pub struct AgentSvc<B> {
     pub metrics: Arc<HubMetrics>,
     /// Admission to the join handshake (see `--max-concurrent-joins`).
     pub joins: Arc<tokio::sync::Semaphore>,
+    /// Discovery, whose export status goes back to the agent.
+    pub discovery: Arc<crate::discovery::Discovery>,
 }
 
 fn not_leader(leader: &dyn Leadership) -> Status {
@@ -301,6 +304,9 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             }
             None => Held::default(),
         };
+        let mut exports = HeldExports::load(&self.backend, &cluster)
+            .await
+            .map_err(store_err)?;
         let digests: std::collections::HashMap<String, Vec<u8>> = held
             .nodes
             .iter()
@@ -325,6 +331,10 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             self.limits,
         );
         let metrics = self.metrics.clone();
+        let discovery = self.discovery.clone();
+        let mut builds = discovery.builds();
+        // What was last sent, so an unchanged status is not sent again.
+        let mut sent_status: Option<Vec<v1::ExportStatus>> = None;
         metrics.agents_connected.inc();
         let mut permit = Some(permit);
         // An agent that never reports does not keep its join slot.
@@ -357,6 +367,20 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                         permit.take();
                         continue;
                     }
+                    // A new routing table: tell the agent if its exports' status changed.
+                    Ok(()) = builds.changed() => {
+                        let status = discovery.statuses_for(&cluster);
+                        if sent_status.as_ref() != Some(&status) && !(status.is_empty() && sent_status.is_none()) {
+                            let m = v1::HubMessage {
+                                msg: Some(v1::hub_message::Msg::ExportStatus(v1::ExportStatuses { exports: status.clone() })),
+                            };
+                            if tx.send(Ok(m)).await.is_err() {
+                                break;
+                            }
+                            sent_status = Some(status);
+                        }
+                        continue;
+                    }
                 };
                 let msg = match next {
                     Ok(Some(m)) => m,
@@ -376,12 +400,14 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     Some(v1::agent_message::Msg::Delta(_)) => "delta",
                     Some(v1::agent_message::Msg::Heartbeat(_)) => "heartbeat",
                     Some(v1::agent_message::Msg::Leave(_)) => "leave",
+                    Some(v1::agent_message::Msg::Exports(_)) => "exports",
+                    Some(v1::agent_message::Msg::ExportsDelta(_)) => "exports_delta",
                     _ => "other",
                 };
                 let result = handle(
                     (&backend, &health, &metrics, &limits),
                     &cluster,
-                    &mut held,
+                    (&mut held, &mut exports),
                     msg,
                 )
                 .await;
@@ -419,11 +445,33 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
 async fn handle<B: KvBackend>(
     ctx: (&B, &HealthCtl, &HubMetrics, &ReportLimits),
     cluster: &str,
-    held: &mut Held,
+    (held, exports): (&mut Held, &mut HeldExports),
     msg: v1::AgentMessage,
 ) -> Result<Option<v1::HubMessage>, Status> {
     use v1::agent_message::Msg;
     let (backend, health, metrics, limits) = ctx;
+    let (snapshot, upsert, remove, at) = match &msg.msg {
+        Some(Msg::Exports(s)) => (Some(s.exports.as_slice()), &[][..], &[][..], "exports"),
+        Some(Msg::ExportsDelta(d)) => (
+            None,
+            d.upsert.as_slice(),
+            d.remove.as_slice(),
+            "exports_delta",
+        ),
+        _ => (None, &[][..], &[][..], ""),
+    };
+    if !at.is_empty() {
+        let (ops, next) =
+            crate::discovery::exports::plan(cluster, exports, snapshot, upsert, remove, at)
+                .map_err(|e| e.to_status())?;
+        let revision = crate::discovery::exports::write(backend, ops)
+            .await
+            .map_err(store_err)?;
+        *exports = next;
+        return Ok(Some(v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),
+        }));
+    }
     // Health transitions are queued by `health` and written by the health controller,
     // retried until stored; a slow or failed write never ends the agent's stream.
     let (next, changed, signals) = match msg.msg {
@@ -468,6 +516,7 @@ async fn handle<B: KvBackend>(
             }
             (next, changed, signals)
         }
+        Some(Msg::Exports(_) | Msg::ExportsDelta(_)) => unreachable!("handled above"),
         None => return Err(Status::invalid_argument("msg: empty message")),
     };
     // A resync that matches what the hub holds writes nothing (0: no new revision).

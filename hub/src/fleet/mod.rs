@@ -38,6 +38,8 @@ pub struct FleetConfig {
 pub struct Fleet {
     /// This replica's view.
     pub view: Arc<view::FleetView>,
+    /// This replica's discovery state and routing table.
+    pub discovery: Arc<crate::discovery::Discovery>,
     /// Health state the agent streams report to.
     pub health: Arc<HealthCtl>,
     /// Settings.
@@ -59,6 +61,7 @@ impl Fleet {
         let view = view::FleetView::new();
         Self {
             metrics: HubMetrics::new(view.clone(), config.metrics_per_node),
+            discovery: crate::discovery::Discovery::new(view.clone()),
             view,
             health: HealthCtl::new(config.policy, clock),
             config,
@@ -82,7 +85,24 @@ impl Fleet {
             heartbeat: self.config.heartbeat,
             metrics: self.metrics.clone(),
             joins: self.joins.clone(),
+            discovery: self.discovery.clone(),
         })
+    }
+
+    /// The discovery API.
+    pub fn discovery_service<B: KvBackend + Clone>(
+        &self,
+        backend: B,
+    ) -> v1::discovery_service_server::DiscoveryServiceServer<
+        crate::discovery::service::DiscoverySvc<B>,
+    > {
+        v1::discovery_service_server::DiscoveryServiceServer::new(
+            crate::discovery::service::DiscoverySvc {
+                backend,
+                discovery: self.discovery.clone(),
+                view: self.view.clone(),
+            },
+        )
     }
 
     /// The fleet read API.

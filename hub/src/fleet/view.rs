@@ -99,6 +99,15 @@ impl FleetView {
             .collect()
     }
 
+    /// Every cluster's region, by name.
+    pub fn cluster_regions(&self) -> BTreeMap<String, String> {
+        let st = self.state.read().expect("view");
+        st.clusters
+            .values()
+            .map(|c| (c.name.clone(), c.region.clone()))
+            .collect()
+    }
+
     /// One cluster record.
     pub fn cluster(&self, name: &str) -> Option<v1::Cluster> {
         self.state.read().expect("view").clusters.get(name).cloned()
@@ -230,6 +239,8 @@ impl FleetView {
                 st.inventory.remove(&name);
                 None
             }
+            // Discovery's records; the discovery view follows them.
+            Change::Export { .. } | Change::Policy { .. } => None,
         };
         if let Some((cluster, e)) = event
             && notify

@@ -6,8 +6,10 @@
 //! | `/clusters/<name>` | `Cluster` (health, identity, history) | the leader: agent streams and the health controller |
 //! | `/inventory/<name>` | `Inventory` (nodes and pools) | the leader: that cluster's agent stream only |
 //! | `/tokens/<sha256>` | `JoinTokenRecord` | `FleetService.CreateJoinToken` (any replica) |
+//! | `/exports/<cluster>/<namespace>/<name>` | `ServiceExport` | the leader: that cluster's agent stream only |
+//! | `/policies/<namespace>/<name>`, `/policies/_default` | `RoutingPolicyRecord` | `DiscoveryService.SetPolicy` (any replica) |
 //!
-//! Discovery (`/exports/`, `/policies/`) and campaigns (`/campaigns/`) add their prefixes here.
+//! Campaigns (`/campaigns/`) add their prefix here.
 
 use sha2::{Digest, Sha256};
 
@@ -18,8 +20,33 @@ pub const INVENTORY: &str = "/inventory/";
 /// Prefix of join tokens (`v1::JoinTokenRecord`, keyed by the token's SHA-256).
 pub const TOKENS: &str = "/tokens/";
 
+/// Prefix of exported services (`v1::ServiceExport`).
+pub const EXPORTS: &str = "/exports/";
+/// Prefix of routing policies (`v1::RoutingPolicyRecord`).
+pub const POLICIES: &str = "/policies/";
+/// The fleet default policy's name under [`POLICIES`] (no namespace has an underscore).
+pub const DEFAULT_POLICY: &str = "_default";
+
 /// The prefixes every replica mirrors in memory (tokens are read on demand).
-pub const MIRRORED: [&str; 2] = [CLUSTERS, INVENTORY];
+pub const MIRRORED: [&str; 4] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES];
+
+/// Key of one cluster's export.
+pub fn export_key(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{EXPORTS}{cluster}/{namespace}/{name}")
+}
+
+/// Prefix of one cluster's exports.
+pub fn exports_of(cluster: &str) -> String {
+    format!("{EXPORTS}{cluster}/")
+}
+
+/// Key of a routing policy; empty namespace and name: the fleet default.
+pub fn policy_key(namespace: &str, name: &str) -> String {
+    match namespace.is_empty() && name.is_empty() {
+        true => format!("{POLICIES}{DEFAULT_POLICY}"),
+        false => format!("{POLICIES}{namespace}/{name}"),
+    }
+}
 
 /// Key of a cluster record.
 pub fn cluster_key(name: &str) -> String {
@@ -47,6 +74,10 @@ pub enum Key<'a> {
     Cluster(&'a str),
     /// `/inventory/<name>`.
     Inventory(&'a str),
+    /// `/exports/<cluster>/<namespace>/<name>`.
+    Export(&'a str, &'a str, &'a str),
+    /// `/policies/<namespace>/<name>`; both empty for the fleet default.
+    Policy(&'a str, &'a str),
 }
 
 impl<'a> Key<'a> {
@@ -55,6 +86,22 @@ impl<'a> Key<'a> {
         let key = std::str::from_utf8(key).ok()?;
         if let Some(n) = key.strip_prefix(CLUSTERS) {
             Some(Key::Cluster(n))
+        } else if let Some(rest) = key.strip_prefix(EXPORTS) {
+            let mut p = rest.splitn(3, '/');
+            match (p.next(), p.next(), p.next()) {
+                (Some(c), Some(ns), Some(n))
+                    if !c.is_empty() && !ns.is_empty() && !n.is_empty() =>
+                {
+                    Some(Key::Export(c, ns, n))
+                }
+                _ => None,
+            }
+        } else if let Some(rest) = key.strip_prefix(POLICIES) {
+            match rest.split_once('/') {
+                _ if rest == DEFAULT_POLICY => Some(Key::Policy("", "")),
+                Some((ns, n)) if !ns.is_empty() && !n.is_empty() => Some(Key::Policy(ns, n)),
+                _ => None,
+            }
         } else {
             key.strip_prefix(INVENTORY).map(Key::Inventory)
         }
@@ -84,5 +131,18 @@ mod tests {
             Some(Key::Inventory("b"))
         );
         assert_eq!(Key::parse(token_key("t").as_bytes()), None);
+        assert_eq!(
+            Key::parse(export_key("c", "ml", "llm").as_bytes()),
+            Some(Key::Export("c", "ml", "llm"))
+        );
+        assert_eq!(
+            Key::parse(policy_key("ml", "llm").as_bytes()),
+            Some(Key::Policy("ml", "llm"))
+        );
+        assert_eq!(
+            Key::parse(policy_key("", "").as_bytes()),
+            Some(Key::Policy("", ""))
+        );
+        assert_eq!(Key::parse(b"/exports/c/ml"), None);
     }
 }

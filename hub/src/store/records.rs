@@ -29,6 +29,26 @@ pub enum Change {
         /// The `v1::Inventory` record's bytes.
         encoded: Option<Bytes>,
     },
+    /// `/exports/<cluster>/<namespace>/<name>`, validated into core (boxed: large).
+    Export {
+        /// Exporting cluster.
+        cluster: String,
+        /// Namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// The export.
+        record: Option<Box<flotilla_core::export::Export>>,
+    },
+    /// `/policies/...`: a routing policy (empty namespace and name: the fleet default).
+    Policy {
+        /// Namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// The record.
+        record: Option<v1::RoutingPolicyRecord>,
+    },
 }
 
 impl Change {
@@ -50,6 +70,40 @@ impl Change {
                 name: name.to_string(),
                 encoded: value.map(Bytes::copy_from_slice),
             }),
+            Key::Export(cluster, namespace, name) => {
+                let record = match value {
+                    None => None,
+                    Some(v) => {
+                        let w = v1::ServiceExport::decode(v).map_err(undecodable);
+                        let e = w.and_then(|w| {
+                            flotilla_api::convert::discovery::export_from_wire(
+                                &w, cluster, "stored",
+                            )
+                            .map_err(|e| format!("{}: {e}", String::from_utf8_lossy(key)))
+                        });
+                        match e {
+                            Ok(e) => Some(Box::new(e)),
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
+                };
+                Ok(Change::Export {
+                    cluster: cluster.to_string(),
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    record,
+                })
+            }
+            Key::Policy(namespace, name) => {
+                match value.map(v1::RoutingPolicyRecord::decode).transpose() {
+                    Ok(record) => Ok(Change::Policy {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        record,
+                    }),
+                    Err(e) => Err(undecodable(e)),
+                }
+            }
         })
     }
 }

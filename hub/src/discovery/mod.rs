@@ -1,0 +1,411 @@
+//! Global service discovery on the hub: every replica follows the exports and policies in the
+//! store (through the mirror), merges exports into services by the MCS rules, and keeps a
+//! routing table that DNS and `Resolve` read without locks. Decisions are `flotilla_core`'s
+//! (`export::aggregate`, `routing::decide`); this module only feeds them and publishes.
+//!
+//! - `exports`: what an agent stream writes for its cluster's ServiceExports.
+//! - `service`: the `DiscoveryService` gRPC API.
+
+pub mod exports;
+pub mod service;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use flotilla_api::convert::fleet::{health_from_wire, pool_from_wire};
+use flotilla_api::v1;
+use flotilla_core::export::{Export, Service, ServiceKey, aggregate};
+use flotilla_core::routing::{ClusterState, PoolGpus, RoutingPolicy};
+use flotilla_core::routing_table::{RoutingTable, TableInputs};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::view::FleetView;
+use crate::store::mirror::Subscriber;
+use crate::store::records::Change;
+
+/// The routing table every DNS query and `Resolve` reads.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+
+/// How long the table builder waits after a change for more changes to batch with it.
+pub const COALESCE: Duration = Duration::from_millis(10);
+
+#[derive(Default)]
+struct State {
+    /// Exports by service, then cluster.
+    exports: BTreeMap<ServiceKey, BTreeMap<String, Export>>,
+    /// Merged services (valid exports only).
+    services: BTreeMap<ServiceKey, Service>,
+    /// Per-service policies.
+    policies: BTreeMap<ServiceKey, RoutingPolicy>,
+    /// The stored JSON of each policy, for reads.
+    policy_json: BTreeMap<ServiceKey, String>,
+    /// The fleet default.
+    default_policy: RoutingPolicy,
+    default_json: String,
+    /// Services each cluster exports (to re-decide them when the cluster changes).
+    by_cluster: BTreeMap<String, BTreeSet<ServiceKey>>,
+    /// Services to merge and decide again.
+    dirty: BTreeSet<ServiceKey>,
+    /// Clusters whose health, labels or GPUs changed.
+    dirty_clusters: BTreeSet<String>,
+    /// Decide everything again (a reload, or the default policy changed).
+    dirty_all: bool,
+}
+
+impl State {
+    fn set_export(&mut self, cluster: &str, key: ServiceKey, e: Option<Export>) {
+        match e {
+            Some(e) => {
+                self.exports
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(cluster.to_string(), e);
+                self.by_cluster
+                    .entry(cluster.to_string())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            None => {
+                if let Some(m) = self.exports.get_mut(&key) {
+                    m.remove(cluster);
+                    if m.is_empty() {
+                        self.exports.remove(&key);
+                    }
+                }
+                if let Some(s) = self.by_cluster.get_mut(cluster) {
+                    s.remove(&key);
+                    if s.is_empty() {
+                        self.by_cluster.remove(cluster);
+                    }
+                }
+            }
+        }
+        self.dirty.insert(key);
+    }
+
+    fn set_policy(&mut self, namespace: &str, name: &str, rec: Option<v1::RoutingPolicyRecord>) {
+        let parsed = rec.as_ref().and_then(|r| match serde_json::from_str::<RoutingPolicy>(&r.spec_json) {
+            Ok(p) => Some((p, r.spec_json.clone())),
+            Err(e) => {
+                tracing::warn!(namespace, name, error = %e, "skipping an unreadable routing policy");
+                None
+            }
+        });
+        if namespace.is_empty() && name.is_empty() {
+            let (p, j) = parsed.unwrap_or_default();
+            self.default_policy = p;
+            self.default_json = j;
+            self.dirty_all = true;
+            return;
+        }
+        let key = ServiceKey::new(namespace, name);
+        match parsed {
+            Some((p, j)) => {
+                self.policies.insert(key.clone(), p);
+                self.policy_json.insert(key.clone(), j);
+            }
+            None => {
+                self.policies.remove(&key);
+                self.policy_json.remove(&key);
+            }
+        }
+        self.dirty.insert(key);
+    }
+
+    fn change(&mut self, c: Change) {
+        match c {
+            Change::Export {
+                cluster,
+                namespace,
+                name,
+                record,
+            } => self.set_export(
+                &cluster,
+                ServiceKey::new(namespace, name),
+                record.map(|b| *b),
+            ),
+            Change::Policy {
+                namespace,
+                name,
+                record,
+            } => self.set_policy(&namespace, &name, record),
+            Change::Cluster { name, .. } | Change::Inventory { name, .. } => {
+                if self.by_cluster.contains_key(&name) {
+                    self.dirty_clusters.insert(name);
+                }
+            }
+        }
+    }
+}
+
+/// Routes changed in one table build: the keys, for `WatchRoutes`.
+#[derive(Debug, Clone)]
+pub struct RoutesChanged {
+    /// The table generation.
+    pub generation: u64,
+    /// Services decided again (removed ones are gone from the table).
+    pub keys: Arc<Vec<ServiceKey>>,
+}
+
+/// This replica's discovery state and routing table.
+pub struct Discovery {
+    state: Mutex<State>,
+    view: Arc<FleetView>,
+    table: SharedTable,
+    notify: Notify,
+    generation: AtomicU64,
+    /// The generation of the last build (agent streams follow it to send export status).
+    built: watch::Sender<u64>,
+    changes: broadcast::Sender<RoutesChanged>,
+}
+
+impl Discovery {
+    /// Empty discovery over `view` (which must subscribe to the mirror before this does, so
+    /// cluster records are current when a build reads them).
+    pub fn new(view: Arc<FleetView>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            view,
+            table: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
+            notify: Notify::new(),
+            generation: AtomicU64::new(0),
+            built: watch::Sender::new(0),
+            changes: broadcast::channel(1024).0,
+        })
+    }
+
+    /// The routing table, for DNS and `Resolve`.
+    pub fn table(&self) -> SharedTable {
+        self.table.clone()
+    }
+
+    /// Follow table builds (the generation).
+    pub fn builds(&self) -> watch::Receiver<u64> {
+        self.built.subscribe()
+    }
+
+    /// Follow which services each build decided again.
+    pub fn route_changes(&self) -> broadcast::Receiver<RoutesChanged> {
+        self.changes.subscribe()
+    }
+
+    /// One merged service with its policy JSON and whether it is the service's own.
+    pub fn service(&self, key: &ServiceKey) -> Option<(Service, String, bool)> {
+        let st = self.state.lock().expect("discovery");
+        let s = st.services.get(key)?.clone();
+        let (json, own) = match st.policy_json.get(key) {
+            Some(j) => (j.clone(), true),
+            None => (st.default_json.clone(), false),
+        };
+        Some((s, json, own))
+    }
+
+    /// Every merged service (optionally of one namespace).
+    pub fn services(&self, namespace: Option<&str>) -> Vec<ServiceKey> {
+        let st = self.state.lock().expect("discovery");
+        st.services
+            .keys()
+            .filter(|k| namespace.is_none_or(|n| k.namespace == n))
+            .cloned()
+            .collect()
+    }
+
+    /// The stored policy JSON for a key (empty key: the default), if one is set.
+    pub fn policy_json(&self, namespace: &str, name: &str) -> Option<String> {
+        let st = self.state.lock().expect("discovery");
+        match namespace.is_empty() && name.is_empty() {
+            true => Some(st.default_json.clone()).filter(|j| !j.is_empty()),
+            false => st
+                .policy_json
+                .get(&ServiceKey::new(namespace, name))
+                .cloned(),
+        }
+    }
+
+    /// The MCS status each of `cluster`'s valid exports should carry.
+    pub fn statuses_for(&self, cluster: &str) -> Vec<v1::ExportStatus> {
+        let st = self.state.lock().expect("discovery");
+        let Some(keys) = st.by_cluster.get(cluster) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|k| {
+                let s = st.services.get(k)?.status.get(cluster)?;
+                Some(flotilla_api::convert::discovery::status_to_wire(
+                    &k.namespace,
+                    &k.name,
+                    s,
+                ))
+            })
+            .collect()
+    }
+
+    /// Rebuild the table after changes, batching those within [`COALESCE`], until `shutdown`.
+    /// A table with a saturation policy is decided again every second too (samples go stale).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.notify.notified() => {}
+                _ = tick.tick() => {
+                    let mut st = self.state.lock().expect("discovery");
+                    let stale: Vec<ServiceKey> = st
+                        .services
+                        .keys()
+                        .filter(|k| st.policies.get(*k).unwrap_or(&st.default_policy).saturation.is_some())
+                        .cloned()
+                        .collect();
+                    if stale.is_empty() {
+                        continue;
+                    }
+                    st.dirty.extend(stale);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(COALESCE) => {}
+            }
+            self.build();
+        }
+    }
+
+    /// Merge and decide what changed, and publish a new table. Synchronous and short.
+    pub fn build(&self) {
+        let mut st = self.state.lock().expect("discovery");
+        let dirty_clusters = std::mem::take(&mut st.dirty_clusters);
+        let mut dirty = std::mem::take(&mut st.dirty);
+        for c in &dirty_clusters {
+            if let Some(keys) = st.by_cluster.get(c) {
+                dirty.extend(keys.iter().cloned());
+            }
+        }
+        let all = std::mem::take(&mut st.dirty_all);
+        if all {
+            dirty.extend(st.services.keys().cloned());
+            dirty.extend(st.exports.keys().cloned());
+        }
+        if dirty.is_empty() {
+            return;
+        }
+        for k in &dirty {
+            let merged = st
+                .exports
+                .get(k)
+                .and_then(|m| aggregate(m.values()).remove(k));
+            match merged {
+                Some(s) => st.services.insert(k.clone(), s),
+                None => st.services.remove(k),
+            };
+        }
+        // Only the clusters these services read: a build after one endpoint change does not
+        // copy ten thousand cluster records.
+        let exporters: BTreeSet<&str> = dirty
+            .iter()
+            .filter_map(|k| st.exports.get(k))
+            .flat_map(|m| m.keys().map(String::as_str))
+            .collect();
+        let (clusters, regions) = self.cluster_states(&exporters);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let inputs = TableInputs {
+            services: &st.services,
+            policies: &st.policies,
+            default_policy: &st.default_policy,
+            clusters: &clusters,
+            regions: &regions,
+            loads: &BTreeMap::new(),
+            networks: &[],
+            now_unix_ms: now_unix_ms(),
+        };
+        let next = self.table.load().update(generation, inputs, &dirty);
+        drop(st);
+        self.table.store(Arc::new(next));
+        self.built.send_replace(generation);
+        let _ = self.changes.send(RoutesChanged {
+            generation,
+            keys: Arc::new(dirty.into_iter().collect()),
+        });
+    }
+
+    fn cluster_states(
+        &self,
+        names: &BTreeSet<&str>,
+    ) -> (BTreeMap<String, ClusterState>, BTreeMap<String, String>) {
+        let mut states = BTreeMap::new();
+        let regions: BTreeMap<String, String> = self.view.cluster_regions();
+        for name in names {
+            let Some(c) = self.view.cluster(name) else {
+                continue;
+            };
+            let pools: BTreeMap<String, PoolGpus> = self
+                .view
+                .inventory(name)
+                .map(|i| {
+                    i.pools
+                        .iter()
+                        .map(pool_from_wire)
+                        .map(|p| {
+                            (
+                                p.name.clone(),
+                                PoolGpus {
+                                    idle: p.idle_gpus,
+                                    allocatable: p.allocatable_gpus,
+                                },
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            states.insert(
+                name.to_string(),
+                ClusterState {
+                    name: c.name.clone(),
+                    health: health_from_wire(c.health),
+                    region: c.region.clone(),
+                    labels: c.labels.clone().into_iter().collect(),
+                    inventory_incomplete: !c.inventory_incomplete.is_empty(),
+                    pools,
+                },
+            );
+        }
+        (states, regions)
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Subscriber for Discovery {
+    fn reset(&self, _revision: i64, records: Vec<Change>) {
+        {
+            let mut st = self.state.lock().expect("discovery");
+            let services = std::mem::take(&mut st.services);
+            *st = State::default();
+            for c in records {
+                st.change(c);
+            }
+            // Services that are gone after the reload must leave the table too.
+            st.dirty.extend(services.into_keys());
+            st.dirty_all = true;
+        }
+        self.notify.notify_one();
+    }
+
+    fn apply(&self, _revision: i64, changes: Vec<Change>) {
+        {
+            let mut st = self.state.lock().expect("discovery");
+            for c in changes {
+                st.change(c);
+            }
+        }
+        self.notify.notify_one();
+    }
+}
