@@ -50,6 +50,46 @@ enum Command {
         #[command(subcommand)]
         what: commands::store::Store,
     },
+    /// The addresses a client gets for a service now, in answer order.
+    Resolve {
+        /// The service, as name.namespace or namespace/name.
+        service: String,
+        #[command(flatten)]
+        from: commands::services::From,
+    },
+    /// Why a decision came out as it did.
+    Explain {
+        #[command(subcommand)]
+        what: Explain,
+    },
+    /// Routing policies: per service, or the fleet default.
+    Policy {
+        #[command(subcommand)]
+        what: commands::services::Policy,
+    },
+    /// Routes for proxies and gateways.
+    Routes {
+        #[command(subcommand)]
+        what: Routes,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Explain {
+    /// Which clusters answer for a service, and why each other cluster does not.
+    Route {
+        /// The service, as name.namespace or namespace/name.
+        service: String,
+        #[command(flatten)]
+        from: commands::services::From,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Routes {
+    /// Write a service's routes for another router (llm-d's clusters.yaml), once or kept
+    /// current.
+    Export(commands::services::Export),
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -61,6 +101,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Watch => commands::watch::run(&mut ctx).await,
         Command::Join(a) => commands::join::run(&mut ctx, a).await,
         Command::Store { what } => commands::store::run(&mut ctx, what).await,
+        Command::Resolve { service, from } => {
+            commands::services::resolve(&mut ctx, &service, &from).await
+        }
+        Command::Explain {
+            what: Explain::Route { service, from },
+        } => commands::services::explain(&mut ctx, &service, &from).await,
+        Command::Policy { what } => commands::services::policy(&mut ctx, what).await,
+        Command::Routes {
+            what: Routes::Export(a),
+        } => commands::services::export(&mut ctx, a).await,
     }
 }
 

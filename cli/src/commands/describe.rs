@@ -1,4 +1,4 @@
-//! `flotctl describe cluster NAME`.
+//! `flotctl describe cluster NAME`, `flotctl describe service SERVICE`.
 
 use crate::{cluster_json, describe_text, inventory_json, unix_ms_now};
 use clap::Subcommand;
@@ -14,11 +14,19 @@ pub enum Describe {
         /// Cluster name.
         name: String,
     },
+    /// A fleet-wide service: its exports, conflicts and policy.
+    Service {
+        /// The service, as name.namespace or namespace/name.
+        name: String,
+    },
 }
 
 /// Runs `describe`.
 pub async fn run(ctx: &mut Ctx, what: Describe) -> Result<(), Failure> {
-    let Describe::Cluster { name } = what;
+    let name = match what {
+        Describe::Cluster { name } => name,
+        Describe::Service { name } => return super::services::describe(ctx, &name).await,
+    };
     let cl = ctx
         .client
         .get_cluster(v1::GetClusterRequest { name: name.clone() })

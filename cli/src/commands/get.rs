@@ -1,4 +1,4 @@
-//! `flotctl get clusters`, `flotctl get gpus`.
+//! `flotctl get clusters`, `flotctl get gpus`, `flotctl get services`.
 
 use crate::{cluster_json, health_name, table};
 use clap::{Subcommand, ValueEnum};
@@ -17,6 +17,12 @@ pub enum Get {
         /// Grouping.
         #[arg(long, value_enum, default_value_t = GroupBy::Product)]
         by: GroupBy,
+    },
+    /// Exported services, merged fleet-wide: exporting clusters, ready endpoints, conflicts.
+    Services {
+        /// Only this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
     },
 }
 
@@ -38,6 +44,7 @@ pub async fn run(ctx: &mut Ctx, what: Get) -> Result<(), Failure> {
     match what {
         Get::Clusters => clusters(ctx).await,
         Get::Gpus { by } => gpus(ctx, by).await,
+        Get::Services { namespace } => super::services::list(ctx, namespace).await,
     }
 }
 

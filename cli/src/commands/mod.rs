@@ -4,6 +4,7 @@ pub mod describe;
 pub mod fit;
 pub mod get;
 pub mod join;
+pub mod services;
 pub mod store;
 pub mod watch;
 
@@ -81,7 +82,13 @@ impl Ctx {
                 s.message()
             ),
             (Code::NotFound | Code::Aborted, _) => s.message().to_string(),
-            (Code::InvalidArgument, Some(f)) => format!("invalid {f}: {}", s.message()),
+            (Code::InvalidArgument, Some(f)) => {
+                let why = s
+                    .message()
+                    .strip_prefix(&format!("{f}: "))
+                    .unwrap_or(s.message());
+                format!("invalid {f}: {why}")
+            }
             _ => format!("{:?}: {}", s.code(), s.message()),
         };
         let code = match s.code() {

@@ -1,0 +1,350 @@
+//! Discovery end to end on a one-member hub: real agents export services from simulated
+//! clusters, the hub merges them, and its DNS (real UDP) answers by the routing policy as
+//! endpoints turn unready and an agent dies. Conflicts reach `ServiceExport` status.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use flotilla_api::v1;
+use flotilla_api::v1::discovery_service_client::DiscoveryServiceClient;
+use flotilla_api::v1::fleet_service_client::FleetServiceClient;
+use flotilla_kube_sim::{Fault, Scenario, SimCluster, SimFleet, SimOptions};
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const SIM: &str = r#"
+clusters:
+  - name: eu-a
+    region: eu-west
+    provider: aks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 2, gpus: 1, service: {port: 8000, type: LoadBalancer}, export: true}
+      - {name: web, namespace: ml, replicas: 1, service: {port: 80, type: LoadBalancer}, export: true}
+  - name: eu-b
+    region: eu-west
+    provider: aks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 2, gpus: 1, service: {port: 8000, type: LoadBalancer}, export: true}
+  - name: us
+    region: us-east
+    provider: eks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 2, gpus: 1, service: {port: 8000, type: LoadBalancer}, export: true}
+      - {name: web, namespace: ml, replicas: 1, service: {port: 8080, type: LoadBalancer}, export: true}
+"#;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let last = match f().await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never happened; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A records for `name` from the hub's DNS over UDP, sorted; the rcode on failure.
+async fn dns_a(addr: SocketAddr, name: &str) -> Result<Vec<String>, ResponseCode> {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&m.to_vec().unwrap(), addr).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf))
+        .await
+        .expect("DNS answers")
+        .unwrap();
+    let r = Message::from_vec(&buf[..n]).unwrap();
+    if r.metadata.response_code != ResponseCode::NoError {
+        return Err(r.metadata.response_code);
+    }
+    let mut v: Vec<String> = r
+        .answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+async fn kube_client(c: &SimCluster) -> kube::Client {
+    let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
+    kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+async fn lb_ip(c: &SimCluster, name: &str) -> String {
+    let svc: Api<Service> = Api::namespaced(kube_client(c).await, "ml");
+    let s = svc.get(name).await.unwrap();
+    s.status.unwrap().load_balancer.unwrap().ingress.unwrap()[0]
+        .ip
+        .clone()
+        .unwrap()
+}
+
+async fn export_condition(c: &SimCluster, name: &str, kind: &str) -> Option<(String, String)> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1beta1", "ServiceExport"),
+        "serviceexports",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(kube_client(c).await, "ml", &ar);
+    let se = api.get(name).await.ok()?;
+    let conds = se.data["status"]["conditions"].as_array()?.clone();
+    let c = conds.iter().find(|c| c["type"] == kind)?;
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let args = flotilla_hub::Args::parse_from([
+        "flotilla-hub",
+        "--data-dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--dns",
+        "127.0.0.1:0",
+        "--unreachable-after",
+        "600ms",
+        "--leader-grace",
+        "100ms",
+        "--agent-heartbeat",
+        "100ms",
+    ]);
+    let shutdown = CancellationToken::new();
+    let hub = flotilla_hub::start(args, shutdown.clone()).await.unwrap();
+    let dns = hub.dns_addr.expect("--dns serves");
+    while !hub.fleet.health.active() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{}", hub.addr);
+    let ch: Channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut fleet = FleetServiceClient::new(ch.clone());
+    let mut disc = DiscoveryServiceClient::new(ch);
+
+    let sims = SimFleet::start(&Scenario::from_yaml(SIM).unwrap(), SimOptions::default())
+        .await
+        .unwrap();
+    let mut agents = std::collections::BTreeMap::new();
+    for c in sims.clusters() {
+        let token = fleet
+            .create_join_token(v1::CreateJoinTokenRequest {
+                cluster: c.name().into(),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let stop = shutdown.child_token();
+        let opts = flotilla_agent::AgentOptions {
+            cluster: c.name().into(),
+            hubs: vec![hub.addr.to_string()],
+            token,
+            pool_label: None,
+            region: String::new(),
+            labels: Default::default(),
+            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
+            flat_network: false,
+        };
+        tokio::spawn(flotilla_agent::run(
+            kube_client(c).await,
+            opts,
+            None,
+            stop.clone(),
+        ));
+        agents.insert(c.name().to_string(), stop);
+    }
+    let (eu_a, eu_b, us) = (
+        sims.cluster("eu-a").unwrap(),
+        sims.cluster("eu-b").unwrap(),
+        sims.cluster("us").unwrap(),
+    );
+    let (ip_a, ip_b, ip_us) = (
+        lb_ip(eu_a, "llm").await,
+        lb_ip(eu_b, "llm").await,
+        lb_ip(us, "llm").await,
+    );
+
+    // eu-west first, then us-east.
+    let policy = r#"{"tiers":[{"selector":{"matchLabels":{"region":"eu-west"}}},{"selector":{"matchLabels":{"region":"us-east"}}}]}"#;
+    disc.set_policy(v1::SetPolicyRequest {
+        namespace: "ml".into(),
+        name: "llm".into(),
+        spec_json: policy.into(),
+    })
+    .await
+    .unwrap();
+    let bad = disc
+        .set_policy(v1::SetPolicyRequest {
+            namespace: "ml".into(),
+            name: "llm".into(),
+            spec_json: r#"{"ttlSeconds":0}"#.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        bad.metadata().get("flotilla-field").unwrap(),
+        "spec.ttlSeconds"
+    );
+
+    let name = "llm.ml.svc.clusterset.local.";
+    let mut want = vec![ip_a.clone(), ip_b.clone()];
+    want.sort();
+    eventually("both eu-west clusters answer", || {
+        let want = want.clone();
+        async move {
+            match dns_a(dns, name).await {
+                Ok(v) if v == want => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    // Conflicting ports on `web`: both sides are marked, the oldest wins.
+    for c in [eu_a, us] {
+        eventually(
+            &format!("{} sees the port conflict", c.name()),
+            || async move {
+                match export_condition(c, "web", "Conflict").await {
+                    Some((s, r)) if s == "True" && r == "PortConflict" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        export_condition(eu_b, "llm", "Ready").await,
+        Some(("True".into(), "Exported".into()))
+    );
+    let svc = disc
+        .get_service(v1::GetServiceRequest {
+            namespace: "ml".into(),
+            name: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        svc.clusters
+            .iter()
+            .all(|c| c.conflict_reason == "PortConflict"),
+        "{svc:?}"
+    );
+
+    // eu-a's agent dies: after --unreachable-after its clusters are not answered.
+    agents["eu-a"].cancel();
+    eventually("eu-a leaves the answer", || {
+        let ip_b = ip_b.clone();
+        async move {
+            match dns_a(dns, name).await {
+                Ok(v) if v == [ip_b.clone()] => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    // Every eu-b endpoint turns unready: the next tier answers.
+    let pods: Api<Pod> = Api::namespaced(kube_client(eu_b).await, "ml");
+    for p in pods
+        .list(&ListParams::default().labels("app=llm"))
+        .await
+        .unwrap()
+    {
+        let pod = p.metadata.name.unwrap();
+        eu_b.inject(&Fault::PodUnready {
+            namespace: "ml".into(),
+            pod,
+        })
+        .unwrap();
+    }
+    eventually("us-east answers", || {
+        let ip_us = ip_us.clone();
+        async move {
+            match dns_a(dns, name).await {
+                Ok(v) if v == [ip_us.clone()] => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let explain = disc
+        .resolve(v1::ResolveRequest {
+            namespace: "ml".into(),
+            name: "llm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let why = |c: &str| {
+        explain
+            .verdicts
+            .iter()
+            .find(|v| v.cluster == c)
+            .unwrap()
+            .reason
+            .clone()
+    };
+    assert!(why("eu-a").contains("Unreachable"), "{}", why("eu-a"));
+    assert!(
+        why("eu-b").contains("no ready endpoints"),
+        "{}",
+        why("eu-b")
+    );
+    assert!(why("us").starts_with("chosen: tier 2"), "{}", why("us"));
+
+    shutdown.cancel();
+    sims.shutdown().await;
+}
