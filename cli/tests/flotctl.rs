@@ -19,6 +19,8 @@ clusters:
       - name: h100
         count: 2
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 2, service: {port: 8000, type: LoadBalancer}, export: true}
 "#;
 
 fn flotctl(hub: &str, args: &[&str]) -> (i32, String, String) {
@@ -193,6 +195,72 @@ async fn get_describe_fit_join_and_errors() {
         let (code, _, err) = flotctl("127.0.0.1:1", &["get", "clusters"]);
         assert_eq!(code, 4);
         assert!(err.contains("FLOTILLA_HUB"), "{err}");
+
+        // Discovery: the exported service, its route and why, policies and their errors.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out, _) = flotctl(&h, &["get", "services"]);
+            if out.contains("llm") && out.contains("2/2") {
+                assert!(
+                    out.contains("ClusterSetIP") && out.contains("http:8000/TCP"),
+                    "{out}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the export never arrived:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (code, out, err) = flotctl(&h, &["explain", "route", "llm.ml", "--from", "cli-test"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("cli-test") && out.contains("chosen: tier 1"),
+            "{out}"
+        );
+        let (code, out, _) = flotctl(&h, &["-o", "json", "resolve", "ml/llm"]);
+        assert_eq!(code, 0);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["answers"][0]["cluster"], "cli-test", "{out}");
+        let file = std::env::temp_dir().join(format!("flotctl-policy-{}.yaml", std::process::id()));
+        std::fs::write(&file, "maxAnswers: 100\n").unwrap();
+        let (code, _, err) = flotctl(
+            &h,
+            &["policy", "set", "-f", file.to_str().unwrap(), "llm.ml"],
+        );
+        assert_eq!(code, 2, "{err}");
+        assert_eq!(
+            err.trim(),
+            "flotctl: invalid spec.maxAnswers: must be within 1–64, got 100"
+        );
+        std::fs::write(&file, "tierz: []\n").unwrap();
+        let (code, _, err) = flotctl(
+            &h,
+            &["policy", "set", "-f", file.to_str().unwrap(), "llm.ml"],
+        );
+        assert_eq!(code, 2);
+        assert!(err.contains("unknown field `tierz`"), "{err}");
+        std::fs::write(&file, "localFirst: true\nttlSeconds: 30\n").unwrap();
+        let (code, _, err) = flotctl(
+            &h,
+            &["policy", "set", "-f", file.to_str().unwrap(), "llm.ml"],
+        );
+        assert_eq!(code, 0, "{err}");
+        let (code, out, _) = flotctl(&h, &["-o", "json", "policy", "get", "llm.ml"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("\"ttlSeconds\": 30"), "{out}");
+        let (code, out, _) = flotctl(&h, &["policy", "delete", "llm.ml"]);
+        assert_eq!((code, out.trim()), (0, "deleted"));
+        let (code, _, err) = flotctl(&h, &["describe", "service", "nope.ml"]);
+        assert_eq!(code, 3, "{err}");
+        let (code, out, _) = flotctl(&h, &["routes", "export", "llm.ml", "--format", "llm-d"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.starts_with("clusters:") && out.contains("cluster: cli-test"),
+            "{out}"
+        );
+        let _ = std::fs::remove_file(&file);
     })
     .await
     .unwrap();
