@@ -701,64 +701,78 @@ impl Decision {
     /// cluster in turn, each cluster's list rotated by the seed, at most `max_answers`.
     /// `f` gets each (choice, address, hostname) in answer order.
     pub fn for_each_answer(&self, seed: u64, mut f: impl FnMut(&Choice, IpAddr, &str)) {
-        let mut rng = SplitMix(seed);
-        let mut keyed: Vec<(f64, usize, usize)> = self
-            .chosen
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let key = rng.unit().powf(1.0 / f64::from(c.weight.max(1)));
-                let rot = match c.addresses.len() {
-                    0 => 0,
-                    n => (rng.next() % n as u64) as usize,
-                };
-                (key, i, rot)
-            })
-            .collect();
-        keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let n = self.chosen.len();
+        if n == 0 {
+            return;
+        }
+        // (cluster index, rotation of its addresses), in answer order. On the stack for the
+        // usual handful of clusters: this runs for every DNS query.
+        let mut small = [(0usize, 0usize); 16];
+        let mut large = Vec::new();
+        let order: &mut [(usize, usize)] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            large.resize(n, (0, 0));
+            &mut large
+        };
+        self.order_into(seed, order);
         let max = self.max_answers as usize;
-        let mut n = 0;
-        let mut round = 0;
-        while n < max
-            && keyed
-                .iter()
-                .any(|(_, i, _)| round < self.chosen[*i].addresses.len())
-        {
-            for (_, i, rot) in &keyed {
+        let (mut count, mut round) = (0, 0);
+        while count < max && order.iter().any(|(i, _)| round < self.chosen[*i].addresses.len()) {
+            for (i, rot) in order.iter() {
                 let c = &self.chosen[*i];
-                if n == max {
+                if count == max {
                     break;
                 }
                 if round < c.addresses.len() {
                     let (a, h) = &c.addresses[(round + rot) % c.addresses.len()];
                     f(c, *a, h);
-                    n += 1;
+                    count += 1;
                 }
             }
             round += 1;
         }
     }
 
-    /// The answered clusters in this query's order.
-    pub fn order(&self, seed: u64) -> Vec<String> {
+    /// Fill `order` with (cluster index, address rotation) for `seed`. Equal weights: a
+    /// rotation (each cluster first equally often, as round-robin); otherwise weighted random
+    /// order without replacement (Efraimidis–Spirakis: key u^(1/w), largest first).
+    fn order_into(&self, seed: u64, order: &mut [(usize, usize)]) {
         let mut rng = SplitMix(seed);
-        let mut keyed: Vec<(f64, usize)> = self
+        let n = order.len();
+        let w0 = self.chosen[0].weight.max(1);
+        if self.chosen.iter().all(|c| c.weight.max(1) == w0) {
+            let start = (rng.next() % n as u64) as usize;
+            for (k, o) in order.iter_mut().enumerate() {
+                let i = (start + k) % n;
+                let len = self.chosen[i].addresses.len().max(1) as u64;
+                *o = (i, (rng.next() % len) as usize);
+            }
+            return;
+        }
+        let mut keys: Vec<(f64, usize, usize)> = self
             .chosen
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let key = rng.unit().powf(1.0 / f64::from(c.weight.max(1)));
-                if !c.addresses.is_empty() {
-                    rng.next();
-                }
-                (key, i)
+                let len = c.addresses.len().max(1) as u64;
+                (key, i, (rng.next() % len) as usize)
             })
             .collect();
-        keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        keyed
-            .into_iter()
-            .map(|(_, i)| self.chosen[i].cluster.clone())
-            .collect()
+        keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (o, (_, i, rot)) in order.iter_mut().zip(keys) {
+            *o = (i, rot);
+        }
+    }
+
+    /// The answered clusters in this query's order.
+    pub fn order(&self, seed: u64) -> Vec<String> {
+        let mut order = vec![(0, 0); self.chosen.len()];
+        if !order.is_empty() {
+            self.order_into(seed, &mut order);
+        }
+        order.into_iter().map(|(i, _)| self.chosen[i].cluster.clone()).collect()
     }
 
     /// The full [`Route`] for one query.

@@ -88,6 +88,9 @@ pub struct RoutingTable {
     pub built_at_unix_ms: i64,
     /// Services by key.
     pub services: HashMap<ServiceKey, Arc<ServiceRoutes>>,
+    /// The same services by `<name>.<namespace>`, the tail of their DNS names, so a query
+    /// finds its service from the name's text without building a key.
+    pub by_dns: HashMap<String, Arc<ServiceRoutes>>,
     /// Namespaces with at least one service.
     pub namespaces: BTreeSet<String>,
     /// Networks for locating clients.
@@ -240,6 +243,7 @@ impl RoutingTable {
         RoutingTable {
             generation,
             built_at_unix_ms: inputs.now_unix_ms,
+            by_dns: services.iter().map(|(k, v)| (format!("{}.{}", k.name, k.namespace), v.clone())).collect(),
             namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
             services,
             networks: inputs.networks.to_vec(),
@@ -249,6 +253,11 @@ impl RoutingTable {
                 .map(|(c, r)| (c.clone(), r.clone()))
                 .collect(),
         }
+    }
+
+    /// One service by `<name>.<namespace>` (lower case).
+    pub fn get_dns(&self, name_dot_namespace: &str) -> Option<&Arc<ServiceRoutes>> {
+        self.by_dns.get(name_dot_namespace)
     }
 
     /// One service's routes.

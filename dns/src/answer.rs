@@ -40,6 +40,10 @@ pub struct Zones {
     pub nameserver_addresses: Vec<IpAddr>,
     /// TTL of negative answers (the SOA minimum), seconds.
     pub negative_ttl: u32,
+    /// `clusterset.local.` as text, for matching query names without allocating names.
+    clusterset_text: String,
+    /// The global zone as lower-case text with the trailing dot (empty: none).
+    global_text: String,
 }
 
 impl Zones {
@@ -66,12 +70,15 @@ impl Zones {
             Some(g) => g.prepend_label("ns").map_err(|e| e.to_string())?,
             None => Name::from_ascii("ns.dns.clusterset.local.").expect("a valid name"),
         };
+        let global_text = global.as_ref().map(|g| g.to_ascii().to_ascii_lowercase()).unwrap_or_default();
         Ok(Self {
             clusterset,
             global,
             nameserver,
             nameserver_addresses: Vec::new(),
             negative_ttl: 5,
+            clusterset_text: "clusterset.local.".into(),
+            global_text,
         })
     }
 }
@@ -121,24 +128,41 @@ impl Reply {
     }
 }
 
-/// Which zone a name is in, and the labels before the zone (left to right, lower case).
-fn split<'z>(zones: &'z Zones, name: &Name) -> Option<(&'z Name, bool, Vec<String>)> {
-    let lower = name.to_lowercase();
-    let (zone, svc) = if zones.clusterset.zone_of(&lower) {
-        (&zones.clusterset, true)
-    } else {
-        match &zones.global {
-            Some(g) if g.zone_of(&lower) => (g, false),
-            _ => return None,
+/// Most labels a name below a zone can have and still exist (`_p._proto.<svc>.<ns>.svc`, or
+/// `<host>.<cluster>.<svc>.<ns>.svc`).
+const MAX_LABELS: usize = 6;
+
+/// A name split against the zones: which zone, and the lower-case text before it.
+struct Split<'z> {
+    zone: &'z Name,
+    /// In `clusterset.local` (names end in `svc`); false in the global zone.
+    svc_zone: bool,
+    /// The lower-case labels before the zone, dot-separated, without a trailing dot.
+    rel: String,
+}
+
+impl<'z> Split<'z> {
+    fn of(zones: &'z Zones, name: &Name) -> Option<Self> {
+        let mut text = name.to_ascii();
+        text.make_ascii_lowercase();
+        if !text.ends_with('.') {
+            text.push('.');
         }
-    };
-    let n = (lower.num_labels() - zone.num_labels()) as usize;
-    let labels = lower
-        .iter()
-        .take(n)
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
-    Some((zone, svc, labels))
+        let cut = |zone: &Name, ztext: &str| -> Option<String> {
+            if text == ztext {
+                return Some(String::new());
+            }
+            let rel = text.strip_suffix(ztext)?.strip_suffix('.')?;
+            let _ = zone;
+            Some(rel.to_string())
+        };
+        if let Some(rel) = cut(&zones.clusterset, &zones.clusterset_text) {
+            return Some(Self { zone: &zones.clusterset, svc_zone: true, rel });
+        }
+        let g = zones.global.as_ref()?;
+        let rel = cut(g, &zones.global_text)?;
+        Some(Self { zone: g, svc_zone: false, rel })
+    }
 }
 
 /// What a name is.
@@ -149,7 +173,7 @@ enum Node<'t> {
     Empty,
     Service(&'t ServiceRoutes),
     Srv(&'t ServiceRoutes, Vec<&'t Port>),
-    Host(&'t ServiceRoutes, Vec<IpAddr>),
+    Host(&'t ServiceRoutes, &'t [IpAddr]),
     Missing,
 }
 
@@ -162,72 +186,79 @@ fn parse_proto(label: &str) -> Option<Protocol> {
     }
 }
 
-fn lookup<'t>(table: &'t RoutingTable, svc_zone: bool, labels: &[String]) -> Node<'t> {
-    let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+fn lookup<'t>(table: &'t RoutingTable, svc_zone: bool, rel: &str) -> Node<'t> {
+    if rel.is_empty() {
+        return Node::Apex;
+    }
+    // Escaped characters (`\.`) never occur in a name that exists here.
+    if rel.contains('\\') {
+        return Node::Missing;
+    }
     // In clusterset.local every service name ends in `svc`; the global zone has no such label.
-    let rest: &[&str] = match (svc_zone, l.as_slice()) {
-        (_, []) => return Node::Apex,
-        (true, ["dns-version"]) => return Node::Version,
-        (true, [rest @ .., "svc"]) => rest,
-        (true, _) => return Node::Missing,
-        (false, rest) => rest,
-    };
-    let service = |name: &str, ns: &str| table.get(ns, name).map(|s| &**s);
-    match rest {
-        [] => match table.services.is_empty() {
-            true => Node::Missing,
-            false => Node::Empty,
+    let body = match svc_zone {
+        true if rel == "dns-version" => return Node::Version,
+        true if rel == "svc" => {
+            return match table.services.is_empty() {
+                true => Node::Missing,
+                false => Node::Empty,
+            };
+        }
+        true => match rel.strip_suffix(".svc") {
+            Some(b) => b,
+            None => return Node::Missing,
         },
+        false => rel,
+    };
+    let mut labels = [""; MAX_LABELS];
+    let mut starts = [0usize; MAX_LABELS];
+    let mut n = 0;
+    let mut at = 0;
+    for l in body.split('.') {
+        if n == MAX_LABELS - 1 {
+            return Node::Missing;
+        }
+        labels[n] = l;
+        starts[n] = at;
+        at += l.len() + 1;
+        n += 1;
+    }
+    let labels = &labels[..n];
+    // `<svc>.<ns>` is the tail of the name's text: looked up without building a key.
+    let service = |from: usize| table.get_dns(&body[starts[from]..]).map(|s| &**s);
+    match labels {
         [ns] => match table.namespaces.contains(*ns) {
             true => Node::Empty,
             false => Node::Missing,
         },
-        [name, ns] => match service(name, ns) {
+        [_, _] => match service(0) {
             // A headless service with no ready endpoint in any reporting cluster does not exist.
             Some(s) if s.headless() && s.hosts.is_empty() => Node::Missing,
             Some(s) => Node::Service(s),
             None => Node::Missing,
         },
-        [p, name, ns] if p.starts_with('_') => match (parse_proto(p), service(name, ns)) {
-            (Some(proto), Some(s))
-                if s.service
-                    .ports
-                    .iter()
-                    .any(|x| x.protocol == proto && !x.name.is_empty()) =>
-            {
-                Node::Empty
-            }
+        [p, _, _] if p.starts_with('_') => match (parse_proto(p), service(1)) {
+            (Some(proto), Some(s)) if s.service.ports.iter().any(|x| x.protocol == proto && !x.name.is_empty()) => Node::Empty,
             _ => Node::Missing,
         },
-        [cluster, name, ns] => match service(name, ns) {
+        [cluster, _, _] => match service(1) {
             Some(s) if s.headless() && s.hosts.keys().any(|(c, _)| c == cluster) => Node::Empty,
             _ => Node::Missing,
         },
-        [port, proto, name, ns] if port.starts_with('_') && proto.starts_with('_') => {
-            let (Some(proto), Some(s)) = (parse_proto(proto), service(name, ns)) else {
-                return Node::Missing;
-            };
+        [port, proto, _, _] if port.starts_with('_') && proto.starts_with('_') => {
+            let (Some(proto), Some(s)) = (parse_proto(proto), service(2)) else { return Node::Missing };
             let want = &port[1..];
-            let ports: Vec<&Port> = s
-                .service
-                .ports
-                .iter()
-                .filter(|p| {
-                    p.protocol == proto && !p.name.is_empty() && p.name.eq_ignore_ascii_case(want)
-                })
-                .collect();
+            let ports: Vec<&Port> =
+                s.service.ports.iter().filter(|p| p.protocol == proto && !p.name.is_empty() && p.name.eq_ignore_ascii_case(want)).collect();
             match ports.is_empty() {
                 true => Node::Missing,
                 false => Node::Srv(s, ports),
             }
         }
-        [host, cluster, name, ns] => match service(name, ns) {
-            Some(s) if s.headless() => {
-                match s.hosts.get(&(cluster.to_string(), host.to_string())) {
-                    Some(a) => Node::Host(s, a.clone()),
-                    None => Node::Missing,
-                }
-            }
+        [host, cluster, _, _] => match service(2) {
+            Some(s) if s.headless() => match s.hosts.get(&(cluster.to_string(), host.to_string())) {
+                Some(a) => Node::Host(s, a),
+                None => Node::Missing,
+            },
             _ => Node::Missing,
         },
         _ => Node::Missing,
@@ -293,9 +324,10 @@ pub fn answer(
     if qclass != DNSClass::IN && qclass != DNSClass::ANY {
         return Reply::new(ResponseCode::Refused);
     }
-    let Some((zone, svc_zone, labels)) = split(zones, qname) else {
+    let Some(split) = Split::of(zones, qname) else {
         return Reply::new(ResponseCode::Refused);
     };
+    let (zone, svc_zone) = (split.zone, split.svc_zone);
     let negative = |rcode: ResponseCode| {
         let mut r = Reply::new(rcode);
         r.authorities.push(soa(zones, zone, table.generation));
@@ -304,7 +336,7 @@ pub fn answer(
     // The client's cluster, from ECS first (a resolver forwarding for it), else its address.
     let located = table.locate(asker.client_subnet.map_or(asker.source, |(a, _)| a));
     let mut reply = Reply::new(ResponseCode::NoError);
-    match lookup(table, svc_zone, &labels) {
+    match lookup(table, svc_zone, &split.rel) {
         Node::Missing => return negative(ResponseCode::NXDomain),
         Node::Empty => {}
         Node::Apex => match qtype {
