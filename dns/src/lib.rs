@@ -7,3 +7,6 @@ pub mod server;
 
 pub use answer::{Asker, Reply, SCHEMA_VERSION, Zones, answer};
 pub use server::{DnsError, DnsServer, DnsStats, MAX_UDP_PAYLOAD, SharedTable};
+
+/// The DNS wire types the server speaks (hickory-proto), for clients and tests.
+pub use hickory_proto as proto;
