@@ -718,7 +718,11 @@ impl Decision {
         self.order_into(seed, order);
         let max = self.max_answers as usize;
         let (mut count, mut round) = (0, 0);
-        while count < max && order.iter().any(|(i, _)| round < self.chosen[*i].addresses.len()) {
+        while count < max
+            && order
+                .iter()
+                .any(|(i, _)| round < self.chosen[*i].addresses.len())
+        {
             for (i, rot) in order.iter() {
                 let c = &self.chosen[*i];
                 if count == max {
@@ -772,7 +776,10 @@ impl Decision {
         if !order.is_empty() {
             self.order_into(seed, &mut order);
         }
-        order.into_iter().map(|(i, _)| self.chosen[i].cluster.clone()).collect()
+        order
+            .into_iter()
+            .map(|(i, _)| self.chosen[i].cluster.clone())
+            .collect()
     }
 
     /// The full [`Route`] for one query.

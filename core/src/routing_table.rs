@@ -243,7 +243,10 @@ impl RoutingTable {
         RoutingTable {
             generation,
             built_at_unix_ms: inputs.now_unix_ms,
-            by_dns: services.iter().map(|(k, v)| (format!("{}.{}", k.name, k.namespace), v.clone())).collect(),
+            by_dns: services
+                .iter()
+                .map(|(k, v)| (format!("{}.{}", k.name, k.namespace), v.clone()))
+                .collect(),
             namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
             services,
             networks: inputs.networks.to_vec(),

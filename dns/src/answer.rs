@@ -70,7 +70,10 @@ impl Zones {
             Some(g) => g.prepend_label("ns").map_err(|e| e.to_string())?,
             None => Name::from_ascii("ns.dns.clusterset.local.").expect("a valid name"),
         };
-        let global_text = global.as_ref().map(|g| g.to_ascii().to_ascii_lowercase()).unwrap_or_default();
+        let global_text = global
+            .as_ref()
+            .map(|g| g.to_ascii().to_ascii_lowercase())
+            .unwrap_or_default();
         Ok(Self {
             clusterset,
             global,
@@ -157,11 +160,19 @@ impl<'z> Split<'z> {
             Some(rel.to_string())
         };
         if let Some(rel) = cut(&zones.clusterset, &zones.clusterset_text) {
-            return Some(Self { zone: &zones.clusterset, svc_zone: true, rel });
+            return Some(Self {
+                zone: &zones.clusterset,
+                svc_zone: true,
+                rel,
+            });
         }
         let g = zones.global.as_ref()?;
         let rel = cut(g, &zones.global_text)?;
-        Some(Self { zone: g, svc_zone: false, rel })
+        Some(Self {
+            zone: g,
+            svc_zone: false,
+            rel,
+        })
     }
 }
 
@@ -237,7 +248,14 @@ fn lookup<'t>(table: &'t RoutingTable, svc_zone: bool, rel: &str) -> Node<'t> {
             None => Node::Missing,
         },
         [p, _, _] if p.starts_with('_') => match (parse_proto(p), service(1)) {
-            (Some(proto), Some(s)) if s.service.ports.iter().any(|x| x.protocol == proto && !x.name.is_empty()) => Node::Empty,
+            (Some(proto), Some(s))
+                if s.service
+                    .ports
+                    .iter()
+                    .any(|x| x.protocol == proto && !x.name.is_empty()) =>
+            {
+                Node::Empty
+            }
             _ => Node::Missing,
         },
         [cluster, _, _] => match service(1) {
@@ -245,20 +263,30 @@ fn lookup<'t>(table: &'t RoutingTable, svc_zone: bool, rel: &str) -> Node<'t> {
             _ => Node::Missing,
         },
         [port, proto, _, _] if port.starts_with('_') && proto.starts_with('_') => {
-            let (Some(proto), Some(s)) = (parse_proto(proto), service(2)) else { return Node::Missing };
+            let (Some(proto), Some(s)) = (parse_proto(proto), service(2)) else {
+                return Node::Missing;
+            };
             let want = &port[1..];
-            let ports: Vec<&Port> =
-                s.service.ports.iter().filter(|p| p.protocol == proto && !p.name.is_empty() && p.name.eq_ignore_ascii_case(want)).collect();
+            let ports: Vec<&Port> = s
+                .service
+                .ports
+                .iter()
+                .filter(|p| {
+                    p.protocol == proto && !p.name.is_empty() && p.name.eq_ignore_ascii_case(want)
+                })
+                .collect();
             match ports.is_empty() {
                 true => Node::Missing,
                 false => Node::Srv(s, ports),
             }
         }
         [host, cluster, _, _] => match service(2) {
-            Some(s) if s.headless() => match s.hosts.get(&(cluster.to_string(), host.to_string())) {
-                Some(a) => Node::Host(s, a),
-                None => Node::Missing,
-            },
+            Some(s) if s.headless() => {
+                match s.hosts.get(&(cluster.to_string(), host.to_string())) {
+                    Some(a) => Node::Host(s, a),
+                    None => Node::Missing,
+                }
+            }
             _ => Node::Missing,
         },
         _ => Node::Missing,

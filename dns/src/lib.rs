@@ -3,6 +3,7 @@
 //! every hub replica, or standalone beside a cluster's CoreDNS.
 
 pub mod answer;
+pub mod follow;
 pub mod server;
 
 pub use answer::{Asker, Reply, SCHEMA_VERSION, Zones, answer};

@@ -250,6 +250,33 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     })
     .await;
 
+    // A standalone DNS (flotilla-dns --hub) follows the hub's WatchRoutes and answers alike.
+    let follower_table = flotilla_dns::follow::empty_table();
+    tokio::spawn(flotilla_dns::follow::follow(
+        hub.addr.to_string(),
+        follower_table.clone(),
+        shutdown.clone(),
+    ));
+    let follower = flotilla_dns::DnsServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        flotilla_dns::Zones::new(None).unwrap(),
+        follower_table,
+    )
+    .await
+    .unwrap();
+    let follower_dns = follower.local_addr();
+    tokio::spawn(follower.run(shutdown.clone()));
+    eventually("the standalone DNS answers as the hub does", || {
+        let want = want.clone();
+        async move {
+            match dns_a(follower_dns, name).await {
+                Ok(v) if v == want => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
     // Conflicting ports on `web`: both sides are marked, the oldest wins.
     for c in [eu_a, us] {
         eventually(
@@ -313,6 +340,16 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         let ip_us = ip_us.clone();
         async move {
             match dns_a(dns, name).await {
+                Ok(v) if v == [ip_us.clone()] => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    eventually("the standalone DNS follows the failover", || {
+        let ip_us = ip_us.clone();
+        async move {
+            match dns_a(follower_dns, name).await {
                 Ok(v) if v == [ip_us.clone()] => Ok(()),
                 other => Err(format!("{other:?}")),
             }

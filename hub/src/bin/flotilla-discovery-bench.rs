@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use flotilla_api::v1;
-use flotilla_kube_sim::{Fault, Scenario, SimCluster, SimFleet, SimOptions};
 use flotilla_dns::proto::op::{Message, Query};
 use flotilla_dns::proto::rr::{Name, RData, RecordType};
+use flotilla_kube_sim::{Fault, Scenario, SimCluster, SimFleet, SimOptions};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
 use tokio_util::sync::CancellationToken;
@@ -63,17 +63,28 @@ const NAME: &str = "llm.ml.svc.clusterset.local.";
 
 async fn answer(dns: SocketAddr, sock: &tokio::net::UdpSocket) -> Vec<String> {
     let mut m = Message::query();
-    m.add_query(Query::query(Name::from_ascii(NAME).expect("name"), RecordType::A));
+    m.add_query(Query::query(
+        Name::from_ascii(NAME).expect("name"),
+        RecordType::A,
+    ));
     let id = m.metadata.id;
-    if sock.send_to(&m.to_vec().expect("encode"), dns).await.is_err() {
+    if sock
+        .send_to(&m.to_vec().expect("encode"), dns)
+        .await
+        .is_err()
+    {
         return vec![];
     }
     let mut buf = vec![0; 2048];
     loop {
-        let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await else {
+        let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+        else {
             return vec![];
         };
-        let Ok(r) = Message::from_vec(&buf[..n]) else { continue };
+        let Ok(r) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
         if r.metadata.id != id {
             continue;
         }
@@ -91,7 +102,12 @@ async fn answer(dns: SocketAddr, sock: &tokio::net::UdpSocket) -> Vec<String> {
 }
 
 /// Time from `since` until the answer is exactly `[want]`.
-async fn until(dns: SocketAddr, want: &str, since: Instant, limit: Duration) -> anyhow::Result<Duration> {
+async fn until(
+    dns: SocketAddr,
+    want: &str,
+    since: Instant,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     loop {
         if answer(dns, &sock).await == [want.to_string()] {
@@ -106,10 +122,18 @@ async fn until(dns: SocketAddr, want: &str, since: Instant, limit: Duration) -> 
 
 async fn kube_client(c: &SimCluster) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
-    Ok(kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?)
+    Ok(kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+    )?)
 }
 
-fn start_agent(hub: SocketAddr, cluster: &str, token: &str, client: kube::Client, stop: CancellationToken) {
+fn start_agent(
+    hub: SocketAddr,
+    cluster: &str,
+    token: &str,
+    client: kube::Client,
+    stop: CancellationToken,
+) {
     let opts = flotilla_agent::AgentOptions {
         cluster: cluster.into(),
         hubs: vec![hub.to_string()],
@@ -125,8 +149,16 @@ fn start_agent(hub: SocketAddr, cluster: &str, token: &str, client: kube::Client
 
 fn summary(what: &str, mut v: Vec<Duration>) {
     v.sort();
-    let p = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3;
-    println!("| {what} | {} | {:.0} | {:.0} | {:.0} |", v.len(), p(0.5), p(0.99), p(1.0));
+    let p = |q: f64| {
+        v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3
+    };
+    println!(
+        "| {what} | {} | {:.0} | {:.0} | {:.0} |",
+        v.len(),
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -136,8 +168,17 @@ async fn main() -> anyhow::Result<()> {
     let d = dir.path().display().to_string();
     let ua = format!("{}ms", args.unreachable_after.as_millis());
     let hub_args = <flotilla_hub::Args as clap::Parser>::parse_from([
-        "flotilla-hub", "--data-dir", &d, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0",
-        "--unreachable-after", &ua,
+        "flotilla-hub",
+        "--data-dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--dns",
+        "127.0.0.1:0",
+        "--unreachable-after",
+        &ua,
     ]);
     let shutdown = CancellationToken::new();
     let hub = flotilla_hub::start(hub_args, shutdown.clone()).await?;
@@ -145,7 +186,9 @@ async fn main() -> anyhow::Result<()> {
     while !hub.fleet.health.active() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", hub.addr))?.connect().await?;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", hub.addr))?
+        .connect()
+        .await?;
     let mut fleet = v1::fleet_service_client::FleetServiceClient::new(ch.clone());
     let mut disc = v1::discovery_service_client::DiscoveryServiceClient::new(ch);
     disc.set_policy(v1::SetPolicyRequest {
@@ -155,29 +198,53 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let sims = SimFleet::start(&Scenario::from_yaml(SIM)?, SimOptions::default()).await?;
-    let (a, b) = (sims.cluster("a").context("a")?, sims.cluster("b").context("b")?);
+    let (a, b) = (
+        sims.cluster("a").context("a")?,
+        sims.cluster("b").context("b")?,
+    );
     let mut tokens = Vec::new();
     for c in [a, b] {
         let t = fleet
-            .create_join_token(v1::CreateJoinTokenRequest { cluster: c.name().into(), ttl_seconds: 86_400 })
+            .create_join_token(v1::CreateJoinTokenRequest {
+                cluster: c.name().into(),
+                ttl_seconds: 86_400,
+            })
             .await?
             .into_inner()
             .token;
         tokens.push(t);
     }
     let mut a_stop = shutdown.child_token();
-    start_agent(hub.addr, "a", &tokens[0], kube_client(a).await?, a_stop.clone());
-    start_agent(hub.addr, "b", &tokens[1], kube_client(b).await?, shutdown.child_token());
+    start_agent(
+        hub.addr,
+        "a",
+        &tokens[0],
+        kube_client(a).await?,
+        a_stop.clone(),
+    );
+    start_agent(
+        hub.addr,
+        "b",
+        &tokens[1],
+        kube_client(b).await?,
+        shutdown.child_token(),
+    );
     let lb = |c: &SimCluster| {
         let c = c.clone();
         async move {
             let svc: Api<Service> = Api::namespaced(kube_client(&c).await?, "ml");
             let s = svc.get("llm").await?;
-            anyhow::Ok(s.status.and_then(|s| s.load_balancer?.ingress?.first()?.ip.clone()).context("no ingress")?)
+            anyhow::Ok(
+                s.status
+                    .and_then(|s| s.load_balancer?.ingress?.first()?.ip.clone())
+                    .context("no ingress")?,
+            )
         }
     };
     let (ip_a, ip_b) = (lb(a).await?, lb(b).await?);
-    until(dns, &ip_a, Instant::now(), Duration::from_secs(60)).await.context("the first answer")?;
+    until(dns, &ip_a, Instant::now(), Duration::from_secs(60))
+        .await
+        .context("the first answer")?;
     let pods: Vec<String> = Api::<Pod>::namespaced(kube_client(a).await?, "ml")
         .list(&ListParams::default().labels("app=llm"))
         .await?
@@ -185,7 +252,13 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter_map(|p| p.metadata.name)
         .collect();
-    let faults: Vec<Fault> = pods.iter().map(|p| Fault::PodUnready { namespace: "ml".into(), pod: p.clone() }).collect();
+    let faults: Vec<Fault> = pods
+        .iter()
+        .map(|p| Fault::PodUnready {
+            namespace: "ml".into(),
+            pod: p.clone(),
+        })
+        .collect();
 
     let (mut away, mut back) = (Vec::new(), Vec::new());
     for _ in 0..args.trials {
@@ -204,10 +277,24 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.kill_trials {
         let t0 = Instant::now();
         a_stop.cancel();
-        dead.push(until(dns, &ip_b, t0, args.unreachable_after * 4 + Duration::from_secs(10)).await?);
+        dead.push(
+            until(
+                dns,
+                &ip_b,
+                t0,
+                args.unreachable_after * 4 + Duration::from_secs(10),
+            )
+            .await?,
+        );
         a_stop = shutdown.child_token();
         let t1 = Instant::now();
-        start_agent(hub.addr, "a", &tokens[0], kube_client(a).await?, a_stop.clone());
+        start_agent(
+            hub.addr,
+            "a",
+            &tokens[0],
+            kube_client(a).await?,
+            a_stop.clone(),
+        );
         revived.push(until(dns, &ip_a, t1, Duration::from_secs(60)).await?);
     }
     println!("# hub --unreachable-after {ua}, agent heartbeat 1s; DNS polled every 2 ms over UDP");

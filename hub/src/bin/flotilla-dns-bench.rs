@@ -75,7 +75,12 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
                 namespace: ns.clone(),
                 name: n.clone(),
                 service_type: Some(ServiceType::ClusterSetIp),
-                ports: vec![Port { name: "http".into(), protocol: Protocol::Tcp, port: 8000, app_protocol: None }],
+                ports: vec![Port {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8000,
+                    app_protocol: None,
+                }],
                 addresses: vec![addr(s, c)],
                 endpoints: vec![Endpoint {
                     address: IpAddr::from([10, c as u8, (s >> 8) as u8, s as u8]),
@@ -94,10 +99,21 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
     let states: BTreeMap<String, ClusterState> = (0..clusters)
         .map(|c| {
             let n = format!("c{c}");
-            (n.clone(), ClusterState { name: n, health: Some(Health::Ready), region: format!("r{}", c % 3), ..Default::default() })
+            (
+                n.clone(),
+                ClusterState {
+                    name: n,
+                    health: Some(Health::Ready),
+                    region: format!("r{}", c % 3),
+                    ..Default::default()
+                },
+            )
         })
         .collect();
-    let regions = states.values().map(|c| (c.name.clone(), c.region.clone())).collect();
+    let regions = states
+        .values()
+        .map(|c| (c.name.clone(), c.region.clone()))
+        .collect();
     RoutingTable::build(
         1,
         TableInputs {
@@ -116,24 +132,37 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
 
 fn serve(port: u16, services: usize, clusters: usize) -> anyhow::Result<()> {
     // One core, one thread: the runtime the measurement is about.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let t = table(services, clusters);
         let shared = Arc::new(ArcSwap::from_pointee(t));
         let zones = flotilla_dns::Zones::new(None).map_err(anyhow::Error::msg)?;
-        let server = flotilla_dns::DnsServer::bind(SocketAddr::from(([127, 0, 0, 1], port)), zones, shared).await?;
+        let server =
+            flotilla_dns::DnsServer::bind(SocketAddr::from(([127, 0, 0, 1], port)), zones, shared)
+                .await?;
         println!("ready");
         std::io::stdout().flush()?;
-        server.run(tokio_util::sync::CancellationToken::new()).await?;
+        server
+            .run(tokio_util::sync::CancellationToken::new())
+            .await?;
         Ok(())
     })
 }
 
-fn write_inputs(dir: &Path, services: usize, clusters: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn write_inputs(
+    dir: &Path,
+    services: usize,
+    clusters: usize,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let zone = dir.join("clusterset.local.zone");
     let mut z = std::io::BufWriter::new(std::fs::File::create(&zone)?);
     writeln!(z, "$ORIGIN clusterset.local.\n$TTL 5")?;
-    writeln!(z, "@ IN SOA ns.dns.clusterset.local. hostmaster.clusterset.local. 1 7200 1800 86400 5")?;
+    writeln!(
+        z,
+        "@ IN SOA ns.dns.clusterset.local. hostmaster.clusterset.local. 1 7200 1800 86400 5"
+    )?;
     writeln!(z, "@ IN NS ns.dns.clusterset.local.\nns.dns IN A 127.0.0.1")?;
     writeln!(z, "dns-version IN TXT \"1.0.0\"")?;
     for s in 0..services {
@@ -182,7 +211,15 @@ fn wait_answering(port: u16) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
         let out = Command::new("dig")
-            .args(["+short", "+tries=1", "+time=1", "-p", &port.to_string(), "@127.0.0.1", "svc0.ns0.svc.clusterset.local"])
+            .args([
+                "+short",
+                "+tries=1",
+                "+time=1",
+                "-p",
+                &port.to_string(),
+                "@127.0.0.1",
+                "svc0.ns0.svc.clusterset.local",
+            ])
             .output();
         if let Ok(o) = out
             && !o.stdout.is_empty()
@@ -202,23 +239,68 @@ struct Run {
 
 fn dnsperf(port: u16, queries: &Path, seconds: u64, core: usize) -> anyhow::Result<Run> {
     let out = Command::new("taskset")
-        .args(["-c", &core.to_string(), "dnsperf", "-s", "127.0.0.1", "-p", &port.to_string(), "-l", &seconds.to_string(), "-c", "20", "-T", "1", "-q", "1000", "-d"])
+        .args([
+            "-c",
+            &core.to_string(),
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-l",
+            &seconds.to_string(),
+            "-c",
+            "20",
+            "-T",
+            "1",
+            "-q",
+            "1000",
+            "-d",
+        ])
         .arg(queries)
         .output()
         .context("dnsperf (apt-get install dnsperf)")?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let field = |label: &str| -> Option<String> {
-        text.lines().find(|l| l.trim_start().starts_with(label)).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        text.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
     };
-    let qps: f64 = field("Queries per second").and_then(|v| v.parse().ok()).context(format!("dnsperf output:\n{text}"))?;
-    let avg: f64 = field("Average Latency (s)").and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN);
-    Ok(Run { qps, avg_ms: avg * 1e3, lost: field("Queries lost").unwrap_or_default() })
+    let qps: f64 = field("Queries per second")
+        .and_then(|v| v.parse().ok())
+        .context(format!("dnsperf output:\n{text}"))?;
+    let avg: f64 = field("Average Latency (s)")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok(Run {
+        qps,
+        avg_ms: avg * 1e3,
+        lost: field("Queries lost").unwrap_or_default(),
+    })
 }
 
 /// p50 and p99 latency (ms) at a fixed rate, from dnsperf's per-query log.
 fn latency(port: u16, queries: &Path, qps: u64, core: usize) -> anyhow::Result<(f64, f64, usize)> {
     let mut child = Command::new("taskset")
-        .args(["-c", &core.to_string(), "dnsperf", "-s", "127.0.0.1", "-p", &port.to_string(), "-l", "5", "-c", "20", "-T", "1", "-Q", &qps.to_string(), "-v", "-d"])
+        .args([
+            "-c",
+            &core.to_string(),
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-l",
+            "5",
+            "-c",
+            "20",
+            "-T",
+            "1",
+            "-Q",
+            &qps.to_string(),
+            "-v",
+            "-d",
+        ])
         .arg(queries)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -228,7 +310,10 @@ fn latency(port: u16, queries: &Path, qps: u64, core: usize) -> anyhow::Result<(
         let line = line?;
         // "> NOERROR svc1.ns1.svc.clusterset.local A 0.000123"
         if let Some(rest) = line.strip_prefix("> ")
-            && let Some(v) = rest.split_whitespace().last().and_then(|v| v.parse::<f64>().ok())
+            && let Some(v) = rest
+                .split_whitespace()
+                .last()
+                .and_then(|v| v.parse::<f64>().ok())
         {
             lat.push(v * 1e3);
         }
@@ -263,7 +348,14 @@ fn main() -> anyhow::Result<()> {
     let mut child = Command::new("taskset")
         .args(["-c", &args.server_core.to_string()])
         .arg(&me)
-        .args(["--services", &args.services.to_string(), "--clusters", &args.clusters.to_string(), "--serve", &port.to_string()])
+        .args([
+            "--services",
+            &args.services.to_string(),
+            "--clusters",
+            &args.clusters.to_string(),
+            "--serve",
+            &port.to_string(),
+        ])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut ready = String::new();
@@ -280,10 +372,22 @@ fn main() -> anyhow::Result<()> {
     let n = dnsperf(nsd_port, &queries, args.seconds, args.client_core)?;
     let (n50, n99, nn) = latency(nsd_port, &queries, args.latency_qps, args.client_core)?;
 
-    println!("| server | QPS (max) | avg latency at max (ms) | lost | p50 at {} QPS (ms) | p99 (ms) | samples |", args.latency_qps);
+    println!(
+        "| server | QPS (max) | avg latency at max (ms) | lost | p50 at {} QPS (ms) | p99 (ms) | samples |",
+        args.latency_qps
+    );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    println!("| Flotilla DNS | {:.0} | {:.3} | {} | {f50:.3} | {f99:.3} | {fn_} |", f.qps, f.avg_ms, f.lost);
-    println!("| NSD {} | {:.0} | {:.3} | {} | {n50:.3} | {n99:.3} | {nn} |", nsd_version(), n.qps, n.avg_ms, n.lost);
+    println!(
+        "| Flotilla DNS | {:.0} | {:.3} | {} | {f50:.3} | {f99:.3} | {fn_} |",
+        f.qps, f.avg_ms, f.lost
+    );
+    println!(
+        "| NSD {} | {:.0} | {:.3} | {} | {n50:.3} | {n99:.3} | {nn} |",
+        nsd_version(),
+        n.qps,
+        n.avg_ms,
+        n.lost
+    );
     println!("ratio Flotilla/NSD (max QPS): {:.2}", f.qps / n.qps);
     Ok(())
 }
@@ -293,6 +397,12 @@ fn nsd_version() -> String {
         .arg("-v")
         .output()
         .ok()
-        .map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("").replace("NSD version ", ""))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .replace("NSD version ", "")
+        })
         .unwrap_or_default()
 }

@@ -1,0 +1,58 @@
+//! `flotilla-dns`: standalone DNS for `clusterset.local` (and a global zone), fed by a hub's
+//! `WatchRoutes`, to run beside a cluster's CoreDNS with a forward of `clusterset.local`.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Command-line flags (every flag also reads an environment variable).
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-dns",
+    version,
+    about = "Flotilla DNS, following a hub's routes"
+)]
+struct Args {
+    /// Hub gRPC address (any replica).
+    #[arg(long, env = "FLOTILLA_HUB", default_value = "127.0.0.1:7400")]
+    hub: String,
+    /// DNS listen address, UDP and TCP.
+    #[arg(long, env = "FLOTILLA_DNS_LISTEN", default_value = "127.0.0.1:7453")]
+    listen: SocketAddr,
+    /// A global zone served besides clusterset.local (`<svc>.<ns>.<zone>`).
+    #[arg(long, env = "FLOTILLA_GLOBAL_ZONE")]
+    global_zone: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let zones =
+        flotilla_dns::Zones::new(args.global_zone.as_deref()).map_err(anyhow::Error::msg)?;
+    let table = flotilla_dns::follow::empty_table();
+    let server = flotilla_dns::DnsServer::bind(args.listen, zones, table.clone())
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    tokio::spawn(flotilla_dns::follow::follow(
+        args.hub.clone(),
+        table,
+        shutdown.clone(),
+    ));
+    tracing::info!(listen = %server.local_addr(), hub = %args.hub, "flotilla-dns following the hub's routes");
+    server.run(shutdown).await?;
+    Ok(())
+}
