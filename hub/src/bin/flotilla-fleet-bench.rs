@@ -42,6 +42,10 @@ struct Args {
     /// Fraction of clusters that change inventory each second.
     #[arg(long, env = "BENCH_CHANGE_FRACTION", default_value_t = 0.01)]
     change_fraction: f64,
+    /// Every cluster exports one service (shared by ten clusters, four endpoints each), and
+    /// this fraction of clusters flips an endpoint's readiness each second (0: no exports).
+    #[arg(long, env = "BENCH_ENDPOINT_CHANGE_FRACTION", default_value_t = 0.0)]
+    endpoint_change_fraction: f64,
     /// Seconds of steady state.
     #[arg(long, env = "BENCH_STEADY_SECONDS", default_value_t = 30)]
     steady_seconds: u64,
@@ -276,7 +280,42 @@ struct Shared {
     sessions: AtomicU64,
     latencies: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
     change_fraction: f64,
+    endpoint_change_fraction: f64,
+    exports: bool,
+    endpoint_changes: AtomicU64,
     measuring: std::sync::atomic::AtomicBool,
+}
+
+/// The one service a simulated cluster exports.
+fn export(id: usize) -> v1::ServiceExport {
+    v1::ServiceExport {
+        namespace: "bench".into(),
+        name: format!("svc-{:04}", id % 1000),
+        r#type: v1::ServiceType::ClusterSetIp as i32,
+        ports: vec![v1::ServicePort { name: "http".into(), protocol: "TCP".into(), port: 8000, app_protocol: String::new() }],
+        addresses: vec![format!("198.18.{}.{}", (id >> 8) & 255, id & 255)],
+        endpoints: (0..4)
+            .map(|e| v1::ServiceEndpoint {
+                address: format!("10.{}.{}.{e}", (id >> 8) & 255, id & 255),
+                ready: true,
+                serving: true,
+                ..Default::default()
+            })
+            .collect(),
+        created_at_unix_ms: 1_700_000_000_000 + id as i64,
+        ..Default::default()
+    }
+}
+
+/// The next acknowledgement on the stream, skipping the export status the hub pushes.
+async fn next_ack(inbound: &mut tonic::Streaming<v1::HubMessage>) -> bool {
+    loop {
+        match inbound.message().await {
+            Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(_)) })) => continue,
+            Ok(Some(_)) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// One simulated agent: connect, resync, heartbeat and change until the process ends.
@@ -338,8 +377,15 @@ async fn agent(
                 signals: Some(Default::default()),
             })
         };
-        if tx.send(m(report)).await.is_err() || !matches!(inbound.message().await, Ok(Some(_))) {
+        if tx.send(m(report)).await.is_err() || !next_ack(&mut inbound).await {
             continue;
+        }
+        let mut exported = export(id);
+        if shared.exports {
+            let snap = m(v1::agent_message::Msg::Exports(v1::ExportsSnapshot { exports: vec![exported.clone()] }));
+            if tx.send(snap).await.is_err() || !next_ack(&mut inbound).await {
+                continue;
+            }
         }
         if first {
             shared.joined.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +397,10 @@ async fn agent(
             heartbeat,
         );
         let mut change = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(rand::rng().random_range(0..1000)),
+            Duration::from_secs(1),
+        );
+        let mut flip = tokio::time::interval_at(
             tokio::time::Instant::now() + Duration::from_millis(rand::rng().random_range(0..1000)),
             Duration::from_secs(1),
         );
@@ -371,13 +421,21 @@ async fn agent(
                         let d = m(v1::agent_message::Msg::Delta(v1::InventoryDelta { upsert: vec![n.clone()], remove: vec![], signals: Some(Default::default()) }));
                         let t = Instant::now();
                         if tx.send(d).await.is_err() { break; }
-                        match inbound.message().await {
-                            Ok(Some(_)) => {
-                                if shared.measuring.load(Ordering::Relaxed) {
-                                    let _ = shared.latencies.lock().expect("hist").record(t.elapsed().as_micros() as u64);
-                                }
-                            }
-                            _ => break,
+                        if !next_ack(&mut inbound).await { break; }
+                        if shared.measuring.load(Ordering::Relaxed) {
+                            let _ = shared.latencies.lock().expect("hist").record(t.elapsed().as_micros() as u64);
+                        }
+                    }
+                }
+                _ = flip.tick(), if shared.exports => {
+                    if rand::rng().random_bool(shared.endpoint_change_fraction) {
+                        let e = &mut exported.endpoints[0];
+                        e.ready = !e.ready;
+                        e.serving = e.ready;
+                        let d = m(v1::agent_message::Msg::ExportsDelta(v1::ExportsDelta { upsert: vec![exported.clone()], remove: vec![] }));
+                        if tx.send(d).await.is_err() || !next_ack(&mut inbound).await { break; }
+                        if shared.measuring.load(Ordering::Relaxed) {
+                            shared.endpoint_changes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -501,6 +559,9 @@ async fn main() -> anyhow::Result<()> {
         sessions: AtomicU64::new(0),
         latencies: std::sync::Mutex::new(hdrhistogram::Histogram::new(3)?),
         change_fraction: args.change_fraction,
+        endpoint_change_fraction: args.endpoint_change_fraction,
+        exports: args.endpoint_change_fraction > 0.0,
+        endpoint_changes: AtomicU64::new(0),
         measuring: std::sync::atomic::AtomicBool::new(false),
     });
     let t_join = Instant::now();
@@ -570,6 +631,16 @@ async fn main() -> anyhow::Result<()> {
             h.value_at_quantile(0.99) as f64 / 1000.0,
             h.len()
         );
+        if shared.exports {
+            println!(
+                "steady: exports: {} services from {} clusters; {:.1}% of clusters flip an endpoint per second: {} endpoint changes in {:.0} s",
+                args.clusters.min(1000),
+                args.clusters,
+                args.endpoint_change_fraction * 100.0,
+                shared.endpoint_changes.load(Ordering::Relaxed),
+                ts.elapsed().as_secs_f64()
+            );
+        }
         match p99_bound(&buckets0, &buckets1) {
             Some((le, n)) => println!(
                 "steady: hub report processing (validate + store write, {n} reports): p99 <= {:.1} ms (histogram bucket bound)",

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use flotilla_api::convert::fleet::{health_from_wire, pool_from_wire};
+use flotilla_api::convert::fleet::health_from_wire;
 use flotilla_api::v1;
 use flotilla_core::export::{Export, Service, ServiceKey, aggregate};
 use flotilla_core::routing::{ClusterState, PoolGpus, RoutingPolicy};
@@ -52,11 +52,21 @@ struct State {
     dirty: BTreeSet<ServiceKey>,
     /// Clusters whose health, labels or GPUs changed.
     dirty_clusters: BTreeSet<String>,
+    /// Every member cluster as routing reads it (GPU pools are read at build time), kept
+    /// from the cluster records the mirror delivers: a build copies no record from the view.
+    clusters: BTreeMap<String, ClusterState>,
+    /// Every member cluster's region.
+    regions: BTreeMap<String, String>,
     /// Decide everything again (a reload, or the default policy changed).
     dirty_all: bool,
 }
 
 impl State {
+    fn uses_gpu_saturation(&self) -> bool {
+        let gpu = |p: &RoutingPolicy| p.saturation.as_ref().is_some_and(|s| s.min_free_gpu_percent.is_some());
+        gpu(&self.default_policy) || self.policies.values().any(gpu)
+    }
+
     fn set_export(&mut self, cluster: &str, key: ServiceKey, e: Option<Export>) {
         match e {
             Some(e) => {
@@ -133,8 +143,38 @@ impl State {
                 name,
                 record,
             } => self.set_policy(&namespace, &name, record),
-            Change::Cluster { name, .. } | Change::Inventory { name, .. } => {
+            Change::Cluster { name, record } => {
+                match record {
+                    Some(c) => {
+                        let state = ClusterState {
+                            name: c.name.clone(),
+                            health: health_from_wire(c.health),
+                            region: c.region.clone(),
+                            labels: c.labels.clone().into_iter().collect(),
+                            inventory_incomplete: !c.inventory_incomplete.is_empty(),
+                            pools: BTreeMap::new(),
+                        };
+                        if self.regions.get(&name) != Some(&c.region) {
+                            self.regions.insert(name.clone(), c.region.clone());
+                        }
+                        // Heartbeats do not change the record; a transition or a rejoin does.
+                        if self.clusters.get(&name) == Some(&state) {
+                            return;
+                        }
+                        self.clusters.insert(name.clone(), state);
+                    }
+                    None => {
+                        self.clusters.remove(&name);
+                        self.regions.remove(&name);
+                    }
+                }
                 if self.by_cluster.contains_key(&name) {
+                    self.dirty_clusters.insert(name);
+                }
+            }
+            // GPU pools matter only to a policy that judges GPU saturation.
+            Change::Inventory { name, .. } => {
+                if self.by_cluster.contains_key(&name) && self.uses_gpu_saturation() {
                     self.dirty_clusters.insert(name);
                 }
             }
@@ -158,8 +198,11 @@ pub struct Discovery {
     table: SharedTable,
     notify: Notify,
     generation: AtomicU64,
-    /// The generation of the last build (agent streams follow it to send export status).
+    /// The generation of the last build.
     built: watch::Sender<u64>,
+    /// Per cluster: bumped when a build changed a service it exports (its agent stream then
+    /// sends the export status), so a build wakes only the streams it concerns.
+    status: Mutex<BTreeMap<String, watch::Sender<u64>>>,
     changes: broadcast::Sender<RoutesChanged>,
 }
 
@@ -174,6 +217,7 @@ impl Discovery {
             notify: Notify::new(),
             generation: AtomicU64::new(0),
             built: watch::Sender::new(0),
+            status: Mutex::new(BTreeMap::new()),
             changes: broadcast::channel(1024).0,
         })
     }
@@ -186,6 +230,12 @@ impl Discovery {
     /// Follow table builds (the generation).
     pub fn builds(&self) -> watch::Receiver<u64> {
         self.built.subscribe()
+    }
+
+    /// Follow builds that changed a service `cluster` exports (or exported).
+    pub fn status_changes(&self, cluster: &str) -> watch::Receiver<u64> {
+        let mut m = self.status.lock().expect("status");
+        m.entry(cluster.to_string()).or_insert_with(|| watch::Sender::new(0)).subscribe()
     }
 
     /// Follow which services each build decided again.
@@ -293,6 +343,17 @@ impl Discovery {
         if dirty.is_empty() {
             return;
         }
+        // Clusters whose export status may change: those exporting a changed service before
+        // or after this build.
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for k in &dirty {
+            if let Some(old) = st.services.get(k) {
+                touched.extend(old.status.keys().cloned());
+            }
+            if let Some(m) = st.exports.get(k) {
+                touched.extend(m.keys().cloned());
+            }
+        }
         for k in &dirty {
             let merged = st
                 .exports
@@ -310,14 +371,24 @@ impl Discovery {
             .filter_map(|k| st.exports.get(k))
             .flat_map(|m| m.keys().map(String::as_str))
             .collect();
-        let (clusters, regions) = self.cluster_states(&exporters);
+        let with_pools = st.uses_gpu_saturation();
+        let clusters: BTreeMap<String, ClusterState> = exporters
+            .iter()
+            .filter_map(|n| {
+                let mut c = st.clusters.get(*n)?.clone();
+                if with_pools {
+                    c.pools = self.pools(n);
+                }
+                Some((n.to_string(), c))
+            })
+            .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let inputs = TableInputs {
             services: &st.services,
             policies: &st.policies,
             default_policy: &st.default_policy,
             clusters: &clusters,
-            regions: &regions,
+            regions: &st.regions,
             loads: &BTreeMap::new(),
             networks: &[],
             now_unix_ms: now_unix_ms(),
@@ -326,54 +397,31 @@ impl Discovery {
         drop(st);
         self.table.store(Arc::new(next));
         self.built.send_replace(generation);
+        {
+            let mut m = self.status.lock().expect("status");
+            // Streams that went away leave senders without receivers: drop them.
+            m.retain(|_, tx| tx.receiver_count() > 0);
+            for c in &touched {
+                if let Some(tx) = m.get(c) {
+                    tx.send_replace(generation);
+                }
+            }
+        }
         let _ = self.changes.send(RoutesChanged {
             generation,
             keys: Arc::new(dirty.into_iter().collect()),
         });
     }
 
-    fn cluster_states(
-        &self,
-        names: &BTreeSet<&str>,
-    ) -> (BTreeMap<String, ClusterState>, BTreeMap<String, String>) {
-        let mut states = BTreeMap::new();
-        let regions: BTreeMap<String, String> = self.view.cluster_regions();
-        for name in names {
-            let Some(c) = self.view.cluster(name) else {
-                continue;
-            };
-            let pools: BTreeMap<String, PoolGpus> = self
-                .view
-                .inventory(name)
-                .map(|i| {
-                    i.pools
-                        .iter()
-                        .map(pool_from_wire)
-                        .map(|p| {
-                            (
-                                p.name.clone(),
-                                PoolGpus {
-                                    idle: p.idle_gpus,
-                                    allocatable: p.allocatable_gpus,
-                                },
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            states.insert(
-                name.to_string(),
-                ClusterState {
-                    name: c.name.clone(),
-                    health: health_from_wire(c.health),
-                    region: c.region.clone(),
-                    labels: c.labels.clone().into_iter().collect(),
-                    inventory_incomplete: !c.inventory_incomplete.is_empty(),
-                    pools,
-                },
-            );
+    /// A cluster's GPU pools (idle and allocatable), from the view's precomputed rows.
+    fn pools(&self, name: &str) -> BTreeMap<String, PoolGpus> {
+        let mut out: BTreeMap<String, PoolGpus> = BTreeMap::new();
+        for row in self.view.pool_rows(name).iter().flat_map(|r| r.iter()) {
+            let p = out.entry(row.pool.clone()).or_default();
+            p.idle += row.idle;
+            p.allocatable += row.allocatable;
         }
-        (states, regions)
+        out
     }
 }
 

@@ -332,7 +332,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         );
         let metrics = self.metrics.clone();
         let discovery = self.discovery.clone();
-        let mut builds = discovery.builds();
+        let mut builds = discovery.status_changes(&cluster);
         // What was last sent, so an unchanged status is not sent again.
         let mut sent_status: Option<Vec<v1::ExportStatus>> = None;
         metrics.agents_connected.inc();
@@ -367,7 +367,8 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                         permit.take();
                         continue;
                     }
-                    // A new routing table: tell the agent if its exports' status changed.
+                    // A build changed one of this cluster's services: tell the agent if its
+                    // exports' status changed.
                     Ok(()) = builds.changed() => {
                         let status = discovery.statuses_for(&cluster);
                         if sent_status.as_ref() != Some(&status) && !(status.is_empty() && sent_status.is_none()) {

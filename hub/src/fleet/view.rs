@@ -99,13 +99,10 @@ impl FleetView {
             .collect()
     }
 
-    /// Every cluster's region, by name.
-    pub fn cluster_regions(&self) -> BTreeMap<String, String> {
+    /// One cluster's GPU metric rows (per pool and product), without decoding its inventory.
+    pub fn pool_rows(&self, name: &str) -> Option<Arc<Vec<PoolGpus>>> {
         let st = self.state.read().expect("view");
-        st.clusters
-            .values()
-            .map(|c| (c.name.clone(), c.region.clone()))
-            .collect()
+        st.inventory.get(name).map(|h| h.gpus.clone())
     }
 
     /// One cluster record.
