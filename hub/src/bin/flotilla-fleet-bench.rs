@@ -292,7 +292,12 @@ fn export(id: usize) -> v1::ServiceExport {
         namespace: "bench".into(),
         name: format!("svc-{:04}", id % 1000),
         r#type: v1::ServiceType::ClusterSetIp as i32,
-        ports: vec![v1::ServicePort { name: "http".into(), protocol: "TCP".into(), port: 8000, app_protocol: String::new() }],
+        ports: vec![v1::ServicePort {
+            name: "http".into(),
+            protocol: "TCP".into(),
+            port: 8000,
+            app_protocol: String::new(),
+        }],
         addresses: vec![format!("198.18.{}.{}", (id >> 8) & 255, id & 255)],
         endpoints: (0..4)
             .map(|e| v1::ServiceEndpoint {
@@ -311,7 +316,9 @@ fn export(id: usize) -> v1::ServiceExport {
 async fn next_ack(inbound: &mut tonic::Streaming<v1::HubMessage>) -> bool {
     loop {
         match inbound.message().await {
-            Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(_)) })) => continue,
+            Ok(Some(v1::HubMessage {
+                msg: Some(v1::hub_message::Msg::ExportStatus(_)),
+            })) => continue,
             Ok(Some(_)) => return true,
             _ => return false,
         }
@@ -382,7 +389,9 @@ async fn agent(
         }
         let mut exported = export(id);
         if shared.exports {
-            let snap = m(v1::agent_message::Msg::Exports(v1::ExportsSnapshot { exports: vec![exported.clone()] }));
+            let snap = m(v1::agent_message::Msg::Exports(v1::ExportsSnapshot {
+                exports: vec![exported.clone()],
+            }));
             if tx.send(snap).await.is_err() || !next_ack(&mut inbound).await {
                 continue;
             }

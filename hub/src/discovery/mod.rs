@@ -63,7 +63,11 @@ struct State {
 
 impl State {
     fn uses_gpu_saturation(&self) -> bool {
-        let gpu = |p: &RoutingPolicy| p.saturation.as_ref().is_some_and(|s| s.min_free_gpu_percent.is_some());
+        let gpu = |p: &RoutingPolicy| {
+            p.saturation
+                .as_ref()
+                .is_some_and(|s| s.min_free_gpu_percent.is_some())
+        };
         gpu(&self.default_policy) || self.policies.values().any(gpu)
     }
 
@@ -235,7 +239,9 @@ impl Discovery {
     /// Follow builds that changed a service `cluster` exports (or exported).
     pub fn status_changes(&self, cluster: &str) -> watch::Receiver<u64> {
         let mut m = self.status.lock().expect("status");
-        m.entry(cluster.to_string()).or_insert_with(|| watch::Sender::new(0)).subscribe()
+        m.entry(cluster.to_string())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
     }
 
     /// Follow which services each build decided again.
