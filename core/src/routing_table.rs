@@ -6,6 +6,7 @@
 //! cluster exports the service) or its region: the table holds one decision per exporting
 //! cluster and one per region, so a query never decides anything.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub struct TableInputs<'a> {
     /// Member clusters (at least every exporting cluster; others are not read).
     pub clusters: &'a BTreeMap<String, ClusterState>,
     /// Every member cluster's region (local-first answers per region).
-    pub regions: &'a BTreeMap<String, String>,
+    pub regions: &'a Arc<BTreeMap<String, String>>,
     /// Inference load per service and cluster.
     pub loads: &'a BTreeMap<ServiceKey, BTreeMap<String, InferenceLoad>>,
     /// The networks (pod and node CIDRs) each cluster reported, to locate clients.
@@ -96,14 +97,14 @@ pub struct RoutingTable {
     /// Networks for locating clients.
     pub networks: Vec<(Cidr, String)>,
     /// Region of each member cluster.
-    pub regions: HashMap<String, String>,
+    pub regions: Arc<BTreeMap<String, String>>,
 }
 
-fn service_routes(
+fn service_routes<'a>(
     key: &ServiceKey,
     s: &Service,
-    inputs: &TableInputs<'_>,
-    regions: &BTreeSet<&str>,
+    inputs: &TableInputs<'a>,
+    regions: &OnceCell<BTreeSet<&'a str>>,
 ) -> ServiceRoutes {
     let no_loads = BTreeMap::new();
     let (policy, own) = match inputs.policies.get(key) {
@@ -133,6 +134,8 @@ fn service_routes(
                 }),
             );
         }
+        // The fleet's regions, gathered once per build and only for a local-first policy.
+        let regions = regions.get_or_init(|| region_set(inputs.regions));
         for r in regions {
             by_region.insert(
                 r.to_string(),
@@ -177,6 +180,19 @@ fn service_routes(
     }
 }
 
+/// The `by_dns` key of a service: `<name>.<namespace>`, the tail of its DNS names.
+fn dns_key(k: &ServiceKey) -> String {
+    format!("{}.{}", k.name, k.namespace)
+}
+
+fn region_set(regions: &BTreeMap<String, String>) -> BTreeSet<&str> {
+    regions
+        .values()
+        .map(String::as_str)
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
 impl RoutingTable {
     /// Decide every service. `previous` lends the routes of services whose result did not
     /// change (compared by value), so unchanged entries keep their identity.
@@ -185,12 +201,7 @@ impl RoutingTable {
         inputs: TableInputs<'_>,
         previous: Option<&RoutingTable>,
     ) -> Self {
-        let regions: BTreeSet<&str> = inputs
-            .regions
-            .values()
-            .map(String::as_str)
-            .filter(|r| !r.is_empty())
-            .collect();
+        let regions = OnceCell::new();
         let mut services = HashMap::with_capacity(inputs.services.len());
         for (key, s) in inputs.services {
             let routes = service_routes(key, s, &inputs, &regions);
@@ -212,27 +223,41 @@ impl RoutingTable {
         inputs: TableInputs<'_>,
         changed: &BTreeSet<ServiceKey>,
     ) -> Self {
-        let regions: BTreeSet<&str> = inputs
-            .regions
-            .values()
-            .map(String::as_str)
-            .filter(|r| !r.is_empty())
-            .collect();
+        let regions = OnceCell::new();
         let mut services = self.services.clone();
+        let mut by_dns = self.by_dns.clone();
+        let mut namespaces = self.namespaces.clone();
+        let mut removed = false;
         for key in changed {
+            let dns = dns_key(key);
             match inputs.services.get(key) {
                 Some(s) => {
-                    services.insert(
-                        key.clone(),
-                        Arc::new(service_routes(key, s, &inputs, &regions)),
-                    );
+                    let r = Arc::new(service_routes(key, s, &inputs, &regions));
+                    by_dns.insert(dns, r.clone());
+                    services.insert(key.clone(), r);
+                    if !namespaces.contains(&key.namespace) {
+                        namespaces.insert(key.namespace.clone());
+                    }
                 }
                 None => {
-                    services.remove(key);
+                    by_dns.remove(&dns);
+                    removed |= services.remove(key).is_some();
                 }
             }
         }
-        Self::assemble(generation, &inputs, services)
+        // A namespace goes only with its last service (rare: recounted then).
+        if removed {
+            namespaces = services.keys().map(|k| k.namespace.clone()).collect();
+        }
+        RoutingTable {
+            generation,
+            built_at_unix_ms: inputs.now_unix_ms,
+            services,
+            by_dns,
+            namespaces,
+            networks: inputs.networks.to_vec(),
+            regions: inputs.regions.clone(),
+        }
     }
 
     fn assemble(
@@ -245,16 +270,12 @@ impl RoutingTable {
             built_at_unix_ms: inputs.now_unix_ms,
             by_dns: services
                 .iter()
-                .map(|(k, v)| (format!("{}.{}", k.name, k.namespace), v.clone()))
+                .map(|(k, v)| (dns_key(k), v.clone()))
                 .collect(),
             namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
             services,
             networks: inputs.networks.to_vec(),
-            regions: inputs
-                .regions
-                .iter()
-                .map(|(c, r)| (c.clone(), r.clone()))
-                .collect(),
+            regions: inputs.regions.clone(),
         }
     }
 
@@ -386,11 +407,12 @@ mod tests {
                     policies: &self.policies,
                     default_policy: &self.default_policy,
                     clusters: &self.clusters,
-                    regions: &self
-                        .clusters
-                        .values()
-                        .map(|c| (c.name.clone(), c.region.clone()))
-                        .collect(),
+                    regions: &Arc::new(
+                        self.clusters
+                            .values()
+                            .map(|c| (c.name.clone(), c.region.clone()))
+                            .collect(),
+                    ),
                     loads: &self.loads,
                     networks: &self.networks,
                     now_unix_ms: 0,
@@ -465,7 +487,7 @@ mod tests {
             policies: &f.policies,
             default_policy: &f.default_policy,
             clusters: &f.clusters,
-            regions: &BTreeMap::new(),
+            regions: &Arc::default(),
             loads: &f.loads,
             networks: &f.networks,
             now_unix_ms: 0,

@@ -183,10 +183,12 @@ fn table(exports: &[Export], generation: u64) -> RoutingTable {
             policies: &policies,
             default_policy: &RoutingPolicy::default(),
             clusters: &clusters,
-            regions: &clusters
-                .values()
-                .map(|c| (c.name.clone(), c.region.clone()))
-                .collect(),
+            regions: &std::sync::Arc::new(
+                clusters
+                    .values()
+                    .map(|c| (c.name.clone(), c.region.clone()))
+                    .collect(),
+            ),
             loads: &BTreeMap::new(),
             networks: &networks,
             now_unix_ms: 0,

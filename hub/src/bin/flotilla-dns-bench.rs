@@ -110,10 +110,12 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
             )
         })
         .collect();
-    let regions = states
-        .values()
-        .map(|c| (c.name.clone(), c.region.clone()))
-        .collect();
+    let regions: Arc<BTreeMap<String, String>> = Arc::new(
+        states
+            .values()
+            .map(|c| (c.name.clone(), c.region.clone()))
+            .collect(),
+    );
     RoutingTable::build(
         1,
         TableInputs {

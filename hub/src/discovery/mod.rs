@@ -56,7 +56,7 @@ struct State {
     /// from the cluster records the mirror delivers: a build copies no record from the view.
     clusters: BTreeMap<String, ClusterState>,
     /// Every member cluster's region.
-    regions: BTreeMap<String, String>,
+    regions: Arc<BTreeMap<String, String>>,
     /// Decide everything again (a reload, or the default policy changed).
     dirty_all: bool,
 }
@@ -159,7 +159,7 @@ impl State {
                             pools: BTreeMap::new(),
                         };
                         if self.regions.get(&name) != Some(&c.region) {
-                            self.regions.insert(name.clone(), c.region.clone());
+                            Arc::make_mut(&mut self.regions).insert(name.clone(), c.region.clone());
                         }
                         // Heartbeats do not change the record; a transition or a rejoin does.
                         if self.clusters.get(&name) == Some(&state) {
@@ -169,7 +169,7 @@ impl State {
                     }
                     None => {
                         self.clusters.remove(&name);
-                        self.regions.remove(&name);
+                        Arc::make_mut(&mut self.regions).remove(&name);
                     }
                 }
                 if self.by_cluster.contains_key(&name) {
