@@ -5,7 +5,8 @@
 //!
 //! - killing an agent makes its cluster Unreachable after `--unreachable-after`; restarting it
 //!   makes it Ready again;
-//! - killing the hub leader: agents reconnect to the new leader and no cluster goes Unreachable;
+//! - killing the hub leader: agents reconnect to the new leader and no cluster goes Unreachable,
+//!   and every surviving hub's DNS keeps answering the service all three clusters export;
 //! - a report over the limits is rejected naming the field, and the stored state stays intact.
 
 use std::path::{Path, PathBuf};
@@ -76,7 +77,7 @@ fn hub(
     backend: Backend<'_>,
     id: u64,
     dir: &Path,
-    (port, http): (u16, u16),
+    (port, http, dns): (u16, u16, u16),
     join: Option<u16>,
 ) -> Child {
     let mut cmd = Command::new(bin.join("flotilla-hub"));
@@ -87,6 +88,8 @@ fn hub(
         &format!("127.0.0.1:{port}"),
         "--http",
         &format!("127.0.0.1:{http}"),
+        "--dns",
+        &format!("127.0.0.1:{dns}"),
     ])
     .args([
         "--heartbeat-ms",
@@ -192,6 +195,50 @@ async fn clusters(port: u16) -> Option<Vec<v1::Cluster>> {
         .map(|r| r.into_inner().clusters)
 }
 
+/// A UDP port that was free a moment ago (the hub binds UDP and TCP on it).
+fn free_udp_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// The A records the hub's DNS on `port` answers for `llm.ml.svc.clusterset.local`, or
+/// `None` without a NOERROR answer within a second.
+async fn dns_a(port: u16) -> Option<Vec<String>> {
+    use flotilla_dns::proto::op::{Message, Query, ResponseCode};
+    use flotilla_dns::proto::rr::{Name, RData, RecordType};
+    let mut m = Message::query();
+    m.add_query(Query::query(
+        Name::from_ascii("llm.ml.svc.clusterset.local.").ok()?,
+        RecordType::A,
+    ));
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    s.send_to(&m.to_vec().ok()?, ("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut buf = vec![0; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let r = Message::from_vec(&buf[..n]).ok()?;
+    if r.metadata.response_code != ResponseCode::NoError {
+        return None;
+    }
+    Some(
+        r.answers
+            .iter()
+            .filter_map(|a| match &a.data {
+                RData::A(a) => Some(a.0.to_string()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
 fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
     cs.iter()
         .find(|c| c.name == name)
@@ -207,6 +254,8 @@ clusters:
       - name: h100
         count: 2
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 1, service: {port: 8000, type: LoadBalancer}, export: true}
   - name: west
     region: westus
     provider: eks
@@ -214,6 +263,8 @@ clusters:
       - name: l4
         count: 2
         gpu: {vendor: nvidia, product: NVIDIA-L4, memory_mib: 23034, count: 4, family: ada-lovelace}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 1, service: {port: 8000, type: LoadBalancer}, export: true}
   - name: north
     region: northeurope
     provider: gke
@@ -221,6 +272,8 @@ clusters:
       - name: a100
         count: 1
         gpu: {vendor: nvidia, product: NVIDIA-A100-SXM4-80GB, memory_mib: 81920, count: 8, family: ampere}
+    workloads:
+      - {name: llm, namespace: ml, replicas: 1, service: {port: 8000, type: LoadBalancer}, export: true}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,9 +321,15 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     // Three hub replicas.
     let ports = [free_port(), free_port(), free_port()];
     let http = [free_port(), free_port(), free_port()];
-    procs
-        .0
-        .push(hub(&bin, backend, 1, dir, (ports[0], http[0]), None));
+    let dns = [free_udp_port(), free_udp_port(), free_udp_port()];
+    procs.0.push(hub(
+        &bin,
+        backend,
+        1,
+        dir,
+        (ports[0], http[0], dns[0]),
+        None,
+    ));
     wait_until("hub 1 leads", LIMIT, || async {
         leader(backend, (&ports, &http), &[0]).await == Some(0)
     })
@@ -282,7 +341,7 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
             backend,
             i as u64 + 1,
             dir,
-            (ports[i], http[i]),
+            (ports[i], http[i], dns[i]),
             join,
         ));
     }
@@ -348,6 +407,16 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     })
     .await;
 
+    // Every replica answers the service all three clusters export.
+    for d in dns {
+        wait_until(
+            "every hub's DNS answers with three clusters",
+            LIMIT,
+            || async move { dns_a(d).await.is_some_and(|a| a.len() == 3) },
+        )
+        .await;
+    }
+
     // Kill an agent: Unreachable after --unreachable-after; restart: Ready.
     agents.0[0].kill().unwrap();
     agents.0[0].wait().unwrap();
@@ -387,7 +456,20 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     let alive: Vec<usize> = (0..3).filter(|i| *i != leader_idx).collect();
     let watch_until = Instant::now() + Duration::from_secs(10);
     let mut new_leader_seen = false;
+    let (mut asked, mut unanswered) = (0, Vec::new());
     while Instant::now() < watch_until {
+        // DNS on the survivors answers throughout the election, from their own tables.
+        for i in &alive {
+            asked += 1;
+            match dns_a(dns[*i]).await {
+                Some(a) if a.len() == 3 => {}
+                other => unanswered.push(format!(
+                    "hub {} at {:?}: {other:?}",
+                    i + 1,
+                    watch_until.saturating_duration_since(Instant::now())
+                )),
+            }
+        }
         if let Some(cs) = clusters(survivor).await {
             for n in names {
                 if health(&cs, n) == Some(v1::ClusterHealth::Unreachable) {
@@ -416,6 +498,11 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(new_leader_seen, "no new leader was elected");
+    assert!(
+        unanswered.is_empty(),
+        "{} of {asked} DNS queries to the surviving hubs went unanswered during the failover: {unanswered:?}",
+        unanswered.len()
+    );
     // Past the grace period, heartbeats reach the new leader: still all Ready.
     let cs = clusters(survivor).await.unwrap();
     for n in names {
