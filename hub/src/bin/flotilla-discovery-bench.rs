@@ -179,6 +179,10 @@ async fn main() -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--unreachable-after",
         &ua,
+        // A new leader waits this long before judging liveness; the agent trials measure the
+        // steady state, not the first seconds after the hub starts.
+        "--leader-grace",
+        "1s",
     ]);
     let shutdown = CancellationToken::new();
     let hub = flotilla_hub::start(hub_args, shutdown.clone()).await?;
