@@ -93,6 +93,7 @@ async fn get_describe_fit_join_and_errors() {
         labels: Default::default(),
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
+        imports: true,
     };
     tokio::spawn(flotilla_agent::run(client, opts, None, shutdown.clone()));
 

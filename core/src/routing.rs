@@ -696,6 +696,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The addresses a ClusterSetIP import names (MCS allows one per IP family): the first
+    /// IPv4 and the first IPv6 address of the heaviest answered clusters, in answer order.
+    pub fn preferred_ips(&self) -> Vec<IpAddr> {
+        let mut by_weight: Vec<&Choice> = self.chosen.iter().collect();
+        // Stable: equal weights keep the decision's order.
+        by_weight.sort_by(|a, b| b.weight.cmp(&a.weight));
+        let addrs = || by_weight.iter().flat_map(|c| c.addresses.iter().map(|(a, _)| *a));
+        let v4 = addrs().find(IpAddr::is_ipv4);
+        let v6 = addrs().find(IpAddr::is_ipv6);
+        v4.into_iter().chain(v6).collect()
+    }
+
     /// The answer for one query: clusters ordered by weighted random choice from `seed`
     /// (Efraimidis–Spirakis: key u^(1/w), largest first), then addresses interleaved one per
     /// cluster in turn, each cluster's list rotated by the seed, at most `max_answers`.

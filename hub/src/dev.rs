@@ -115,6 +115,7 @@ pub async fn start(
                 .unwrap_or_default(),
             gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
             flat_network: false,
+            imports: true,
         };
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());

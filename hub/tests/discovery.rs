@@ -13,6 +13,7 @@ use flotilla_kube_sim::{Fault, Scenario, SimCluster, SimFleet, SimOptions};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -45,6 +46,12 @@ clusters:
     workloads:
       - {name: llm, namespace: ml, replicas: 2, gpus: 1, service: {port: 8000, type: LoadBalancer}, export: true}
       - {name: web, namespace: ml, replicas: 1, service: {port: 8080, type: LoadBalancer}, export: true}
+  - name: edge
+    region: ap-south
+    provider: eks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
 "#;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -114,6 +121,37 @@ async fn lb_ip(c: &SimCluster, name: &str) -> String {
         .unwrap()
 }
 
+fn imports_api(client: kube::Client, ns: Option<&str>) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1beta1", "ServiceImport"),
+        "serviceimports",
+    );
+    match ns {
+        Some(ns) => Api::namespaced_with(client, ns, &ar),
+        None => Api::all_with(client, &ar),
+    }
+}
+
+/// The imported slices of `service` in `c`'s namespace `ml`: source cluster → endpoints'
+/// (address, ready).
+async fn imported_slices(
+    c: &SimCluster,
+    service: &str,
+) -> std::collections::BTreeMap<String, Vec<(String, bool)>> {
+    let api: Api<EndpointSlice> = Api::namespaced(kube_client(c).await, "ml");
+    let lp = ListParams::default().labels(&format!("multicluster.kubernetes.io/service-name={service}"));
+    let mut out = std::collections::BTreeMap::new();
+    for s in api.list(&lp).await.unwrap() {
+        let src = s.metadata.labels.as_ref().unwrap()["multicluster.kubernetes.io/source-cluster"].clone();
+        let eps: &mut Vec<(String, bool)> = out.entry(src).or_default();
+        for e in s.endpoints {
+            let ready = e.conditions.and_then(|c| c.ready).unwrap_or(true);
+            eps.extend(e.addresses.into_iter().map(|a| (a, ready)));
+        }
+    }
+    out
+}
+
 async fn export_condition(c: &SimCluster, name: &str, kind: &str) -> Option<(String, String)> {
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1beta1", "ServiceExport"),
@@ -127,6 +165,35 @@ async fn export_condition(c: &SimCluster, name: &str, kind: &str) -> Option<(Str
         c["status"].as_str()?.to_string(),
         c["reason"].as_str()?.to_string(),
     ))
+}
+
+fn mine_params() -> ListParams {
+    ListParams::default().labels("app.kubernetes.io/managed-by=flotilla-agent")
+}
+
+/// `kubectl get serviceimports` lists them (skipped, saying so, without kubectl).
+async fn kubectl_shows_imports(c: &SimCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, c.kubeconfig()).unwrap();
+    // Off the runtime thread: the simulated API server answers on it.
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["get", "serviceimports", "-n", "ml"])
+            .output()
+    });
+    let out = match run.await.unwrap() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipping the kubectl check: kubectl not runnable ({e})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TYPE") && text.lines().any(|l| l.starts_with("llm ") && l.contains("ClusterSetIP")), "{text}");
 }
 
 #[tokio::test]
@@ -193,6 +260,7 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
             labels: Default::default(),
             gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
             flat_network: false,
+            imports: true,
         };
         tokio::spawn(flotilla_agent::run(
             kube_client(c).await,
@@ -309,6 +377,60 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         "{svc:?}"
     );
 
+    // Imports: every cluster with the namespace holds the ServiceImport and one slice per
+    // exporting cluster; its ClusterSetIP is the routing decision's first address.
+    for c in [eu_a, eu_b, us] {
+        let (ip_a, ip_b) = (ip_a.clone(), ip_b.clone());
+        eventually(&format!("{} imports llm from every exporter", c.name()), || {
+            let (ip_a, ip_b) = (ip_a.clone(), ip_b.clone());
+            async move {
+                let si = imports_api(kube_client(c).await, Some("ml")).get("llm").await.map_err(|e| e.to_string())?;
+                let clusters: Vec<&str> = si.data["status"]["clusters"].as_array().into_iter().flatten().filter_map(|c| c["cluster"].as_str()).collect();
+                let ip = si.data["spec"]["ips"][0].as_str().unwrap_or_default().to_string();
+                let slices = imported_slices(c, "llm").await;
+                let sources: Vec<&String> = slices.keys().collect();
+                match (si.data["spec"]["type"].as_str(), clusters.as_slice(), sources.as_slice()) {
+                    (Some("ClusterSetIP"), ["eu-a", "eu-b", "us"], [a, b, u]) if *a == "eu-a" && *b == "eu-b" && *u == "us" && (ip == ip_a || ip == ip_b) && slices["eu-a"].len() == 2 => Ok(()),
+                    _ => Err(format!("{:?} {slices:?}", si.data)),
+                }
+            }
+        })
+        .await;
+    }
+    // edge has no `ml` namespace: nothing is imported there until it has one.
+    let edge = sims.cluster("edge").unwrap();
+    let mine = ListParams::default().labels("app.kubernetes.io/managed-by=flotilla-agent");
+    assert!(imports_api(kube_client(edge).await, None).list(&mine).await.unwrap().items.is_empty());
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(kube_client(edge).await);
+    ns.create(&Default::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "ml"}})).unwrap()).await.unwrap();
+    eventually("edge imports llm and web once it has the namespace", || async move {
+        let names: Vec<String> = imports_api(kube_client(edge).await, Some("ml")).list(&mine_params()).await.map_err(|e| e.to_string())?.items.into_iter().filter_map(|o| o.metadata.name).collect();
+        match names.as_slice() {
+            [a, b] if a == "llm" && b == "web" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    kubectl_shows_imports(edge).await;
+    // The last export of `web` goes: its import and slices go everywhere.
+    for c in [eu_a, us] {
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1beta1", "ServiceExport"),
+            "serviceexports",
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(kube_client(c).await, "ml", &ar);
+        api.delete("web", &Default::default()).await.unwrap();
+    }
+    eventually("web's import leaves eu-b", || async move {
+        let gone = imports_api(kube_client(eu_b).await, Some("ml")).get_opt("web").await.map_err(|e| e.to_string())?.is_none();
+        let slices = imported_slices(eu_b, "web").await;
+        match (gone, slices.is_empty()) {
+            (true, true) => Ok(()),
+            other => Err(format!("{other:?} {slices:?}")),
+        }
+    })
+    .await;
+
     // eu-a's agent dies: after --unreachable-after its clusters are not answered.
     agents["eu-a"].cancel();
     eventually("eu-a leaves the answer", || {
@@ -318,6 +440,16 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
                 Ok(v) if v == [ip_b.clone()] => Ok(()),
                 other => Err(format!("{other:?}")),
             }
+        }
+    })
+    .await;
+
+    // The imported slices follow: eu-a's endpoints are not ready in every other cluster.
+    eventually("us imports eu-a's endpoints as not ready", || async move {
+        let slices = imported_slices(us, "llm").await;
+        match slices.get("eu-a") {
+            Some(eps) if !eps.is_empty() && eps.iter().all(|(_, r)| !r) && slices["eu-b"].iter().all(|(_, r)| *r) => Ok(()),
+            _ => Err(format!("{slices:?}")),
         }
     })
     .await;

@@ -112,6 +112,29 @@ pub fn table(r: &ResourceType, items: &[Obj], rv: &Value) -> Value {
             ],
             pod_row,
         ),
+        // The mcs-api CRD's printer columns.
+        "ServiceImport" => (
+            vec![
+                col("Name", "string", 0),
+                col("Type", "string", 0),
+                col("IP", "string", 0),
+                col("Age", "string", 0),
+            ],
+            |o| {
+                let ips: Vec<&str> = o["spec"]["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                vec![
+                    o["metadata"]["name"].clone(),
+                    o["spec"]["type"].clone(),
+                    json!(format!("[{}]", ips.join(","))),
+                    json!(age(o)),
+                ]
+            },
+        ),
         _ => (
             vec![col("Name", "string", 0), col("Age", "string", 0)],
             |o| vec![o["metadata"]["name"].clone(), json!(age(o))],

@@ -365,7 +365,7 @@ pub fn conditions(e: &Export, hub: Option<&HubStatus>) -> Vec<(String, String, S
     out
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     jiff::Timestamp::now()
         .round(jiff::Unit::Second)
         .map(|t| t.to_string())
@@ -480,7 +480,8 @@ async fn discover(w: ExportWatch, shutdown: CancellationToken) {
     }
 }
 
-fn reflect<K>(
+/// A reflector on `api` that bumps `tx` on every event, until `shutdown`.
+pub(crate) fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     what: &'static str,

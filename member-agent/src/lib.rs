@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod exports;
+pub mod imports;
 pub mod metrics;
 pub mod session;
 pub mod watch;
@@ -39,6 +40,8 @@ pub struct AgentOptions {
     /// Other clusters reach this cluster's Service IPs directly (a flat network): export
     /// cluster IPs as reachable addresses too.
     pub flat_network: bool,
+    /// Maintain the derived ServiceImports and EndpointSlices of the fleet's services.
+    pub imports: bool,
 }
 
 /// Watch the cluster and report to the hub until `shutdown`.
@@ -56,6 +59,9 @@ pub async fn run(
         }
     };
     let exports = exports::ExportWatch::start(client.clone(), opts.flat_network, shutdown.clone());
+    let imports = opts
+        .imports
+        .then(|| imports::ImportSync::start(client.clone(), exports.clone(), shutdown.clone()));
     let watch = ClusterWatch::start(
         client,
         WatchOptions {
@@ -100,6 +106,7 @@ pub async fn run(
         coalesce: Duration::from_millis(100),
         metrics,
         exports: Some(exports),
+        imports,
     };
     session::run(cfg, watch, shutdown).await
 }

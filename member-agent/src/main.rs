@@ -49,6 +49,10 @@ struct Args {
     /// external addresses.
     #[arg(long, env = "FLOTILLA_FLAT_NETWORK")]
     flat_network: bool,
+    /// Maintain the fleet's derived ServiceImports and per-cluster EndpointSlices here
+    /// (`--imports=false` to leave them to another MCS implementation).
+    #[arg(long, env = "FLOTILLA_IMPORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    imports: bool,
 }
 
 #[tokio::main]
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         labels,
         gpu_advertise_bound: args.gpu_advertise_bound,
         flat_network: args.flat_network,
+        imports: args.imports,
     };
     let http = if args.http.is_empty() {
         None

@@ -40,6 +40,8 @@ pub struct SessionConfig {
     pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
     /// The cluster's MCS exports, if they are watched.
     pub exports: Option<crate::exports::ExportWatch>,
+    /// The writer of the cluster's ServiceImports, if the agent maintains them.
+    pub imports: Option<crate::imports::ImportSync>,
 }
 
 /// Why a session ended.
@@ -330,6 +332,7 @@ async fn session(
         kubernetes_version: cfg.kubernetes_version.clone(),
         labels: cfg.labels.clone().into_iter().collect(),
         region: cfg.region.clone(),
+        imports: cfg.imports.is_some(),
     })))
     .await
     .map_err(|_| SessionError::Retry("stream closed".into()))?;
@@ -485,6 +488,11 @@ async fn follow(
             }
             m = inbound.message() => match m {
                 Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(s)) })) => apply_status(cfg, s),
+                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) })) => {
+                    if let Some(i) = &cfg.imports {
+                        i.apply(u);
+                    }
+                }
                 Ok(Some(_ack)) => {}
                 Ok(None) => return Err(SessionError::Retry("the hub closed the stream".into())),
                 Err(s) => return Err(classify(s)),

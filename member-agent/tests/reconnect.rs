@@ -87,6 +87,7 @@ async fn a_hint_naming_the_same_hub_is_followed_with_backoff() {
         labels: Default::default(),
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
+        imports: true,
     };
     let agent = tokio::spawn(flotilla_agent::run(
         kube::Client::try_from(cfg).unwrap(),

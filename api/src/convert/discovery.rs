@@ -71,18 +71,7 @@ pub fn export_to_wire(e: &Export) -> v1::ServiceExport {
         annotations: e.annotations.clone().into_iter().collect(),
         session_affinity_client_ip: e.session_affinity == SessionAffinity::ClientIp,
         addresses: e.addresses.iter().map(|a| a.to_string()).collect(),
-        endpoints: e
-            .endpoints
-            .iter()
-            .map(|p| v1::ServiceEndpoint {
-                address: p.address.to_string(),
-                hostname: p.hostname.clone(),
-                zone: p.zone.clone(),
-                ready: p.ready,
-                serving: p.serving,
-                terminating: p.terminating,
-            })
-            .collect(),
+        endpoints: e.endpoints.iter().map(endpoint_to_wire).collect(),
         created_at_unix_ms: e.created_at_unix_ms,
         gpu_pools: e.gpu_pools.clone(),
         invalid: match e.invalid {
@@ -91,6 +80,59 @@ pub fn export_to_wire(e: &Export) -> v1::ServiceExport {
             Some(InvalidReason::InvalidServiceType) => v1::ExportInvalid::ServiceType as i32,
         },
         cluster: e.cluster.clone(),
+    }
+}
+
+fn endpoint_to_wire(p: &flotilla_core::export::Endpoint) -> v1::ServiceEndpoint {
+    v1::ServiceEndpoint {
+        address: p.address.to_string(),
+        hostname: p.hostname.clone(),
+        zone: p.zone.clone(),
+        ready: p.ready,
+        serving: p.serving,
+        terminating: p.terminating,
+    }
+}
+
+/// A merged service as one member cluster imports it, with `decision` (the routing decision
+/// from that cluster's point of view) naming its ClusterSetIP addresses.
+pub fn import_to_wire(s: &Service, decision: &Decision) -> v1::ImportedService {
+    let key = s
+        .key
+        .clone()
+        .unwrap_or_else(|| flotilla_core::export::ServiceKey::new("", ""));
+    let headless = s.service_type == Some(ServiceType::Headless);
+    // Endpoints of clusters the decision does not answer (unhealthy, below a threshold, a
+    // lower tier) are imported as not ready, so the tools reading the slices fail over too.
+    let answered: BTreeSet<&str> = decision.chosen.iter().map(|c| c.cluster.as_str()).collect();
+    v1::ImportedService {
+        namespace: key.namespace,
+        name: key.name,
+        r#type: type_to_wire(s.service_type),
+        ports: s.ports.iter().map(port_to_wire).collect(),
+        ips: match headless {
+            true => Vec::new(),
+            false => decision.preferred_ips().iter().map(|a| a.to_string()).collect(),
+        },
+        session_affinity_client_ip: s.session_affinity == SessionAffinity::ClientIp,
+        labels: s.labels.clone().into_iter().collect(),
+        annotations: s.annotations.clone().into_iter().collect(),
+        clusters: s
+            .exports
+            .iter()
+            .map(|e| v1::ImportedCluster {
+                cluster: e.cluster.clone(),
+                ports: e.ports.iter().map(port_to_wire).collect(),
+                endpoints: e
+                    .endpoints
+                    .iter()
+                    .map(|p| v1::ServiceEndpoint {
+                        ready: p.ready && answered.contains(e.cluster.as_str()),
+                        ..endpoint_to_wire(p)
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 

@@ -742,3 +742,22 @@ fn properties_hold_on_random_fleets() {
         );
     }
 }
+
+#[test]
+fn an_import_names_the_heaviest_clusters_first_address_per_family() {
+    let choice = |c: &str, w: u32, a: &[&str]| Choice {
+        cluster: c.into(),
+        weight: w,
+        addresses: a.iter().map(|s| (ip(s), String::new())).collect(),
+    };
+    let d = Decision {
+        chosen: vec![
+            choice("a", 1, &["10.0.0.1"]),
+            choice("b", 5, &["fd00::2", "10.0.0.2"]),
+            choice("c", 5, &["10.0.0.3"]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(d.preferred_ips(), vec![ip("10.0.0.2"), ip("fd00::2")]);
+    assert!(Decision::default().preferred_ips().is_empty());
+}

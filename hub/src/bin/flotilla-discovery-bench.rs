@@ -143,6 +143,7 @@ fn start_agent(
         labels: Default::default(),
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
+        imports: true,
     };
     tokio::spawn(flotilla_agent::run(client, opts, None, stop));
 }

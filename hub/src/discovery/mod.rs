@@ -4,9 +4,11 @@
 //! (`export::aggregate`, `routing::decide`); this module only feeds them and publishes.
 //!
 //! - `exports`: what an agent stream writes for its cluster's ServiceExports.
+//! - `imports`: what an agent stream sends its cluster to import.
 //! - `service`: the `DiscoveryService` gRPC API.
 
 pub mod exports;
+pub mod imports;
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -333,6 +333,17 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         let metrics = self.metrics.clone();
         let discovery = self.discovery.clone();
         let mut builds = discovery.status_changes(&cluster);
+        // Imports, for an agent that maintains ServiceImports: the whole set now, then what
+        // each table build changed.
+        let mut want_imports = hello.imports;
+        let mut routes = discovery.route_changes();
+        let mut imports = crate::discovery::imports::SentImports::default();
+        if want_imports
+            && let Some(u) = imports.update(&discovery.table().load(), &cluster, None)
+        {
+            let m = v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) };
+            tx.send(Ok(m)).await.map_err(|_| Status::cancelled("agent went away"))?;
+        }
         // What was last sent, so an unchanged status is not sent again.
         let mut sent_status: Option<Vec<v1::ExportStatus>> = None;
         metrics.agents_connected.inc();
@@ -379,6 +390,25 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                                 break;
                             }
                             sent_status = Some(status);
+                        }
+                        continue;
+                    }
+                    r = routes.recv(), if want_imports => {
+                        let keys = match r {
+                            Ok(c) => Some(c.keys),
+                            // Missed builds: send the whole set again.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                want_imports = false;
+                                continue;
+                            }
+                        };
+                        let table = discovery.table().load_full();
+                        if let Some(u) = imports.update(&table, &cluster, keys.as_deref().map(Vec::as_slice)) {
+                            let m = v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) };
+                            if tx.send(Ok(m)).await.is_err() {
+                                break;
+                            }
                         }
                         continue;
                     }

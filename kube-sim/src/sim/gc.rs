@@ -15,10 +15,11 @@ impl SimState {
             ("ReplicaSet", uids(&self.store, idx::REPLICASETS)),
             ("DaemonSet", uids(&self.store, idx::DAEMONSETS)),
             ("Pod", uids(&self.store, idx::PODS)),
+            ("ServiceImport", uids(&self.store, idx::SERVICEIMPORTS)),
         ]
         .into_iter()
         .collect();
-        for res in [idx::REPLICASETS, idx::PODS, idx::RESOURCECLAIMS] {
+        for res in [idx::REPLICASETS, idx::PODS, idx::RESOURCECLAIMS, idx::ENDPOINTSLICES] {
             let doomed: Vec<(String, String)> = self
                 .store
                 .iter(res, None, None)
