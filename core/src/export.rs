@@ -152,6 +152,8 @@ pub struct Export {
     pub service_type: Option<ServiceType>,
     /// Ports.
     pub ports: Vec<Port>,
+    /// The endpoints' own ports (from the EndpointSlices: resolved target ports).
+    pub endpoint_ports: Vec<Port>,
     /// `spec.exportedLabels`.
     pub labels: BTreeMap<String, String>,
     /// `spec.exportedAnnotations`.

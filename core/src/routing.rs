@@ -702,7 +702,11 @@ impl Decision {
         let mut by_weight: Vec<&Choice> = self.chosen.iter().collect();
         // Stable: equal weights keep the decision's order.
         by_weight.sort_by(|a, b| b.weight.cmp(&a.weight));
-        let addrs = || by_weight.iter().flat_map(|c| c.addresses.iter().map(|(a, _)| *a));
+        let addrs = || {
+            by_weight
+                .iter()
+                .flat_map(|c| c.addresses.iter().map(|(a, _)| *a))
+        };
         let v4 = addrs().find(IpAddr::is_ipv4);
         let v6 = addrs().find(IpAddr::is_ipv6);
         v4.into_iter().chain(v6).collect()

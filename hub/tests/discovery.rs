@@ -139,10 +139,13 @@ async fn imported_slices(
     service: &str,
 ) -> std::collections::BTreeMap<String, Vec<(String, bool)>> {
     let api: Api<EndpointSlice> = Api::namespaced(kube_client(c).await, "ml");
-    let lp = ListParams::default().labels(&format!("multicluster.kubernetes.io/service-name={service}"));
+    let lp = ListParams::default().labels(&format!(
+        "multicluster.kubernetes.io/service-name={service}"
+    ));
     let mut out = std::collections::BTreeMap::new();
     for s in api.list(&lp).await.unwrap() {
-        let src = s.metadata.labels.as_ref().unwrap()["multicluster.kubernetes.io/source-cluster"].clone();
+        let src = s.metadata.labels.as_ref().unwrap()["multicluster.kubernetes.io/source-cluster"]
+            .clone();
         let eps: &mut Vec<(String, bool)> = out.entry(src).or_default();
         for e in s.endpoints {
             let ready = e.conditions.and_then(|c| c.ready).unwrap_or(true);
@@ -192,8 +195,18 @@ async fn kubectl_shows_imports(c: &SimCluster) {
         }
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("TYPE") && text.lines().any(|l| l.starts_with("llm ") && l.contains("ClusterSetIP")), "{text}");
+    assert!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("TYPE")
+            && text
+                .lines()
+                .any(|l| l.starts_with("llm ") && l.contains("ClusterSetIP")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -381,35 +394,83 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     // exporting cluster; its ClusterSetIP is the routing decision's first address.
     for c in [eu_a, eu_b, us] {
         let (ip_a, ip_b) = (ip_a.clone(), ip_b.clone());
-        eventually(&format!("{} imports llm from every exporter", c.name()), || {
-            let (ip_a, ip_b) = (ip_a.clone(), ip_b.clone());
-            async move {
-                let si = imports_api(kube_client(c).await, Some("ml")).get("llm").await.map_err(|e| e.to_string())?;
-                let clusters: Vec<&str> = si.data["status"]["clusters"].as_array().into_iter().flatten().filter_map(|c| c["cluster"].as_str()).collect();
-                let ip = si.data["spec"]["ips"][0].as_str().unwrap_or_default().to_string();
-                let slices = imported_slices(c, "llm").await;
-                let sources: Vec<&String> = slices.keys().collect();
-                match (si.data["spec"]["type"].as_str(), clusters.as_slice(), sources.as_slice()) {
-                    (Some("ClusterSetIP"), ["eu-a", "eu-b", "us"], [a, b, u]) if *a == "eu-a" && *b == "eu-b" && *u == "us" && (ip == ip_a || ip == ip_b) && slices["eu-a"].len() == 2 => Ok(()),
-                    _ => Err(format!("{:?} {slices:?}", si.data)),
+        eventually(
+            &format!("{} imports llm from every exporter", c.name()),
+            || {
+                let (ip_a, ip_b) = (ip_a.clone(), ip_b.clone());
+                async move {
+                    let si = imports_api(kube_client(c).await, Some("ml"))
+                        .get("llm")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let clusters: Vec<&str> = si.data["status"]["clusters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c["cluster"].as_str())
+                        .collect();
+                    let ip = si.data["spec"]["ips"][0]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let slices = imported_slices(c, "llm").await;
+                    let sources: Vec<&String> = slices.keys().collect();
+                    match (
+                        si.data["spec"]["type"].as_str(),
+                        clusters.as_slice(),
+                        sources.as_slice(),
+                    ) {
+                        (Some("ClusterSetIP"), ["eu-a", "eu-b", "us"], [a, b, u])
+                            if *a == "eu-a"
+                                && *b == "eu-b"
+                                && *u == "us"
+                                && (ip == ip_a || ip == ip_b)
+                                && slices["eu-a"].len() == 2 =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(format!("{:?} {slices:?}", si.data)),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
     }
     // edge has no `ml` namespace: nothing is imported there until it has one.
     let edge = sims.cluster("edge").unwrap();
     let mine = ListParams::default().labels("app.kubernetes.io/managed-by=flotilla-agent");
-    assert!(imports_api(kube_client(edge).await, None).list(&mine).await.unwrap().items.is_empty());
+    assert!(
+        imports_api(kube_client(edge).await, None)
+            .list(&mine)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
     let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(kube_client(edge).await);
-    ns.create(&Default::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "ml"}})).unwrap()).await.unwrap();
-    eventually("edge imports llm and web once it has the namespace", || async move {
-        let names: Vec<String> = imports_api(kube_client(edge).await, Some("ml")).list(&mine_params()).await.map_err(|e| e.to_string())?.items.into_iter().filter_map(|o| o.metadata.name).collect();
-        match names.as_slice() {
-            [a, b] if a == "llm" && b == "web" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    ns.create(
+        &Default::default(),
+        &serde_json::from_value(serde_json::json!({"metadata": {"name": "ml"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "edge imports llm and web once it has the namespace",
+        || async move {
+            let names: Vec<String> = imports_api(kube_client(edge).await, Some("ml"))
+                .list(&mine_params())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect();
+            match names.as_slice() {
+                [a, b] if a == "llm" && b == "web" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     kubectl_shows_imports(edge).await;
     // The last export of `web` goes: its import and slices go everywhere.
@@ -422,7 +483,11 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         api.delete("web", &Default::default()).await.unwrap();
     }
     eventually("web's import leaves eu-b", || async move {
-        let gone = imports_api(kube_client(eu_b).await, Some("ml")).get_opt("web").await.map_err(|e| e.to_string())?.is_none();
+        let gone = imports_api(kube_client(eu_b).await, Some("ml"))
+            .get_opt("web")
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none();
         let slices = imported_slices(eu_b, "web").await;
         match (gone, slices.is_empty()) {
             (true, true) => Ok(()),
@@ -448,7 +513,13 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     eventually("us imports eu-a's endpoints as not ready", || async move {
         let slices = imported_slices(us, "llm").await;
         match slices.get("eu-a") {
-            Some(eps) if !eps.is_empty() && eps.iter().all(|(_, r)| !r) && slices["eu-b"].iter().all(|(_, r)| *r) => Ok(()),
+            Some(eps)
+                if !eps.is_empty()
+                    && eps.iter().all(|(_, r)| !r)
+                    && slices["eu-b"].iter().all(|(_, r)| *r) =>
+            {
+                Ok(())
+            }
             _ => Err(format!("{slices:?}")),
         }
     })

@@ -256,7 +256,27 @@ pub fn export_of(
         e.addresses = addrs;
     }
     let mut pools = BTreeSet::new();
+    let mut endpoint_ports: BTreeSet<Port> = BTreeSet::new();
     for s in slices {
+        for p in s.ports.iter().flatten() {
+            let Some(port) = p
+                .port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+            else {
+                continue;
+            };
+            endpoint_ports.insert(Port {
+                name: p.name.clone().unwrap_or_default(),
+                protocol: match p.protocol.as_deref() {
+                    Some("UDP") => Protocol::Udp,
+                    Some("SCTP") => Protocol::Sctp,
+                    _ => Protocol::Tcp,
+                },
+                port,
+                app_protocol: p.app_protocol.clone(),
+            });
+        }
         for ep in &s.endpoints {
             let c = ep.conditions.clone().unwrap_or_default();
             // Nil means ready (the EndpointSlice API); serving follows ready when unset.
@@ -282,6 +302,12 @@ pub fn export_of(
     e.endpoints.sort();
     e.endpoints.dedup();
     e.gpu_pools = pools.into_iter().collect();
+    // One per name and protocol (slices of one Service agree; the first wins if not).
+    let mut seen = BTreeSet::new();
+    e.endpoint_ports = endpoint_ports
+        .into_iter()
+        .filter(|p| seen.insert((p.name.clone(), p.protocol)))
+        .collect();
     e
 }
 
@@ -550,6 +576,7 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": {"name": "llm-x", "namespace": "ml", "labels": {SERVICE_NAME_LABEL: "llm"}},
             "addressType": "IPv4", "endpoints": eps,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         }))
         .unwrap()
     }
@@ -592,6 +619,12 @@ mod tests {
         assert_eq!(e.ready_endpoints().count(), 2, "nil ready is ready");
         assert!(e.endpoints.iter().any(|x| x.terminating && !x.ready));
         assert_eq!(e.gpu_pools, ["h100", "l4"]);
+        // The slices' target port, not the Service's port.
+        assert_eq!(e.endpoint_ports.len(), 1);
+        assert_eq!(
+            (e.endpoint_ports[0].name.as_str(), e.endpoint_ports[0].port),
+            ("http", 8080)
+        );
         let flat = export_of(&se(json!({})), Some(&s), &[], &pool, true);
         assert_eq!(
             flat.addresses.len(),

@@ -70,7 +70,10 @@ impl ImportSync {
             desired: desired.subscribe(),
             applied: BTreeMap::new(),
         };
-        tokio::spawn(w.run(shutdown).instrument(tracing::info_span!("agent-imports")));
+        tokio::spawn(
+            w.run(shutdown)
+                .instrument(tracing::info_span!("agent-imports")),
+        );
         Self { desired }
     }
 
@@ -97,7 +100,10 @@ impl ImportSync {
 /// The derived objects for one imported service: the ServiceImport (without status), its
 /// status, and the EndpointSlices by name (without the owner reference, added at write time).
 /// Pure.
-pub fn derived(i: &v1::ImportedService, api_version: &str) -> (Value, Value, BTreeMap<String, Value>) {
+pub fn derived(
+    i: &v1::ImportedService,
+    api_version: &str,
+) -> (Value, Value, BTreeMap<String, Value>) {
     let headless = i.r#type == v1::ServiceType::Headless as i32;
     let mut labels: BTreeMap<String, String> = i.labels.clone().into_iter().collect();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
@@ -256,8 +262,10 @@ impl Writer {
             .filter(|n| n.metadata.deletion_timestamp.is_none())
             .filter_map(|n| n.metadata.name.clone())
             .collect();
-        let wanted: Vec<(&(String, String), &v1::ImportedService)> =
-            want.iter().filter(|(k, _)| namespaces.contains(&k.0)).collect();
+        let wanted: Vec<(&(String, String), &v1::ImportedService)> = want
+            .iter()
+            .filter(|(k, _)| namespaces.contains(&k.0))
+            .collect();
         self.applied
             .retain(|k, _| namespaces.contains(&k.0) && want.contains_key(k));
         let mut slice_names: BTreeSet<(String, String)> = BTreeSet::new();
@@ -271,25 +279,44 @@ impl Writer {
                 Ok(()) => {
                     self.applied.insert((*key).clone(), (*i).clone());
                 }
-                Err(e) => tracing::warn!(import = %format!("{}/{}", key.0, key.1), error = %e, "could not write a ServiceImport"),
+                Err(e) => {
+                    tracing::warn!(import = %format!("{}/{}", key.0, key.1), error = %e, "could not write a ServiceImport")
+                }
             }
         }
         // What is ours and no longer wanted goes.
         let mine = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
         let imports: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
         for o in imports.list(&mine).await? {
-            let (ns, name) = (o.metadata.namespace.unwrap_or_default(), o.metadata.name.unwrap_or_default());
+            let (ns, name) = (
+                o.metadata.namespace.unwrap_or_default(),
+                o.metadata.name.unwrap_or_default(),
+            );
             if !namespaces.contains(&ns) || !want.contains_key(&(ns.clone(), name.clone())) {
-                let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &resource);
-                ignore_missing(api.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &ns, &resource);
+                ignore_missing(
+                    api.delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )?;
             }
         }
-        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::all(self.client.clone());
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            Api::all(self.client.clone());
         for o in slices.list(&mine).await? {
-            let (ns, name) = (o.metadata.namespace.unwrap_or_default(), o.metadata.name.unwrap_or_default());
+            let (ns, name) = (
+                o.metadata.namespace.unwrap_or_default(),
+                o.metadata.name.unwrap_or_default(),
+            );
             if !slice_names.contains(&(ns.clone(), name.clone())) {
-                let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
-                ignore_missing(api.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
+                let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                    Api::namespaced(self.client.clone(), &ns);
+                ignore_missing(
+                    api.delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )?;
             }
         }
         Ok(())
@@ -304,21 +331,31 @@ impl Writer {
         status: Value,
         slices: BTreeMap<String, Value>,
     ) -> Result<(), kube::Error> {
-        let ns = import["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        let name = import["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let ns = import["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = import["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, resource);
-        let obj: DynamicObject = serde_json::from_value(import.clone()).map_err(kube::Error::SerdeError)?;
+        let obj: DynamicObject =
+            serde_json::from_value(import.clone()).map_err(kube::Error::SerdeError)?;
         let stored = match api.get_opt(&name).await? {
             None => api.create(&PostParams::default(), &obj).await?,
             Some(cur) => {
                 let same = cur.data.get("spec") == import.get("spec")
-                    && cur.metadata.labels.as_ref().map(|l| json!(l)) == Some(import["metadata"]["labels"].clone())
-                    && json!(cur.metadata.annotations.clone().unwrap_or_default()) == import["metadata"]["annotations"];
+                    && cur.metadata.labels.as_ref().map(|l| json!(l))
+                        == Some(import["metadata"]["labels"].clone())
+                    && json!(cur.metadata.annotations.clone().unwrap_or_default())
+                        == import["metadata"]["annotations"];
                 if same {
                     cur
                 } else {
                     import["metadata"]["resourceVersion"] = json!(cur.metadata.resource_version);
-                    let obj: DynamicObject = serde_json::from_value(import).map_err(kube::Error::SerdeError)?;
+                    let obj: DynamicObject =
+                        serde_json::from_value(import).map_err(kube::Error::SerdeError)?;
                     api.replace(&name, &PostParams::default(), &obj).await?
                 }
             }
@@ -336,8 +373,12 @@ impl Writer {
             c.insert("lastTransitionTime".into(), json!(kept.unwrap_or(now)));
         }
         if stored.data.get("status") != Some(&status) {
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
-                .await?;
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await?;
         }
         let owner = json!([{
             "apiVersion": resource.api_version,
@@ -358,7 +399,10 @@ impl Writer {
                 }
                 Some(cur) => {
                     let cur_v = serde_json::to_value(&cur).map_err(kube::Error::SerdeError)?;
-                    if cur_v["endpoints"] == s["endpoints"] && cur_v["ports"] == s["ports"] && cur_v["metadata"]["ownerReferences"] == s["metadata"]["ownerReferences"] {
+                    if cur_v["endpoints"] == s["endpoints"]
+                        && cur_v["ports"] == s["ports"]
+                        && cur_v["metadata"]["ownerReferences"] == s["metadata"]["ownerReferences"]
+                    {
                         continue;
                     }
                     s["metadata"]["resourceVersion"] = json!(cur.metadata.resource_version);
@@ -378,7 +422,6 @@ fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,22 +430,52 @@ mod tests {
         v1::ImportedService {
             namespace: "ml".into(),
             name: "llm".into(),
-            r#type: if headless { v1::ServiceType::Headless } else { v1::ServiceType::ClusterSetIp } as i32,
-            ports: vec![v1::ServicePort { name: "http".into(), protocol: "TCP".into(), port: 8000, app_protocol: String::new() }],
-            ips: if headless { vec![] } else { vec!["198.18.0.1".into()] },
+            r#type: if headless {
+                v1::ServiceType::Headless
+            } else {
+                v1::ServiceType::ClusterSetIp
+            } as i32,
+            ports: vec![v1::ServicePort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 8000,
+                app_protocol: String::new(),
+            }],
+            ips: if headless {
+                vec![]
+            } else {
+                vec!["198.18.0.1".into()]
+            },
             session_affinity_client_ip: false,
-            labels: [("team".to_string(), "a".to_string())].into_iter().collect(),
+            labels: [("team".to_string(), "a".to_string())]
+                .into_iter()
+                .collect(),
             annotations: Default::default(),
             clusters: vec![
                 v1::ImportedCluster {
                     cluster: "eu-a".into(),
                     ports: vec![],
                     endpoints: vec![
-                        v1::ServiceEndpoint { address: "10.0.0.1".into(), hostname: "llm-0".into(), zone: "z1".into(), ready: true, serving: true, terminating: false },
-                        v1::ServiceEndpoint { address: "fd00::1".into(), ready: false, ..Default::default() },
+                        v1::ServiceEndpoint {
+                            address: "10.0.0.1".into(),
+                            hostname: "llm-0".into(),
+                            zone: "z1".into(),
+                            ready: true,
+                            serving: true,
+                            terminating: false,
+                        },
+                        v1::ServiceEndpoint {
+                            address: "fd00::1".into(),
+                            ready: false,
+                            ..Default::default()
+                        },
                     ],
                 },
-                v1::ImportedCluster { cluster: "us".into(), ports: vec![], endpoints: vec![] },
+                v1::ImportedCluster {
+                    cluster: "us".into(),
+                    ports: vec![],
+                    endpoints: vec![],
+                },
             ],
         }
     }
@@ -415,18 +488,31 @@ mod tests {
         assert_eq!(si["spec"]["ipFamilies"], json!(["IPv4"]));
         assert_eq!(si["metadata"]["labels"]["team"], "a");
         assert_eq!(si["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
-        assert_eq!(status["clusters"], json!([{"cluster": "eu-a"}, {"cluster": "us"}]));
+        assert_eq!(
+            status["clusters"],
+            json!([{"cluster": "eu-a"}, {"cluster": "us"}])
+        );
         assert_eq!(status["conditions"][0]["status"], "True");
         // eu-a: IPv4 and IPv6; us: an empty IPv4 slice that still names it.
         assert_eq!(slices.len(), 3);
         let v4 = &slices[&slice_name("llm", "eu-a", false)];
         assert_eq!(v4["metadata"]["labels"][SOURCE_CLUSTER_LABEL], "eu-a");
         assert_eq!(v4["metadata"]["labels"][MCS_SERVICE_NAME_LABEL], "llm");
-        assert!(v4["metadata"]["labels"].get("kubernetes.io/service-name").is_none());
+        assert!(
+            v4["metadata"]["labels"]
+                .get("kubernetes.io/service-name")
+                .is_none()
+        );
         assert_eq!(v4["endpoints"][0]["hostname"], "llm-0");
         assert_eq!(v4["endpoints"][0]["zone"], "z1");
-        assert_eq!(slices[&slice_name("llm", "eu-a", true)]["addressType"], "IPv6");
-        assert_eq!(slices[&slice_name("llm", "us", false)]["endpoints"], json!([]));
+        assert_eq!(
+            slices[&slice_name("llm", "eu-a", true)]["addressType"],
+            "IPv6"
+        );
+        assert_eq!(
+            slices[&slice_name("llm", "us", false)]["endpoints"],
+            json!([])
+        );
     }
 
     #[test]
@@ -449,16 +535,37 @@ mod tests {
     #[test]
     fn updates_replace_when_full_and_merge_otherwise() {
         let (tx, _) = watch::channel(None);
-        let s = ImportSync { desired: Arc::new(tx) };
+        let s = ImportSync {
+            desired: Arc::new(tx),
+        };
         let mut a = import(false);
-        s.apply(v1::ImportsUpdate { full: true, upsert: vec![a.clone()], remove: vec![] });
+        s.apply(v1::ImportsUpdate {
+            full: true,
+            upsert: vec![a.clone()],
+            remove: vec![],
+        });
         a.name = "other".into();
-        s.apply(v1::ImportsUpdate { full: false, upsert: vec![a.clone()], remove: vec![] });
+        s.apply(v1::ImportsUpdate {
+            full: false,
+            upsert: vec![a.clone()],
+            remove: vec![],
+        });
         assert_eq!(s.desired.borrow().as_ref().unwrap().len(), 2);
-        s.apply(v1::ImportsUpdate { full: false, upsert: vec![], remove: vec!["ml/llm".into()] });
+        s.apply(v1::ImportsUpdate {
+            full: false,
+            upsert: vec![],
+            remove: vec!["ml/llm".into()],
+        });
         let d = s.desired.borrow().clone().unwrap();
-        assert_eq!(d.keys().cloned().collect::<Vec<_>>(), vec![("ml".to_string(), "other".to_string())]);
-        s.apply(v1::ImportsUpdate { full: true, upsert: vec![], remove: vec![] });
+        assert_eq!(
+            d.keys().cloned().collect::<Vec<_>>(),
+            vec![("ml".to_string(), "other".to_string())]
+        );
+        s.apply(v1::ImportsUpdate {
+            full: true,
+            upsert: vec![],
+            remove: vec![],
+        });
         assert!(s.desired.borrow().as_ref().unwrap().is_empty());
     }
 }

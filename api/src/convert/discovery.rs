@@ -80,6 +80,7 @@ pub fn export_to_wire(e: &Export) -> v1::ServiceExport {
             Some(InvalidReason::InvalidServiceType) => v1::ExportInvalid::ServiceType as i32,
         },
         cluster: e.cluster.clone(),
+        endpoint_ports: e.endpoint_ports.iter().map(port_to_wire).collect(),
     }
 }
 
@@ -112,7 +113,11 @@ pub fn import_to_wire(s: &Service, decision: &Decision) -> v1::ImportedService {
         ports: s.ports.iter().map(port_to_wire).collect(),
         ips: match headless {
             true => Vec::new(),
-            false => decision.preferred_ips().iter().map(|a| a.to_string()).collect(),
+            false => decision
+                .preferred_ips()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         },
         session_affinity_client_ip: s.session_affinity == SessionAffinity::ClientIp,
         labels: s.labels.clone().into_iter().collect(),
@@ -122,7 +127,11 @@ pub fn import_to_wire(s: &Service, decision: &Decision) -> v1::ImportedService {
             .iter()
             .map(|e| v1::ImportedCluster {
                 cluster: e.cluster.clone(),
-                ports: e.ports.iter().map(port_to_wire).collect(),
+                // The endpoints' own ports; the Service's when the slices named none.
+                ports: match e.endpoint_ports.is_empty() {
+                    true => e.ports.iter().map(port_to_wire).collect(),
+                    false => e.endpoint_ports.iter().map(port_to_wire).collect(),
+                },
                 endpoints: e
                     .endpoints
                     .iter()
@@ -134,6 +143,55 @@ pub fn import_to_wire(s: &Service, decision: &Decision) -> v1::ImportedService {
             })
             .collect(),
     }
+}
+
+/// Ports, validated: names are DNS labels (or empty), unique per protocol; `at` is the field.
+fn ports_from_wire(ports: &[v1::ServicePort], at: &str) -> Result<Vec<Port>, Invalid> {
+    if ports.len() > MAX_PORTS {
+        return Err(invalid(
+            at.to_string(),
+            format!("at most {MAX_PORTS}, got {}", ports.len()),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, p) in ports.iter().enumerate() {
+        let f = format!("{at}[{i}]");
+        let protocol = protocol_from(&p.protocol).ok_or_else(|| {
+            invalid(
+                format!("{f}.protocol"),
+                format!("{:?}: want TCP, UDP or SCTP", p.protocol),
+            )
+        })?;
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                invalid(
+                    format!("{f}.port"),
+                    format!("{} is not a port (1–65535)", p.port),
+                )
+            })?;
+        if !p.name.is_empty() && !is_dns_label(&p.name) {
+            return Err(invalid(
+                format!("{f}.name"),
+                format!("{:?} is not a DNS label", p.name),
+            ));
+        }
+        if !names.insert((p.name.clone(), protocol)) {
+            return Err(invalid(
+                format!("{f}.name"),
+                format!("port {:?}/{protocol} appears twice", p.name),
+            ));
+        }
+        out.push(Port {
+            name: p.name.clone(),
+            protocol,
+            port,
+            app_protocol: Some(p.app_protocol.clone()).filter(|a| !a.is_empty()),
+        });
+    }
+    Ok(out)
 }
 
 /// An export from `cluster`'s agent (or from the store), validated; `at` is the field path.
@@ -175,50 +233,8 @@ pub fn export_from_wire(w: &v1::ServiceExport, cluster: &str, at: &str) -> Resul
             ));
         }
     };
-    if w.ports.len() > MAX_PORTS {
-        return Err(invalid(
-            format!("{at}.ports"),
-            format!("at most {MAX_PORTS}, got {}", w.ports.len()),
-        ));
-    }
-    let mut names = BTreeSet::new();
-    let mut ports = Vec::with_capacity(w.ports.len());
-    for (i, p) in w.ports.iter().enumerate() {
-        let f = format!("{at}.ports[{i}]");
-        let protocol = protocol_from(&p.protocol).ok_or_else(|| {
-            invalid(
-                format!("{f}.protocol"),
-                format!("{:?}: want TCP, UDP or SCTP", p.protocol),
-            )
-        })?;
-        let port = u16::try_from(p.port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| {
-                invalid(
-                    format!("{f}.port"),
-                    format!("{} is not a port (1–65535)", p.port),
-                )
-            })?;
-        if !p.name.is_empty() && !is_dns_label(&p.name) {
-            return Err(invalid(
-                format!("{f}.name"),
-                format!("{:?} is not a DNS label", p.name),
-            ));
-        }
-        if !names.insert((p.name.clone(), protocol)) {
-            return Err(invalid(
-                format!("{f}.name"),
-                format!("port {:?}/{protocol} appears twice", p.name),
-            ));
-        }
-        ports.push(Port {
-            name: p.name.clone(),
-            protocol,
-            port,
-            app_protocol: Some(p.app_protocol.clone()).filter(|a| !a.is_empty()),
-        });
-    }
+    let ports = ports_from_wire(&w.ports, &format!("{at}.ports"))?;
+    let endpoint_ports = ports_from_wire(&w.endpoint_ports, &format!("{at}.endpoint_ports"))?;
     for (f, m, max_value) in [
         ("labels", &w.labels, 63usize),
         ("annotations", &w.annotations, MAX_ANNOTATION_BYTES),
@@ -301,6 +317,7 @@ pub fn export_from_wire(w: &v1::ServiceExport, cluster: &str, at: &str) -> Resul
         name: w.name.clone(),
         service_type,
         ports,
+        endpoint_ports,
         labels: w.labels.clone().into_iter().collect(),
         annotations: w.annotations.clone().into_iter().collect(),
         session_affinity: match w.session_affinity_client_ip {

@@ -19,7 +19,10 @@ pub struct SentImports {
 fn import_of(t: &RoutingTable, cluster: &str, key: &ServiceKey) -> Option<v1::ImportedService> {
     let r = t.get(&key.namespace, &key.name)?;
     let region = t.regions.get(cluster).map(String::as_str);
-    Some(import_to_wire(&r.service, r.decision(Some(cluster), region)))
+    Some(import_to_wire(
+        &r.service,
+        r.decision(Some(cluster), region),
+    ))
 }
 
 impl SentImports {

@@ -338,11 +338,13 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         let mut want_imports = hello.imports;
         let mut routes = discovery.route_changes();
         let mut imports = crate::discovery::imports::SentImports::default();
-        if want_imports
-            && let Some(u) = imports.update(&discovery.table().load(), &cluster, None)
-        {
-            let m = v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) };
-            tx.send(Ok(m)).await.map_err(|_| Status::cancelled("agent went away"))?;
+        if want_imports && let Some(u) = imports.update(&discovery.table().load(), &cluster, None) {
+            let m = v1::HubMessage {
+                msg: Some(v1::hub_message::Msg::Imports(u)),
+            };
+            tx.send(Ok(m))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
         }
         // What was last sent, so an unchanged status is not sent again.
         let mut sent_status: Option<Vec<v1::ExportStatus>> = None;

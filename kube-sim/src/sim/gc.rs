@@ -19,7 +19,12 @@ impl SimState {
         ]
         .into_iter()
         .collect();
-        for res in [idx::REPLICASETS, idx::PODS, idx::RESOURCECLAIMS, idx::ENDPOINTSLICES] {
+        for res in [
+            idx::REPLICASETS,
+            idx::PODS,
+            idx::RESOURCECLAIMS,
+            idx::ENDPOINTSLICES,
+        ] {
             let doomed: Vec<(String, String)> = self
                 .store
                 .iter(res, None, None)
