@@ -169,6 +169,17 @@ impl SimCluster {
         }
     }
 
+    /// Set vLLM-style metric values on pods (what their `/metrics` answers through the pod
+    /// proxy).
+    pub fn set_pod_metrics(&self, rule: crate::sim::metrics::MetricsRule) -> Result<(), ApiError> {
+        self.core.write(|s| s.set_metrics(rule))
+    }
+
+    /// Forget every metric value set.
+    pub fn clear_pod_metrics(&self) {
+        self.core.write(|s| s.clear_metrics());
+    }
+
     /// Undo every fault.
     pub fn clear_all(&self) {
         *self.core.api_faults.write().expect("faults") = ApiFaults::default();

@@ -4,6 +4,10 @@
 //! - `GET  /v1/clusters/{name}/kubeconfig`
 //! - `POST /v1/clusters/{name}/faults` — body: a [`Fault`] as JSON, e.g. `{"type":"gpu-failure","node":"n","count":2}`
 //! - `DELETE /v1/clusters/{name}/faults` — body: a fault to clear, or empty to clear all
+//! - `POST /v1/clusters/{name}/metrics` — body: a [`MetricsRule`], e.g.
+//!   `{"namespace":"ml","selector":"app=llm","values":{"vllm:num_requests_waiting":12}}`:
+//!   what the pods' `/metrics` answer through the pod proxy
+//! - `DELETE /v1/clusters/{name}/metrics` — forget every value set
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::SimFleet;
 use crate::faults::Fault;
+use crate::sim::metrics::MetricsRule;
 
 fn reply(code: u16, v: Value) -> Response<Full<Bytes>> {
     Response::builder()
@@ -74,6 +79,23 @@ async fn handle(
                     Ok(()) => reply(200, json!({"injected": fault})),
                     Err(e) => reply(e.code, json!({"error": e.message})),
                 }
+            }
+        }
+        (m, ["v1", "clusters", name, "metrics"]) if m == Method::POST || m == Method::DELETE => {
+            let Some(c) = fleet.cluster(name) else {
+                return Ok(reply(404, json!({"error": format!("no cluster {name:?}")})));
+            };
+            if m == Method::DELETE {
+                c.clear_pod_metrics();
+                return Ok(reply(200, json!({"cleared": "metrics"})));
+            }
+            let rule: MetricsRule = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return Ok(reply(400, json!({"error": format!("metrics: {e}")}))),
+            };
+            match c.set_pod_metrics(rule.clone()) {
+                Ok(()) => reply(200, json!({"set": rule})),
+                Err(e) => reply(e.code, json!({"error": e.message})),
             }
         }
         _ => reply(404, json!({"error": format!("no route {path}")})),

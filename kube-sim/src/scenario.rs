@@ -334,6 +334,10 @@ pub struct WorkloadSpec {
     /// Give pods an emptyDir volume (drain then needs `--delete-emptydir-data`).
     #[serde(default)]
     pub empty_dir: bool,
+    /// Pods serve vLLM's metrics through the pod proxy (idle until set through the control
+    /// API), and the ServiceExport opts in to inference load sampling.
+    #[serde(default)]
+    pub inference: bool,
 }
 
 fn default_namespace() -> String {

@@ -230,6 +230,36 @@ pub async fn handle(
         true => versions::storage_of(group),
         false => version,
     };
+    // The pod proxy (`pods/NAME[:PORT]/proxy/PATH`): only `/metrics` of pods that serve it.
+    if let (["namespaces", ns, "pods", pod_port, "proxy", tail @ ..], "") = (rest, group) {
+        let faults = core.api_faults();
+        if let Some(d) = faults.latency {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(code) = faults.error_for("get", "pods") {
+            return Ok(error_response(&ApiError::new(
+                code,
+                reason_for(code),
+                "injected fault (kube-sim): proxy pods",
+            )));
+        }
+        let pod = pod_port.split(':').next().unwrap_or_default();
+        let r = match (req.method() == Method::GET, tail) {
+            (true, ["metrics"]) => core.read(|s| s.pod_metrics(ns, pod)),
+            _ => Err(ApiError::new(
+                404,
+                "NotFound",
+                format!("kube-sim serves only GET .../proxy/metrics (asked {path})"),
+            )),
+        };
+        return Ok(match r {
+            Ok(text) => Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(full(text))
+                .expect("response"),
+            Err(e) => error_response(&e),
+        });
+    }
     let Some(target) = resolve(group, stored_version, rest) else {
         return Ok(not_found_path(&path));
     };

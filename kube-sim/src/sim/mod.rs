@@ -15,6 +15,7 @@ mod endpoints;
 mod gc;
 mod kubelet;
 mod machine_deployments;
+pub mod metrics;
 mod pods;
 mod scheduler;
 mod workloads;
@@ -36,6 +37,9 @@ pub use disruption::PdbHealth;
 
 /// Namespace of the MachineDeployments that back scenario pools.
 pub const MD_NAMESPACE: &str = "default";
+/// The ServiceExport annotation by which a service opts in to inference load sampling (its
+/// value: the pods' metrics port), as Flotilla's agent reads it.
+pub const INFERENCE_METRICS_ANNOTATION: &str = "flotilla.io/inference-metrics";
 /// Annotation on a pod template asking for N GPUs through a DRA ResourceClaim.
 pub const DRA_GPUS_ANNOTATION: &str = "sim.flotilla.dev/dra-gpus";
 /// Pod-template annotation: claim MIG partitions of this profile instead of whole GPUs.
@@ -73,6 +77,7 @@ pub struct SimState {
     nodes: HashMap<String, NodeSim>,
     bound: HashMap<(String, String), Instant>,
     unready_pods: HashSet<(String, String)>,
+    metric_rules: Vec<metrics::MetricsRule>,
     md_counter: HashMap<(String, String), u32>,
     next_node_ip: u32,
     next_pod_ip: u32,
@@ -245,6 +250,7 @@ impl SimState {
             nodes: HashMap::new(),
             bound: HashMap::new(),
             unready_pods: HashSet::new(),
+            metric_rules: Vec::new(),
             md_counter: HashMap::new(),
             next_node_ip: 10,
             next_pod_ip: 10,
@@ -326,6 +332,10 @@ impl SimState {
             .expect("ns");
         }
         let labels = json!({"app": w.name});
+        let mut pod_labels = labels.clone();
+        if w.inference {
+            pod_labels[metrics::VLLM_LABEL] = json!("true");
+        }
         let mut container = json!({
             "name": "server",
             "image": format!("registry.sim/{}:latest", w.name),
@@ -385,7 +395,7 @@ impl SimState {
             "spec": {
                 "replicas": w.replicas,
                 "selector": {"matchLabels": labels},
-                "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+                "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
             },
         });
         self.create(idx::DEPLOYMENTS, &w.namespace, deploy)
@@ -426,12 +436,14 @@ impl SimState {
             }
             self.create(idx::SERVICES, &w.namespace, s).expect("svc");
             if w.export {
-                self.create(
-                    idx::SERVICEEXPORTS,
-                    &w.namespace,
-                    json!({"metadata": {"name": w.name}}),
-                )
-                .expect("export");
+                let mut se = json!({"metadata": {"name": w.name}});
+                if w.inference {
+                    // Opt in to inference load sampling, on the pods' metrics port.
+                    se["metadata"]["annotations"] = json!({INFERENCE_METRICS_ANNOTATION:
+                        svc.target_port.unwrap_or(svc.port).to_string()});
+                }
+                self.create(idx::SERVICEEXPORTS, &w.namespace, se)
+                    .expect("export");
             }
         }
     }
