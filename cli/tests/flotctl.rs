@@ -94,6 +94,7 @@ async fn get_describe_fit_join_and_errors() {
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
         imports: true,
+        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
     };
     tokio::spawn(flotilla_agent::run(client, opts, None, shutdown.clone()));
 

@@ -701,7 +701,7 @@ impl Decision {
     pub fn preferred_ips(&self) -> Vec<IpAddr> {
         let mut by_weight: Vec<&Choice> = self.chosen.iter().collect();
         // Stable: equal weights keep the decision's order.
-        by_weight.sort_by(|a, b| b.weight.cmp(&a.weight));
+        by_weight.sort_by_key(|c| std::cmp::Reverse(c.weight));
         let addrs = || {
             by_weight
                 .iter()
@@ -870,32 +870,52 @@ fn saturation(
         }
     }
     if rule.inference {
-        let stale_ms = (rule.sample_interval_ms * STALE_AFTER_INTERVALS) as i64;
-        match load {
-            Some(l) if l.pods > 0 && now_unix_ms - l.sampled_at_unix_ms <= stale_ms => {
-                if l.queue_depth >= rule.max_queue_depth {
-                    return (
-                        Some(format!(
-                            "saturated: queue depth {:.1} ≥ {}",
-                            l.queue_depth, rule.max_queue_depth
-                        )),
-                        false,
-                    );
-                }
-                if l.kv_cache_usage >= rule.max_kv_cache_usage {
-                    return (
-                        Some(format!(
-                            "saturated: KV-cache use {:.2} ≥ {}",
-                            l.kv_cache_usage, rule.max_kv_cache_usage
-                        )),
-                        false,
-                    );
-                }
-            }
-            _ => known = false,
+        match inference_verdict(rule, load, now_unix_ms) {
+            LoadVerdict::Saturated(why) => return (Some(why), false),
+            LoadVerdict::Headroom => {}
+            LoadVerdict::Unknown => known = false,
         }
     }
     (None, known)
+}
+
+/// How a service's inference load in one cluster is judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadVerdict {
+    /// No sample, no pod answered, or the sample is older than [`STALE_AFTER_INTERVALS`]
+    /// intervals: never taken for idle.
+    Unknown,
+    /// Below both thresholds.
+    Headroom,
+    /// At or over a threshold (the reason).
+    Saturated(String),
+}
+
+/// Judge one inference load sample by a saturation rule's thresholds. Pure.
+pub fn inference_verdict(
+    rule: &Saturation,
+    load: Option<&InferenceLoad>,
+    now_unix_ms: i64,
+) -> LoadVerdict {
+    let stale_ms = (rule.sample_interval_ms * STALE_AFTER_INTERVALS) as i64;
+    match load {
+        Some(l) if l.pods > 0 && now_unix_ms - l.sampled_at_unix_ms <= stale_ms => {
+            if l.queue_depth >= rule.max_queue_depth {
+                LoadVerdict::Saturated(format!(
+                    "saturated: queue depth {:.1} ≥ {}",
+                    l.queue_depth, rule.max_queue_depth
+                ))
+            } else if l.kv_cache_usage >= rule.max_kv_cache_usage {
+                LoadVerdict::Saturated(format!(
+                    "saturated: KV-cache use {:.2} ≥ {}",
+                    l.kv_cache_usage, rule.max_kv_cache_usage
+                ))
+            } else {
+                LoadVerdict::Headroom
+            }
+        }
+        _ => LoadVerdict::Unknown,
+    }
 }
 
 /// A small deterministic generator (SplitMix64) so a query's seed fixes its order.

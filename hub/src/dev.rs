@@ -116,6 +116,7 @@ pub async fn start(
             gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
             flat_network: false,
             imports: true,
+            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
         };
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());

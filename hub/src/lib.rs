@@ -281,8 +281,13 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             Some(bound)
         }
     };
-    let controllers: Vec<Arc<dyn Controller>> =
-        vec![Arc::new(fleet.health_controller(store.clone()))];
+    let controllers: Vec<Arc<dyn Controller>> = vec![
+        Arc::new(fleet.health_controller(store.clone())),
+        Arc::new(discovery::loads::LoadController {
+            discovery: fleet.discovery.clone(),
+            backend: store.clone(),
+        }),
+    ];
     tasks.push(tokio::spawn(
         run_while_leader(
             Arc::new(store.clone()),

@@ -209,8 +209,19 @@ async fn kubectl_shows_imports(c: &SimCluster) {
     );
 }
 
-#[tokio::test]
-async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
+/// A one-member hub with DNS, and a real agent per simulated cluster of `sim`.
+struct Fleet {
+    hub: flotilla_hub::RunningHub,
+    dns: SocketAddr,
+    fleet: FleetServiceClient<Channel>,
+    disc: DiscoveryServiceClient<Channel>,
+    sims: SimFleet,
+    agents: std::collections::BTreeMap<String, CancellationToken>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_fleet(sim: &str) -> Fleet {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -247,9 +258,9 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         .await
         .unwrap();
     let mut fleet = FleetServiceClient::new(ch.clone());
-    let mut disc = DiscoveryServiceClient::new(ch);
+    let disc = DiscoveryServiceClient::new(ch);
 
-    let sims = SimFleet::start(&Scenario::from_yaml(SIM).unwrap(), SimOptions::default())
+    let sims = SimFleet::start(&Scenario::from_yaml(sim).unwrap(), SimOptions::default())
         .await
         .unwrap();
     let mut agents = std::collections::BTreeMap::new();
@@ -274,6 +285,7 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
             gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
             flat_network: false,
             imports: true,
+            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
         };
         tokio::spawn(flotilla_agent::run(
             kube_client(c).await,
@@ -283,6 +295,30 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         ));
         agents.insert(c.name().to_string(), stop);
     }
+    Fleet {
+        hub,
+        dns,
+        fleet,
+        disc,
+        sims,
+        agents,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
+    let Fleet {
+        hub,
+        dns,
+        fleet: _fleet,
+        mut disc,
+        sims,
+        agents,
+        shutdown,
+        _dir,
+    } = start_fleet(SIM).await;
     let (eu_a, eu_b, us) = (
         sims.cluster("eu-a").unwrap(),
         sims.cluster("eu-b").unwrap(),
@@ -584,6 +620,132 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         why("eu-b")
     );
     assert!(why("us").starts_with("chosen: tier 2"), "{}", why("us"));
+
+    shutdown.cancel();
+    sims.shutdown().await;
+}
+
+const SAT: &str = r#"
+clusters:
+  - name: sat-a
+    region: eu-west
+    provider: aks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
+    workloads:
+      - {name: chat, namespace: ml, replicas: 2, gpus: 1, inference: true, service: {port: 80, target_port: 8000, type: LoadBalancer}, export: true}
+  - name: sat-b
+    region: eu-west
+    provider: aks
+    timing: {node_ready_ms: 50, device_plugin_ms: 50, pod_start_ms: 20}
+    pools:
+      - {name: h100, count: 1, gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}
+    workloads:
+      - {name: chat, namespace: ml, replicas: 2, gpus: 1, inference: true, service: {port: 80, target_port: 8000, type: LoadBalancer}, export: true}
+"#;
+
+#[tokio::test]
+async fn inference_saturation_moves_answers_away_and_back() {
+    let Fleet {
+        dns,
+        mut disc,
+        sims,
+        shutdown,
+        _dir,
+        ..
+    } = start_fleet(SAT).await;
+    let (a, b) = (
+        sims.cluster("sat-a").unwrap(),
+        sims.cluster("sat-b").unwrap(),
+    );
+    let chat_ip = |c: &'static str| {
+        let sims = &sims;
+        async move {
+            let svc: Api<Service> =
+                Api::namespaced(kube_client(sims.cluster(c).unwrap()).await, "ml");
+            svc.get("chat")
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .load_balancer
+                .unwrap()
+                .ingress
+                .unwrap()[0]
+                .ip
+                .clone()
+                .unwrap()
+        }
+    };
+    let (ip_a, ip_b) = (chat_ip("sat-a").await, chat_ip("sat-b").await);
+    disc.set_policy(v1::SetPolicyRequest {
+        namespace: "ml".into(),
+        name: "chat".into(),
+        spec_json: r#"{"saturation":{"inference":true}}"#.into(),
+    })
+    .await
+    .unwrap();
+    let name = "chat.ml.svc.clusterset.local.";
+    let mut both = vec![ip_a.clone(), ip_b.clone()];
+    both.sort();
+    let answers = |want: Vec<String>| async move {
+        match dns_a(dns, name).await {
+            Ok(v) if v == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    eventually("both idle clusters answer", || answers(both.clone())).await;
+    let explain = |disc: &mut DiscoveryServiceClient<Channel>| {
+        let mut disc = disc.clone();
+        async move {
+            disc.resolve(v1::ResolveRequest {
+                namespace: "ml".into(),
+                name: "chat".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let r = explain(&mut disc).await;
+    assert!(r.verdicts.iter().all(|v| v.chosen), "{r:?}");
+
+    // sat-a's vLLM queues build up (through the simulated pod proxy): it is skipped while
+    // sat-b has headroom.
+    let set = |c: &SimCluster, waiting: f64| {
+        c.set_pod_metrics(flotilla_kube_sim::sim::metrics::MetricsRule {
+            namespace: "ml".into(),
+            pod: None,
+            selector: Some("app=chat".into()),
+            values: [("vllm:num_requests_waiting".to_string(), Some(waiting))]
+                .into_iter()
+                .collect(),
+        })
+        .unwrap()
+    };
+    set(a, 12.0);
+    eventually("only sat-b answers", || answers(vec![ip_b.clone()])).await;
+    let r = explain(&mut disc).await;
+    let va = r.verdicts.iter().find(|v| v.cluster == "sat-a").unwrap();
+    assert!(
+        !va.chosen && va.reason.contains("queue depth 12.0"),
+        "{va:?}"
+    );
+
+    // sat-b saturates too: nobody has headroom, so both answer again rather than none.
+    set(b, 9.0);
+    eventually("both answer when both are saturated", || {
+        answers(both.clone())
+    })
+    .await;
+
+    // sat-a drains: traffic comes back to it, and only to it.
+    set(a, 0.0);
+    eventually("only sat-a answers", || answers(vec![ip_a.clone()])).await;
+    set(b, 0.0);
+    eventually("both answer again", || answers(both.clone())).await;
 
     shutdown.cancel();
     sims.shutdown().await;

@@ -641,6 +641,7 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
         imports: true,
+        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
     };
     let agent_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_http_addr = agent_http.local_addr().unwrap();

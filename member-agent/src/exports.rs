@@ -147,6 +147,64 @@ impl ExportWatch {
         out
     }
 
+    /// The exports that opt in to inference load sampling
+    /// ([`crate::inference::METRICS_ANNOTATION`]), with their ready pods.
+    pub fn inference_targets(&self) -> Vec<crate::inference::Target> {
+        let Some(m) = self.mcs.get() else {
+            return Vec::new();
+        };
+        let slices = self.slices.state();
+        let mut out = Vec::new();
+        for se in m.exports.state().iter() {
+            let Some(port) = se
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(crate::inference::METRICS_ANNOTATION))
+            else {
+                continue;
+            };
+            let ns = se.metadata.namespace.clone().unwrap_or_default();
+            let name = se.metadata.name.clone().unwrap_or_default();
+            let path = se
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(crate::inference::PATH_ANNOTATION))
+                .cloned()
+                .unwrap_or_else(|| "/metrics".into());
+            let mut pods: Vec<String> = slices
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()))
+                .filter(|s| {
+                    s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        == Some(&name)
+                })
+                .flat_map(|s| s.endpoints.iter())
+                // Only pods that serve: an unready pod's metrics say nothing of the service.
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .filter_map(|e| {
+                    let t = e.target_ref.as_ref()?;
+                    (t.kind.as_deref() == Some("Pod")).then(|| t.name.clone())?
+                })
+                .collect();
+            pods.sort();
+            pods.dedup();
+            out.push(crate::inference::Target {
+                namespace: ns,
+                name,
+                port: port.clone(),
+                path,
+                pods,
+            });
+        }
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
     /// The hub's latest word on this cluster's exports; the status writer applies it.
     pub fn set_hub_status(&self, statuses: HubStatuses) {
         *self.hub.lock().expect("hub status") = Some(statuses);

@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod exports;
 pub mod imports;
+pub mod inference;
 pub mod metrics;
 pub mod session;
 pub mod watch;
@@ -42,6 +43,8 @@ pub struct AgentOptions {
     pub flat_network: bool,
     /// Maintain the derived ServiceImports and EndpointSlices of the fleet's services.
     pub imports: bool,
+    /// How often opted-in exports' inference metrics are sampled.
+    pub inference_interval: Duration,
 }
 
 /// Watch the cluster and report to the hub until `shutdown`.
@@ -62,6 +65,12 @@ pub async fn run(
     let imports = opts
         .imports
         .then(|| imports::ImportSync::start(client.clone(), exports.clone(), shutdown.clone()));
+    let loads = inference::start(
+        client.clone(),
+        exports.clone(),
+        opts.inference_interval,
+        shutdown.clone(),
+    );
     let watch = ClusterWatch::start(
         client,
         WatchOptions {
@@ -107,6 +116,7 @@ pub async fn run(
         metrics,
         exports: Some(exports),
         imports,
+        loads: Some(loads),
     };
     session::run(cfg, watch, shutdown).await
 }

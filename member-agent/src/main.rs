@@ -53,6 +53,10 @@ struct Args {
     /// (`--imports=false` to leave them to another MCS implementation).
     #[arg(long, env = "FLOTILLA_IMPORTS", default_value_t = true, action = clap::ArgAction::Set)]
     imports: bool,
+    /// How often to sample the vLLM metrics of exports annotated
+    /// `flotilla.io/inference-metrics`, e.g. `1s`.
+    #[arg(long, env = "FLOTILLA_INFERENCE_SAMPLE_INTERVAL", default_value = "1s", value_parser = flotilla_core::duration::parse)]
+    inference_sample_interval: std::time::Duration,
 }
 
 #[tokio::main]
@@ -98,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         gpu_advertise_bound: args.gpu_advertise_bound,
         flat_network: args.flat_network,
         imports: args.imports,
+        inference_interval: args.inference_sample_interval,
     };
     let http = if args.http.is_empty() {
         None

@@ -42,6 +42,8 @@ pub struct SessionConfig {
     pub exports: Option<crate::exports::ExportWatch>,
     /// The writer of the cluster's ServiceImports, if the agent maintains them.
     pub imports: Option<crate::imports::ImportSync>,
+    /// Inference load samples to send, if sampled.
+    pub loads: Option<crate::inference::Latest>,
 }
 
 /// Why a session ended.
@@ -435,6 +437,9 @@ async fn follow(
     let (_idle, idle_rx) = tokio::sync::watch::channel(0u64);
     let mut export_changes = cfg.exports.as_ref().map_or(idle_rx, |x| x.changes());
     export_changes.borrow_and_update();
+    let (_idle_loads, idle_loads_rx) = tokio::sync::watch::channel(None);
+    let mut loads = cfg.loads.clone().unwrap_or(idle_loads_rx);
+    loads.borrow_and_update();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     loop {
@@ -484,6 +489,16 @@ async fn follow(
                 if let Some(d) = exports_delta(&sent_exports, &now) {
                     tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                     sent_exports = now;
+                }
+            }
+            r = loads.changed() => {
+                if r.is_err() {
+                    return Err(SessionError::Retry("inference sampler ended".into()));
+                }
+                let latest = loads.borrow_and_update().clone();
+                if let Some(l) = latest {
+                    let m = send(v1::agent_message::Msg::Loads((*l).clone()));
+                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 }
             }
             m = inbound.message() => match m {

@@ -88,6 +88,7 @@ async fn a_hint_naming_the_same_hub_is_followed_with_backoff() {
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
         imports: true,
+        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
     };
     let agent = tokio::spawn(flotilla_agent::run(
         kube::Client::try_from(cfg).unwrap(),

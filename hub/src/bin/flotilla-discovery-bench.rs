@@ -144,6 +144,7 @@ fn start_agent(
         gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
         flat_network: false,
         imports: true,
+        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
     };
     tokio::spawn(flotilla_agent::run(client, opts, None, stop));
 }

@@ -5,10 +5,12 @@
 //!
 //! - `exports`: what an agent stream writes for its cluster's ServiceExports.
 //! - `imports`: what an agent stream sends its cluster to import.
+//! - `loads`: inference load samples (leader soft state) and the verdicts written from them.
 //! - `service`: the `DiscoveryService` gRPC API.
 
 pub mod exports;
 pub mod imports;
+pub mod loads;
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +63,8 @@ struct State {
     regions: Arc<BTreeMap<String, String>>,
     /// Decide everything again (a reload, or the default policy changed).
     dirty_all: bool,
+    /// Stored inference loads, by service then cluster.
+    loads: BTreeMap<ServiceKey, BTreeMap<String, v1::InferenceLoadRecord>>,
 }
 
 impl State {
@@ -149,6 +153,31 @@ impl State {
                 name,
                 record,
             } => self.set_policy(&namespace, &name, record),
+            Change::Load {
+                cluster,
+                namespace,
+                name,
+                record,
+            } => {
+                let key = ServiceKey::new(namespace, name);
+                match record {
+                    Some(r) => {
+                        self.loads
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(cluster, r);
+                    }
+                    None => {
+                        if let Some(m) = self.loads.get_mut(&key) {
+                            m.remove(&cluster);
+                            if m.is_empty() {
+                                self.loads.remove(&key);
+                            }
+                        }
+                    }
+                }
+                self.dirty.insert(key);
+            }
             Change::Cluster { name, record } => {
                 match record {
                     Some(c) => {
@@ -210,6 +239,8 @@ pub struct Discovery {
     /// sends the export status), so a build wakes only the streams it concerns.
     status: Mutex<BTreeMap<String, watch::Sender<u64>>>,
     changes: broadcast::Sender<RoutesChanged>,
+    /// Inference load samples from the agents connected here (the leader's soft state).
+    pub samples: loads::Samples,
 }
 
 impl Discovery {
@@ -225,6 +256,7 @@ impl Discovery {
             built: watch::Sender::new(0),
             status: Mutex::new(BTreeMap::new()),
             changes: broadcast::channel(1024).0,
+            samples: loads::Samples::default(),
         })
     }
 
@@ -391,15 +423,17 @@ impl Discovery {
             })
             .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_unix_ms();
+        let table_loads = loads::table_loads(&st.loads, now);
         let inputs = TableInputs {
             services: &st.services,
             policies: &st.policies,
             default_policy: &st.default_policy,
             clusters: &clusters,
             regions: &st.regions,
-            loads: &BTreeMap::new(),
+            loads: &table_loads,
             networks: &[],
-            now_unix_ms: now_unix_ms(),
+            now_unix_ms: now,
         };
         let next = self.table.load().update(generation, inputs, &dirty);
         drop(st);

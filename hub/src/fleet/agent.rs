@@ -435,8 +435,21 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     Some(v1::agent_message::Msg::Leave(_)) => "leave",
                     Some(v1::agent_message::Msg::Exports(_)) => "exports",
                     Some(v1::agent_message::Msg::ExportsDelta(_)) => "exports_delta",
+                    Some(v1::agent_message::Msg::Loads(_)) => "loads",
                     _ => "other",
                 };
+                // Load samples are soft state: no store write, no reply.
+                if let Some(v1::agent_message::Msg::Loads(l)) = &msg.msg {
+                    let r = discovery
+                        .samples
+                        .observe(&cluster, l, health.clock().unix_ms());
+                    metrics.message(if r.is_err() { "rejected" } else { kind });
+                    if let Err(e) = r {
+                        let _ = tx.send(Err(e.to_status())).await;
+                        break;
+                    }
+                    continue;
+                }
                 let result = handle(
                     (&backend, &health, &metrics, &limits),
                     &cluster,
@@ -549,7 +562,9 @@ async fn handle<B: KvBackend>(
             }
             (next, changed, signals)
         }
-        Some(Msg::Exports(_) | Msg::ExportsDelta(_)) => unreachable!("handled above"),
+        Some(Msg::Exports(_) | Msg::ExportsDelta(_) | Msg::Loads(_)) => {
+            unreachable!("handled above")
+        }
         None => return Err(Status::invalid_argument("msg: empty message")),
     };
     // A resync that matches what the hub holds writes nothing (0: no new revision).

@@ -237,7 +237,7 @@ impl FleetView {
                 None
             }
             // Discovery's records; the discovery view follows them.
-            Change::Export { .. } | Change::Policy { .. } => None,
+            Change::Export { .. } | Change::Policy { .. } | Change::Load { .. } => None,
         };
         if let Some((cluster, e)) = event
             && notify

@@ -8,6 +8,7 @@
 //! | `/tokens/<sha256>` | `JoinTokenRecord` | `FleetService.CreateJoinToken` (any replica) |
 //! | `/exports/<cluster>/<namespace>/<name>` | `ServiceExport` | the leader: that cluster's agent stream only |
 //! | `/policies/<namespace>/<name>`, `/policies/_default` | `RoutingPolicyRecord` | `DiscoveryService.SetPolicy` (any replica) |
+//! | `/loads/<cluster>/<namespace>/<name>` | `InferenceLoadRecord` | the leader's load tracker, when a verdict changes |
 //!
 //! Campaigns (`/campaigns/`) add their prefix here.
 
@@ -24,15 +25,22 @@ pub const TOKENS: &str = "/tokens/";
 pub const EXPORTS: &str = "/exports/";
 /// Prefix of routing policies (`v1::RoutingPolicyRecord`).
 pub const POLICIES: &str = "/policies/";
+/// Prefix of inference loads (`v1::InferenceLoadRecord`).
+pub const LOADS: &str = "/loads/";
 /// The fleet default policy's name under [`POLICIES`] (no namespace has an underscore).
 pub const DEFAULT_POLICY: &str = "_default";
 
 /// The prefixes every replica mirrors in memory (tokens are read on demand).
-pub const MIRRORED: [&str; 4] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES];
+pub const MIRRORED: [&str; 5] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS];
 
 /// Key of one cluster's export.
 pub fn export_key(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{EXPORTS}{cluster}/{namespace}/{name}")
+}
+
+/// Key of one export's inference load.
+pub fn load_key(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{LOADS}{cluster}/{namespace}/{name}")
 }
 
 /// Prefix of one cluster's exports.
@@ -78,6 +86,19 @@ pub enum Key<'a> {
     Export(&'a str, &'a str, &'a str),
     /// `/policies/<namespace>/<name>`; both empty for the fleet default.
     Policy(&'a str, &'a str),
+    /// `/loads/<cluster>/<namespace>/<name>`.
+    Load(&'a str, &'a str, &'a str),
+}
+
+/// `<cluster>/<namespace>/<name>`, each part non-empty.
+fn three(rest: &str) -> Option<(&str, &str, &str)> {
+    let mut p = rest.splitn(3, '/');
+    match (p.next(), p.next(), p.next()) {
+        (Some(c), Some(ns), Some(n)) if !c.is_empty() && !ns.is_empty() && !n.is_empty() => {
+            Some((c, ns, n))
+        }
+        _ => None,
+    }
 }
 
 impl<'a> Key<'a> {
@@ -87,15 +108,9 @@ impl<'a> Key<'a> {
         if let Some(n) = key.strip_prefix(CLUSTERS) {
             Some(Key::Cluster(n))
         } else if let Some(rest) = key.strip_prefix(EXPORTS) {
-            let mut p = rest.splitn(3, '/');
-            match (p.next(), p.next(), p.next()) {
-                (Some(c), Some(ns), Some(n))
-                    if !c.is_empty() && !ns.is_empty() && !n.is_empty() =>
-                {
-                    Some(Key::Export(c, ns, n))
-                }
-                _ => None,
-            }
+            three(rest).map(|(c, ns, n)| Key::Export(c, ns, n))
+        } else if let Some(rest) = key.strip_prefix(LOADS) {
+            three(rest).map(|(c, ns, n)| Key::Load(c, ns, n))
         } else if let Some(rest) = key.strip_prefix(POLICIES) {
             match rest.split_once('/') {
                 _ if rest == DEFAULT_POLICY => Some(Key::Policy("", "")),
@@ -144,5 +159,10 @@ mod tests {
             Some(Key::Policy("", ""))
         );
         assert_eq!(Key::parse(b"/exports/c/ml"), None);
+        assert_eq!(
+            Key::parse(load_key("c", "ml", "llm").as_bytes()),
+            Some(Key::Load("c", "ml", "llm"))
+        );
+        assert_eq!(Key::parse(b"/loads/c//llm"), None);
     }
 }

@@ -40,6 +40,17 @@ pub enum Change {
         /// The export.
         record: Option<Box<flotilla_core::export::Export>>,
     },
+    /// `/loads/<cluster>/<namespace>/<name>`: an export's inference load.
+    Load {
+        /// Exporting cluster.
+        cluster: String,
+        /// Namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// The record.
+        record: Option<v1::InferenceLoadRecord>,
+    },
     /// `/policies/...`: a routing policy (empty namespace and name: the fleet default).
     Policy {
         /// Namespace.
@@ -93,6 +104,17 @@ impl Change {
                     name: name.to_string(),
                     record,
                 })
+            }
+            Key::Load(cluster, namespace, name) => {
+                match value.map(v1::InferenceLoadRecord::decode).transpose() {
+                    Ok(record) => Ok(Change::Load {
+                        cluster: cluster.to_string(),
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        record,
+                    }),
+                    Err(e) => Err(undecodable(e)),
+                }
             }
             Key::Policy(namespace, name) => {
                 match value.map(v1::RoutingPolicyRecord::decode).transpose() {
