@@ -51,6 +51,8 @@ pub struct ClusterRecord {
     pub history: Vec<HistoryEntry>,
     /// Resources its agent has not listed: the inventory is incomplete, Fit skips it.
     pub inventory_incomplete: Vec<String>,
+    /// The pod and node networks (CIDRs) its agent last reported.
+    pub networks: Vec<String>,
 }
 
 /// Whether `tr` still applies to the stored record `c`: it starts from the health the record
@@ -100,6 +102,7 @@ pub fn register(
             joined_at_unix_ms: now_unix_ms,
             history: Vec::new(),
             inventory_incomplete: Vec::new(),
+            networks: Vec::new(),
         },
     };
     if next.health == Health::Left {
@@ -202,6 +205,7 @@ mod tests {
             joined_at_unix_ms: 0,
             history: Vec::new(),
             inventory_incomplete: Vec::new(),
+            networks: Vec::new(),
         };
         let down = Transition {
             cluster: "a".into(),

@@ -1013,5 +1013,69 @@ pub fn locate<'a>(
         .map(|(_, c, _)| c)
 }
 
+/// Networks indexed for [`locate`]'s longest-prefix match in a few hash lookups (one per
+/// prefix length in use), not a scan: DNS locates every query's client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkIndex {
+    /// (IPv6?, prefix length, masked network → its cluster, or `None` when two clusters
+    /// claim it), longest prefixes first.
+    levels: Vec<(bool, u8, std::collections::HashMap<u128, Option<String>>)>,
+}
+
+fn bits_of(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
+fn masked(bits: u128, v6: bool, prefix: u8) -> u128 {
+    let host = u32::from(if v6 { 128 } else { 32 } - prefix);
+    match host {
+        128 => 0,
+        h => bits & !((1u128 << h) - 1),
+    }
+}
+
+impl NetworkIndex {
+    /// Index `(network, cluster)` pairs.
+    pub fn new<'a>(networks: impl IntoIterator<Item = (&'a Cidr, &'a str)>) -> Self {
+        let mut by: BTreeMap<(bool, u8), std::collections::HashMap<u128, Option<String>>> =
+            BTreeMap::new();
+        for (n, c) in networks {
+            let (v6, bits) = bits_of(n.addr);
+            let m = by.entry((v6, n.prefix)).or_default();
+            let slot = m
+                .entry(masked(bits, v6, n.prefix))
+                .or_insert_with(|| Some(c.to_string()));
+            if slot.as_deref().is_some_and(|s| s != c) {
+                *slot = None;
+            }
+        }
+        let mut levels: Vec<_> = by.into_iter().map(|((v6, p), m)| (v6, p, m)).collect();
+        levels.sort_by_key(|(_, p, _)| std::cmp::Reverse(*p));
+        Self { levels }
+    }
+
+    /// The cluster whose networks hold `ip`, as [`locate`] decides.
+    pub fn locate(&self, ip: IpAddr) -> Option<&str> {
+        let (v6, bits) = bits_of(ip);
+        for (lv6, prefix, m) in &self.levels {
+            if *lv6 != v6 {
+                continue;
+            }
+            if let Some(c) = m.get(&masked(bits, v6, *prefix)) {
+                return c.as_deref();
+            }
+        }
+        None
+    }
+
+    /// Whether no network is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.levels.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests;

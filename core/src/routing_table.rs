@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::export::{InferenceLoad, Service, ServiceKey, ServiceType};
 use crate::health::Health;
-use crate::routing::{Cidr, Client, ClusterState, Decision, RoutingPolicy, decide, locate};
+use crate::routing::{Client, ClusterState, Decision, NetworkIndex, RoutingPolicy, decide};
 
 /// What the table is built from.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub struct TableInputs<'a> {
     /// Inference load per service and cluster.
     pub loads: &'a BTreeMap<ServiceKey, BTreeMap<String, InferenceLoad>>,
     /// The networks (pod and node CIDRs) each cluster reported, to locate clients.
-    pub networks: &'a [(Cidr, String)],
+    pub networks: &'a Arc<NetworkIndex>,
     /// Now, Unix milliseconds.
     pub now_unix_ms: i64,
 }
@@ -95,7 +95,7 @@ pub struct RoutingTable {
     /// Namespaces with at least one service.
     pub namespaces: BTreeSet<String>,
     /// Networks for locating clients.
-    pub networks: Vec<(Cidr, String)>,
+    pub networks: Arc<NetworkIndex>,
     /// Region of each member cluster.
     pub regions: Arc<BTreeMap<String, String>>,
 }
@@ -255,7 +255,7 @@ impl RoutingTable {
             services,
             by_dns,
             namespaces,
-            networks: inputs.networks.to_vec(),
+            networks: inputs.networks.clone(),
             regions: inputs.regions.clone(),
         }
     }
@@ -274,7 +274,7 @@ impl RoutingTable {
                 .collect(),
             namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
             services,
-            networks: inputs.networks.to_vec(),
+            networks: inputs.networks.clone(),
             regions: inputs.regions.clone(),
         }
     }
@@ -291,7 +291,7 @@ impl RoutingTable {
 
     /// The cluster whose networks hold `ip`, and that cluster's region.
     pub fn locate(&self, ip: IpAddr) -> (Option<&str>, Option<&str>) {
-        let c = locate(ip, self.networks.iter().map(|(n, c)| (n, c.as_str())));
+        let c = self.networks.locate(ip);
         (
             c,
             c.and_then(|c| self.regions.get(c))
@@ -376,7 +376,7 @@ mod tests {
         default_policy: RoutingPolicy,
         clusters: BTreeMap<String, ClusterState>,
         loads: BTreeMap<ServiceKey, BTreeMap<String, InferenceLoad>>,
-        networks: Vec<(Cidr, String)>,
+        networks: Arc<NetworkIndex>,
     }
 
     impl Fixture {
@@ -392,10 +392,10 @@ mod tests {
                     ("d", "us", Health::Ready),
                 ]),
                 loads: BTreeMap::new(),
-                networks: vec![
-                    ("10.1.0.0/16".parse().unwrap(), "a".into()),
-                    ("10.4.0.0/16".parse().unwrap(), "d".into()),
-                ],
+                networks: Arc::new(NetworkIndex::new([
+                    (&"10.1.0.0/16".parse().unwrap(), "a"),
+                    (&"10.4.0.0/16".parse().unwrap(), "d"),
+                ])),
             }
         }
 

@@ -108,7 +108,7 @@ pub fn table_of(
             .map(|(k, v)| (format!("{}.{}", k.name, k.namespace), v.clone()))
             .collect(),
         namespaces: services.keys().map(|k| k.namespace.clone()).collect(),
-        networks: Vec::new(),
+        networks: Default::default(),
         regions: Default::default(),
     }
 }

@@ -190,7 +190,9 @@ fn table(exports: &[Export], generation: u64) -> RoutingTable {
                     .collect(),
             ),
             loads: &BTreeMap::new(),
-            networks: &networks,
+            networks: &std::sync::Arc::new(flotilla_core::routing::NetworkIndex::new(
+                networks.iter().map(|(n, c)| (n, c.as_str())),
+            )),
             now_unix_ms: 0,
         },
         None,

@@ -472,6 +472,40 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         )
         .await;
     }
+    // Agents report their pod and node networks: a pod's address locates its cluster.
+    let us_pods: Api<Pod> = Api::namespaced(kube_client(us).await, "ml");
+    let pod_ip = us_pods
+        .list(&ListParams::default().labels("app=llm"))
+        .await
+        .unwrap()
+        .items[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .clone()
+        .unwrap();
+    eventually("a pod address locates its cluster", || {
+        let (mut disc, pod_ip) = (disc.clone(), pod_ip.clone());
+        async move {
+            let r = disc
+                .resolve(v1::ResolveRequest {
+                    namespace: "ml".into(),
+                    name: "llm".into(),
+                    client_ip: pod_ip,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            match r.client_cluster.as_str() {
+                "us" => Ok(()),
+                other => Err(format!("located in {other:?}")),
+            }
+        }
+    })
+    .await;
+
     // edge has no `ml` namespace: nothing is imported there until it has one.
     let edge = sims.cluster("edge").unwrap();
     let mine = ListParams::default().labels("app.kubernetes.io/managed-by=flotilla-agent");

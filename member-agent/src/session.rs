@@ -392,6 +392,12 @@ async fn session(
             .await
             .map_err(|_| SessionError::Retry("stream closed".into()))?;
     }
+    let networks = watch.networks();
+    tx.send(send(v1::agent_message::Msg::Networks(v1::Networks {
+        cidrs: networks.clone(),
+    })))
+    .await
+    .map_err(|_| SessionError::Retry("stream closed".into()))?;
     cfg.metrics.hub_connected.set(1);
     cfg.metrics.hub_connects.inc();
     let r = follow(
@@ -400,7 +406,7 @@ async fn session(
         shutdown,
         &tx,
         &mut inbound,
-        (now, exports),
+        (now, exports, networks),
         heartbeat,
     )
     .await;
@@ -426,7 +432,11 @@ async fn follow(
     shutdown: &CancellationToken,
     tx: &mpsc::Sender<v1::AgentMessage>,
     inbound: &mut tonic::Streaming<v1::HubMessage>,
-    (first, mut sent_exports): (Current, BTreeMap<String, v1::ServiceExport>),
+    (first, mut sent_exports, mut sent_networks): (
+        Current,
+        BTreeMap<String, v1::ServiceExport>,
+        Vec<String>,
+    ),
     heartbeat: Duration,
 ) -> Result<(), SessionError> {
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
@@ -454,6 +464,13 @@ async fn follow(
                 // Coalesce a burst of watch events into one delta.
                 tokio::time::sleep(cfg.coalesce).await;
                 changes.borrow_and_update();
+                // Nodes come and go with their pod ranges.
+                let networks = watch.networks();
+                if networks != sent_networks {
+                    let m = send(v1::agent_message::Msg::Networks(v1::Networks { cidrs: networks.clone() }));
+                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+                    sent_networks = networks;
+                }
                 let (d, now, sig) = match delta(watch, &sent, &last_signals) {
                     Some(x) => x,
                     None => continue,

@@ -255,6 +255,31 @@ impl ClusterWatch {
         }
     }
 
+    /// The cluster's networks: each node's pod ranges (`spec.podCIDRs`) and internal
+    /// addresses (as /32 or /128), sorted.
+    pub fn networks(&self) -> Vec<String> {
+        let mut out: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for n in self.nodes.state() {
+            let spec = n.spec.clone().unwrap_or_default();
+            out.extend(spec.pod_cidrs.into_iter().flatten());
+            out.extend(spec.pod_cidr);
+            for a in n
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                if a.type_ == "InternalIP"
+                    && let Ok(ip) = a.address.parse::<std::net::IpAddr>()
+                {
+                    out.insert(format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }));
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// The cluster's inventory from the current caches, now.
     pub fn inventory(&self) -> ClusterInventory {
         self.inventory_at(unix_ms())

@@ -497,6 +497,7 @@ pub fn cluster_from_wire(c: &v1::Cluster) -> ClusterRecord {
             })
             .collect(),
         inventory_incomplete: c.inventory_incomplete.clone(),
+        networks: c.networks.clone(),
     }
 }
 
@@ -530,6 +531,7 @@ pub fn cluster_to_wire(c: &ClusterRecord) -> v1::Cluster {
             })
             .collect(),
         inventory_incomplete: c.inventory_incomplete.clone(),
+        networks: c.networks.clone(),
         ..Default::default()
     }
 }
@@ -799,6 +801,7 @@ mod tests {
                 at_unix_ms: 7,
             }],
             inventory_incomplete: vec!["pods".into()],
+            networks: vec!["10.16.0.0/24".into()],
         };
         let w = cluster_to_wire(&c);
         assert_eq!(w.history[0].from, v1::ClusterHealth::Unspecified as i32);

@@ -761,3 +761,49 @@ fn an_import_names_the_heaviest_clusters_first_address_per_family() {
     assert_eq!(d.preferred_ips(), vec![ip("10.0.0.2"), ip("fd00::2")]);
     assert!(Decision::default().preferred_ips().is_empty());
 }
+
+/// The network index answers exactly as the scan does, on random networks and addresses
+/// (both families, overlaps, ambiguous claims, /0).
+#[test]
+fn the_network_index_agrees_with_locate() {
+    let mut rng = SplitMix(7);
+    for _ in 0..500 {
+        let n = (rng.next() % 12) as usize;
+        let mut nets: Vec<(Cidr, String)> = Vec::new();
+        for _ in 0..n {
+            let v6 = rng.next() % 4 == 0;
+            let r = rng.next();
+            let (addr, max) = match v6 {
+                false => (
+                    IpAddr::from([10, (r % 3) as u8, (r >> 8) as u8 % 4, (r >> 16) as u8]),
+                    32,
+                ),
+                true => (
+                    IpAddr::from([0xfd00, 0, 0, (r % 3) as u16, 0, 0, 0, (r >> 8) as u16 % 4]),
+                    128,
+                ),
+            };
+            let prefix = [0, 8, 16, 24, max][(rng.next() % 5) as usize];
+            nets.push((Cidr { addr, prefix }, format!("c{}", rng.next() % 3)));
+        }
+        let index = NetworkIndex::new(nets.iter().map(|(n, c)| (n, c.as_str())));
+        for _ in 0..20 {
+            let r = rng.next();
+            let ip = match r % 4 {
+                0 => IpAddr::from([
+                    0xfd00,
+                    0,
+                    0,
+                    (r >> 4) as u16 % 3,
+                    0,
+                    0,
+                    0,
+                    (r >> 8) as u16 % 4,
+                ]),
+                _ => IpAddr::from([10, (r >> 4) as u8 % 3, (r >> 8) as u8 % 4, (r >> 16) as u8]),
+            };
+            let scan = locate(ip, nets.iter().map(|(n, c)| (n, c.as_str())));
+            assert_eq!(index.locate(ip), scan, "{ip} in {nets:?}");
+        }
+    }
+}

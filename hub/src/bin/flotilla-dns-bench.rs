@@ -125,7 +125,7 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
             clusters: &states,
             regions: &regions,
             loads: &BTreeMap::new(),
-            networks: &[],
+            networks: &Default::default(),
             now_unix_ms: 0,
         },
         None,

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use flotilla_api::convert::fleet::health_from_wire;
 use flotilla_api::v1;
 use flotilla_core::export::{Export, Service, ServiceKey, aggregate};
-use flotilla_core::routing::{ClusterState, PoolGpus, RoutingPolicy};
+use flotilla_core::routing::{Cidr, ClusterState, NetworkIndex, PoolGpus, RoutingPolicy};
 use flotilla_core::routing_table::{RoutingTable, TableInputs};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,12 @@ struct State {
     regions: Arc<BTreeMap<String, String>>,
     /// Decide everything again (a reload, or the default policy changed).
     dirty_all: bool,
+    /// Every cluster's reported networks, to locate clients (source address or ECS).
+    networks: BTreeMap<String, Vec<Cidr>>,
+    /// The networks changed since the last build.
+    networks_dirty: bool,
+    /// The index of `networks` the table holds (rebuilt only when they change).
+    network_index: Arc<NetworkIndex>,
     /// Stored inference loads, by service then cluster.
     loads: BTreeMap<ServiceKey, BTreeMap<String, v1::InferenceLoadRecord>>,
 }
@@ -189,6 +195,12 @@ impl State {
                             inventory_incomplete: !c.inventory_incomplete.is_empty(),
                             pools: BTreeMap::new(),
                         };
+                        let nets: Vec<Cidr> =
+                            c.networks.iter().filter_map(|n| n.parse().ok()).collect();
+                        if self.networks.get(&name) != Some(&nets) {
+                            self.networks.insert(name.clone(), nets);
+                            self.networks_dirty = true;
+                        }
                         if self.regions.get(&name) != Some(&c.region) {
                             Arc::make_mut(&mut self.regions).insert(name.clone(), c.region.clone());
                         }
@@ -199,6 +211,7 @@ impl State {
                         self.clusters.insert(name.clone(), state);
                     }
                     None => {
+                        self.networks_dirty |= self.networks.remove(&name).is_some();
                         self.clusters.remove(&name);
                         Arc::make_mut(&mut self.regions).remove(&name);
                     }
@@ -380,7 +393,8 @@ impl Discovery {
             dirty.extend(st.services.keys().cloned());
             dirty.extend(st.exports.keys().cloned());
         }
-        if dirty.is_empty() {
+        let networks_changed = std::mem::take(&mut st.networks_dirty);
+        if dirty.is_empty() && !networks_changed {
             return;
         }
         // Clusters whose export status may change: those exporting a changed service before
@@ -425,6 +439,14 @@ impl Discovery {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let now = now_unix_ms();
         let table_loads = loads::table_loads(&st.loads, now);
+        if networks_changed {
+            st.network_index = Arc::new(NetworkIndex::new(
+                st.networks
+                    .iter()
+                    .flat_map(|(c, nets)| nets.iter().map(move |n| (n, c.as_str()))),
+            ));
+        }
+        let networks = st.network_index.clone();
         let inputs = TableInputs {
             services: &st.services,
             policies: &st.policies,
@@ -432,7 +454,7 @@ impl Discovery {
             clusters: &clusters,
             regions: &st.regions,
             loads: &table_loads,
-            networks: &[],
+            networks: &networks,
             now_unix_ms: now,
         };
         let next = self.table.load().update(generation, inputs, &dirty);

@@ -436,6 +436,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     Some(v1::agent_message::Msg::Exports(_)) => "exports",
                     Some(v1::agent_message::Msg::ExportsDelta(_)) => "exports_delta",
                     Some(v1::agent_message::Msg::Loads(_)) => "loads",
+                    Some(v1::agent_message::Msg::Networks(_)) => "networks",
                     _ => "other",
                 };
                 // Load samples are soft state: no store write, no reply.
@@ -485,6 +486,39 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Most networks one cluster may report.
+pub const MAX_NETWORKS: usize = 4096;
+
+/// A cluster's networks, validated (each a CIDR), in canonical form.
+fn networks_from_wire(n: &v1::Networks) -> Result<Vec<String>, Status> {
+    if n.cidrs.len() > MAX_NETWORKS {
+        return Err(conv::Invalid {
+            field: "networks.cidrs".into(),
+            reason: format!("at most {MAX_NETWORKS}, got {}", n.cidrs.len()),
+        }
+        .to_status());
+    }
+    let mut out = n
+        .cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.parse::<flotilla_core::routing::Cidr>()
+                .map(|c| c.to_string())
+                .map_err(|e| {
+                    conv::Invalid {
+                        field: format!("networks.cidrs[{i}]"),
+                        reason: e,
+                    }
+                    .to_status()
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Process one message after the hello. Writes touch only this cluster's keys.
@@ -564,6 +598,19 @@ async fn handle<B: KvBackend>(
         }
         Some(Msg::Exports(_) | Msg::ExportsDelta(_) | Msg::Loads(_)) => {
             unreachable!("handled above")
+        }
+        Some(Msg::Networks(n)) => {
+            let cidrs = networks_from_wire(&n)?;
+            records::update::<B, v1::Cluster, _>(backend, &keys::cluster_key(cluster), |cur| {
+                let mut c = cur?;
+                (c.networks != cidrs).then(|| {
+                    c.networks = cidrs.clone();
+                    c
+                })
+            })
+            .await
+            .map_err(store_err)?;
+            return Ok(None);
         }
         None => return Err(Status::invalid_argument("msg: empty message")),
     };

@@ -52,7 +52,7 @@ impl SimState {
                 let n = self.next_node_ip;
                 self.next_node_ip += 1;
                 let ip = format!("172.{}.{}.{}", 16 + self.index % 16, n / 256, n % 256);
-                let node = gpu::new_node(&NodeParams {
+                let mut node = gpu::new_node(&NodeParams {
                     cluster: &self.spec,
                     pool: &pool,
                     machine_deployment: &key.1,
@@ -61,6 +61,10 @@ impl SimState {
                     version: &version,
                     ip: &ip,
                 });
+                // Each node's own pod range, as the node IPAM controller assigns it.
+                let pod_cidr = format!("10.{}.{}.0/24", 16 + self.index % 200, n % 256);
+                node["spec"]["podCIDR"] = json!(pod_cidr);
+                node["spec"]["podCIDRs"] = json!([pod_cidr]);
                 if self.store.create(idx::NODES, "", node).is_ok() {
                     self.nodes.insert(
                         name.clone(),
@@ -71,6 +75,7 @@ impl SimState {
                             failed_gpus: 0,
                             not_ready: false,
                             slice_generation: 0,
+                            next_pod_host: 2,
                         },
                     );
                     mine.push((now, name));

@@ -65,6 +65,8 @@ struct NodeSim {
     failed_gpus: u32,
     not_ready: bool,
     slice_generation: i64,
+    /// The next host number to give a pod from the node's pod range.
+    next_pod_host: u32,
 }
 
 /// The state of one simulated cluster behind its lock.

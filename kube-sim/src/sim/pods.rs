@@ -62,9 +62,30 @@ impl SimState {
             ]);
             if running {
                 if !status["podIP"].is_string() {
-                    let n = self.next_pod_ip;
-                    self.next_pod_ip += 1;
-                    let ip = format!("10.{}.{}.{}", 16 + self.index % 200, n / 256, n % 256);
+                    // From the node's pod range (its /24), else the cluster's.
+                    let base = node["spec"]["podCIDR"]
+                        .as_str()
+                        .and_then(|c| c.strip_suffix(".0/24"))
+                        .map(String::from);
+                    let host = self.nodes.get_mut(&node_name).map(|n| {
+                        let h = n.next_pod_host;
+                        // .2–.254, reused round the range (kubelets cap pods well below).
+                        n.next_pod_host = if h >= 254 { 2 } else { h + 1 };
+                        h
+                    });
+                    let ip = match (base, host) {
+                        (Some(b), Some(h)) => format!("{b}.{h}"),
+                        _ => {
+                            let n = self.next_pod_ip;
+                            self.next_pod_ip += 1;
+                            format!(
+                                "10.{}.{}.{}",
+                                16 + self.index % 200,
+                                128 + n / 256 % 128,
+                                n % 256
+                            )
+                        }
+                    };
                     status["podIP"] = json!(ip);
                     status["podIPs"] = json!([{"ip": ip}]);
                 }
