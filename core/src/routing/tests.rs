@@ -771,7 +771,7 @@ fn the_network_index_agrees_with_locate() {
         let n = (rng.next() % 12) as usize;
         let mut nets: Vec<(Cidr, String)> = Vec::new();
         for _ in 0..n {
-            let v6 = rng.next() % 4 == 0;
+            let v6 = rng.next().is_multiple_of(4);
             let r = rng.next();
             let (addr, max) = match v6 {
                 false => (
