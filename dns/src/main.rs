@@ -29,10 +29,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            flotilla_dns::log_filter(std::env::var("RUST_LOG").ok().as_deref(), "info"),
+        ))
         .init();
     let args = Args::parse();
     let zones =

@@ -46,10 +46,14 @@ impl<K: Hash + Eq> RateLimit<K> {
     }
 }
 
-/// Installs the global subscriber: `RUST_LOG` (or `default`) as the filter, openraft's WARN and
-/// ERROR events rate-limited per call site.
+/// Installs the global subscriber: `RUST_LOG` (or `default`) as the filter (hickory's
+/// per-request lines at WARN unless named), openraft's WARN and ERROR events rate-limited per
+/// call site.
 pub fn init(default: &str) {
-    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let env = EnvFilter::new(flotilla_dns::log_filter(
+        std::env::var("RUST_LOG").ok().as_deref(),
+        default,
+    ));
     let limit = RateLimit::new(OPENRAFT_EVERY);
     fn noisy(m: &tracing::Metadata<'_>) -> bool {
         m.is_event() && m.target().starts_with("openraft") && *m.level() <= tracing::Level::WARN

@@ -6,6 +6,7 @@ pub mod exports;
 pub mod imports;
 pub mod inference;
 pub mod metrics;
+pub mod reconnect;
 pub mod session;
 pub mod watch;
 

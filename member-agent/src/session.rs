@@ -1,12 +1,11 @@
 //! The agent's connection to the hub: one `AgentService.Connect` stream. Hello, then only
 //! what the hub does not already hold, then deltas when the inventory changes (coalesced) and
-//! heartbeats at the hub's interval. Reconnects with jittered exponential backoff and follows
-//! the leader hint when a follower turns it away.
+//! heartbeats at the hub's interval. Reconnects as [`crate::reconnect`] decides, following the
+//! leader hint when a follower turns it away.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use flotilla_api::convert::fleet as conv;
 use flotilla_api::convert::kv::LEADER_HINT_KEY;
 use flotilla_api::v1;
@@ -18,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ClusterWatch;
+use crate::reconnect::{Outcome, Reconnect};
 
 /// Identity and addresses for the hub session.
 #[derive(Clone)]
@@ -55,6 +55,17 @@ pub enum SessionError {
     /// Transport or hub trouble; the agent retries.
     #[error("hub session failed: {0}")]
     Retry(String),
+    /// The replica could not be dialled; the agent tries another.
+    #[error("cannot connect: {0}")]
+    Unreachable(String),
+    /// A live replica does not lead (and names the leader, if it knows one).
+    #[error("not the leader ({message}); leader: {hint:?}")]
+    NotLeader {
+        /// The leader's address, from the replica.
+        hint: Option<String>,
+        /// The replica's message.
+        message: String,
+    },
 }
 
 /// Failed GPUs and the nodes they are on, as the signals carry them.
@@ -195,64 +206,35 @@ fn apply_status(cfg: &SessionConfig, s: v1::ExportStatuses) {
     }
 }
 
-/// Run sessions until `shutdown`, reconnecting on failure. Returns only on shutdown or when
-/// the hub refuses the agent.
+/// Run sessions until `shutdown`, reconnecting on failure (see [`crate::reconnect`] for which
+/// replica is dialled next and how long the agent waits). Returns only on shutdown or when the
+/// hub refuses the agent.
 pub async fn run(
     cfg: SessionConfig,
     watch: ClusterWatch,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let new_backoff = |max: Duration| {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(max)
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    // Until a hub has said how often to heartbeat, the longest wait is 5 s.
-    let mut heartbeat: Option<Duration> = None;
-    let mut backoff = new_backoff(reconnect_cap(heartbeat));
-    let mut target = 0usize;
-    let mut hint: Option<String> = None;
-    let mut redirects = 0u32;
+    let mut policy = Reconnect::new(cfg.hubs.clone());
     loop {
-        let addr = hint
-            .take()
-            .unwrap_or_else(|| cfg.hubs[target % cfg.hubs.len()].clone());
+        let addr = policy.next_addr().to_string();
         let began = tokio::time::Instant::now();
-        let mut redirected = false;
-        match session(&cfg, &addr, &watch, &shutdown, &mut heartbeat).await {
+        let mut heartbeat = None;
+        let outcome = match session(&cfg, &addr, &watch, &shutdown, &mut heartbeat).await {
             Ok(()) => return Ok(()),
             Err(SessionError::Refused(s)) => return Err(SessionError::Refused(s)),
-            Err(SessionError::Retry(why)) => {
-                tracing::info!(hub = %addr, reason = %why, "hub session ended; reconnecting");
-                match why.strip_prefix("leader:") {
-                    // A hint to the address just dialled (a hub that is about to lead, or
-                    // does not know yet that it does) is a plain retry, not a redirect.
-                    Some(h) if !same_hub(h, &addr) => {
-                        hint = Some(h.to_string());
-                        redirected = true;
-                    }
-                    _ => target += 1,
+            Err(e) => {
+                tracing::info!(hub = %addr, reason = %e, "hub session ended; reconnecting");
+                match e {
+                    SessionError::Unreachable(_) => Outcome::Unreachable,
+                    SessionError::NotLeader { hint, .. } => Outcome::NotLeader { hint },
+                    _ => Outcome::Ended,
                 }
             }
-        }
-        // A session that ran for a while was a success: start the backoff over.
-        if began.elapsed() > SESSION_RESETS_BACKOFF {
-            backoff = new_backoff(reconnect_cap(heartbeat));
-            redirects = 0;
-        }
-        // Every reconnect waits. A redirect to another replica waits briefly (after a leader
-        // change the agent should find the new leader within its grace period); a few in a
-        // row, replicas that disagree for a moment, fall back to the growing backoff.
-        let delay = if redirected && redirects < QUICK_REDIRECTS {
-            redirects += 1;
-            let ms = 50 + rand::random::<u64>() % 100;
-            Duration::from_millis(ms)
-        } else {
-            backoff.next().unwrap_or(Duration::from_secs(5))
         };
+        if let Some(h) = heartbeat {
+            policy.set_heartbeat(h);
+        }
+        let delay = policy.after(&addr, outcome, began.elapsed(), rand::random::<f64>());
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -260,46 +242,21 @@ pub async fn run(
     }
 }
 
-fn same_hub(a: &str, b: &str) -> bool {
-    let bare = |s: &str| {
-        s.trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .to_string()
-    };
-    bare(a) == bare(b)
-}
-
-/// The longest reconnect wait (before jitter, which adds up to as much again): four heartbeat
-/// intervals, between 1 and 5 s. After a hub failover a new leader judges liveness after its
-/// grace period plus `--unreachable-after` (at least two heartbeats), so an agent must not
-/// sleep through it between two tries.
-fn reconnect_cap(heartbeat: Option<Duration>) -> Duration {
-    heartbeat.map_or(Duration::from_secs(5), |h| {
-        (h * 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
-    })
-}
-
-/// Redirects followed after a short jittered pause before the backoff applies to them too.
-const QUICK_REDIRECTS: u32 = 3;
-
 /// How long export changes are gathered before one delta goes.
 const EXPORT_COALESCE: Duration = Duration::from_millis(20);
-
-/// A session that lasted this long resets the reconnect backoff.
-const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
 
 fn classify(s: tonic::Status) -> SessionError {
     match s.code() {
         tonic::Code::Unauthenticated
         | tonic::Code::PermissionDenied
         | tonic::Code::InvalidArgument => SessionError::Refused(s),
-        tonic::Code::Unavailable => match s
-            .metadata()
-            .get(LEADER_HINT_KEY)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(l) => SessionError::Retry(format!("leader:{l}")),
-            None => SessionError::Retry(s.message().to_string()),
+        tonic::Code::Unavailable => SessionError::NotLeader {
+            hint: s
+                .metadata()
+                .get(LEADER_HINT_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            message: s.message().to_string(),
         },
         _ => SessionError::Retry(format!("{:?}: {}", s.code(), s.message())),
     }
@@ -323,7 +280,7 @@ async fn session(
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .map_err(|e| SessionError::Retry(format!("connect: {e}")))?;
+        .map_err(|e| SessionError::Unreachable(e.to_string()))?;
     let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
@@ -553,25 +510,4 @@ fn delta(
         })),
     };
     Some((d, now, sig))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconnect_waits_stay_within_a_few_heartbeats() {
-        let ms = Duration::from_millis;
-        // (heartbeat the hub asked for, longest wait before jitter)
-        let cases = [
-            (None, ms(5000)),
-            (Some(ms(100)), ms(1000)),
-            (Some(ms(300)), ms(1200)),
-            (Some(ms(1000)), ms(4000)),
-            (Some(ms(2000)), ms(5000)),
-        ];
-        for (hb, cap) in cases {
-            assert_eq!(reconnect_cap(hb), cap, "{hb:?}");
-        }
-    }
 }
