@@ -1,8 +1,8 @@
 //! Standalone DNS (`flotilla-dns --hub ADDR`): follow a hub's `WatchRoutes` and serve the
 //! decisions it streams, to run beside a cluster's CoreDNS (which forwards
-//! `clusterset.local` here). The stream carries each service's decision for a client of
-//! unknown location, so local-first answers need the hub's own DNS; everything else is the
-//! same. While the hub is unreachable the last table keeps answering (the answers' TTLs are
+//! `clusterset.local` here). Given its cluster (`--cluster`), the stream carries each
+//! service's decision for clients in that cluster, so local-first policies answer it first;
+//! without, the decision for a client of unknown location. While the hub is unreachable the last table keeps answering (the answers' TTLs are
 //! short), and the stream is resumed with backoff.
 
 use std::collections::BTreeMap;
@@ -113,8 +113,14 @@ pub fn table_of(
     }
 }
 
-/// Follow `hub`'s routes into `table` until `shutdown`, reconnecting with backoff.
-pub async fn follow(hub: String, table: SharedTable, shutdown: CancellationToken) {
+/// Follow `hub`'s routes, as answered to clients in `cluster` (if given), into `table` until
+/// `shutdown`, reconnecting with backoff.
+pub async fn follow(
+    hub: String,
+    cluster: Option<String>,
+    table: SharedTable,
+    shutdown: CancellationToken,
+) {
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -124,7 +130,7 @@ pub async fn follow(hub: String, table: SharedTable, shutdown: CancellationToken
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = stream_once(&hub, &table) => r,
+            r = stream_once(&hub, cluster.as_deref(), &table) => r,
         };
         match r {
             Ok(()) => tracing::info!(%hub, "the hub ended the route stream; resuming"),
@@ -140,7 +146,7 @@ pub async fn follow(hub: String, table: SharedTable, shutdown: CancellationToken
     }
 }
 
-async fn stream_once(hub: &str, table: &SharedTable) -> Result<(), String> {
+async fn stream_once(hub: &str, cluster: Option<&str>, table: &SharedTable) -> Result<(), String> {
     let url = if hub.starts_with("http") {
         hub.to_string()
     } else {
@@ -156,6 +162,7 @@ async fn stream_once(hub: &str, table: &SharedTable) -> Result<(), String> {
     let mut stream = client
         .watch_routes(v1::WatchRoutesRequest {
             prefix: String::new(),
+            from_cluster: cluster.unwrap_or_default().to_string(),
         })
         .await
         .map_err(|s| s.message().to_string())?

@@ -24,6 +24,11 @@ struct Args {
     /// A global zone served besides clusterset.local (`<svc>.<ns>.<zone>`).
     #[arg(long, env = "FLOTILLA_GLOBAL_ZONE")]
     global_zone: Option<String>,
+    /// The cluster this server runs in: answers are the ones its clients get (local-first
+    /// policies answer this cluster, then its region, first). Without it, the answers for a
+    /// client of unknown location.
+    #[arg(long, env = "FLOTILLA_CLUSTER")]
+    cluster: Option<String>,
 }
 
 #[tokio::main]
@@ -48,10 +53,11 @@ async fn main() -> anyhow::Result<()> {
     });
     tokio::spawn(flotilla_dns::follow::follow(
         args.hub.clone(),
+        args.cluster.clone(),
         table,
         shutdown.clone(),
     ));
-    tracing::info!(listen = %server.local_addr(), hub = %args.hub, "flotilla-dns following the hub's routes");
+    tracing::info!(listen = %server.local_addr(), hub = %args.hub, cluster = ?args.cluster, "flotilla-dns following the hub's routes");
     server.run(shutdown).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The DNS server: hickory-server's UDP and TCP listeners, and a request handler that reads
-//! the current routing table (one atomic load per query) and calls [`crate::answer`].
+//! The DNS server: our own UDP loop and hickory-server's TCP listener, both answering through
+//! one handler that reads the current routing table (one atomic load per query) and calls
+//! [`crate::answer`]. Decoding and encoding are hickory-proto's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,17 +9,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flotilla_core::routing_table::RoutingTable;
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::answer::{Asker, Zones, answer};
+use crate::answer::{Asker, Reply, Zones, answer};
 
 /// The largest UDP payload answered, whatever the client offers (the DNS flag day 2020 value:
 /// no IP fragmentation).
@@ -67,29 +70,23 @@ struct Handler {
     stats: Arc<DnsStats>,
 }
 
-impl Handler {
-    fn reply_error(&self, request: &Request, rcode: ResponseCode) -> (Metadata, ResponseCode) {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let mut m = Metadata::response_from_request(&request.metadata);
-        m.response_code = rcode;
-        (m, rcode)
-    }
+/// A response before encoding: the header, the EDNS record, and the records (none for an
+/// error). The same for UDP and TCP; only the encoding's size limit differs.
+struct Prepared {
+    metadata: Metadata,
+    edns: Option<Edns>,
+    reply: Option<Reply>,
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
-        let resp_edns = request.edns.as_ref().map(|req| {
+impl Handler {
+    /// Decides the response to `request` (pure apart from the counters and the table load).
+    fn prepare(&self, request: &Request) -> Prepared {
+        let mut edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             e.set_version(0);
             e
         });
-        let mut resp_edns = resp_edns;
         let queries = request.queries.queries();
         let error = if request.metadata.op_code != OpCode::Query {
             Some(ResponseCode::NotImp)
@@ -100,10 +97,15 @@ impl RequestHandler for Handler {
         } else {
             None
         };
+        let mut metadata = Metadata::response_from_request(&request.metadata);
         if let Some(rcode) = error {
-            let (m, _) = self.reply_error(request, rcode);
-            let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
-            return send(&mut response, builder.build_no_records(m)).await;
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            metadata.response_code = rcode;
+            return Prepared {
+                metadata,
+                edns,
+                reply: None,
+            };
         }
         let q = &queries[0];
         let subnet = request
@@ -136,25 +138,107 @@ impl RequestHandler for Handler {
             _ if reply.is_nodata() => self.stats.nodata.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        if let (Some(e), Some((addr, source))) = (resp_edns.as_mut(), subnet) {
+        if let (Some(e), Some((addr, source))) = (edns.as_mut(), subnet) {
             e.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
                 addr,
                 source,
                 reply.client_subnet_scope,
             )));
         }
-        let mut m = Metadata::response_from_request(&request.metadata);
-        m.response_code = reply.rcode;
-        m.authoritative = reply.authoritative;
-        let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
-        let msg = builder.build(
-            m,
-            reply.answers.iter(),
-            reply.authorities.iter(),
-            std::iter::empty(),
-            reply.additionals.iter(),
-        );
-        send(&mut response, msg).await
+        metadata.response_code = reply.rcode;
+        metadata.authoritative = reply.authoritative;
+        Prepared {
+            metadata,
+            edns,
+            reply: Some(reply),
+        }
+    }
+
+    /// Answers one UDP datagram into `out`; false when nothing is to be sent (shorter than a
+    /// header, a response, or a source that cannot be answered).
+    fn answer_udp(&self, raw: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+        if src.port() == 0 || src.ip().is_unspecified() {
+            return false;
+        }
+        let Ok(header) = Header::read(&mut BinDecoder::new(raw)) else {
+            return false;
+        };
+        // Never answer a response: a spoofed one would make us a reflector.
+        if header.metadata.message_type == MessageType::Response {
+            return false;
+        }
+        out.clear();
+        let mut encoder = BinEncoder::new(out);
+        match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
+            Ok(request) => {
+                let p = self.prepare(&request);
+                // RFC 1035 §4.2.1: 512 bytes unless the client's EDNS offers more.
+                encoder.set_max_size(p.edns.as_ref().map_or(512, Edns::max_payload));
+                if let Err(e) = response(&request, &p).destructive_emit(&mut encoder) {
+                    warn!(error = %e, "could not encode a DNS response");
+                    out.clear();
+                    return encode_header(&header, ResponseCode::ServFail, out);
+                }
+                true
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                encode_header(&header, ResponseCode::FormErr, out)
+            }
+        }
+    }
+}
+
+/// A header-only response to `request` with `rcode` (for what could not be decoded or
+/// encoded).
+fn encode_header(request: &Header, rcode: ResponseCode, out: &mut Vec<u8>) -> bool {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = rcode;
+    let header = Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    };
+    header.emit(&mut BinEncoder::new(out)).is_ok()
+}
+
+/// The encodable response for `p`, borrowing the request's question.
+fn response<'q>(
+    request: &'q Request,
+    p: &'q Prepared,
+) -> hickory_server::zone_handler::MessageResponse<
+    'q,
+    'q,
+    impl Iterator<Item = &'q hickory_proto::rr::Record> + Send + 'q,
+    impl Iterator<Item = &'q hickory_proto::rr::Record> + Send + 'q,
+    impl Iterator<Item = &'q hickory_proto::rr::Record> + Send + 'q,
+    impl Iterator<Item = &'q hickory_proto::rr::Record> + Send + 'q,
+> {
+    let none: &[hickory_proto::rr::Record] = &[];
+    let (answers, authorities, additionals) = match &p.reply {
+        Some(r) => (&r.answers[..], &r.authorities[..], &r.additionals[..]),
+        None => (none, none, none),
+    };
+    MessageResponseBuilder::new(&request.queries, p.edns.as_ref()).build(
+        p.metadata,
+        answers.iter(),
+        authorities.iter(),
+        std::iter::empty(),
+        additionals.iter(),
+    )
+}
+
+/// TCP goes through hickory-server's listener (framing, idle timeouts) to this handler.
+struct Tcp(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Tcp {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let p = self.0.prepare(request);
+        send(&mut response_handle, response(request, &p)).await
     }
 }
 
@@ -174,13 +258,56 @@ async fn send<'a, R: ResponseHandler>(
         Ok(info) => info,
         Err(e) => {
             warn!(error = %e, "could not send a DNS response");
-            let mut m = Metadata::new(id, hickory_proto::op::MessageType::Response, OpCode::Query);
+            let mut m = Metadata::new(id, MessageType::Response, OpCode::Query);
             m.response_code = ResponseCode::ServFail;
             ResponseInfo::from(Header {
                 metadata: m,
                 counts: HeaderCounts::default(),
             })
         }
+    }
+}
+
+/// Datagrams answered in a row before the loop lets other tasks run.
+const UDP_BATCH: usize = 64;
+
+/// The UDP loop: drains every datagram that has arrived and answers each in place, with no
+/// task or channel per query (hickory-server's UDP path spent most of a core on those).
+async fn serve_udp(socket: UdpSocket, handler: Arc<Handler>, shutdown: CancellationToken) {
+    // A query larger than this is cut by the kernel and answered FORMERR.
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(usize::from(MAX_UDP_PAYLOAD));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.readable() => if let Err(e) = r {
+                warn!(error = %e, "DNS UDP socket failed");
+                return;
+            },
+        }
+        for _ in 0..UDP_BATCH {
+            let (n, src) = match socket.try_recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(error = %e, "DNS UDP receive");
+                    break;
+                }
+            };
+            if !handler.answer_udp(&buf[..n], src, &mut out) {
+                continue;
+            }
+            match socket.try_send_to(&out, src) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Err(e) = socket.send_to(&out, src).await {
+                        debug!(error = %e, %src, "DNS UDP send");
+                    }
+                }
+                Err(e) => debug!(error = %e, %src, "DNS UDP send"),
+            }
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -244,23 +371,27 @@ impl DnsServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
         let span = info_span!("dns", addr = %self.addr);
         async move {
-            let handler = Handler {
+            let handler = Arc::new(Handler {
                 table: self.table,
                 zones: self.zones,
                 seq: AtomicU64::new(1),
                 stats: self.stats,
-            };
-            let mut server = Server::new(handler);
-            server.register_socket(self.udp);
+            });
+            let udp = tokio::spawn(
+                serve_udp(self.udp, handler.clone(), shutdown.clone()).instrument(Span::current()),
+            );
+            let mut server = Server::new(Tcp(handler));
             // A TCP client gets 10 s between requests, and a 64 KiB response buffer.
             server.register_listener(self.tcp, Duration::from_secs(10), 64 * 1024);
             info!("DNS serving clusterset.local on udp and tcp");
-            tokio::select! {
+            let r = tokio::select! {
                 r = server.block_until_done() => r.map_err(|e| DnsError::Serve(e.to_string())),
                 _ = shutdown.cancelled() => {
                     server.shutdown_gracefully().await.map_err(|e| DnsError::Serve(e.to_string()))
                 }
-            }
+            };
+            let _ = udp.await;
+            r
         }
         .instrument(span)
         .await

@@ -717,6 +717,43 @@ async fn malformed_packets_never_stop_the_server() {
 }
 
 #[tokio::test]
+async fn an_undecodable_query_gets_formerr_and_a_response_gets_nothing() {
+    let r = start().await;
+    let good = build(&format!("llm.ml.{S}"), RecordType::A, Opts::default());
+    let mut cut = good.to_vec().unwrap();
+    cut.truncate(16); // the header and a piece of the question
+    let m = exchange(r.addr, &cut, false).await;
+    assert_eq!(m.metadata.id, good.metadata.id);
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+    assert!(m.queries.is_empty() && m.answers.is_empty());
+
+    // A response sent to the server (a reflection attempt) is dropped, not answered.
+    let mut resp = good.clone();
+    resp.metadata.message_type = MessageType::Response;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&resp.to_vec().unwrap(), r.addr).await.unwrap();
+    let mut buf = vec![0; 2048];
+    let got = tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await;
+    assert!(got.is_err(), "a response packet was answered");
+    // Shorter than a header: dropped too; the server still answers afterwards.
+    s.send_to(&[1, 2, 3], r.addr).await.unwrap();
+    assert_eq!(
+        rdata(
+            &ask(
+                r.addr,
+                &format!("llm.ml.{S}"),
+                RecordType::A,
+                Opts::default()
+            )
+            .await
+        )
+        .len(),
+        2
+    );
+}
+
+#[tokio::test]
 async fn a_swapped_table_answers_from_the_next_query() {
     let r = start().await;
     let mut exports = fixture_exports();

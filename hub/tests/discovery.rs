@@ -371,6 +371,7 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     let follower_table = flotilla_dns::follow::empty_table();
     tokio::spawn(flotilla_dns::follow::follow(
         hub.addr.to_string(),
+        None,
         follower_table.clone(),
         shutdown.clone(),
     ));
@@ -393,6 +394,66 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
         }
     })
     .await;
+
+    // One beside cluster `us` (`flotilla-dns --cluster us`) answers as `us`'s clients are
+    // answered. With local-first on, that is `us` itself, while a client of unknown location
+    // (the test, from 127.0.0.1) still gets the tiers; with it off again, the tiers too.
+    let local_table = flotilla_dns::follow::empty_table();
+    tokio::spawn(flotilla_dns::follow::follow(
+        hub.addr.to_string(),
+        Some("us".into()),
+        local_table.clone(),
+        shutdown.clone(),
+    ));
+    let local = flotilla_dns::DnsServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        flotilla_dns::Zones::new(None).unwrap(),
+        local_table,
+    )
+    .await
+    .unwrap();
+    let local_dns = local.local_addr();
+    tokio::spawn(local.run(shutdown.clone()));
+    let local_first = policy.replacen('{', r#"{"localFirst":true,"#, 1);
+    for (spec, in_us) in [
+        (local_first.as_str(), vec![ip_us.clone()]),
+        (policy, want.clone()),
+    ] {
+        disc.set_policy(v1::SetPolicyRequest {
+            namespace: "ml".into(),
+            name: "llm".into(),
+            spec_json: spec.into(),
+        })
+        .await
+        .unwrap();
+        eventually(&format!("the DNS in `us` answers {in_us:?}"), || {
+            let in_us = in_us.clone();
+            async move {
+                match dns_a(local_dns, name).await {
+                    Ok(v) if v == in_us => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            dns_a(dns, name).await,
+            Ok(want.clone()),
+            "unknown location: the tiers"
+        );
+    }
+    let bad = disc
+        .watch_routes(v1::WatchRoutesRequest {
+            prefix: String::new(),
+            from_cluster: "Not A Cluster".into(),
+        })
+        .await
+        .expect_err("an invalid from_cluster is refused");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        bad.metadata().get("flotilla-field").unwrap(),
+        "from_cluster"
+    );
 
     // Conflicting ports on `web`: both sides are marked, the oldest wins.
     for c in [eu_a, us] {

@@ -441,6 +441,10 @@ pub struct Export {
     /// without it, print once.
     #[arg(long)]
     pub watch: Option<PathBuf>,
+    /// The routes as clients in this cluster get them (a gateway running there: local-first
+    /// policies answer its own cluster first); without, as a client of unknown location.
+    #[arg(long)]
+    pub from: Option<String>,
 }
 
 /// The llm-d peer file for one service's routes: one peer per answered cluster address, with
@@ -484,6 +488,7 @@ pub async fn export(ctx: &mut Ctx, a: Export) -> Result<(), Failure> {
     let mut stream = client(ctx)
         .watch_routes(v1::WatchRoutesRequest {
             prefix: format!("{namespace}/{name}"),
+            from_cluster: a.from.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| ctx.explain(s))?

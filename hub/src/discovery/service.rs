@@ -55,7 +55,8 @@ fn check_key(namespace: &str, name: &str, allow_default: bool) -> Result<(), Sta
     Ok(())
 }
 
-fn update_for(t: &RoutingTable, key: &ServiceKey) -> v1::RouteUpdate {
+/// The update for `key` as a client in `from` (or of unknown location) is answered.
+fn update_for(t: &RoutingTable, key: &ServiceKey, from: Option<&str>) -> v1::RouteUpdate {
     match t.services.get(key) {
         None => v1::RouteUpdate {
             namespace: key.namespace.clone(),
@@ -64,18 +65,21 @@ fn update_for(t: &RoutingTable, key: &ServiceKey) -> v1::RouteUpdate {
             generation: t.generation,
             ..Default::default()
         },
-        Some(s) => v1::RouteUpdate {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            removed: false,
-            r#type: type_to_wire(s.service.service_type),
-            ports: s.service.ports.iter().map(port_to_wire).collect(),
-            choices: decision_to_wire(&s.default),
-            ttl_seconds: s.default.ttl_seconds,
-            max_answers: s.default.max_answers,
-            generation: t.generation,
-            synced: false,
-        },
+        Some(s) => {
+            let d = t.decision(key, from).unwrap_or(&s.default);
+            v1::RouteUpdate {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                removed: false,
+                r#type: type_to_wire(s.service.service_type),
+                ports: s.service.ports.iter().map(port_to_wire).collect(),
+                choices: decision_to_wire(d),
+                ttl_seconds: d.ttl_seconds,
+                max_answers: d.max_answers,
+                generation: t.generation,
+                synced: false,
+            }
+        }
     }
 }
 
@@ -187,7 +191,18 @@ impl<B: KvBackend + Clone> v1::discovery_service_server::DiscoveryService for Di
         &self,
         req: Request<v1::WatchRoutesRequest>,
     ) -> Result<Response<RouteStream>, Status> {
-        let prefix = req.into_inner().prefix;
+        let v1::WatchRoutesRequest {
+            prefix,
+            from_cluster,
+        } = req.into_inner();
+        if !from_cluster.is_empty() && !is_dns_label(&from_cluster) {
+            return Err(invalid(
+                "from_cluster",
+                format!("{from_cluster:?} is not a cluster name (a DNS label)"),
+            ));
+        }
+        // A cluster not (yet) in the fleet gets the unknown-location answers until it is.
+        let from = Some(from_cluster).filter(|c| !c.is_empty());
         let mut changes = self.discovery.route_changes();
         let discovery = self.discovery.clone();
         let stream = async_stream(move |tx| async move {
@@ -200,7 +215,11 @@ impl<B: KvBackend + Clone> v1::discovery_service_server::DiscoveryService for Di
                         t.services.keys().filter(|k| matches(&prefix, k)).collect();
                     keys.sort();
                     for k in keys {
-                        if tx.send(Ok(update_for(&t, k))).await.is_err() {
+                        if tx
+                            .send(Ok(update_for(&t, k, from.as_deref())))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -218,7 +237,11 @@ impl<B: KvBackend + Clone> v1::discovery_service_server::DiscoveryService for Di
                     Ok(c) => {
                         let t = discovery.table().load_full();
                         for k in c.keys.iter().filter(|k| matches(&prefix, k)) {
-                            if tx.send(Ok(update_for(&t, k))).await.is_err() {
+                            if tx
+                                .send(Ok(update_for(&t, k, from.as_deref())))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
