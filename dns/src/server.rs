@@ -268,6 +268,22 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
+/// The UDP receive buffer asked for (the kernel caps it at `net.core.rmem_max`). The default
+/// (about 200 KiB, some 270 queries) overflowed under a burst while the loop was busy.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// A non-blocking UDP socket on `addr` with a receive buffer for bursts.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    if let Err(e) = s.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        debug!(error = %e, "DNS UDP receive buffer left at the default");
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
 /// Datagrams answered in a row before the loop lets other tasks run.
 const UDP_BATCH: usize = 64;
 
@@ -328,13 +344,11 @@ impl DnsServer {
         zones: Zones,
         table: SharedTable,
     ) -> Result<Self, DnsError> {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Bind {
-                addr,
-                proto: "udp",
-                source,
-            })?;
+        let udp = bind_udp(addr).map_err(|source| DnsError::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
         let addr = udp.local_addr().map_err(|source| DnsError::Bind {
             addr,
             proto: "udp",
