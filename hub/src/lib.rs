@@ -264,6 +264,13 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             .run(shutdown.clone())
             .instrument(info_span!("routing-table")),
     ));
+    tasks.push(tokio::spawn(
+        fleet
+            .discovery
+            .clone()
+            .batch_imports(shutdown.clone())
+            .instrument(info_span!("import-batches")),
+    ));
     let dns_addr = match dns_addr(&args) {
         None => None,
         Some(a) => {

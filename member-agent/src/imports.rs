@@ -45,6 +45,8 @@ pub type Imports = BTreeMap<(String, String), v1::ImportedService>;
 #[derive(Clone)]
 pub struct ImportSync {
     desired: Arc<watch::Sender<Option<Arc<Imports>>>>,
+    /// The cluster's namespaces (not terminating), once listed.
+    namespaces: watch::Receiver<Option<Vec<String>>>,
 }
 
 impl ImportSync {
@@ -62,6 +64,16 @@ impl ImportSync {
             &tx,
             &shutdown,
         );
+        let (names_tx, names) = watch::channel(None);
+        tokio::spawn(
+            namespace_names(
+                namespaces.clone(),
+                ns_changes.clone(),
+                names_tx,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("agent-namespaces")),
+        );
         let w = Writer {
             client,
             exports,
@@ -74,7 +86,16 @@ impl ImportSync {
             w.run(shutdown)
                 .instrument(tracing::info_span!("agent-imports")),
         );
-        Self { desired }
+        Self {
+            desired,
+            namespaces: names,
+        }
+    }
+
+    /// The cluster's namespaces, sorted (`None` until listed): the hub sends only their
+    /// services.
+    pub fn namespaces(&self) -> watch::Receiver<Option<Vec<String>>> {
+        self.namespaces.clone()
     }
 
     /// Apply an update from the hub.
@@ -94,6 +115,40 @@ impl ImportSync {
             }
             *d = Some(Arc::new(next));
         });
+    }
+}
+
+/// Keeps `out` equal to the cluster's namespace names (not terminating) once the reflector
+/// has listed them.
+async fn namespace_names(
+    store: Store<Namespace>,
+    mut changes: watch::Receiver<u64>,
+    out: watch::Sender<Option<Vec<String>>>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = store.wait_until_ready() => if r.is_err() { return },
+    }
+    loop {
+        let mut names: Vec<String> = store
+            .state()
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        names.sort();
+        out.send_if_modified(|cur| {
+            let changed = cur.as_ref() != Some(&names);
+            if changed {
+                *cur = Some(names);
+            }
+            changed
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
     }
 }
 
@@ -537,6 +592,7 @@ mod tests {
         let (tx, _) = watch::channel(None);
         let s = ImportSync {
             desired: Arc::new(tx),
+            namespaces: watch::channel(None).1,
         };
         let mut a = import(false);
         s.apply(v1::ImportsUpdate {

@@ -292,6 +292,7 @@ async fn session(
         labels: cfg.labels.clone().into_iter().collect(),
         region: cfg.region.clone(),
         imports: cfg.imports.is_some(),
+        imports_by_namespace: cfg.imports.is_some(),
     })))
     .await
     .map_err(|_| SessionError::Retry("stream closed".into()))?;
@@ -407,6 +408,18 @@ async fn follow(
     let (_idle_loads, idle_loads_rx) = tokio::sync::watch::channel(None);
     let mut loads = cfg.loads.clone().unwrap_or(idle_loads_rx);
     loads.borrow_and_update();
+    // The namespaces to import for: now if listed, then on every change.
+    let (_idle_ns, idle_ns_rx) = tokio::sync::watch::channel(None);
+    let mut namespaces = cfg.imports.as_ref().map_or(idle_ns_rx, |i| i.namespaces());
+    let current = namespaces.borrow_and_update().clone();
+    if let Some(names) = current {
+        let m = send(v1::agent_message::Msg::ImportNamespaces(
+            v1::ImportNamespaces { names },
+        ));
+        tx.send(m)
+            .await
+            .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    }
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     loop {
@@ -463,6 +476,16 @@ async fn follow(
                 if let Some(d) = exports_delta(&sent_exports, &now) {
                     tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                     sent_exports = now;
+                }
+            }
+            r = namespaces.changed() => {
+                if r.is_err() {
+                    return Err(SessionError::Retry("namespace watch ended".into()));
+                }
+                let current = namespaces.borrow_and_update().clone();
+                if let Some(names) = current {
+                    let m = send(v1::agent_message::Msg::ImportNamespaces(v1::ImportNamespaces { names }));
+                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 }
             }
             r = loads.changed() => {

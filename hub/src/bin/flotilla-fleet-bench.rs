@@ -46,6 +46,15 @@ struct Args {
     /// this fraction of clusters flips an endpoint's readiness each second (0: no exports).
     #[arg(long, env = "BENCH_ENDPOINT_CHANGE_FRACTION", default_value_t = 0.0)]
     endpoint_change_fraction: f64,
+    /// Agents ask for imports (as real agents do by default) for the namespaces they have:
+    /// each cluster has its own export's namespace (1,000 services in 100 namespaces), so it
+    /// imports ten services.
+    #[arg(long, env = "BENCH_IMPORTS")]
+    imports: bool,
+    /// With --imports: every cluster imports every service (the worst case: all clusters
+    /// have all namespaces).
+    #[arg(long, env = "BENCH_IMPORTS_ALL", requires = "imports")]
+    imports_all: bool,
     /// Seconds of steady state.
     #[arg(long, env = "BENCH_STEADY_SECONDS", default_value_t = 30)]
     steady_seconds: u64,
@@ -282,14 +291,23 @@ struct Shared {
     change_fraction: f64,
     endpoint_change_fraction: f64,
     exports: bool,
+    imports: bool,
+    imports_all: bool,
     endpoint_changes: AtomicU64,
+    /// Imported services received (upserts and removals), while measuring.
+    imports_received: AtomicU64,
     measuring: std::sync::atomic::AtomicBool,
+}
+
+/// The namespace of the service a simulated cluster exports: 1,000 services in 100.
+fn namespace(id: usize) -> String {
+    format!("team-{:02}", id % 100)
 }
 
 /// The one service a simulated cluster exports.
 fn export(id: usize) -> v1::ServiceExport {
     v1::ServiceExport {
-        namespace: "bench".into(),
+        namespace: namespace(id),
         name: format!("svc-{:04}", id % 1000),
         r#type: v1::ServiceType::ClusterSetIp as i32,
         ports: vec![v1::ServicePort {
@@ -312,17 +330,49 @@ fn export(id: usize) -> v1::ServiceExport {
     }
 }
 
-/// The next acknowledgement on the stream, skipping the export status the hub pushes.
-async fn next_ack(inbound: &mut tonic::Streaming<v1::HubMessage>) -> bool {
-    loop {
-        match inbound.message().await {
-            Ok(Some(v1::HubMessage {
-                msg: Some(v1::hub_message::Msg::ExportStatus(_)),
-            })) => continue,
-            Ok(Some(_)) => return true,
-            _ => return false,
-        }
+/// The stream's reader: a task that reads everything the hub sends, as a real agent does
+/// (imports and export status arrive unasked), and passes acknowledgements on.
+struct Inbound {
+    acks: tokio::sync::mpsc::UnboundedReceiver<()>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Inbound {
+    fn start(mut stream: tonic::Streaming<v1::HubMessage>, shared: Arc<Shared>) -> Self {
+        let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(m)) = stream.message().await {
+                match m.msg {
+                    Some(v1::hub_message::Msg::ExportStatus(_)) => {}
+                    Some(v1::hub_message::Msg::Imports(u)) => {
+                        if shared.measuring.load(Ordering::Relaxed) {
+                            shared.imports_received.fetch_add(
+                                (u.upsert.len() + u.remove.len()) as u64,
+                                Ordering::Relaxed,
+                            );
+                        }
+                    }
+                    _ => {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self { acks, reader }
     }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The next acknowledgement on the stream.
+async fn next_ack(inbound: &mut Inbound) -> bool {
+    inbound.acks.recv().await.is_some()
 }
 
 /// One simulated agent: connect, resync, heartbeat and change until the process ends.
@@ -347,9 +397,20 @@ async fn agent(
                 agent_version: "bench".into(),
                 kubernetes_version: "v1.34.2".into(),
                 region: format!("region-{}", id % 10),
+                imports: shared.imports,
+                imports_by_namespace: shared.imports && !shared.imports_all,
                 ..Default::default()
             })))
             .await;
+        if shared.imports && !shared.imports_all {
+            let _ = tx
+                .send(m(v1::agent_message::Msg::ImportNamespaces(
+                    v1::ImportNamespaces {
+                        names: vec![namespace(id)],
+                    },
+                )))
+                .await;
+        }
         let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(_) => {
@@ -364,6 +425,7 @@ async fn agent(
             tokio::time::sleep(jitter()).await;
             continue;
         };
+        let mut inbound = Inbound::start(inbound, shared.clone());
         shared.sessions.fetch_add(1, Ordering::Relaxed);
         let upsert: Vec<v1::NodeInventory> = inventory
             .iter()
@@ -570,7 +632,10 @@ async fn main() -> anyhow::Result<()> {
         change_fraction: args.change_fraction,
         endpoint_change_fraction: args.endpoint_change_fraction,
         exports: args.endpoint_change_fraction > 0.0,
+        imports: args.imports,
+        imports_all: args.imports_all,
         endpoint_changes: AtomicU64::new(0),
+        imports_received: AtomicU64::new(0),
         measuring: std::sync::atomic::AtomicBool::new(false),
     });
     let t_join = Instant::now();
@@ -648,6 +713,17 @@ async fn main() -> anyhow::Result<()> {
                 args.endpoint_change_fraction * 100.0,
                 shared.endpoint_changes.load(Ordering::Relaxed),
                 ts.elapsed().as_secs_f64()
+            );
+        }
+        if shared.imports {
+            println!(
+                "steady: imports ({}): {:.0} imported-service updates received per second across all agents",
+                if shared.imports_all {
+                    "every cluster imports every service"
+                } else {
+                    "each cluster imports its namespace's ten services"
+                },
+                shared.imports_received.load(Ordering::Relaxed) as f64 / ts.elapsed().as_secs_f64()
             );
         }
         match p99_bound(&buckets0, &buckets1) {

@@ -37,6 +37,15 @@ pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 /// How long the table builder waits after a change for more changes to batch with it.
 pub const COALESCE: Duration = Duration::from_millis(10);
 
+/// How long import changes gather before the agent streams hear of them. Every importing
+/// stream wakes once per batch, not once per build: with 10,000 streams and a build every
+/// 10 ms, per-build wakes cost the hub more than a core.
+pub const IMPORT_BATCH: Duration = Duration::from_secs(1);
+
+/// Services decided again over one import batch, by namespace (a stream looks up only the
+/// namespaces its cluster has); `None`: the batcher fell behind, resend all.
+pub type ImportsChanged = Option<Arc<imports::Batch>>;
+
 #[derive(Default)]
 struct State {
     /// Exports by service, then cluster.
@@ -252,6 +261,9 @@ pub struct Discovery {
     /// sends the export status), so a build wakes only the streams it concerns.
     status: Mutex<BTreeMap<String, watch::Sender<u64>>>,
     changes: broadcast::Sender<RoutesChanged>,
+    imports: broadcast::Sender<ImportsChanged>,
+    /// Imported services built for the agent streams, shared between them.
+    pub import_cache: imports::Cache,
     /// Inference load samples from the agents connected here (the leader's soft state).
     pub samples: loads::Samples,
 }
@@ -269,6 +281,8 @@ impl Discovery {
             built: watch::Sender::new(0),
             status: Mutex::new(BTreeMap::new()),
             changes: broadcast::channel(1024).0,
+            imports: broadcast::channel(64).0,
+            import_cache: imports::Cache::default(),
             samples: loads::Samples::default(),
         })
     }
@@ -294,6 +308,48 @@ impl Discovery {
     /// Follow which services each build decided again.
     pub fn route_changes(&self) -> broadcast::Receiver<RoutesChanged> {
         self.changes.subscribe()
+    }
+
+    /// Follow which services changed, in batches of [`IMPORT_BATCH`] (for imports).
+    pub fn import_changes(&self) -> broadcast::Receiver<ImportsChanged> {
+        self.imports.subscribe()
+    }
+
+    /// Gathers route changes into one import batch per [`IMPORT_BATCH`] until `shutdown`.
+    pub async fn batch_imports(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changes = self.route_changes();
+        loop {
+            let mut keys: imports::Batch = BTreeMap::new();
+            let mut all = false;
+            // The first change of a batch, then whatever else arrives within the batch.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.recv() => r,
+            };
+            let deadline = tokio::time::Instant::now() + IMPORT_BATCH;
+            let mut next = Some(first);
+            loop {
+                match next.take() {
+                    Some(Ok(c)) => {
+                        for k in c.keys.iter() {
+                            keys.entry(k.namespace.clone())
+                                .or_default()
+                                .insert(k.clone());
+                        }
+                    }
+                    Some(Err(broadcast::error::RecvError::Lagged(_))) => all = true,
+                    Some(Err(broadcast::error::RecvError::Closed)) => return,
+                    None => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    r = changes.recv() => next = Some(r),
+                }
+            }
+            let batch = (!all).then(|| Arc::new(keys));
+            let _ = self.imports.send(batch);
+        }
     }
 
     /// One merged service with its policy JSON and whether it is the service's own.

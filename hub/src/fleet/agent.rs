@@ -57,6 +57,39 @@ fn not_leader(leader: &dyn Leadership) -> Status {
     s
 }
 
+/// The namespaces an `ImportNamespaces` names, validated: DNS labels, at most
+/// [`crate::discovery::imports::MAX_IMPORT_NAMESPACES`].
+fn import_namespaces(
+    n: &v1::ImportNamespaces,
+) -> Result<std::collections::HashSet<String>, Status> {
+    use crate::discovery::imports::MAX_IMPORT_NAMESPACES;
+    if n.names.len() > MAX_IMPORT_NAMESPACES {
+        return Err(conv::Invalid {
+            field: "import_namespaces.names".into(),
+            reason: format!(
+                "{} namespaces, over the limit of {MAX_IMPORT_NAMESPACES}",
+                n.names.len()
+            ),
+        }
+        .to_status());
+    }
+    n.names
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            if conv::is_dns_label(ns) {
+                Ok(ns.clone())
+            } else {
+                Err(conv::Invalid {
+                    field: format!("import_namespaces.names[{i}]"),
+                    reason: format!("{ns:?} is not a namespace name (a DNS label)"),
+                }
+                .to_status())
+            }
+        })
+        .collect()
+}
+
 fn store_err(e: flotilla_core::kv::KvError) -> Status {
     flotilla_api::convert::kv::to_status(e)
 }
@@ -334,11 +367,20 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         let discovery = self.discovery.clone();
         let mut builds = discovery.status_changes(&cluster);
         // Imports, for an agent that maintains ServiceImports: the whole set now, then what
-        // each table build changed.
+        // each import batch changed.
         let mut want_imports = hello.imports;
-        let mut routes = discovery.route_changes();
+        // An agent reporting its namespaces gets nothing until the first report names them.
+        let by_namespace = hello.imports_by_namespace;
+        let mut routes = discovery.import_changes();
         let mut imports = crate::discovery::imports::SentImports::default();
-        if want_imports && let Some(u) = imports.update(&discovery.table().load(), &cluster, None) {
+        if want_imports
+            && imports.ready(by_namespace)
+            && let Some(u) = imports.update(
+                (&discovery.table().load(), &discovery.import_cache),
+                &cluster,
+                None,
+            )
+        {
             let m = v1::HubMessage {
                 msg: Some(v1::hub_message::Msg::Imports(u)),
             };
@@ -395,10 +437,10 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                         }
                         continue;
                     }
-                    r = routes.recv(), if want_imports => {
+                    r = routes.recv(), if want_imports && imports.ready(by_namespace) => {
                         let keys = match r {
-                            Ok(c) => Some(c.keys),
-                            // Missed builds: send the whole set again.
+                            Ok(keys) => keys,
+                            // Missed batches: send the whole set again.
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                                 want_imports = false;
@@ -406,7 +448,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                             }
                         };
                         let table = discovery.table().load_full();
-                        if let Some(u) = imports.update(&table, &cluster, keys.as_deref().map(Vec::as_slice)) {
+                        if let Some(u) = imports.update((&table, &discovery.import_cache), &cluster, keys.as_deref()) {
                             let m = v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) };
                             if tx.send(Ok(m)).await.is_err() {
                                 break;
@@ -437,8 +479,39 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     Some(v1::agent_message::Msg::ExportsDelta(_)) => "exports_delta",
                     Some(v1::agent_message::Msg::Loads(_)) => "loads",
                     Some(v1::agent_message::Msg::Networks(_)) => "networks",
+                    Some(v1::agent_message::Msg::ImportNamespaces(_)) => "import_namespaces",
                     _ => "other",
                 };
+                // The namespaces to import for: stream state only; the whole set under them
+                // goes now.
+                if let Some(v1::agent_message::Msg::ImportNamespaces(n)) = &msg.msg {
+                    match import_namespaces(n) {
+                        Ok(set) => {
+                            metrics.message(kind);
+                            imports.set_namespaces(set);
+                            if want_imports
+                                && let Some(u) = imports.update(
+                                    (&discovery.table().load(), &discovery.import_cache),
+                                    &cluster,
+                                    None,
+                                )
+                            {
+                                let m = v1::HubMessage {
+                                    msg: Some(v1::hub_message::Msg::Imports(u)),
+                                };
+                                if tx.send(Ok(m)).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            metrics.message("rejected");
+                            let _ = tx.send(Err(e)).await;
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 // Load samples are soft state: no store write, no reply.
                 if let Some(v1::agent_message::Msg::Loads(l)) = &msg.msg {
                     let r = discovery
@@ -596,7 +669,7 @@ async fn handle<B: KvBackend>(
             }
             (next, changed, signals)
         }
-        Some(Msg::Exports(_) | Msg::ExportsDelta(_) | Msg::Loads(_)) => {
+        Some(Msg::Exports(_) | Msg::ExportsDelta(_) | Msg::Loads(_) | Msg::ImportNamespaces(_)) => {
             unreachable!("handled above")
         }
         Some(Msg::Networks(n)) => {
