@@ -712,3 +712,38 @@ async fn handle<B: KvBackend>(
         msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_namespaces_are_dns_labels_within_the_limit() {
+        let ok = import_namespaces(&v1::ImportNamespaces {
+            names: vec!["ml".into(), "web".into()],
+        })
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        let bad = import_namespaces(&v1::ImportNamespaces {
+            names: vec!["ml".into(), "Not_A_Label".into()],
+        })
+        .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(
+            bad.message().contains("import_namespaces.names[1]"),
+            "{}",
+            bad.message()
+        );
+        let many = import_namespaces(&v1::ImportNamespaces {
+            names: (0..=crate::discovery::imports::MAX_IMPORT_NAMESPACES)
+                .map(|i| format!("ns{i}"))
+                .collect(),
+        })
+        .unwrap_err();
+        assert!(
+            many.message().contains("over the limit"),
+            "{}",
+            many.message()
+        );
+    }
+}
