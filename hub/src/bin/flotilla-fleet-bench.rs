@@ -721,7 +721,7 @@ async fn main() -> anyhow::Result<()> {
                 if shared.imports_all {
                     "every cluster imports every service"
                 } else {
-                    "each cluster imports its namespace's ten services"
+                    "each cluster imports the services of its export's namespace"
                 },
                 shared.imports_received.load(Ordering::Relaxed) as f64 / ts.elapsed().as_secs_f64()
             );
