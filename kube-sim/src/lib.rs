@@ -14,6 +14,7 @@ pub mod control;
 pub mod faults;
 pub mod gpu;
 pub mod patch;
+pub mod protobuf;
 pub mod quantity;
 pub mod resources;
 pub mod scenario;

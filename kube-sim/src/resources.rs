@@ -35,6 +35,12 @@ impl ResourceType {
         }
     }
 
+    /// Whether the type is a custom resource on a real cluster (the MCS and Cluster API
+    /// CRDs): no protobuf, no strategic merge patch.
+    pub fn is_custom(&self) -> bool {
+        matches!(self.group, "multicluster.x-k8s.io" | "cluster.x-k8s.io")
+    }
+
     /// Whether `label` may be used in a field selector for this type.
     pub fn supports_field(&self, label: &str) -> bool {
         label == "metadata.name"

@@ -288,7 +288,7 @@ pub async fn handle(
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("as=Table"));
-    let content_type = req
+    let mut content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|c| c.to_str().ok())
@@ -299,6 +299,31 @@ pub async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(error_response(&e)),
     };
+    // kubectl 1.32+ writes built-in types in protobuf; custom resources are JSON only, and
+    // a real server answers 415 for them.
+    if crate::protobuf::is_protobuf(&content_type) && !body.is_empty() {
+        if RESOURCES[target.res].is_custom() {
+            return Ok(error_response(&ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type}: {} are custom resources)",
+                    RESOURCES[target.res].plural
+                ),
+            )));
+        }
+        match crate::protobuf::decode(&body) {
+            Ok(obj) => {
+                body = Bytes::from(serde_json::to_vec(&obj).expect("json"));
+                content_type = "application/json".into();
+            }
+            Err(e) => {
+                return Ok(error_response(&ApiError::bad_request(format!(
+                    "the protobuf request body cannot be decoded: {e}"
+                ))));
+            }
+        }
+    }
     let converted = asked.filter(|v| *v != stored_version);
     if let Some(v) = converted
         && content_type.starts_with("application/json")

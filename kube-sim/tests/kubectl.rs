@@ -22,22 +22,54 @@ clusters:
       - {name: cache, namespace: batch, replicas: 1, gpus: 1, empty_dir: true}
 "#;
 
-fn kubectl_available() -> bool {
-    match std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ => {
-            eprintln!(
-                "SKIPPED: kubectl is not on PATH (install it to run the kubectl compatibility tests)"
-            );
-            false
-        }
+/// The kubectl binaries to test with: the oldest and newest `kubectl.1.NN` installed beside
+/// the `kubectl` on PATH (as the Google Cloud SDK installs them), or every one of them with
+/// `FLOTILLA_KUBECTL_ALL=1`, or that `kubectl` alone. Empty (with a printed reason) when
+/// kubectl is not installed.
+fn kubectls() -> Vec<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("kubectl"))
+            .find(|k| k.is_file())
+    });
+    let Some(kubectl) = on_path else {
+        eprintln!(
+            "SKIPPED: kubectl is not on PATH (install it to run the kubectl compatibility tests)"
+        );
+        return Vec::new();
+    };
+    let dir = std::fs::canonicalize(&kubectl)
+        .ok()
+        .and_then(|k| k.parent().map(PathBuf::from));
+    let mut versioned: Vec<(u32, PathBuf)> = dir
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let minor = name.strip_prefix("kubectl.1.")?.parse().ok()?;
+            Some((minor, e.path()))
+        })
+        .collect();
+    versioned.sort();
+    if versioned.is_empty() {
+        return vec![kubectl];
     }
+    if std::env::var("FLOTILLA_KUBECTL_ALL").is_ok_and(|v| v == "1") {
+        return versioned.into_iter().map(|(_, p)| p).collect();
+    }
+    let oldest = versioned.first().cloned().expect("non-empty");
+    let newest = versioned.last().cloned().expect("non-empty");
+    let mut out = vec![oldest.1];
+    if newest.0 != oldest.0 {
+        out.push(newest.1);
+    }
+    out
 }
 
 struct Kubectl {
+    bin: PathBuf,
     kubeconfig: PathBuf,
     cache: PathBuf,
     _dir: tempfile::TempDir,
@@ -49,12 +81,14 @@ struct Out {
 }
 
 impl Kubectl {
-    fn new(c: &SimCluster) -> Self {
+    fn new(c: &SimCluster, bin: &std::path::Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("config");
         std::fs::write(&kubeconfig, c.kubeconfig()).unwrap();
         let cache = dir.path().join("cache");
+        eprintln!("with {}", bin.display());
         Self {
+            bin: bin.to_path_buf(),
             kubeconfig,
             cache,
             _dir: dir,
@@ -62,7 +96,7 @@ impl Kubectl {
     }
 
     async fn run(&self, args: &[&str]) -> Out {
-        let o = tokio::process::Command::new("kubectl")
+        let o = tokio::process::Command::new(&self.bin)
             .args(args)
             .arg("--cache-dir")
             .arg(&self.cache)
@@ -83,7 +117,7 @@ impl Kubectl {
 
     async fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args).await;
-        assert!(o.ok, "kubectl {args:?} failed:\n{}", o.text);
+        assert!(o.ok, "{} {args:?} failed:\n{}", self.bin.display(), o.text);
         o.text
     }
 }
@@ -131,116 +165,113 @@ fn node_of(c: &SimCluster, ns: &str, app: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_describe_label_cordon() {
-    if !kubectl_available() {
-        return;
-    }
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    settled(c).await;
-    let k = Kubectl::new(c);
-    let nodes = k.ok(&["get", "nodes"]).await;
-    for n in c.list("nodes", None).unwrap() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let nodes = k.ok(&["get", "nodes"]).await;
+        for n in c.list("nodes", None).unwrap() {
+            assert!(
+                nodes.contains(n["metadata"]["name"].as_str().unwrap()),
+                "{nodes}"
+            );
+        }
         assert!(
-            nodes.contains(n["metadata"]["name"].as_str().unwrap()),
+            nodes.contains("Ready") && nodes.contains("v1.34.2"),
             "{nodes}"
         );
+        let pods = k.ok(&["get", "pods", "-A", "-o", "wide"]).await;
+        assert!(
+            pods.contains("Running") && pods.contains("nvidia-device-plugin-daemonset"),
+            "{pods}"
+        );
+
+        let node = node_of(c, "inference", "llm");
+        let d = k.ok(&["describe", "node", &node]).await;
+        assert!(d.contains("Allocated resources:"), "{d}");
+        let line = d
+            .lines()
+            .skip_while(|l| !l.contains("Allocated resources:"))
+            .find(|l| l.trim_start().starts_with("nvidia.com/gpu"));
+        let line = line.unwrap_or_else(|| panic!("no GPU row in the allocated table:\n{d}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], "4", "requests column: {line}");
+        assert!(
+            d.contains("nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3"),
+            "{d}"
+        );
+
+        k.ok(&["label", "node", &node, "team=ml"]).await;
+        assert_eq!(
+            c.get("nodes", "", &node).unwrap()["metadata"]["labels"]["team"],
+            "ml"
+        );
+        k.ok(&["label", "node", &node, "team-"]).await;
+        assert!(
+            c.get("nodes", "", &node).unwrap()["metadata"]["labels"]
+                .get("team")
+                .is_none()
+        );
+        k.ok(&["cordon", &node]).await;
+        assert_eq!(
+            c.get("nodes", "", &node).unwrap()["spec"]["unschedulable"],
+            true
+        );
+        let shown = k.ok(&["get", "node", &node]).await;
+        assert!(shown.contains("SchedulingDisabled"), "{shown}");
+        k.ok(&["uncordon", &node]).await;
+        assert_ne!(
+            c.get("nodes", "", &node).unwrap()["spec"]["unschedulable"],
+            true
+        );
+        let missing = k.run(&["get", "node", "no-such-node"]).await;
+        assert!(
+            !missing.ok && missing.text.contains("not found"),
+            "{}",
+            missing.text
+        );
+        fleet.shutdown().await;
     }
-    assert!(
-        nodes.contains("Ready") && nodes.contains("v1.34.2"),
-        "{nodes}"
-    );
-    let pods = k.ok(&["get", "pods", "-A", "-o", "wide"]).await;
-    assert!(
-        pods.contains("Running") && pods.contains("nvidia-device-plugin-daemonset"),
-        "{pods}"
-    );
-
-    let node = node_of(c, "inference", "llm");
-    let d = k.ok(&["describe", "node", &node]).await;
-    assert!(d.contains("Allocated resources:"), "{d}");
-    let line = d
-        .lines()
-        .skip_while(|l| !l.contains("Allocated resources:"))
-        .find(|l| l.trim_start().starts_with("nvidia.com/gpu"));
-    let line = line.unwrap_or_else(|| panic!("no GPU row in the allocated table:\n{d}"));
-    let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols[1], "4", "requests column: {line}");
-    assert!(
-        d.contains("nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3"),
-        "{d}"
-    );
-
-    k.ok(&["label", "node", &node, "team=ml"]).await;
-    assert_eq!(
-        c.get("nodes", "", &node).unwrap()["metadata"]["labels"]["team"],
-        "ml"
-    );
-    k.ok(&["label", "node", &node, "team-"]).await;
-    assert!(
-        c.get("nodes", "", &node).unwrap()["metadata"]["labels"]
-            .get("team")
-            .is_none()
-    );
-    k.ok(&["cordon", &node]).await;
-    assert_eq!(
-        c.get("nodes", "", &node).unwrap()["spec"]["unschedulable"],
-        true
-    );
-    let shown = k.ok(&["get", "node", &node]).await;
-    assert!(shown.contains("SchedulingDisabled"), "{shown}");
-    k.ok(&["uncordon", &node]).await;
-    assert_ne!(
-        c.get("nodes", "", &node).unwrap()["spec"]["unschedulable"],
-        true
-    );
-    let missing = k.run(&["get", "node", "no-such-node"]).await;
-    assert!(
-        !missing.ok && missing.text.contains("not found"),
-        "{}",
-        missing.text
-    );
-    fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_honours_daemonsets_emptydir_and_pdbs() {
-    if !kubectl_available() {
-        return;
-    }
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    settled(c).await;
-    let k = Kubectl::new(c);
-    let node = node_of(c, "inference", "llm");
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let node = node_of(c, "inference", "llm");
 
-    // DaemonSet pods are refused without --ignore-daemonsets.
-    let o = k.run(&["drain", &node, "--timeout=5s"]).await;
-    assert!(!o.ok && o.text.contains("DaemonSet"), "{}", o.text);
+        // DaemonSet pods are refused without --ignore-daemonsets.
+        let o = k.run(&["drain", &node, "--timeout=5s"]).await;
+        assert!(!o.ok && o.text.contains("DaemonSet"), "{}", o.text);
 
-    // Pods with emptyDir volumes are refused without --delete-emptydir-data, before any eviction.
-    let cache_node = node_of(c, "batch", "cache");
-    let o = k
-        .run(&["drain", &cache_node, "--ignore-daemonsets", "--timeout=5s"])
-        .await;
-    assert!(!o.ok && o.text.contains("local storage"), "{}", o.text);
-    k.ok(&["uncordon", &cache_node]).await;
+        // Pods with emptyDir volumes are refused without --delete-emptydir-data, before any eviction.
+        let cache_node = node_of(c, "batch", "cache");
+        let o = k
+            .run(&["drain", &cache_node, "--ignore-daemonsets", "--timeout=5s"])
+            .await;
+        assert!(!o.ok && o.text.contains("local storage"), "{}", o.text);
+        k.ok(&["uncordon", &cache_node]).await;
 
-    // PDB minAvailable 2 with 2 ready: kubectl gets 429s, retries, and gives up at the timeout.
-    let o = k
-        .run(&[
-            "drain",
-            &node,
-            "--ignore-daemonsets",
-            "--delete-emptydir-data",
-            "--timeout=3s",
-        ])
-        .await;
-    assert!(!o.ok, "drain should time out: {}", o.text);
-    assert!(o.text.contains("disruption budget"), "{}", o.text);
+        // PDB minAvailable 2 with 2 ready: kubectl gets 429s, retries, and gives up at the timeout.
+        let o = k
+            .run(&[
+                "drain",
+                &node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--timeout=3s",
+            ])
+            .await;
+        assert!(!o.ok, "drain should time out: {}", o.text);
+        assert!(o.text.contains("disruption budget"), "{}", o.text);
 
-    // A mirror pod (static pod) on the node: kubectl identifies it by the annotation and
-    // leaves it alone.
-    c.create(
+        // A mirror pod (static pod) on the node: kubectl identifies it by the annotation and
+        // leaves it alone.
+        c.create(
         "pods",
         "kube-system",
         json!({"metadata": {"name": format!("static-{node}"), "annotations": {"kubernetes.io/config.mirror": "abc"}},
@@ -248,96 +279,184 @@ async fn drain_honours_daemonsets_emptydir_and_pdbs() {
     )
     .unwrap();
 
-    // With the budget relaxed the drain completes; the evicted pod is rescheduled elsewhere.
-    c.with_state(|s| {
-        let mut pdb = (*s
-            .store
-            .get(flotilla_kube_sim::resources::idx::PDBS, "inference", "llm")
-            .unwrap())
-        .clone();
-        pdb["spec"]["minAvailable"] = json!(1);
-        s.store
-            .update(
-                flotilla_kube_sim::resources::idx::PDBS,
-                "inference",
-                "llm",
-                pdb,
-                false,
-            )
-            .unwrap();
-    });
-    let out = k
-        .ok(&[
-            "drain",
-            &node,
-            "--ignore-daemonsets",
-            "--delete-emptydir-data",
-            "--timeout=30s",
-        ])
-        .await;
-    assert!(out.contains("drained"), "{out}");
-    let on_node: Vec<String> = c
-        .list("pods", None)
-        .unwrap()
-        .into_iter()
-        .filter(|p| p["spec"]["nodeName"] == node.as_str())
-        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        on_node
-            .iter()
-            .all(|p| p.starts_with("nvidia-device-plugin") || p.starts_with("static-")),
-        "left on node: {on_node:?}"
-    );
-    assert!(
-        on_node.iter().any(|p| p.starts_with("static-")),
-        "the mirror pod must stay: {on_node:?}"
-    );
-    fleet.shutdown().await;
+        // With the budget relaxed the drain completes; the evicted pod is rescheduled elsewhere.
+        c.with_state(|s| {
+            let mut pdb = (*s
+                .store
+                .get(flotilla_kube_sim::resources::idx::PDBS, "inference", "llm")
+                .unwrap())
+            .clone();
+            pdb["spec"]["minAvailable"] = json!(1);
+            s.store
+                .update(
+                    flotilla_kube_sim::resources::idx::PDBS,
+                    "inference",
+                    "llm",
+                    pdb,
+                    false,
+                )
+                .unwrap();
+        });
+        let out = k
+            .ok(&[
+                "drain",
+                &node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--timeout=30s",
+            ])
+            .await;
+        assert!(out.contains("drained"), "{out}");
+        let on_node: Vec<String> = c
+            .list("pods", None)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p["spec"]["nodeName"] == node.as_str())
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            on_node
+                .iter()
+                .all(|p| p.starts_with("nvidia-device-plugin") || p.starts_with("static-")),
+            "left on node: {on_node:?}"
+        );
+        assert!(
+            on_node.iter().any(|p| p.starts_with("static-")),
+            "the mirror pod must stay: {on_node:?}"
+        );
+        fleet.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_creates_and_updates() {
-    if !kubectl_available() {
-        return;
-    }
-    let fleet = start().await;
-    let c = &fleet.clusters()[0];
-    let k = Kubectl::new(c);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("app.yaml");
-    let manifest = |model: &str, replicas: u32| {
-        format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: inference\ndata:\n  model: {model}\n---\n\
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        let k = Kubectl::new(c, &bin);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app.yaml");
+        let manifest = |model: &str, replicas: u32| {
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: inference\ndata:\n  model: {model}\n---\n\
              apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  replicas: {replicas}\n  \
              selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      \
              containers:\n      - name: web\n        image: nginx\n"
-        )
-    };
-    std::fs::write(&file, manifest("llama-70b", 1)).unwrap();
-    let out = k
-        .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+            )
+        };
+        std::fs::write(&file, manifest("llama-70b", 1)).unwrap();
+        let out = k
+            .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+            .await;
+        assert!(
+            out.contains("configmap/settings created")
+                && out.contains("deployment.apps/web created"),
+            "{out}"
+        );
+        std::fs::write(&file, manifest("llama-405b", 2)).unwrap();
+        let out = k
+            .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+            .await;
+        assert!(out.contains("configmap/settings configured"), "{out}");
+        assert_eq!(
+            c.get("configmaps", "inference", "settings").unwrap()["data"]["model"],
+            "llama-405b"
+        );
+        assert_eq!(
+            c.get("deployments", "default", "web").unwrap()["spec"]["replicas"],
+            2
+        );
+        let out = k
+            .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+            .await;
+        assert!(out.contains("unchanged"), "{out}");
+        fleet.shutdown().await;
+    }
+}
+
+impl Kubectl {
+    /// The client's minor version (`32` for 1.32).
+    async fn minor(&self) -> u32 {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["version", "--client", "-o", "json"]).await).unwrap();
+        v["clientVersion"]["minor"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('+')
+            .parse()
+            .unwrap()
+    }
+}
+
+fn pods_on(c: &SimCluster, node: &str) -> Vec<String> {
+    c.list("pods", None)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p["spec"]["nodeName"] == node)
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .filter(|n| !n.starts_with("nvidia-device-plugin"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_writes_work_in_json_and_protobuf() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        // kubectl 1.32 and later send built-in types in protobuf; older ones in JSON.
+        let out = k.ok(&["create", "namespace", "team-a", "-v=8"]).await;
+        assert_eq!(
+            out.contains("Content-Type: application/vnd.kubernetes.protobuf"),
+            k.minor().await >= 32,
+            "{out}"
+        );
+        assert!(c.get("namespaces", "", "team-a").is_ok());
+        k.ok(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx",
+            "--replicas=2",
+            "-n",
+            "team-a",
+        ])
         .await;
-    assert!(
-        out.contains("configmap/settings created") && out.contains("deployment.apps/web created"),
-        "{out}"
-    );
-    std::fs::write(&file, manifest("llama-405b", 2)).unwrap();
-    let out = k
-        .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+        let d = c.get("deployments", "team-a", "web").unwrap();
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "nginx"
+        );
+        k.ok(&[
+            "create",
+            "configmap",
+            "cfg",
+            "--from-literal=model=llama",
+            "-n",
+            "team-a",
+        ])
         .await;
-    assert!(out.contains("configmap/settings configured"), "{out}");
-    assert_eq!(
-        c.get("configmaps", "inference", "settings").unwrap()["data"]["model"],
-        "llama-405b"
-    );
-    assert_eq!(
-        c.get("deployments", "default", "web").unwrap()["spec"]["replicas"],
-        2
-    );
-    let out = k
-        .ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
-        .await;
-    assert!(out.contains("unchanged"), "{out}");
-    fleet.shutdown().await;
+        assert_eq!(
+            c.get("configmaps", "team-a", "cfg").unwrap()["data"]["model"],
+            "llama"
+        );
+        // drain --disable-eviction deletes each pod with DeleteOptions in the body.
+        let node = node_of(c, "batch", "cache");
+        let out = k
+            .ok(&[
+                "drain",
+                &node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--disable-eviction",
+                "--timeout=30s",
+            ])
+            .await;
+        assert!(out.contains("drained"), "{out}");
+        assert_eq!(pods_on(c, &node), Vec::<String>::new());
+        fleet.shutdown().await;
+    }
 }
