@@ -1,9 +1,11 @@
 //! The three PATCH content types: JSON merge patch, JSON patch, and strategic merge patch.
 //!
-//! Strategic merge patch is implemented for the list fields real clients patch (containers,
-//! volumes, env, ports, conditions, taints, ownerReferences, finalizers) with the merge keys
-//! of the built-in types, plus the `$patch`, `$retainKeys`, `$deleteFromPrimitiveList` and
-//! `$setElementOrder` directives. Other lists are replaced, as for types without patch metadata.
+//! Strategic merge patch merges the lists whose Go fields carry `patchStrategy:"merge"` in the
+//! built-in types (containers, volumes, env, ports, conditions, addresses, ownerReferences,
+//! finalizers...) by their `patchMergeKey`, plus the `$patch`, `$retainKeys`,
+//! `$deleteFromPrimitiveList` and `$setElementOrder` directives. Every other list is replaced
+//! whole, as the API server does: among them `spec.taints` of a Node and `tolerations`, which
+//! have no patch strategy.
 
 use serde_json::{Map, Value};
 
@@ -55,8 +57,12 @@ pub fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(), Stri
     }
 }
 
-/// The merge key of a list field of the built-in types, by field name.
+/// The merge key of a list field of the built-in types, by field name; `None` for lists
+/// that are replaced. Only lists of objects merge by key.
 fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
+    if !sample.is_some_and(Value::is_object) {
+        return None;
+    }
     Some(match field {
         "containers"
         | "initContainers"
@@ -64,8 +70,12 @@ fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
         | "volumes"
         | "env"
         | "imagePullSecrets"
-        | "resourceClaims" => "name",
+        | "resourceClaims"
+        | "schedulingGates" => "name",
         "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "hostAliases" | "podIPs" | "hostIPs" => "ip",
+        "topologySpreadConstraints" => "topologyKey",
         "ports" => {
             if sample.is_some_and(|s| s.get("containerPort").is_some()) {
                 "containerPort"
@@ -74,15 +84,14 @@ fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
             }
         }
         "conditions" | "addresses" => "type",
-        "taints" => "key",
         "ownerReferences" => "uid",
         _ => return None,
     })
 }
 
-/// Lists of scalars that merge as sets.
+/// Lists of scalars that merge as sets (`metadata.finalizers`, a Node's `spec.podCIDRs`).
 fn is_primitive_merge_list(field: &str) -> bool {
-    field == "finalizers"
+    matches!(field, "finalizers" | "podCIDRs")
 }
 
 fn strip_directives(v: &Value) -> Value {
@@ -242,6 +251,47 @@ mod tests {
         .unwrap();
         assert_eq!(pod["spec"]["containers"].as_array().unwrap().len(), 2);
         assert_eq!(pod["metadata"]["finalizers"], json!(["f2"]));
+    }
+
+    #[test]
+    fn lists_without_a_patch_strategy_are_replaced() {
+        // `kubectl taint nodes n gpu-':` sends the whole remaining list; the Node type's
+        // taints have no merge key, so the list is replaced, not merged.
+        let mut node = json!({"spec": {"taints": [
+            {"key": "gpu", "effect": "NoSchedule"}, {"key": "zone", "effect": "NoExecute"}
+        ], "podCIDRs": ["10.0.0.0/24"]}});
+        apply(
+            PatchKind::Strategic,
+            &mut node,
+            &json!({"spec": {"taints": [{"key": "zone", "effect": "NoExecute"}]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            node["spec"]["taints"],
+            json!([{"key": "zone", "effect": "NoExecute"}])
+        );
+        // Tolerations too; lists of scalars merge only where the type says so.
+        let mut pod = json!({"spec": {"tolerations": [{"key": "a"}, {"key": "b"}],
+                                       "containers": [{"name": "c", "args": ["x", "y"]}]}});
+        apply(
+            PatchKind::Strategic,
+            &mut pod,
+            &json!({"spec": {"tolerations": [{"key": "c"}],
+                             "containers": [{"name": "c", "args": ["z"]}]}}),
+        )
+        .unwrap();
+        assert_eq!(pod["spec"]["tolerations"], json!([{"key": "c"}]));
+        assert_eq!(pod["spec"]["containers"][0]["args"], json!(["z"]));
+        apply(
+            PatchKind::Strategic,
+            &mut node,
+            &json!({"spec": {"podCIDRs": ["10.0.1.0/24"]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            node["spec"]["podCIDRs"],
+            json!(["10.0.0.0/24", "10.0.1.0/24"])
+        );
     }
 
     #[test]

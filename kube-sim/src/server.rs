@@ -612,6 +612,15 @@ fn patch_object(
             ),
         )
     })?;
+    // Custom resources have no patch metadata: a real server refuses strategic merge.
+    if kind == PatchKind::Strategic && RESOURCES[res].is_custom() {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: \
+             application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+        ));
+    }
     let p = parse_json(body)?;
     core.write(|s| {
         let cur = s.store.get(res, ns, name)?;

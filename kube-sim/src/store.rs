@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::resources::{RESOURCES, idx};
+use crate::resources::{RESOURCES, ResourceType, idx};
 
 /// A stored object. Shared between the store, the history and watchers.
 pub type Obj = Arc<Value>;
@@ -438,6 +438,15 @@ impl Store {
         Ok(())
     }
 
+    /// The 400 a real server sends for a body its decoder refuses (we add the field).
+    fn undecodable(r: &ResourceType, why: &str) -> ApiError {
+        ApiError::bad_request(format!(
+            "{kind} in version \"{v}\" cannot be handled as a {kind}: {why}",
+            kind = r.kind,
+            v = r.version
+        ))
+    }
+
     /// Create an object in `ns` ("" for cluster-scoped types).
     pub fn create(&mut self, res: usize, ns: &str, mut obj: Value) -> Result<Obj, ApiError> {
         let r = &RESOURCES[res];
@@ -447,6 +456,9 @@ impl Store {
             ));
         }
         Self::check_type_meta(res, &obj)?;
+        if !r.is_custom() {
+            crate::quantity::normalize(&mut obj).map_err(|e| Self::undecodable(r, &e))?;
+        }
         let meta = obj
             .as_object_mut()
             .expect("object")
@@ -555,6 +567,9 @@ impl Store {
             ));
         }
         Self::check_type_meta(res, &obj)?;
+        if !r.is_custom() {
+            crate::quantity::normalize(&mut obj).map_err(|e| Self::undecodable(r, &e))?;
+        }
         let body_name = obj["metadata"]["name"].as_str().unwrap_or(name);
         if body_name != name {
             return Err(ApiError::bad_request(format!(

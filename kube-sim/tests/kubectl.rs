@@ -460,3 +460,174 @@ async fn typed_writes_work_in_json_and_protobuf() {
         fleet.shutdown().await;
     }
 }
+
+fn taints(c: &SimCluster, node: &str) -> Vec<String> {
+    c.get("nodes", "", node).unwrap()["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            format!(
+                "{}={}:{}",
+                t["key"].as_str().unwrap(),
+                t["value"].as_str().unwrap_or(""),
+                t["effect"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taints_are_replaced_and_the_lifecycle_controller_taints_nodes() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let node = node_of(c, "inference", "llm");
+        k.ok(&["taint", "nodes", &node, "upgrade=blue:NoSchedule"])
+            .await;
+        k.ok(&["taint", "nodes", &node, "drain=soon:NoExecute"])
+            .await;
+        let mut both = taints(c, &node);
+        both.sort();
+        assert_eq!(both, ["drain=soon:NoExecute", "upgrade=blue:NoSchedule"]);
+        // Removing one taint sends the remaining list; the list is replaced.
+        let out = k
+            .ok(&["taint", "nodes", &node, "upgrade:NoSchedule-"])
+            .await;
+        assert!(out.contains("untainted"), "{out}");
+        assert_eq!(taints(c, &node), ["drain=soon:NoExecute"]);
+        k.ok(&["taint", "nodes", &node, "drain-"]).await;
+        assert_eq!(taints(c, &node), Vec::<String>::new());
+
+        // Cordon: the unschedulable taint comes and goes with spec.unschedulable.
+        k.ok(&["cordon", &node]).await;
+        until("the unschedulable taint", || {
+            taints(c, &node) == ["node.kubernetes.io/unschedulable=:NoSchedule"]
+        })
+        .await;
+        k.ok(&["uncordon", &node]).await;
+        until("no taints after uncordon", || taints(c, &node).is_empty()).await;
+
+        // A silent kubelet: every condition Unknown, and the unreachable taints.
+        let fault = flotilla_kube_sim::faults::Fault::NodeNotReady { node: node.clone() };
+        c.inject(&fault).unwrap();
+        until("the unreachable taints", || {
+            let mut t = taints(c, &node);
+            t.sort();
+            t == [
+                "node.kubernetes.io/unreachable=:NoExecute",
+                "node.kubernetes.io/unreachable=:NoSchedule",
+            ]
+        })
+        .await;
+        let n = c.get("nodes", "", &node).unwrap();
+        assert!(
+            n["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["status"] == "Unknown"),
+            "{n}"
+        );
+        let shown = k.ok(&["describe", "node", &node]).await;
+        assert!(
+            shown.contains("node.kubernetes.io/unreachable:NoExecute"),
+            "{shown}"
+        );
+        c.clear(&fault);
+        until("no taints once Ready", || taints(c, &node).is_empty()).await;
+        fleet.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_quantities_are_stored_as_strings_and_scheduled() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        // 12 one-GPU pods written with `nvidia.com/gpu: 1` (a YAML number). The two 8-GPU
+        // nodes have 16 GPUs and 9 are taken (llm 2×4, cache 1): 7 fit, 5 wait.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gpu.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: one-gpu, namespace: batch}\n\
+             spec:\n  replicas: 12\n  selector: {matchLabels: {app: one-gpu}}\n  template:\n    \
+             metadata: {labels: {app: one-gpu}}\n    spec:\n      \
+             tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n      \
+             containers:\n      - name: c\n        image: cuda\n        resources:\n          \
+             requests: {nvidia.com/gpu: 1, cpu: 0.5}\n          limits: {nvidia.com/gpu: 1}\n",
+        )
+        .unwrap();
+        k.ok(&["apply", "--validate=false", "-f", file.to_str().unwrap()])
+            .await;
+        let d = c.get("deployments", "batch", "one-gpu").unwrap();
+        let req = &d["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"];
+        assert_eq!(req["nvidia.com/gpu"], "1");
+        assert_eq!(req["cpu"], "500m");
+        let one_gpu = || {
+            c.list("pods", Some("batch"))
+                .unwrap()
+                .into_iter()
+                .filter(|p| p["metadata"]["labels"]["app"] == "one-gpu")
+                .collect::<Vec<_>>()
+        };
+        until("12 pods", || one_gpu().len() == 12).await;
+        until("7 bound", || {
+            one_gpu()
+                .iter()
+                .filter(|p| p["spec"]["nodeName"].is_string())
+                .count()
+                == 7
+        })
+        .await;
+        let mut per_node: std::collections::HashMap<String, i64> = Default::default();
+        for p in c.list("pods", None).unwrap() {
+            if let Some(n) = p["spec"]["nodeName"].as_str() {
+                let g = p["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+                    .as_str()
+                    .map_or(0, |g| g.parse::<i64>().unwrap());
+                *per_node.entry(n.to_string()).or_default() += g;
+            }
+        }
+        assert!(per_node.values().all(|g| *g <= 8), "{per_node:?}");
+        let bad_file = dir.path().join("bad.yaml");
+        std::fs::write(
+            &bad_file,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: batch}\nspec:\n  \
+             containers: [{name: c, image: x, resources: {requests: {cpu: lots}}}]\n",
+        )
+        .unwrap();
+        let bad = k
+            .run(&[
+                "create",
+                "--validate=false",
+                "-f",
+                bad_file.to_str().unwrap(),
+            ])
+            .await;
+        assert!(
+            !bad.ok
+                && bad.text.contains("cannot be handled as a Pod")
+                && bad
+                    .text
+                    .contains("spec.containers[0].resources.requests[cpu]"),
+            "{}",
+            bad.text
+        );
+        fleet.shutdown().await;
+    }
+}

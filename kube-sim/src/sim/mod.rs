@@ -16,6 +16,7 @@ mod gc;
 mod kubelet;
 mod machine_deployments;
 pub mod metrics;
+pub mod node_lifecycle;
 mod pods;
 mod scheduler;
 mod workloads;
@@ -628,6 +629,7 @@ impl SimState {
             next = None;
             self.machine_deployments(now);
             self.kubelets(now, &mut next);
+            self.node_lifecycle();
             self.daemonsets();
             self.deployments();
             self.replicasets();
