@@ -41,6 +41,11 @@ impl ResourceType {
         matches!(self.group, "multicluster.x-k8s.io" | "cluster.x-k8s.io")
     }
 
+    /// Whether the type has a `scale` subresource (autoscaling/v1 Scale).
+    pub fn has_scale(&self) -> bool {
+        matches!(self.kind, "Deployment" | "ReplicaSet" | "MachineDeployment")
+    }
+
     /// Whether `label` may be used in a field selector for this type.
     pub fn supports_field(&self, label: &str) -> bool {
         label == "metadata.name"
@@ -423,6 +428,18 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if r.has_scale() {
+            // kubectl scale and the cluster autoscaler's Cluster API provider use it.
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

@@ -116,6 +116,34 @@ impl LabelSelector {
     }
 }
 
+/// The string form, as `metav1.FormatLabelSelector` writes it (requirements sorted by key).
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = |r: &LabelReq| match r {
+            LabelReq::Eq(k, _)
+            | LabelReq::NotEq(k, _)
+            | LabelReq::In(k, _)
+            | LabelReq::NotIn(k, _)
+            | LabelReq::Exists(k)
+            | LabelReq::NotExists(k) => k.clone(),
+        };
+        let mut reqs = self.0.clone();
+        reqs.sort_by_key(key);
+        let parts: Vec<String> = reqs
+            .iter()
+            .map(|r| match r {
+                LabelReq::Eq(k, v) => format!("{k}={v}"),
+                LabelReq::NotEq(k, v) => format!("{k}!={v}"),
+                LabelReq::In(k, vs) => format!("{k} in ({})", vs.join(",")),
+                LabelReq::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
+                LabelReq::Exists(k) => k.clone(),
+                LabelReq::NotExists(k) => format!("!{k}"),
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 /// Split on commas that are not inside parentheses.
 fn split_top_level(s: &str) -> Vec<&str> {
     let mut out = Vec::new();

@@ -568,6 +568,9 @@ async fn dispatch(
                 "status supports get, update and patch",
             )),
         },
+        (Some("scale"), Some(name)) if r.has_scale() => {
+            scale(core, verb, t.res, &ns, name, body, content_type, dry_run)
+        }
         (Some("eviction"), Some(name)) if t.res == idx::PODS && verb == "create" => {
             let ev = parse_json(body)?;
             let dry = dry_run
@@ -586,6 +589,91 @@ async fn dispatch(
             "the server could not find the requested resource",
         )),
     }
+}
+
+/// An object's `autoscaling/v1` Scale: `spec.replicas`, and the observed count and selector.
+fn scale_of(o: &Value) -> Value {
+    let selector = match o["status"]["selector"].as_str() {
+        // Cluster API publishes its selector in status, as the CRD's labelSelectorPath says.
+        Some(s) => s.to_string(),
+        None => LabelSelector::from_object(&o["spec"]["selector"])
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let m = &o["metadata"];
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+                     "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(1)},
+        "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector},
+    })
+}
+
+/// GET, PUT or PATCH `.../NAME/scale`: the Scale is read from and written to `spec.replicas`.
+#[allow(clippy::too_many_arguments)]
+fn scale(
+    core: &Arc<ClusterCore>,
+    verb: &str,
+    res: usize,
+    ns: &str,
+    name: &str,
+    body: &Bytes,
+    content_type: &str,
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    if verb == "get" {
+        let o = core.read(|s| s.store.get(res, ns, name))?;
+        return Ok(json_response(200, &scale_of(&o)));
+    }
+    let patch_kind = match verb {
+        "update" => None,
+        "patch" => Some(PatchKind::from_content_type(content_type).ok_or_else(|| {
+            ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type})"))
+        })?),
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "scale supports get, update and patch",
+            ));
+        }
+    };
+    let p = parse_json(body)?;
+    let o = core.write(|s| {
+        let cur = s.store.get(res, ns, name)?;
+        let mut want = scale_of(&cur);
+        match patch_kind {
+            None => want = p.clone(),
+            Some(k) => {
+                patch::apply(k, &mut want, &p).map_err(|e| ApiError::new(422, "Invalid", e))?
+            }
+        }
+        if let Some(rv) = want["metadata"]["resourceVersion"].as_str()
+            && cur["metadata"]["resourceVersion"] != rv
+        {
+            return Err(ApiError::conflict(res, name));
+        }
+        let replicas = match &want["spec"]["replicas"] {
+            Value::Null => 0,
+            v => v.as_i64().filter(|r| *r >= 0).ok_or_else(|| {
+                ApiError::invalid(
+                    res,
+                    name,
+                    "spec.replicas",
+                    "must be greater than or equal to 0",
+                )
+            })?,
+        };
+        let mut doc = (*cur).clone();
+        doc["spec"]["replicas"] = json!(replicas);
+        if dry_run {
+            return Ok(Arc::new(doc));
+        }
+        s.store.update(res, ns, name, doc, false)
+    })?;
+    Ok(json_response(200, &scale_of(&o)))
 }
 
 /// PATCH an object (or only its status): apply the patch to the stored object under the lock,

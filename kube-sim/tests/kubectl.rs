@@ -631,3 +631,72 @@ async fn numeric_quantities_are_stored_as_strings_and_scheduled() {
         fleet.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_subresource_for_deployments_and_machine_deployments() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let out = k
+            .ok(&[
+                "scale",
+                "deployment",
+                "llm",
+                "-n",
+                "inference",
+                "--replicas=1",
+            ])
+            .await;
+        assert!(out.contains("scaled"), "{out}");
+        assert_eq!(
+            c.get("deployments", "inference", "llm").unwrap()["spec"]["replicas"],
+            1
+        );
+        // --current-replicas is a precondition the Scale carries.
+        let o = k
+            .run(&[
+                "scale",
+                "deployment",
+                "llm",
+                "-n",
+                "inference",
+                "--current-replicas=3",
+                "--replicas=2",
+            ])
+            .await;
+        assert!(
+            !o.ok && o.text.contains("Expected replicas to be 3"),
+            "{}",
+            o.text
+        );
+        k.ok(&["scale", "machinedeployment", "h100", "--replicas=3"])
+            .await;
+        until("three h100 nodes", || {
+            c.list("nodes", None)
+                .unwrap()
+                .iter()
+                .filter(|n| n["metadata"]["name"].as_str().unwrap().starts_with("h100"))
+                .count()
+                == 3
+        })
+        .await;
+        let s: serde_json::Value = serde_json::from_str(
+            &k.ok(&[
+                "get",
+                "--raw",
+                "/apis/cluster.x-k8s.io/v1beta1/namespaces/default/machinedeployments/h100/scale",
+            ])
+            .await,
+        )
+        .unwrap();
+        assert_eq!(s["kind"], "Scale");
+        assert_eq!(s["spec"]["replicas"], 3);
+        assert!(
+            s["status"]["selector"].as_str().unwrap().contains("h100"),
+            "{s}"
+        );
+        fleet.shutdown().await;
+    }
+}
