@@ -27,6 +27,19 @@ pub enum Fault {
         /// Pod name.
         pod: String,
     },
+    /// Nodes created from now on from the machine template `pool` come up broken: NotReady
+    /// (a bad image) and/or with `failed_gpus` GPUs failed (a bad driver). Clearing it heals
+    /// the nodes it broke and stops it for new ones.
+    BadNewNodes {
+        /// Machine template (scenario pool name).
+        pool: String,
+        /// The kubelet never posts Ready.
+        #[serde(default)]
+        not_ready: bool,
+        /// GPUs failed on each new node.
+        #[serde(default)]
+        failed_gpus: u32,
+    },
     /// Every API request waits this long first.
     ApiLatency {
         /// Delay in milliseconds.

@@ -257,23 +257,31 @@ pub static RESOURCES: [ResourceType; 18] = [
         &["pdb"],
         &[],
     ),
-    rt(
-        "multicluster.x-k8s.io",
-        "v1beta1",
-        "serviceexports",
-        "serviceexport",
-        "ServiceExport",
-        true,
-        true,
+    with(
+        rt(
+            "multicluster.x-k8s.io",
+            "v1beta1",
+            "serviceexports",
+            "serviceexport",
+            "ServiceExport",
+            true,
+            true,
+        ),
+        &["svcex"],
+        &[],
     ),
-    rt(
-        "multicluster.x-k8s.io",
-        "v1beta1",
-        "serviceimports",
-        "serviceimport",
-        "ServiceImport",
-        true,
-        true,
+    with(
+        rt(
+            "multicluster.x-k8s.io",
+            "v1beta1",
+            "serviceimports",
+            "serviceimport",
+            "ServiceImport",
+            true,
+            true,
+        ),
+        &["svcim"],
+        &[],
     ),
     with(
         rt(
@@ -358,6 +366,10 @@ pub fn core_versions(server_address: &str) -> Value {
 }
 
 fn group_entry(group: &str) -> Value {
+    if group == AUTHZ_GROUP {
+        let v = json!({"groupVersion": format!("{AUTHZ_GROUP}/v1"), "version": "v1"});
+        return json!({"name": group, "versions": [v.clone()], "preferredVersion": v});
+    }
     let versions: Vec<Value> = group_versions()
         .into_iter()
         .filter(|(g, _)| *g == group)
@@ -370,9 +382,12 @@ fn group_entry(group: &str) -> Value {
     })
 }
 
+/// The group of the access reviews (`kubectl auth can-i`), served as requests only.
+pub const AUTHZ_GROUP: &str = "authorization.k8s.io";
+
 /// `/apis`: every named group.
 pub fn group_list() -> Value {
-    let mut groups: Vec<&str> = Vec::new();
+    let mut groups: Vec<&str> = vec![AUTHZ_GROUP];
     for (g, _) in group_versions() {
         if !g.is_empty() && !groups.contains(&g) {
             groups.push(g);
@@ -387,7 +402,7 @@ pub fn group_list() -> Value {
 
 /// `/apis/{group}`: one group, if served.
 pub fn group(group: &str) -> Option<Value> {
-    if group.is_empty() || !RESOURCES.iter().any(|r| r.group == group) {
+    if group.is_empty() || !(group == AUTHZ_GROUP || RESOURCES.iter().any(|r| r.group == group)) {
         return None;
     }
     let mut v = group_entry(group);
@@ -409,19 +424,35 @@ const VERBS: &[&str] = &[
 
 /// `/api/v1` or `/apis/{group}/{version}`: the resources of one group version.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == (AUTHZ_GROUP, "v1") {
+        let review = |name: &str, kind: &str| json!({"name": name, "singularName": "", "namespaced": false, "kind": kind, "verbs": ["create"]});
+        return Some(json!({
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{AUTHZ_GROUP}/v1"),
+            "resources": [review("selfsubjectaccessreviews", "SelfSubjectAccessReview"),
+                          review("selfsubjectrulesreviews", "SelfSubjectRulesReview")],
+        }));
+    }
     let mut resources = Vec::new();
     for r in RESOURCES
         .iter()
         .filter(|r| r.group == group && r.version == version)
     {
-        resources.push(json!({
+        let mut entry = json!({
             "name": r.plural,
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
             "verbs": VERBS,
             "shortNames": r.short_names,
-        }));
+        });
+        // `kubectl get all` expands the category from discovery.
+        if matches!(
+            r.kind,
+            "Pod" | "Service" | "Deployment" | "ReplicaSet" | "DaemonSet"
+        ) {
+            entry["categories"] = json!(["all"]);
+        }
+        resources.push(entry);
         if r.has_status {
             resources.push(json!({
                 "name": format!("{}/status", r.plural),

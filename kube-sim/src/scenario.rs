@@ -126,6 +126,11 @@ pub struct PoolSpec {
     /// Node taints.
     #[serde(default)]
     pub taints: Vec<TaintSpec>,
+    /// The cloud's quota for this machine template: at most this many nodes from it at once,
+    /// over every MachineDeployment that names it (blue and green pools share it). A scale-up
+    /// beyond it leaves machines pending with the reason, as a cloud quota would.
+    #[serde(default)]
+    pub quota: Option<u32>,
 }
 
 fn default_cpu() -> u32 {
@@ -397,6 +402,10 @@ pub struct Timing {
     /// Pod bound → Running and Ready.
     #[serde(default)]
     pub pod_start_ms: u64,
+    /// How long one second of a pod's termination grace period lasts: a pod being deleted
+    /// stays Terminating for `terminationGracePeriodSeconds` × this (30 s × 10 ms = 300 ms).
+    #[serde(default)]
+    pub grace_second_ms: u64,
 }
 
 /// Limits that keep a scenario within what one process can hold.

@@ -18,6 +18,10 @@ pub enum LabelReq {
     Exists(String),
     /// `!key`
     NotExists(String),
+    /// `key>N`: the label is an integer greater than N (false when absent).
+    Gt(String, i64),
+    /// `key<N`: the label is an integer less than N (false when absent).
+    Lt(String, i64),
 }
 
 /// A conjunction of label requirements; empty matches everything.
@@ -107,6 +111,12 @@ impl LabelSelector {
             LabelReq::NotIn(k, vs) => !get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
             LabelReq::Exists(k) => get(k).is_some(),
             LabelReq::NotExists(k) => get(k).is_none(),
+            LabelReq::Gt(k, n) => get(k)
+                .and_then(|x| x.parse::<i64>().ok())
+                .is_some_and(|x| x > *n),
+            LabelReq::Lt(k, n) => get(k)
+                .and_then(|x| x.parse::<i64>().ok())
+                .is_some_and(|x| x < *n),
         })
     }
 
@@ -125,7 +135,9 @@ impl std::fmt::Display for LabelSelector {
             | LabelReq::In(k, _)
             | LabelReq::NotIn(k, _)
             | LabelReq::Exists(k)
-            | LabelReq::NotExists(k) => k.clone(),
+            | LabelReq::NotExists(k)
+            | LabelReq::Gt(k, _)
+            | LabelReq::Lt(k, _) => k.clone(),
         };
         let mut reqs = self.0.clone();
         reqs.sort_by_key(key);
@@ -138,6 +150,8 @@ impl std::fmt::Display for LabelSelector {
                 LabelReq::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
                 LabelReq::Exists(k) => k.clone(),
                 LabelReq::NotExists(k) => format!("!{k}"),
+                LabelReq::Gt(k, n) => format!("{k}>{n}"),
+                LabelReq::Lt(k, n) => format!("{k}<{n}"),
             })
             .collect();
         f.write_str(&parts.join(","))
@@ -180,6 +194,22 @@ fn parse_label_req(part: &str) -> Result<LabelReq, String> {
         } else {
             Err(bad("invalid label key"))
         };
+    }
+    for (op, greater) in [(">", true), ("<", false)] {
+        if let Some((k, v)) = part.split_once(op) {
+            let (k, v) = (k.trim(), v.trim());
+            if !valid_key(k) {
+                return Err(bad("invalid label key"));
+            }
+            let n = v
+                .parse::<i64>()
+                .map_err(|_| bad("for 'Gt', 'Lt' operators, the value must be an integer"))?;
+            return Ok(if greater {
+                LabelReq::Gt(k.into(), n)
+            } else {
+                LabelReq::Lt(k.into(), n)
+            });
+        }
     }
     for (op, ctor) in [("!=", 0), ("==", 1), ("=", 1)] {
         if let Some((k, v)) = part.split_once(op) {
@@ -284,14 +314,22 @@ impl FieldSelector {
     }
 }
 
+/// Field labels whose Go type is a `bool`: an absent one reads `false`, as the server's field
+/// set prints it (`spec.unschedulable=false` lists the schedulable nodes).
+const BOOL_FIELDS: &[&str] = &["spec.unschedulable"];
+
 /// The string value of a dotted field path, as the API server renders it for field selectors.
 pub fn field_value(obj: &Value, path: &str) -> String {
     let mut cur = obj;
     for seg in path.split('.') {
         cur = match cur.get(seg) {
             Some(v) => v,
+            None if BOOL_FIELDS.contains(&path) => return "false".into(),
             None => return String::new(),
         };
+    }
+    if cur.is_null() && BOOL_FIELDS.contains(&path) {
+        return "false".into();
     }
     match cur {
         Value::String(s) => s.clone(),
@@ -327,6 +365,16 @@ mod tests {
         assert!(m("app"));
         assert!(!m("!app"));
         assert!(m("!missing,app in (web),tier"));
+        let n = obj(json!({"nvidia.com/gpu.count": "8"}));
+        let g = |s: &str| LabelSelector::parse(s).unwrap().matches(&n);
+        assert!(g("nvidia.com/gpu.count>4") && g("nvidia.com/gpu.count<9"));
+        assert!(!g("nvidia.com/gpu.count>8") && !g("missing<100"));
+        assert!(
+            LabelSelector::parse("x>many")
+                .unwrap_err()
+                .contains("must be an integer")
+        );
+        assert_eq!(LabelSelector::parse("a>3").unwrap().to_string(), "a>3");
     }
 
     #[test]
@@ -373,5 +421,9 @@ mod tests {
             ),
             "true"
         );
+        // An absent bool reads false: the schedulable nodes.
+        let sel = FieldSelector::parse("spec.unschedulable=false", ok).unwrap();
+        assert!(sel.matches(&json!({"spec": {}})));
+        assert!(!sel.matches(&json!({"spec": {"unschedulable": true}})));
     }
 }

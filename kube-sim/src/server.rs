@@ -23,7 +23,9 @@ use crate::faults::reason_for;
 use crate::patch::{self, PatchKind};
 use crate::resources::{self, RESOURCES, ResourceType, idx};
 use crate::selector::{FieldSelector, LabelSelector};
+use crate::sim::DeleteOptions;
 use crate::store::{ApiError, Change, EventType, Obj};
+use crate::table::IncludeObject;
 use crate::versions::{self, DRA_GROUP, MCS_GROUP};
 
 /// Response body: whole JSON documents or a watch stream.
@@ -212,6 +214,13 @@ pub async fn handle(
                 None => not_found_path(&path),
             });
         }
+        ["apis", resources::AUTHZ_GROUP, "v1", kind] if req.method() == Method::POST => {
+            let kind = kind.to_string();
+            return Ok(match access_review(&core, &kind, req).await {
+                Ok(v) => json_response(201, &v),
+                Err(e) => error_response(&e),
+            });
+        }
         ["api", "v1", rest @ ..] => ("", "v1", rest),
         ["apis", g, v, rest @ ..] => (g, v, rest),
         _ => return Ok(not_found_path(&path)),
@@ -283,11 +292,18 @@ pub async fn handle(
         );
         return Ok(error_response(&e));
     }
-    let table = req
+    let table = match req
         .headers()
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"));
+        .is_some_and(|a| a.contains("as=Table"))
+    {
+        false => None,
+        true => match IncludeObject::parse(q.get("includeObject")) {
+            Ok(i) => Some(i),
+            Err(e) => return Ok(error_response(&ApiError::bad_request(e))),
+        },
+    };
     let mut content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -353,7 +369,7 @@ pub async fn handle(
         DRA_GROUP
     };
     Ok(match converted {
-        Some(v) if !table => in_version(resp, group, v),
+        Some(v) if table.is_none() => in_version(resp, group, v),
         _ => resp,
     })
 }
@@ -376,6 +392,80 @@ fn in_version(resp: Response<Body>, group: &'static str, version: &'static str) 
         })
     });
     Response::from_parts(parts, BodyExt::boxed(body))
+}
+
+/// `SelfSubjectAccessReview` and `SelfSubjectRulesReview` (`kubectl auth can-i [--list]`),
+/// answered from what the token may do: everything but the scenario's `rbac_deny`.
+async fn access_review(
+    core: &Arc<ClusterCore>,
+    kind: &str,
+    req: Request<Incoming>,
+) -> Result<Value, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let body = read_body(req).await?;
+    let review = if crate::protobuf::is_protobuf(&content_type) {
+        crate::protobuf::decode(&body).map_err(|e| {
+            ApiError::bad_request(format!("the protobuf request body cannot be decoded: {e}"))
+        })?
+    } else {
+        parse_json(&body)?
+    };
+    let denied = |plural: &str| core.rbac_deny.iter().any(|d| d == plural);
+    let status = match kind {
+        "selfsubjectaccessreviews" => {
+            let plural = review["spec"]["resourceAttributes"]["resource"]
+                .as_str()
+                .unwrap_or("");
+            let allowed = !denied(plural);
+            let mut s = json!({"allowed": allowed});
+            if !allowed {
+                s["reason"] = json!(format!(
+                    "kube-sim: the scenario's rbac_deny leaves out {plural}"
+                ));
+            }
+            s
+        }
+        "selfsubjectrulesreviews" => {
+            let mut by_group: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for r in RESOURCES.iter().filter(|r| !denied(r.plural)) {
+                by_group.entry(r.group).or_default().push(r.plural);
+            }
+            let rules: Vec<Value> = by_group
+                .iter()
+                .map(|(g, rs)| json!({"verbs": ["*"], "apiGroups": [g], "resources": rs}))
+                .collect();
+            json!({
+                "resourceRules": rules,
+                "nonResourceRules": [{"verbs": ["get"], "nonResourceURLs":
+                    ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez", "/readyz", "/version"]}],
+                "incomplete": false,
+            })
+        }
+        _ => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
+    };
+    let kind_name = if kind == "selfsubjectaccessreviews" {
+        "SelfSubjectAccessReview"
+    } else {
+        "SelfSubjectRulesReview"
+    };
+    Ok(json!({
+        "kind": kind_name,
+        "apiVersion": format!("{}/v1", resources::AUTHZ_GROUP),
+        "metadata": {"creationTimestamp": null},
+        "spec": review["spec"],
+        "status": status,
+    }))
 }
 
 /// The 403 a real API server sends a token whose RBAC role leaves this resource out.
@@ -435,7 +525,7 @@ async fn dispatch(
     q: &Query,
     body: &Bytes,
     content_type: &str,
-    table: bool,
+    table: Option<IncludeObject>,
 ) -> Result<Response<Body>, ApiError> {
     let r = &RESOURCES[t.res];
     if !r.namespaced && t.ns.is_some() {
@@ -450,7 +540,7 @@ async fn dispatch(
     match (t.sub.as_deref(), t.name.as_deref()) {
         (None, None) => match verb {
             "list" => list(core, t, q, table),
-            "watch" => watch(core, t, q).await,
+            "watch" => watch(core, t, q, table).await,
             "create" => {
                 let obj = parse_json(body)?;
                 if dry_run {
@@ -476,9 +566,12 @@ async fn dispatch(
                         })
                         .collect()
                 });
+                let opts = delete_options(body, q)?;
                 let mut items = Vec::new();
                 for (ons, oname) in victims {
-                    if let Ok(o) = core.write(|s| s.store.delete(t.res, &ons, &oname)) {
+                    if let Ok(o) =
+                        core.write(|s| s.delete_object(t.res, &ons, &oname, &opts, dry_run))
+                    {
                         items.push((*o).clone());
                     }
                 }
@@ -496,13 +589,15 @@ async fn dispatch(
         (None, Some(name)) => match verb {
             "get" => {
                 let o = core.read(|s| s.store.get(t.res, &ns, name))?;
-                if table {
+                if let Some(include) = table {
                     return Ok(json_response(
                         200,
                         &crate::table::table(
                             r,
                             std::slice::from_ref(&o),
                             &o["metadata"]["resourceVersion"],
+                            None,
+                            include,
                         ),
                     ));
                 }
@@ -518,28 +613,8 @@ async fn dispatch(
                 Ok(json_response(200, &o))
             }
             "delete" => {
-                let pre = if body.is_empty() {
-                    Value::Null
-                } else {
-                    parse_json(body)?
-                };
-                let o = core.write(|s| {
-                    let cur = s.store.get(t.res, &ns, name)?;
-                    if let Some(uid) = pre["preconditions"]["uid"].as_str()
-                        && cur["metadata"]["uid"] != uid
-                    {
-                        return Err(ApiError::conflict(t.res, name));
-                    }
-                    if let Some(rv) = pre["preconditions"]["resourceVersion"].as_str()
-                        && cur["metadata"]["resourceVersion"] != rv
-                    {
-                        return Err(ApiError::conflict(t.res, name));
-                    }
-                    if dry_run {
-                        return Ok(cur);
-                    }
-                    s.store.delete(t.res, &ns, name)
-                })?;
+                let opts = delete_options(body, q)?;
+                let o = core.write(|s| s.delete_object(t.res, &ns, name, &opts, dry_run))?;
                 Ok(json_response(200, &o))
             }
             _ => Err(ApiError::new(
@@ -577,7 +652,8 @@ async fn dispatch(
                 || ev["deleteOptions"]["dryRun"]
                     .as_array()
                     .is_some_and(|a| !a.is_empty());
-            core.write(|s| s.evict(&ns, name, dry))?;
+            let opts = DeleteOptions::parse(&ev["deleteOptions"], None)?;
+            core.write(|s| s.evict(&ns, name, &opts, dry))?;
             Ok(json_response(
                 201,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
@@ -733,6 +809,16 @@ fn patch_object(
     })
 }
 
+/// The `DeleteOptions` of a DELETE: its body (if any) and `gracePeriodSeconds` in the query.
+fn delete_options(body: &Bytes, q: &Query) -> Result<DeleteOptions, ApiError> {
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        parse_json(body)?
+    };
+    DeleteOptions::parse(&body, q.get("gracePeriodSeconds"))
+}
+
 fn selectors(
     r: &'static ResourceType,
     q: &Query,
@@ -758,7 +844,7 @@ fn list(
     core: &Arc<ClusterCore>,
     t: &Target,
     q: &Query,
-    table: bool,
+    table: Option<IncludeObject>,
 ) -> Result<Response<Body>, ApiError> {
     let r = &RESOURCES[t.res];
     let (labels, fields) = selectors(r, q)?;
@@ -807,13 +893,15 @@ fn list(
         }
         Ok((rv, items, cont))
     })?;
-    if table {
+    if let Some(include) = table {
         return Ok(json_response(
             200,
             &crate::table::table(
                 r,
                 &items.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
                 &json!(rv.to_string()),
+                cont.as_deref(),
+                include,
             ),
         ));
     }
@@ -908,7 +996,34 @@ fn bookmark(r: &ResourceType, rv: u64, initial_end: bool) -> Bytes {
     )
 }
 
-async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Response<Body>, ApiError> {
+/// A watch event's line; with `as=Table`, its object printed as a one-row Table (the first
+/// such event of the watch carries the columns).
+struct EventEncoder {
+    r: &'static ResourceType,
+    table: Option<IncludeObject>,
+    first: bool,
+}
+
+impl EventEncoder {
+    fn line(&mut self, kind: &str, object: &[u8]) -> Bytes {
+        let Some(include) = self.table else {
+            return event_line(kind, object);
+        };
+        let Ok(o) = serde_json::from_slice::<Value>(object) else {
+            return event_line(kind, object);
+        };
+        let t = crate::table::watch_table(self.r, &o, self.first, include);
+        self.first = false;
+        value_line(kind, &t)
+    }
+}
+
+async fn watch(
+    core: &Arc<ClusterCore>,
+    t: &Target,
+    q: &Query,
+    table: Option<IncludeObject>,
+) -> Result<Response<Body>, ApiError> {
     let r = &RESOURCES[t.res];
     let (labels, fields) = selectors(r, q)?;
     let bookmarks = q.flag("allowWatchBookmarks");
@@ -951,10 +1066,15 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
         }
         Err(e) => return Err(e),
         Ok((start_rv, initial, backlog, mut sub)) => {
+            let mut enc = EventEncoder {
+                r,
+                table,
+                first: true,
+            };
             tokio::spawn(async move {
                 let mut last_rv = start_rv;
                 for o in &initial {
-                    if tx.send(event_line("ADDED", o)).await.is_err() {
+                    if tx.send(enc.line("ADDED", o)).await.is_err() {
                         return;
                     }
                 }
@@ -964,7 +1084,7 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
                 for c in &backlog {
                     last_rv = c.rv;
                     if let Some(kind) = filter_change(c, res, ns.as_deref(), &labels, &fields)
-                        && tx.send(event_line(kind.as_str(), &c.object)).await.is_err()
+                        && tx.send(enc.line(kind.as_str(), &c.object)).await.is_err()
                     {
                         return;
                     }
@@ -986,7 +1106,7 @@ async fn watch(core: &Arc<ClusterCore>, t: &Target, q: &Query) -> Result<Respons
                                 if c.rv <= last_rv { continue; }
                                 last_rv = c.rv;
                                 if let Some(kind) = filter_change(&c, res, ns.as_deref(), &labels, &fields)
-                                    && tx.send(event_line(kind.as_str(), &c.object)).await.is_err()
+                                    && tx.send(enc.line(kind.as_str(), &c.object)).await.is_err()
                                 {
                                     return;
                                 }

@@ -181,6 +181,23 @@ impl ApiError {
     }
 }
 
+/// Whether `metadata.finalizers` holds anything.
+pub fn has_finalizers(o: &Value) -> bool {
+    o["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+}
+
+/// Whether an object marked for deletion may now be removed: no finalizers left, and for a
+/// pod its grace period run out (the kubelet sets it to 0); a namespace goes through its own
+/// controller.
+fn deletion_finished(res: usize, o: &Value) -> bool {
+    !o["metadata"]["deletionTimestamp"].is_null()
+        && !has_finalizers(o)
+        && res != idx::NAMESPACES
+        && (res != idx::PODS || o["metadata"]["deletionGracePeriodSeconds"].as_i64() == Some(0))
+}
+
 /// `pods`, or `poddisruptionbudgets.policy` for named groups, as error messages print it.
 fn qualified(res: usize) -> String {
     let r = &RESOURCES[res];
@@ -410,8 +427,18 @@ impl Store {
                     "the namespace of the object is required",
                 ));
             }
-            if !self.objects[idx::NAMESPACES].contains_key(&(String::new(), ns.to_string())) {
-                return Err(ApiError::not_found(idx::NAMESPACES, ns));
+            match self.objects[idx::NAMESPACES].get(&(String::new(), ns.to_string())) {
+                None => return Err(ApiError::not_found(idx::NAMESPACES, ns)),
+                Some(n) if !n.value["metadata"]["deletionTimestamp"].is_null() => {
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "unable to create new content in namespace {ns} because it is being terminated"
+                        ),
+                    ));
+                }
+                Some(_) => {}
             }
         }
         Ok(())
@@ -507,7 +534,12 @@ impl Store {
             ));
         }
         let ns = if r.namespaced { ns } else { "" };
-        self.check_namespace(res, ns)?;
+        self.check_namespace(res, ns).map_err(|mut e| {
+            if e.code == 403 {
+                e.message = format!("{} \"{name}\" is forbidden: {}", qualified(res), e.message);
+            }
+            e
+        })?;
         let key = (ns.to_string(), name.clone());
         if self.objects[res].contains_key(&key) {
             return Err(ApiError::already_exists(res, &name));
@@ -602,6 +634,8 @@ impl Store {
                 "generation",
                 "namespace",
                 "name",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
             ] {
                 match old["metadata"].get(f) {
                     Some(v) => obj["metadata"][f] = v.clone(),
@@ -625,6 +659,65 @@ impl Store {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
         }
+        self.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let new: Obj = Arc::new(new);
+        let stored = Stored::new(new.clone());
+        let json = stored.json.clone();
+        self.objects[res].insert(key, stored);
+        self.commit(res, EventType::Modified, ns, json, Some(old_stored.json));
+        // The last finalizer of an object being deleted lets it go, as the registry's
+        // update path does (a pod only once its kubelet has finished, grace period 0).
+        if deletion_finished(res, &new) {
+            return self.delete(res, ns, name);
+        }
+        Ok(new)
+    }
+
+    /// Begin a graceful deletion: set `deletionTimestamp` (now + `grace_seconds`) and
+    /// `deletionGracePeriodSeconds`; a namespace also turns `Terminating`. An object already
+    /// being deleted keeps its timestamp; only a shorter grace period is taken.
+    pub fn mark_deleted(
+        &mut self,
+        res: usize,
+        ns: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> Result<Obj, ApiError> {
+        let cur = self.get(res, ns, name)?;
+        let mut new = (*cur).clone();
+        let m = &mut new["metadata"];
+        let current_grace = m["deletionGracePeriodSeconds"].as_i64();
+        if current_grace.is_some_and(|g| g <= grace_seconds) {
+            return Ok(cur);
+        }
+        if m["deletionTimestamp"].is_null() || grace_seconds == 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            m["deletionTimestamp"] = json!(rfc3339(now + grace_seconds.max(0) as u64));
+        }
+        m["deletionGracePeriodSeconds"] = json!(grace_seconds);
+        if res == idx::NAMESPACES {
+            new["status"]["phase"] = json!("Terminating");
+        }
+        self.replace(res, ns, name, new)
+    }
+
+    /// Write a changed object as the server's own (no client rules), bumping the revision.
+    fn replace(
+        &mut self,
+        res: usize,
+        ns: &str,
+        name: &str,
+        mut new: Value,
+    ) -> Result<Obj, ApiError> {
+        let key = (ns.to_string(), name.to_string());
+        let old_stored = self.objects[res]
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))?;
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let new: Obj = Arc::new(new);

@@ -232,7 +232,31 @@ async fn reflector_follows_nodes_through_a_machine_deployment_scale() {
         assert!(l.contains_key("topology.kubernetes.io/zone"));
         assert_eq!(l["node.kubernetes.io/instance-type"], "nd96");
     }
-    // Scale down: the reflector sees the deletions.
+    // Scale down drains each machine's node first, as Cluster API does. A node running an
+    // llm pod is marked for deletion first (the delete-machine annotation); its PDB
+    // (minAvailable 2 of 2) refuses the eviction, so it stays, cordoned, while the others
+    // go and the reflector sees the deletions.
+    let llm_node = Api::<Pod>::namespaced(client.clone(), "inference")
+        .list(&ListParams::default().labels("app=llm"))
+        .await
+        .unwrap()
+        .items[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .node_name
+        .clone()
+        .unwrap();
+    nodes
+        .patch(
+            &llm_node,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"cluster.x-k8s.io/delete-machine": "yes"}}}),
+            ),
+        )
+        .await
+        .unwrap();
     md_api(client.clone())
         .patch(
             "h100",
@@ -241,6 +265,34 @@ async fn reflector_follows_nodes_through_a_machine_deployment_scale() {
         )
         .await
         .unwrap();
+    let cordoned = |n: &Node| n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    eventually("only the kept node and nodes held by the PDB left", || {
+        let r = reader.clone();
+        async move {
+            let state = r.state();
+            state.len() < 4 && state.iter().filter(|n| !cordoned(n)).count() == 1
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = reader
+        .state()
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some(llm_node.as_str()))
+        .expect("the PDB holds the marked node");
+    assert!(cordoned(&held), "a node being removed is cordoned");
+    // With the budget relaxed the drain finishes and the node goes.
+    Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
+        client.clone(),
+        "inference",
+    )
+    .patch(
+        "llm",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"minAvailable": 1}})),
+    )
+    .await
+    .unwrap();
     eventually("one node left", || {
         let r = reader.clone();
         async move { r.state().len() == 1 }

@@ -13,9 +13,11 @@ clusters:
     region: westeurope
     zones: [westeurope-1]
     provider: aks
+    timing: {grace_second_ms: 10}
     pools:
       - name: h100
         count: 2
+        quota: 3
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
     workloads:
       - {name: llm, namespace: inference, replicas: 2, gpus: 4, pdb: {min_available: 2}, service: {port: 8000}}
@@ -699,4 +701,416 @@ async fn scale_subresource_for_deployments_and_machine_deployments() {
         );
         fleet.shutdown().await;
     }
+}
+
+fn pod_names(c: &SimCluster, ns: &str, app: &str) -> Vec<String> {
+    c.list("pods", Some(ns))
+        .unwrap()
+        .into_iter()
+        .filter(|p| p["metadata"]["labels"]["app"] == app)
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_is_graceful_and_finalizers_hold_objects() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        // A pod with a long grace period stays Terminating, then goes; its ReplicaSet
+        // replaces it at once (a terminating pod is not counted).
+        let pod = pod_names(c, "batch", "cache")[0].clone();
+        k.ok(&[
+            "delete",
+            "pod",
+            &pod,
+            "-n",
+            "batch",
+            "--grace-period=200",
+            "--wait=false",
+        ])
+        .await;
+        let shown = k.ok(&["get", "pod", &pod, "-n", "batch"]).await;
+        assert!(shown.contains("Terminating"), "{shown}");
+        let p = c.get("pods", "batch", &pod).unwrap();
+        assert!(p["metadata"]["deletionTimestamp"].is_string(), "{p}");
+        assert_eq!(p["metadata"]["deletionGracePeriodSeconds"], 200);
+        until("a replacement pod", || {
+            pod_names(c, "batch", "cache").len() == 2
+        })
+        .await;
+        // --wait (the default) returns once the pod is gone: 200 s × 10 ms.
+        k.ok(&["delete", "pod", &pod, "-n", "batch", "--timeout=30s"])
+            .await;
+        assert!(c.get("pods", "batch", &pod).is_err());
+        let events = k
+            .ok(&[
+                "get",
+                "events",
+                "-n",
+                "batch",
+                "--field-selector",
+                &format!("involvedObject.name={pod}"),
+            ])
+            .await;
+        assert!(
+            events.contains("Killing") && events.contains("Stopping container server"),
+            "{events}"
+        );
+
+        // A finalizer holds an object until it is removed.
+        c.create(
+            "configmaps",
+            "batch",
+            json!({"metadata": {"name": "held", "finalizers": ["example.com/keep"]}}),
+        )
+        .unwrap();
+        k.ok(&["delete", "configmap", "held", "-n", "batch", "--wait=false"])
+            .await;
+        let cm = c.get("configmaps", "batch", "held").unwrap();
+        assert!(cm["metadata"]["deletionTimestamp"].is_string(), "{cm}");
+        k.ok(&[
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            "batch",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ])
+        .await;
+        assert!(c.get("configmaps", "batch", "held").is_err());
+
+        // A namespace is Terminating until its objects are gone; nothing new may be created.
+        k.ok(&["delete", "namespace", "batch", "--wait=false"])
+            .await;
+        let ns = k.ok(&["get", "namespace", "batch"]).await;
+        assert!(ns.contains("Terminating"), "{ns}");
+        let o = k.run(&["create", "configmap", "late", "-n", "batch"]).await;
+        assert!(
+            !o.ok
+                && o.text.contains(
+                    "unable to create new content in namespace batch because it is being terminated"
+                ),
+            "{}",
+            o.text
+        );
+        k.ok(&["wait", "--for=delete", "namespace/batch", "--timeout=30s"])
+            .await;
+        assert!(c.list("pods", Some("batch")).unwrap().is_empty());
+        fleet.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_roll_with_revisions_history_and_undo() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let ns = ["-n", "default"];
+        k.ok(&[
+            &[
+                "create",
+                "deployment",
+                "web",
+                "--image=nginx:1.27",
+                "--replicas=4",
+            ][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        k.ok(&[
+            &["rollout", "status", "deployment/web", "--timeout=30s"][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        k.ok(&[
+            &[
+                "wait",
+                "--for=condition=Available",
+                "deployment/web",
+                "--timeout=30s",
+            ][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        k.ok(&[
+            &["set", "image", "deployment/web", "nginx=nginx:1.28"][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        let out = k
+            .ok(&[
+                &["rollout", "status", "deployment/web", "--timeout=30s"][..],
+                &ns[..],
+            ]
+            .concat())
+            .await;
+        assert!(out.contains("successfully rolled out"), "{out}");
+        // Two ReplicaSets, one per template, the old one scaled to 0.
+        let rs: Vec<serde_json::Value> = c
+            .list("replicasets", Some("default"))
+            .unwrap()
+            .into_iter()
+            .filter(|r| r["metadata"]["name"].as_str().unwrap().starts_with("web-"))
+            .collect();
+        assert_eq!(rs.len(), 2, "{rs:?}");
+        let by_rev = |rev: &str| {
+            rs.iter()
+                .find(|r| r["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == rev)
+                .unwrap_or_else(|| panic!("no revision {rev}: {rs:?}"))
+                .clone()
+        };
+        assert_eq!(by_rev("1")["spec"]["replicas"], 0);
+        assert_eq!(by_rev("2")["spec"]["replicas"], 4);
+        let d = c.get("deployments", "default", "web").unwrap();
+        assert_eq!(
+            d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+            "2"
+        );
+        let history = k
+            .ok(&[&["rollout", "history", "deployment/web"][..], &ns[..]].concat())
+            .await;
+        assert!(
+            history.contains("1 ") && history.contains("2 "),
+            "{history}"
+        );
+        let events = k
+            .ok(&[
+                &[
+                    "get",
+                    "events",
+                    "--field-selector",
+                    "involvedObject.name=web",
+                ][..],
+                &ns[..],
+            ]
+            .concat())
+            .await;
+        assert!(
+            events.contains("ScalingReplicaSet") && events.contains("Scaled down replica set"),
+            "{events}"
+        );
+
+        // Undo: back to the first template, which becomes revision 3.
+        k.ok(&[&["rollout", "undo", "deployment/web"][..], &ns[..]].concat())
+            .await;
+        k.ok(&[
+            &["rollout", "status", "deployment/web", "--timeout=30s"][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        let d = c.get("deployments", "default", "web").unwrap();
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "nginx:1.27"
+        );
+        assert_eq!(
+            d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+            "3"
+        );
+        let pods: Vec<serde_json::Value> = c
+            .list("pods", Some("default"))
+            .unwrap()
+            .into_iter()
+            .filter(|p| {
+                p["metadata"]["labels"]["app"] == "web"
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .collect();
+        assert_eq!(pods.len(), 4);
+        assert!(
+            pods.iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "nginx:1.27")
+        );
+        let conds = &d["status"]["conditions"];
+        assert!(
+            conds.to_string().contains("NewReplicaSetAvailable"),
+            "{conds}"
+        );
+
+        // A rollout that cannot progress: its pods never fit, and the deadline passes.
+        k.ok(&[
+            &[
+                "create",
+                "deployment",
+                "huge",
+                "--image=cuda",
+                "--replicas=1",
+            ][..],
+            &ns[..],
+        ]
+        .concat())
+            .await;
+        k.ok(&[&["patch", "deployment", "huge", "-p",
+                 r#"{"spec":{"progressDeadlineSeconds":1,"template":{"spec":{"containers":[{"name":"cuda","resources":{"limits":{"nvidia.com/gpu":"64"}}}]}}}}"#][..], &ns[..]].concat())
+            .await;
+        let o = k
+            .run(
+                &[
+                    &["rollout", "status", "deployment/huge", "--timeout=30s"][..],
+                    &ns[..],
+                ]
+                .concat(),
+            )
+            .await;
+        assert!(
+            !o.ok && o.text.contains("exceeded its progress deadline"),
+            "{}",
+            o.text
+        );
+        let events = k
+            .ok(&[
+                &[
+                    "get",
+                    "events",
+                    "--field-selector",
+                    "reason=FailedScheduling",
+                ][..],
+                &ns[..],
+            ]
+            .concat())
+            .await;
+        assert!(events.contains("Insufficient nvidia.com/gpu"), "{events}");
+        fleet.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_deployments_drain_before_deleting_and_stop_at_the_quota() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        // The quota for h100 is 3 nodes: a scale to 5 leaves 2 machines pending.
+        k.ok(&["scale", "machinedeployment", "h100", "--replicas=5"])
+            .await;
+        until("a QuotaExceeded condition", || {
+            c.get("machinedeployments", "default", "h100").unwrap()["status"]["conditions"][0]["reason"]
+                == "QuotaExceeded"
+        })
+        .await;
+        let md = c.get("machinedeployments", "default", "h100").unwrap();
+        assert_eq!(md["status"]["replicas"], 3, "{md}");
+        assert!(
+            md["status"]["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("2 of 5 machines pending"),
+            "{md}"
+        );
+        let events = k
+            .ok(&["get", "events", "--field-selector", "reason=QuotaExceeded"])
+            .await;
+        assert!(events.contains("quota exceeded"), "{events}");
+
+        // New nodes from a bad image come up NotReady.
+        k.ok(&["scale", "machinedeployment", "h100", "--replicas=2"])
+            .await;
+        until("two h100 nodes", || {
+            c.list("nodes", None)
+                .unwrap()
+                .iter()
+                .filter(|n| n["metadata"]["name"].as_str().unwrap().starts_with("h100"))
+                .count()
+                == 2
+        })
+        .await;
+        let fault = flotilla_kube_sim::faults::Fault::BadNewNodes {
+            pool: "h100".into(),
+            not_ready: true,
+            failed_gpus: 0,
+        };
+        c.inject(&fault).unwrap();
+        k.ok(&["scale", "machinedeployment", "h100", "--replicas=3"])
+            .await;
+        until("a NotReady h100 node", || {
+            let nodes = k_nodes(c);
+            nodes.len() == 3 && nodes.iter().filter(|n| !ready(n)).count() == 1
+        })
+        .await;
+        let shown = k.ok(&["get", "nodes"]).await;
+        assert!(shown.contains("NotReady"), "{shown}");
+        c.clear(&fault);
+        until("every node Ready", || k_nodes(c).iter().all(ready)).await;
+
+        // Scale-down drains: the node running an llm pod is chosen (delete-machine), cordoned,
+        // and kept while the PDB (minAvailable 2 of 2) refuses the eviction.
+        let node = node_of(c, "inference", "llm");
+        k.ok(&[
+            "annotate",
+            "node",
+            &node,
+            "cluster.x-k8s.io/delete-machine=yes",
+        ])
+        .await;
+        k.ok(&["scale", "machinedeployment", "h100", "--replicas=2"])
+            .await;
+        until("the node cordoned", || {
+            c.get("nodes", "", &node).unwrap()["spec"]["unschedulable"] == true
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(c.get("nodes", "", &node).is_ok(), "the PDB holds the node");
+        let shown = k.ok(&["get", "node", &node]).await;
+        assert!(shown.contains("SchedulingDisabled"), "{shown}");
+        k.ok(&[
+            "patch",
+            "pdb",
+            "llm",
+            "-n",
+            "inference",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"minAvailable":1}}"#,
+        ])
+        .await;
+        until("the node deleted after its drain", || {
+            c.get("nodes", "", &node).is_err()
+        })
+        .await;
+        until("llm Ready elsewhere", || {
+            c.list("pods", Some("inference"))
+                .unwrap()
+                .iter()
+                .filter(|p| {
+                    p["metadata"]["labels"]["app"] == "llm"
+                        && p["spec"]["nodeName"] != node.as_str()
+                        && p["status"]["conditions"]
+                            .to_string()
+                            .contains(r#""status":"True","type":"Ready""#)
+                })
+                .count()
+                == 2
+        })
+        .await;
+        fleet.shutdown().await;
+    }
+}
+
+fn k_nodes(c: &SimCluster) -> Vec<serde_json::Value> {
+    c.list("nodes", None)
+        .unwrap()
+        .into_iter()
+        .filter(|n| n["metadata"]["name"].as_str().unwrap().starts_with("h100"))
+        .collect()
+}
+
+fn ready(n: &serde_json::Value) -> bool {
+    n["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }

@@ -42,7 +42,7 @@ impl SimState {
                     .iter()
                     .any(|n| meta_str(n, "name") == node && sel.matches(n))
                 {
-                    let _ = self.store.delete(idx::PODS, &ns, meta_str(p, "name"));
+                    self.delete_gracefully(idx::PODS, &ns, meta_str(p, "name"));
                 }
             }
             let ready = self

@@ -31,7 +31,8 @@ impl SimState {
             .iter(idx::PODS, Some(ns), None)
             .filter(|p| !is_terminal(p) && sel.matches(p))
             .collect();
-        let healthy = pods.iter().filter(|p| pod_ready(p)).count() as i64;
+        // Pods being deleted are not healthy (the disruption controller skips them).
+        let healthy = pods.iter().filter(|p| !deleting(p) && pod_ready(p)).count() as i64;
         // Expected count comes from the owning controllers' scale, as the disruption
         // controller computes it; bare pods count as themselves.
         let mut expected = 0i64;
@@ -65,8 +66,15 @@ impl SimState {
         }
     }
 
-    /// The eviction subresource: delete the pod unless a PDB forbids it (429).
-    pub fn evict(&mut self, ns: &str, name: &str, dry_run: bool) -> Result<(), ApiError> {
+    /// The eviction subresource: delete the pod (gracefully, with `opts`) unless a PDB
+    /// forbids it (429).
+    pub fn evict(
+        &mut self,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+        dry_run: bool,
+    ) -> Result<(), ApiError> {
         let pod = self.store.get(idx::PODS, ns, name)?;
         let pdbs: Vec<Obj> = self
             .store
@@ -84,8 +92,11 @@ impl SimState {
                 "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
             ));
         }
+        // A pod that is finished, Pending or already being deleted needs no budget
+        // (the eviction REST's canIgnorePDB).
+        let ignore_pdb = is_terminal(&pod) || pod["status"]["phase"] == "Pending" || deleting(&pod);
         if let Some(pdb) = pdbs.first()
-            && !is_terminal(&pod)
+            && !ignore_pdb
         {
             let h = self.pdb_health(pdb);
             let allowed = if pod_ready(&pod) {
@@ -111,9 +122,7 @@ impl SimState {
                 return Err(e);
             }
         }
-        if !dry_run {
-            self.store.delete(idx::PODS, ns, name)?;
-        }
+        self.delete_object(idx::PODS, ns, name, opts, dry_run)?;
         Ok(())
     }
 

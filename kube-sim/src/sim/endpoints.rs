@@ -29,10 +29,12 @@ impl SimState {
                         .get(idx::NODES, "", node)
                         .ok()
                         .and_then(|n| n["metadata"]["labels"]["topology.kubernetes.io/zone"].as_str().map(String::from));
-                    let ready = pod_ready(p);
+                    // A terminating endpoint is not ready, but may still serve.
+                    let terminating = deleting(p);
+                    let serving = pod_ready(p);
                     let mut e = json!({
                         "addresses": [p["status"]["podIP"]],
-                        "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                        "conditions": {"ready": serving && !terminating, "serving": serving, "terminating": terminating},
                         "nodeName": node,
                         "targetRef": {"kind": "Pod", "namespace": ns, "name": p["metadata"]["name"], "uid": p["metadata"]["uid"]},
                     });

@@ -43,7 +43,7 @@ impl SimState {
                 .map(|o| ns_name(o))
                 .collect();
             for (ns, name) in doomed {
-                let _ = self.store.delete(res, &ns, &name);
+                self.delete_gracefully(res, &ns, &name);
             }
         }
         // Pods bound to nodes that no longer exist (pod GC).
@@ -66,6 +66,8 @@ impl SimState {
             let _ = self.store.delete(idx::PODS, &ns, &name);
         }
         self.bound
+            .retain(|k, _| self.store.get(idx::PODS, &k.0, &k.1).is_ok());
+        self.terminating
             .retain(|k, _| self.store.get(idx::PODS, &k.0, &k.1).is_ok());
         let pods = &self.store;
         self.unready_pods

@@ -3,6 +3,29 @@
 use super::*;
 
 impl SimState {
+    /// The node lifecycle controller's record of a node going NotReady: on the node, and a
+    /// warning on each pod it runs.
+    fn node_not_ready_events(&mut self, node: &Value) {
+        let name = meta_str(node, "name").to_string();
+        let msg = format!("Node {name} status is now: NodeNotReady");
+        self.event(node, false, "NodeNotReady", &msg, events::NODE_CONTROLLER);
+        let pods: Vec<Obj> = self
+            .store
+            .iter(idx::PODS, None, None)
+            .filter(|p| p["spec"]["nodeName"] == name.as_str() && !is_terminal(p))
+            .cloned()
+            .collect();
+        for p in pods {
+            self.event(
+                &p,
+                true,
+                "NodeNotReady",
+                "Node is not ready",
+                events::NODE_CONTROLLER,
+            );
+        }
+    }
+
     pub(super) fn kubelets(&mut self, now: Instant, next: &mut Option<Instant>) {
         let t = self.spec.timing.clone();
         let ready_after = Duration::from_millis(t.node_ready_ms);
@@ -54,6 +77,13 @@ impl SimState {
                             "KubeletReady",
                             "kubelet is posting ready status",
                         )
+                    } else if sim.not_ready && sim.born_bad {
+                        // A bad image: the kubelet runs and reports, but its network never does.
+                        gpu::node_conditions(
+                            "False",
+                            "KubeletNotReady",
+                            "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized",
+                        )
                     } else if sim.not_ready {
                         gpu::node_conditions(
                             "Unknown",
@@ -69,6 +99,12 @@ impl SimState {
                     };
                 }
                 self.set_status(idx::NODES, "", &name, status);
+                if ready && !was_ready {
+                    let msg = format!("Node {name} status is now: NodeReady");
+                    self.event(&node, false, "NodeReady", &msg, events::kubelet(&name));
+                } else if was_ready && !ready {
+                    self.node_not_ready_events(&node);
+                }
             }
         }
         // DRA: one slice per ready GPU node, regenerated when its healthy devices change.

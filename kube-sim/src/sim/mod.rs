@@ -10,8 +10,11 @@
 //! produces no watch events.
 
 mod daemonsets;
+pub mod deletion;
+pub mod deployments;
 mod disruption;
 mod endpoints;
+mod events;
 mod gc;
 mod kubelet;
 mod machine_deployments;
@@ -21,7 +24,7 @@ mod pods;
 mod scheduler;
 mod workloads;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -34,6 +37,7 @@ use crate::scenario::{CAPI_POOL_LABEL, ClusterSpec, IntOrPercent, PoolSpec, Work
 use crate::selector::LabelSelector;
 use crate::store::{ApiError, Obj, Store, now_rfc3339, random_suffix};
 
+pub use deletion::{DeleteOptions, deleting};
 pub use disruption::PdbHealth;
 
 /// Namespace of the MachineDeployments that back scenario pools.
@@ -47,6 +51,8 @@ pub const DRA_GPUS_ANNOTATION: &str = "sim.flotilla.dev/dra-gpus";
 pub const DRA_PROFILE_ANNOTATION: &str = "sim.flotilla.dev/dra-profile";
 /// The DeviceClass of MIG partitions published by the NVIDIA DRA driver.
 pub const NVIDIA_MIG_CLASS: &str = "mig.nvidia.com";
+/// Cluster API's annotation naming a Machine (here: its node) to remove first on scale-down.
+pub const DELETE_MACHINE_ANNOTATION: &str = "cluster.x-k8s.io/delete-machine";
 /// The device plugin DaemonSet every GPU cluster runs (when the scenario asks for it).
 pub const DEVICE_PLUGIN_DS: &str = "nvidia-device-plugin-daemonset";
 
@@ -66,6 +72,10 @@ struct NodeSim {
     failed_gpus: u32,
     not_ready: bool,
     slice_generation: i64,
+    /// Chosen for removal by its MachineDeployment: cordoned, drained, then deleted.
+    removing: bool,
+    /// Broken at birth by a `bad-new-nodes` fault (cleared with it).
+    born_bad: bool,
     /// The next host number to give a pod from the node's pod range.
     next_pod_host: u32,
 }
@@ -80,6 +90,15 @@ pub struct SimState {
     nodes: HashMap<String, NodeSim>,
     bound: HashMap<(String, String), Instant>,
     unready_pods: HashSet<(String, String)>,
+    /// Pods whose kubelet is stopping them, and when it will be done.
+    terminating: HashMap<(String, String), Instant>,
+    /// Events written, oldest first (for the retention bound).
+    event_log: VecDeque<(String, String)>,
+    event_seq: u64,
+    /// `bad-new-nodes` faults by machine template: (NotReady, failed GPUs).
+    bad_new_nodes: HashMap<String, (bool, u32)>,
+    /// Deployments rolling out: their last counts and when they last changed.
+    progress: HashMap<(String, String), (deployments::Counts, Instant)>,
     metric_rules: Vec<metrics::MetricsRule>,
     md_counter: HashMap<(String, String), u32>,
     next_node_ip: u32,
@@ -160,6 +179,12 @@ fn is_terminal(pod: &Value) -> bool {
         pod["status"]["phase"].as_str(),
         Some("Succeeded" | "Failed")
     )
+}
+
+/// A pod that counts for its controller: neither finished nor being deleted (the
+/// ReplicaSet controller's `FilterActivePods`).
+fn is_active(pod: &Value) -> bool {
+    !is_terminal(pod) && !deleting(pod)
 }
 
 fn condition(o: &Value, t: &str) -> Option<String> {
@@ -253,6 +278,11 @@ impl SimState {
             nodes: HashMap::new(),
             bound: HashMap::new(),
             unready_pods: HashSet::new(),
+            terminating: HashMap::new(),
+            event_log: VecDeque::new(),
+            event_seq: 0,
+            bad_new_nodes: HashMap::new(),
+            progress: HashMap::new(),
             metric_rules: Vec::new(),
             md_counter: HashMap::new(),
             next_node_ip: 10,
@@ -319,6 +349,24 @@ impl SimState {
             });
             self.create(idx::DAEMONSETS, "kube-system", ds)
                 .expect("seed ds");
+        }
+        // The DeviceClasses the NVIDIA DRA driver's chart installs, where its pools run.
+        let dra = spec
+            .pools
+            .iter()
+            .any(|p| p.gpu.as_ref().is_some_and(|g| g.dra))
+            && !crate::versions::dra_versions(&spec.kubernetes_version).is_empty();
+        if dra {
+            for (class, kind) in [(gpu::NVIDIA_DRA_DRIVER, "gpu"), (NVIDIA_MIG_CLASS, "mig")] {
+                let expression = format!(
+                    "device.driver == '{d}' && device.attributes['{d}'].type == '{kind}'",
+                    d = gpu::NVIDIA_DRA_DRIVER
+                );
+                let dc = json!({"metadata": {"name": class},
+                    "spec": {"selectors": [{"cel": {"expression": expression}}]}});
+                self.create(idx::DEVICECLASSES, "", dc)
+                    .expect("seed deviceclass");
+            }
         }
         for w in &spec.workloads {
             self.seed_workload(w);
@@ -549,6 +597,25 @@ impl SimState {
                 }
                 self.node_sim(node)?.failed_gpus = *count;
             }
+            Fault::BadNewNodes {
+                pool,
+                not_ready,
+                failed_gpus,
+            } => {
+                let Some(t) = self.templates.get(pool) else {
+                    return Err(ApiError::bad_request(format!(
+                        "pool: no machine template {pool:?} (templates are the scenario's pool names)"
+                    )));
+                };
+                let gpus = t.gpu.as_ref().map_or(0, |g| g.count);
+                if *failed_gpus > gpus {
+                    return Err(ApiError::bad_request(format!(
+                        "failed_gpus: pool {pool} has {gpus} GPUs per node, cannot fail {failed_gpus}"
+                    )));
+                }
+                self.bad_new_nodes
+                    .insert(pool.clone(), (*not_ready, *failed_gpus));
+            }
             Fault::PodUnready { namespace, pod } => {
                 self.store.get(idx::PODS, namespace, pod)?;
                 self.unready_pods.insert((namespace.clone(), pod.clone()));
@@ -571,6 +638,16 @@ impl SimState {
                     n.failed_gpus = 0;
                 }
             }
+            Fault::BadNewNodes { pool, .. } => {
+                self.bad_new_nodes.remove(pool);
+                for n in self.nodes.values_mut() {
+                    if n.born_bad && n.template == *pool {
+                        n.born_bad = false;
+                        n.not_ready = false;
+                        n.failed_gpus = 0;
+                    }
+                }
+            }
             Fault::PodUnready { namespace, pod } => {
                 self.unready_pods.remove(&(namespace.clone(), pod.clone()));
             }
@@ -583,7 +660,9 @@ impl SimState {
         for n in self.nodes.values_mut() {
             n.not_ready = false;
             n.failed_gpus = 0;
+            n.born_bad = false;
         }
+        self.bad_new_nodes.clear();
         self.unready_pods.clear();
     }
 
@@ -631,11 +710,13 @@ impl SimState {
             self.kubelets(now, &mut next);
             self.node_lifecycle();
             self.daemonsets();
-            self.deployments();
+            self.deployments(now, &mut next);
             self.replicasets();
             self.garbage_collect();
             self.schedule(now);
             self.pod_lifecycle(now, &mut next);
+            self.pod_termination(now, &mut next);
+            self.namespaces();
             self.endpoint_slices();
             self.pdb_status();
             if self.store.revision() == before {
@@ -796,10 +877,13 @@ mod tests {
             .iter(idx::PODS, Some("default"), None)
             .map(|p| meta_str(p, "name").to_string())
             .collect();
-        st.evict("default", &names[0], false).unwrap();
+        st.evict("default", &names[0], &DeleteOptions::default(), false)
+            .unwrap();
         // The replacement cannot fit (only 4 GPUs were freed... it can), so reconcile and the
         // budget is exhausted until the replacement is Ready again.
-        let e = st.evict("default", &names[1], false).unwrap_err();
+        let e = st
+            .evict("default", &names[1], &DeleteOptions::default(), false)
+            .unwrap_err();
         assert_eq!(e.code, 429);
         assert!(
             e.details.unwrap()["causes"][0]["message"]
@@ -808,8 +892,14 @@ mod tests {
                 .contains("needs 2 healthy pods and has 2")
         );
         st.reconcile(Instant::now());
-        st.evict("default", &names[1], false).unwrap();
-        assert_eq!(st.evict("default", "gone", false).unwrap_err().code, 404);
+        st.evict("default", &names[1], &DeleteOptions::default(), false)
+            .unwrap();
+        assert_eq!(
+            st.evict("default", "gone", &DeleteOptions::default(), false)
+                .unwrap_err()
+                .code,
+            404
+        );
     }
 
     #[test]
@@ -874,6 +964,22 @@ mod tests {
             "clusters:\n  - name: c\n    pools:\n      - name: dra\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper, dra: true}\n    workloads:\n      - {name: job, replicas: 3, gpus: 3, dra: true}\n",
         );
         assert_eq!(st.store.count(idx::RESOURCESLICES), 1);
+        // The driver's DeviceClasses exist for the claims to name.
+        let dc = st
+            .store
+            .get(idx::DEVICECLASSES, "", "gpu.nvidia.com")
+            .unwrap();
+        assert!(
+            dc["spec"]["selectors"][0]["cel"]["expression"]
+                .as_str()
+                .unwrap()
+                .contains("'gpu'")
+        );
+        assert!(
+            st.store
+                .get(idx::DEVICECLASSES, "", NVIDIA_MIG_CLASS)
+                .is_ok()
+        );
         let claims: Vec<&Obj> = st
             .store
             .iter(idx::RESOURCECLAIMS, Some("default"), None)

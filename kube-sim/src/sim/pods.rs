@@ -12,7 +12,7 @@ impl SimState {
                 p["spec"]["nodeName"]
                     .as_str()
                     .is_some_and(|n| !n.is_empty())
-                    && !is_terminal(p)
+                    && is_active(p)
             })
             .cloned()
             .collect();

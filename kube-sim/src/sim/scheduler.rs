@@ -37,7 +37,7 @@ impl SimState {
         let pending: Vec<Obj> = self
             .store
             .iter(idx::PODS, None, None)
-            .filter(|p| p["spec"]["nodeName"].as_str().is_none_or(str::is_empty) && !is_terminal(p))
+            .filter(|p| p["spec"]["nodeName"].as_str().is_none_or(str::is_empty) && is_active(p))
             .cloned()
             .collect();
         if pending.is_empty() {
@@ -79,22 +79,24 @@ impl SimState {
                         .to_string()
                 })
             });
-            let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             let mut best: Option<(f64, String, Vec<DeviceKey>)> = None;
             for node in &nodes {
                 let node_name = meta_str(node, "name");
                 let sel = LabelSelector::from_map(&pod["spec"]["nodeSelector"]);
                 if !node_ready(node) {
-                    *reasons.entry("node(s) were not ready").or_default() += 1;
+                    *reasons.entry("node(s) were not ready".into()).or_default() += 1;
                     continue;
                 }
                 if node["spec"]["unschedulable"].as_bool().unwrap_or(false) {
-                    *reasons.entry("node(s) were unschedulable").or_default() += 1;
+                    *reasons
+                        .entry("node(s) were unschedulable".into())
+                        .or_default() += 1;
                     continue;
                 }
                 if !sel.matches(node) {
                     *reasons
-                        .entry("node(s) didn't match Pod's node affinity/selector")
+                        .entry("node(s) didn't match Pod's node affinity/selector".into())
                         .or_default() += 1;
                     continue;
                 }
@@ -104,7 +106,7 @@ impl SimState {
                     .unwrap_or_default();
                 if !taints.iter().all(|t| tolerates(&pod, t)) {
                     *reasons
-                        .entry("node(s) had untolerated taint(s)")
+                        .entry("node(s) had untolerated taint(s)".into())
                         .or_default() += 1;
                     continue;
                 }
@@ -142,7 +144,9 @@ impl SimState {
                     {
                         Some(p) => picked = p,
                         None => {
-                            *reasons.entry("cannot allocate all claims").or_default() += 1;
+                            *reasons
+                                .entry("cannot allocate all claims".into())
+                                .or_default() += 1;
                             continue;
                         }
                     }
@@ -196,15 +200,14 @@ impl SimState {
                         self.set_status(idx::RESOURCECLAIMS, &ns, meta_str(c, "name"), status);
                     }
                     self.bound.insert((ns.clone(), name.clone()), now);
+                    let msg = format!("Successfully assigned {ns}/{name} to {node_name}");
+                    self.event(&pod, false, "Scheduled", &msg, events::SCHEDULER);
                     let mut status = pod["status"].clone();
                     status["conditions"] = json!([{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]);
                     self.set_status(idx::PODS, &ns, &name, status);
                 }
                 None => {
-                    let total = nodes.len();
-                    let detail: Vec<String> =
-                        reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-                    let message = format!("0/{total} nodes are available: {}.", detail.join(", "));
+                    let message = unschedulable_message(nodes.len(), &reasons);
                     let current = pod["status"]["conditions"][0]["message"]
                         .as_str()
                         .unwrap_or("");
@@ -213,11 +216,38 @@ impl SimState {
                         status["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                             "message": message, "lastTransitionTime": now_rfc3339()}]);
                         self.set_status(idx::PODS, &ns, &name, status);
+                        self.event(&pod, true, "FailedScheduling", &message, events::SCHEDULER);
                     }
                 }
             }
         }
     }
+}
+
+/// The scheduler's FailedScheduling message: the filter failures by count, then what
+/// preemption could do (only resource shortages can be helped by evicting lower priorities,
+/// and this simulation has none to evict).
+fn unschedulable_message(total: usize, reasons: &BTreeMap<String, usize>) -> String {
+    // The scheduler sorts the "N reason" strings as text.
+    let sorted = |m: &BTreeMap<&str, usize>| {
+        let mut v: Vec<String> = m.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        v.sort();
+        v.join(", ")
+    };
+    let detail = sorted(&reasons.iter().map(|(r, n)| (r.as_str(), *n)).collect());
+    let mut preemption: BTreeMap<&str, usize> = BTreeMap::new();
+    for (r, n) in reasons {
+        let why = if r.starts_with("Insufficient") || r.starts_with("Too many") {
+            "No preemption victims found for incoming pod"
+        } else {
+            "Preemption is not helpful for scheduling"
+        };
+        *preemption.entry(why).or_default() += n;
+    }
+    format!(
+        "0/{total} nodes are available: {detail}. preemption: 0/{total} nodes are available: {}.",
+        sorted(&preemption)
+    )
 }
 
 /// One device of a node's slices, with what it draws from shared counters.
@@ -319,12 +349,33 @@ impl SimState {
     }
 }
 
-fn insufficient(resource: &str) -> &'static str {
+/// The NodeResourcesFit plugin's reason: `Insufficient <resource name>`, or `Too many pods`.
+fn insufficient(resource: &str) -> String {
     match resource {
-        "cpu" => "Insufficient cpu",
-        "memory" => "Insufficient memory",
-        "pods" => "Too many pods",
-        r if r.starts_with("nvidia.com/") => "Insufficient nvidia.com GPU resources",
-        _ => "Insufficient extended resources",
+        "pods" => "Too many pods".to_string(),
+        r => format!("Insufficient {r}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_scheduling_reads_as_the_scheduler_writes_it() {
+        let mut reasons = BTreeMap::new();
+        reasons.insert("Insufficient nvidia.com/gpu".to_string(), 2);
+        reasons.insert("node(s) were unschedulable".to_string(), 1);
+        assert_eq!(
+            unschedulable_message(3, &reasons),
+            "0/3 nodes are available: 1 node(s) were unschedulable, 2 Insufficient nvidia.com/gpu. \
+             preemption: 0/3 nodes are available: 1 Preemption is not helpful for scheduling, \
+             2 No preemption victims found for incoming pod."
+        );
+        assert_eq!(
+            insufficient("nvidia.com/gpu"),
+            "Insufficient nvidia.com/gpu"
+        );
+        assert_eq!(insufficient("pods"), "Too many pods");
     }
 }

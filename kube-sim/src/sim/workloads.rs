@@ -1,59 +1,8 @@
-//! Deployments and ReplicaSets: pods (and DRA claims) to match replicas.
+//! The ReplicaSet controller: pods (and DRA claims) to match replicas.
 
 use super::*;
 
 impl SimState {
-    pub(super) fn deployments(&mut self) {
-        let deps = self.all(idx::DEPLOYMENTS);
-        for d in deps {
-            let (ns, name) = ns_name(&d);
-            let uid = meta_str(&d, "uid").to_string();
-            let rs_name = format!("{name}-{}", &uid.replace('-', "")[..10]);
-            let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
-            let mut template = d["spec"]["template"].clone();
-            template["metadata"]["labels"]["pod-template-hash"] =
-                json!(&uid.replace('-', "")[..10]);
-            let rs_status = match self.store.get(idx::REPLICASETS, &ns, &rs_name) {
-                Ok(rs) => {
-                    if rs["spec"]["replicas"] != json!(replicas)
-                        || rs["spec"]["template"] != template
-                    {
-                        let mut new = (*rs).clone();
-                        new["spec"]["replicas"] = json!(replicas);
-                        new["spec"]["template"] = template;
-                        let _ = self
-                            .store
-                            .update(idx::REPLICASETS, &ns, &rs_name, new, false);
-                    }
-                    rs["status"].clone()
-                }
-                Err(_) => {
-                    let mut selector = d["spec"]["selector"].clone();
-                    selector["matchLabels"]["pod-template-hash"] =
-                        template["metadata"]["labels"]["pod-template-hash"].clone();
-                    let rs = json!({
-                        "metadata": {"name": rs_name, "labels": template["metadata"]["labels"],
-                                     "ownerReferences": owner_ref(&d)},
-                        "spec": {"replicas": replicas, "selector": selector, "template": template},
-                    });
-                    let _ = self.create(idx::REPLICASETS, &ns, rs);
-                    json!({})
-                }
-            };
-            let ready = rs_status["readyReplicas"].as_i64().unwrap_or(0);
-            let have = rs_status["replicas"].as_i64().unwrap_or(0);
-            let status = json!({
-                "observedGeneration": d["metadata"]["generation"],
-                "replicas": have,
-                "updatedReplicas": have,
-                "readyReplicas": ready,
-                "availableReplicas": ready,
-                "unavailableReplicas": (replicas - ready).max(0),
-            });
-            self.set_status(idx::DEPLOYMENTS, &ns, &name, status);
-        }
-    }
-
     pub(super) fn replicasets(&mut self) {
         let sets = self.all(idx::REPLICASETS);
         for rs in sets {
@@ -63,7 +12,7 @@ impl SimState {
             let mut pods: Vec<Obj> = self
                 .store
                 .iter(idx::PODS, Some(&ns), None)
-                .filter(|p| owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && !is_terminal(p))
+                .filter(|p| owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && is_active(p))
                 .cloned()
                 .collect();
             let template = &rs["spec"]["template"];
@@ -92,6 +41,8 @@ impl SimState {
                 let Ok(created) = self.create(idx::PODS, &ns, pod) else {
                     break;
                 };
+                let msg = format!("Created pod: {}", meta_str(&created, "name"));
+                self.event(&rs, false, "SuccessfulCreate", &msg, events::RS_CONTROLLER);
                 if let Some(count) = dra {
                     self.create_claim(&ns, &created, count, profile.as_deref());
                 }
@@ -101,19 +52,23 @@ impl SimState {
                 // Remove unscheduled, then not-ready pods first, as the ReplicaSet controller does.
                 pods.sort_by_key(|p| (p["spec"]["nodeName"].is_string(), pod_ready(p)));
                 for p in pods.iter().take(pods.len() - want) {
-                    let _ = self.store.delete(idx::PODS, &ns, meta_str(p, "name"));
+                    self.delete_gracefully(idx::PODS, &ns, meta_str(p, "name"));
+                    let msg = format!("Deleted pod: {}", meta_str(p, "name"));
+                    self.event(&rs, false, "SuccessfulDelete", &msg, events::RS_CONTROLLER);
                 }
                 pods.truncate(want);
             }
             let count = self
                 .store
                 .iter(idx::PODS, Some(&ns), None)
-                .filter(|p| owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && !is_terminal(p))
+                .filter(|p| owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && is_active(p))
                 .count();
             let ready = self
                 .store
                 .iter(idx::PODS, Some(&ns), None)
-                .filter(|p| owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && pod_ready(p))
+                .filter(|p| {
+                    owner_uid(p, "ReplicaSet") == Some(uid.as_str()) && is_active(p) && pod_ready(p)
+                })
                 .count();
             let status = json!({
                 "observedGeneration": rs["metadata"]["generation"],
