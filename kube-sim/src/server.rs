@@ -171,6 +171,14 @@ pub async fn handle(
         .filter(|s| !s.is_empty())
         .collect();
     let addr = core.addr_string();
+    if let ["openapi", ..] = segs.as_slice() {
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or("");
+        return Ok(openapi(&core, &segs[1..], accept).unwrap_or_else(|| not_found_path(&path)));
+    }
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api"] => return Ok(json_response(200, &resources::core_versions(&addr))),
         ["apis"] => {
@@ -394,6 +402,75 @@ fn in_version(resp: Response<Body>, group: &'static str, version: &'static str) 
     Response::from_parts(parts, BodyExt::boxed(body))
 }
 
+/// `/openapi/v2` (gnostic protobuf when asked, as kubectl does, else JSON) and `/openapi/v3`
+/// with a document per served group version.
+fn openapi(core: &ClusterCore, rest: &[&str], accept: &str) -> Option<Response<Body>> {
+    use crate::protobuf::openapi as oa;
+    match rest {
+        ["v2"] if accept.contains(oa::V2_PROTOBUF) => Some(
+            Response::builder()
+                .header(header::CONTENT_TYPE, oa::V2_PROTOBUF_CONTENT_TYPE)
+                .body(full(oa::v2_protobuf(&core.version, &served(core))))
+                .expect("response"),
+        ),
+        ["v2"] => Some(json_response(
+            200,
+            &oa::v2_json(&core.version, &served(core)),
+        )),
+        ["v3"] => Some(json_response(200, &oa::v3_paths(&served(core)))),
+        ["v3", tail @ ..] => {
+            let gv = match tail {
+                ["api", "v1"] => "v1".to_string(),
+                ["apis", g, v] => format!("{g}/{v}"),
+                _ => return None,
+            };
+            let served = served(core);
+            served
+                .iter()
+                .any(|r| r.group_version == gv)
+                .then(|| json_response(200, &oa::v3_document(&core.version, &gv, &served)))
+        }
+        _ => None,
+    }
+}
+
+/// Every resource this cluster serves, in each served version, as discovery lists them.
+fn served(core: &ClusterCore) -> Vec<crate::protobuf::openapi::Served> {
+    use crate::protobuf::openapi::Served;
+    let mut out = Vec::new();
+    for r in RESOURCES.iter() {
+        let versions: Vec<&str> = match r.group {
+            g if g == DRA_GROUP || g == MCS_GROUP => core.versions_of(g),
+            _ => vec![r.version],
+        };
+        for v in versions {
+            out.push(Served {
+                group_version: match r.group {
+                    "" => v.to_string(),
+                    g => format!("{g}/{v}"),
+                },
+                plural: r.plural,
+                kind: r.kind,
+                namespaced: r.namespaced,
+                create_only: false,
+            });
+        }
+    }
+    for (plural, kind) in [
+        ("selfsubjectaccessreviews", "SelfSubjectAccessReview"),
+        ("selfsubjectrulesreviews", "SelfSubjectRulesReview"),
+    ] {
+        out.push(Served {
+            group_version: format!("{}/v1", resources::AUTHZ_GROUP),
+            plural,
+            kind,
+            namespaced: false,
+            create_only: true,
+        });
+    }
+    out
+}
+
 /// `SelfSubjectAccessReview` and `SelfSubjectRulesReview` (`kubectl auth can-i [--list]`),
 /// answered from what the token may do: everything but the scenario's `rbac_deny`.
 async fn access_review(
@@ -543,11 +620,12 @@ async fn dispatch(
             "watch" => watch(core, t, q, table).await,
             "create" => {
                 let obj = parse_json(body)?;
+                let warnings = check_fields(r, &obj, q)?;
                 if dry_run {
-                    return Ok(json_response(201, &obj));
+                    return Ok(with_warnings(json_response(201, &obj), &warnings));
                 }
                 let created = core.write(|s| s.create(t.res, &ns, obj))?;
-                Ok(json_response(201, &created))
+                Ok(with_warnings(json_response(201, &created), &warnings))
             }
             "deletecollection" => {
                 let (labels, fields) = selectors(r, q)?;
@@ -605,12 +683,23 @@ async fn dispatch(
             }
             "update" => {
                 let obj = parse_json(body)?;
+                let warnings = check_fields(r, &obj, q)?;
                 let o = core.write(|s| s.store.update(t.res, &ns, name, obj, false))?;
-                Ok(json_response(200, &o))
+                Ok(with_warnings(json_response(200, &o), &warnings))
             }
             "patch" => {
-                let o = patch_object(core, t.res, &ns, name, content_type, body, false, dry_run)?;
-                Ok(json_response(200, &o))
+                let (o, warnings) = patch_object(
+                    core,
+                    t.res,
+                    &ns,
+                    name,
+                    content_type,
+                    body,
+                    false,
+                    dry_run,
+                    q,
+                )?;
+                Ok(with_warnings(json_response(200, &o), &warnings))
             }
             "delete" => {
                 let opts = delete_options(body, q)?;
@@ -630,12 +719,14 @@ async fn dispatch(
             }
             "update" => {
                 let obj = parse_json(body)?;
+                let warnings = check_fields(r, &obj, q)?;
                 let o = core.write(|s| s.store.update(t.res, &ns, name, obj, true))?;
-                Ok(json_response(200, &o))
+                Ok(with_warnings(json_response(200, &o), &warnings))
             }
             "patch" => {
-                let o = patch_object(core, t.res, &ns, name, content_type, body, true, dry_run)?;
-                Ok(json_response(200, &o))
+                let (o, warnings) =
+                    patch_object(core, t.res, &ns, name, content_type, body, true, dry_run, q)?;
+                Ok(with_warnings(json_response(200, &o), &warnings))
             }
             _ => Err(ApiError::new(
                 405,
@@ -764,7 +855,8 @@ fn patch_object(
     body: &Bytes,
     status_only: bool,
     dry_run: bool,
-) -> Result<Obj, ApiError> {
+    q: &Query,
+) -> Result<(Obj, Vec<String>), ApiError> {
     let kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
         ApiError::new(
             415,
@@ -802,11 +894,56 @@ fn patch_object(
                 "field is immutable",
             ));
         }
+        let warnings = check_fields(&RESOURCES[res], &doc, q)?;
         if dry_run {
-            return Ok(Arc::new(doc));
+            return Ok((Arc::new(doc), warnings));
         }
-        s.store.update(res, ns, name, doc, status_only)
+        Ok((s.store.update(res, ns, name, doc, status_only)?, warnings))
     })
+}
+
+/// Strict decoding of a written object, as `fieldValidation` asks: a value of the wrong type
+/// is always a 400; unknown fields are a 400 under `Strict`, warnings under `Warn` (the
+/// default) and nothing under `Ignore`.
+fn check_fields(r: &ResourceType, obj: &Value, q: &Query) -> Result<Vec<String>, ApiError> {
+    let mode = q.get("fieldValidation").unwrap_or("Warn");
+    if !matches!(mode, "Strict" | "Warn" | "Ignore") {
+        return Err(ApiError::bad_request(format!(
+            "fieldValidation: Unsupported value: \"{mode}\": supported values: \"Ignore\", \"Warn\", \"Strict\""
+        )));
+    }
+    let undecodable = |why: String| {
+        ApiError::bad_request(format!(
+            "{kind} in version \"{v}\" cannot be handled as a {kind}: {why}",
+            kind = r.kind,
+            v = r.version
+        ))
+    };
+    let unknown =
+        crate::protobuf::openapi::check(&r.api_version(), r.kind, obj).map_err(undecodable)?;
+    let messages: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    match mode {
+        "Strict" if !messages.is_empty() => Err(undecodable(format!(
+            "strict decoding error: {}",
+            messages.join(", ")
+        ))),
+        "Warn" => Ok(messages),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A response with `Warning` headers, as the API server sends them (code 299).
+fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
 }
 
 /// The `DeleteOptions` of a DELETE: its body (if any) and `gracePeriodSeconds` in the query.

@@ -1114,3 +1114,346 @@ fn ready(n: &serde_json::Value) -> bool {
         .iter()
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
+
+impl Kubectl {
+    /// Run a `get -w` for `secs` seconds while `during` runs; what it printed.
+    async fn watch_while(
+        &self,
+        args: &[&str],
+        secs: u64,
+        during: impl std::future::Future<Output = ()>,
+    ) -> String {
+        let child = tokio::process::Command::new(&self.bin)
+            .args(args)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let out = tokio::spawn(child.wait_with_output());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        during.await;
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        // SIGTERM ends the watch; what it printed until then is the answer.
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+        let o = out.await.unwrap().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+}
+
+fn header(out: &str) -> String {
+    out.lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_page_sort_and_watch_with_the_real_columns() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        // Columns as the real printers write them.
+        for (args, want) in [
+            (
+                &["get", "nodes", "-o", "wide"][..],
+                "NAME STATUS ROLES AGE VERSION INTERNAL-IP EXTERNAL-IP OS-IMAGE KERNEL-VERSION CONTAINER-RUNTIME",
+            ),
+            (
+                &["get", "deployments", "-n", "inference"][..],
+                "NAME READY UP-TO-DATE AVAILABLE AGE",
+            ),
+            (
+                &["get", "replicasets", "-n", "inference", "-o", "wide"][..],
+                "NAME DESIRED CURRENT READY AGE CONTAINERS IMAGES SELECTOR",
+            ),
+            (
+                &["get", "daemonsets", "-n", "kube-system"][..],
+                "NAME DESIRED CURRENT READY UP-TO-DATE AVAILABLE NODE SELECTOR AGE",
+            ),
+            (
+                &["get", "pdb", "-n", "inference"][..],
+                "NAME MIN AVAILABLE MAX UNAVAILABLE ALLOWED DISRUPTIONS AGE",
+            ),
+            (&["get", "namespaces"][..], "NAME STATUS AGE"),
+            (
+                &["get", "machinedeployments"][..],
+                "NAME CLUSTER REPLICAS READY UPDATED UNAVAILABLE PHASE AGE VERSION",
+            ),
+            (
+                &["get", "endpointslices", "-n", "inference"][..],
+                "NAME ADDRESSTYPE PORTS ENDPOINTS AGE",
+            ),
+            (
+                &["get", "services", "-n", "inference"][..],
+                "NAME TYPE CLUSTER-IP EXTERNAL-IP PORT(S) AGE",
+            ),
+            (
+                &["get", "pods", "-n", "inference", "-o", "wide"][..],
+                "NAME READY STATUS RESTARTS AGE IP NODE NOMINATED NODE READINESS GATES",
+            ),
+        ] {
+            let out = k.ok(args).await;
+            assert_eq!(header(&out), want, "{args:?}:\n{out}");
+        }
+        let pdb = k
+            .ok(&["get", "pdb", "llm", "-n", "inference", "--no-headers"])
+            .await;
+        assert_eq!(
+            pdb.split_whitespace().collect::<Vec<_>>()[..4],
+            ["llm", "2", "N/A", "0"],
+            "{pdb}"
+        );
+        let md = k.ok(&["get", "md", "h100", "--no-headers"]).await;
+        assert_eq!(
+            md.split_whitespace().collect::<Vec<_>>()[..7],
+            ["h100", "kubectl-test", "2", "2", "2", "0", "Running"],
+            "{md}"
+        );
+        // `get all` expands the category from discovery.
+        let all = k.ok(&["get", "all", "-n", "inference"]).await;
+        for want in [
+            "pod/llm-",
+            "service/llm",
+            "deployment.apps/llm",
+            "replicaset.apps/llm-",
+        ] {
+            assert!(all.contains(want), "{want}: {all}");
+        }
+        // Pages: every object arrives, in as many requests as the chunk size needs.
+        for i in 0..7 {
+            c.create(
+                "configmaps",
+                "batch",
+                json!({"metadata": {"name": format!("cm-{i}")}}),
+            )
+            .unwrap();
+        }
+        let out = k
+            .ok(&["get", "configmaps", "-n", "batch", "--chunk-size=2", "-v=6"])
+            .await;
+        for i in 0..7 {
+            assert!(out.contains(&format!("cm-{i} ")), "cm-{i}: {out}");
+        }
+        assert!(out.matches("continue=").count() >= 3, "{out}");
+        // --sort-by needs whole objects in the rows (includeObject=Object).
+        let mut nodes: Vec<(String, String)> = c
+            .list("nodes", None)
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["status"]["addresses"][0]["address"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    n["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        nodes.sort();
+        let out = k
+            .ok(&[
+                "get",
+                "nodes",
+                "--sort-by=.status.addresses[0].address",
+                "--no-headers",
+            ])
+            .await;
+        let shown: Vec<&str> = out
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        let want: Vec<&str> = nodes.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(shown, want, "{out}");
+        // Watches print table rows: a deleted pod shows Terminating.
+        let pod = pod_names(c, "batch", "cache")[0].clone();
+        let watched = k
+            .watch_while(&["get", "pods", "-n", "batch", "-w"], 1, async {
+                c.with_state(|s| {
+                    let opts = flotilla_kube_sim::sim::DeleteOptions {
+                        grace_period_seconds: Some(60),
+                        ..Default::default()
+                    };
+                    s.delete_object(
+                        flotilla_kube_sim::resources::idx::PODS,
+                        "batch",
+                        &pod,
+                        &opts,
+                        false,
+                    )
+                    .unwrap();
+                });
+            })
+            .await;
+        assert!(
+            header(&watched).starts_with("NAME READY STATUS"),
+            "{watched}"
+        );
+        assert!(
+            watched
+                .lines()
+                .any(|l| l.starts_with(&pod) && l.contains("Terminating")),
+            "{watched}"
+        );
+        // Selectors: integer comparisons on labels, and an absent bool reads false.
+        let big = k
+            .ok(&[
+                "get",
+                "nodes",
+                "-l",
+                "nvidia.com/gpu.count>4",
+                "--no-headers",
+            ])
+            .await;
+        assert_eq!(big.lines().count(), 2, "{big}");
+        let o = k
+            .run(&["get", "nodes", "-l", "nvidia.com/gpu.count<4"])
+            .await;
+        assert!(o.ok && o.text.contains("No resources found"), "{}", o.text);
+        let node = node_of(c, "inference", "llm");
+        k.ok(&["cordon", &node]).await;
+        let schedulable = k
+            .ok(&[
+                "get",
+                "nodes",
+                "--field-selector",
+                "spec.unschedulable=false",
+                "--no-headers",
+            ])
+            .await;
+        assert_eq!(schedulable.lines().count(), 1, "{schedulable}");
+        assert!(!schedulable.contains(&node), "{schedulable}");
+        // A missing object in a missing namespace: the server names the object.
+        let o = k
+            .run(&[
+                "get",
+                "--raw",
+                "/apis/apps/v1/namespaces/missing/deployments/x",
+            ])
+            .await;
+        assert!(
+            !o.ok && o.text.contains(r#"deployments.apps "x" not found"#),
+            "{}",
+            o.text
+        );
+        // Events the scheduler wrote for the workload.
+        let events = k.ok(&["events", "-n", "inference"]).await;
+        assert!(
+            events.contains("Scheduled") && events.contains("Successfully assigned inference/llm-"),
+            "{events}"
+        );
+        fleet.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_can_i_answers_from_the_tokens_permissions() {
+    const LOCKED: &str = "clusters:\n  - name: locked\n    rbac_deny: [resourceslices]\n    pools:\n      - name: dra\n        count: 1\n        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, dra: true}\n";
+    for bin in kubectls() {
+        let fleet = SimFleet::start(&Scenario::from_yaml(LOCKED).unwrap(), SimOptions::default())
+            .await
+            .unwrap();
+        let c = &fleet.clusters()[0];
+        let k = Kubectl::new(c, &bin);
+        let out = k.ok(&["auth", "can-i", "list", "pods"]).await;
+        assert_eq!(out.trim(), "yes");
+        let o = k
+            .run(&["auth", "can-i", "list", "resourceslices.resource.k8s.io"])
+            .await;
+        assert!(!o.ok && o.text.starts_with("no"), "{}", o.text);
+        let list = k.ok(&["auth", "can-i", "--list"]).await;
+        assert!(
+            list.contains("deviceclasses.resource.k8s.io") && !list.contains("resourceslices"),
+            "{list}"
+        );
+        // The DRA driver's DeviceClasses exist.
+        let classes = k.ok(&["get", "deviceclasses"]).await;
+        assert!(
+            classes.contains("gpu.nvidia.com") && classes.contains("mig.nvidia.com"),
+            "{classes}"
+        );
+        fleet.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_validates_fields_and_explain_reads_the_schemas() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        let k = Kubectl::new(c, &bin);
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, text).unwrap();
+            f.to_str().unwrap().to_string()
+        };
+        let deploy = |extra: &str, replicas: &str| {
+            format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: default}}\nspec:\n  \
+                 replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    \
+                 metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: web\n        \
+                 image: nginx\n{extra}        resources: {{limits: {{nvidia.com/gpu: 1}}}}\n"
+            )
+        };
+        // Valid manifests apply with validation on (the default): the server validates.
+        let good = write("good.yaml", &deploy("", "1"));
+        let out = k.ok(&["apply", "-f", &good, "-v=6"]).await;
+        assert!(
+            out.contains("fieldValidation=Strict") && out.contains("deployment.apps/web created"),
+            "{out}"
+        );
+        // An unknown field is refused, naming it; --validate=false lets it through.
+        let typo = write(
+            "typo.yaml",
+            &deploy("        imagePullPolcy: Always\n", "1"),
+        );
+        let o = k.run(&["apply", "-f", &typo]).await;
+        assert!(
+            !o.ok && o.text.contains(r#"strict decoding error: unknown field "spec.template.spec.containers[0].imagePullPolcy""#),
+            "{}",
+            o.text
+        );
+        let o = k.run(&["apply", "-f", &typo, "--validate=warn"]).await;
+        assert!(
+            o.ok && o.text.contains("Warning: unknown field"),
+            "{}",
+            o.text
+        );
+        // A value of the wrong type is refused whatever the validation asked.
+        let wrong = write("wrong.yaml", &deploy("", "two"));
+        let o = k.run(&["apply", "-f", &wrong, "--validate=false"]).await;
+        assert!(
+            !o.ok && o.text.contains("cannot unmarshal string into Go struct field DeploymentSpec.spec.replicas of type int32"),
+            "{}",
+            o.text
+        );
+        // explain reads the published schemas.
+        let out = k.ok(&["explain", "deployment.spec.strategy"]).await;
+        assert!(
+            out.contains("rollingUpdate") && out.contains("KIND:       Deployment"),
+            "{out}"
+        );
+        let out = k.ok(&["explain", "pods.spec.containers"]).await;
+        assert!(
+            out.contains("imagePullPolicy") && out.contains("resources"),
+            "{out}"
+        );
+        fleet.shutdown().await;
+    }
+}

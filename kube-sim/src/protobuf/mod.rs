@@ -7,6 +7,7 @@
 //! object is decoded with the field table in [`schema`], generated from the k8s-pb and
 //! k8s-openapi crates.
 
+pub mod openapi;
 mod schema;
 
 use base64::Engine;

@@ -534,6 +534,24 @@ impl SimState {
                     if spec.get("terminationGracePeriodSeconds").is_none() {
                         spec["terminationGracePeriodSeconds"] = json!(30);
                     }
+                    // The DefaultTolerationSeconds admission plugin: 5 minutes on a NotReady
+                    // or unreachable node before the taint manager would evict.
+                    let mut tolerations =
+                        spec["tolerations"].as_array().cloned().unwrap_or_default();
+                    for key in [
+                        node_lifecycle::NOT_READY_TAINT,
+                        node_lifecycle::UNREACHABLE_TAINT,
+                    ] {
+                        let has = tolerations.iter().any(|t| {
+                            (t["key"] == key || t["key"].is_null() && t["operator"] == "Exists")
+                                && (t["effect"] == "NoExecute" || t["effect"].is_null())
+                        });
+                        if !has {
+                            tolerations.push(json!({"key": key, "operator": "Exists",
+                                "effect": "NoExecute", "tolerationSeconds": 300}));
+                        }
+                    }
+                    spec["tolerations"] = json!(tolerations);
                 }
                 if obj.get("status").is_none_or(|s| s.get("phase").is_none()) {
                     obj["status"] = json!({"phase": "Pending", "qosClass": "Burstable"});

@@ -84,29 +84,40 @@ impl SimState {
             for node in &nodes {
                 let node_name = meta_str(node, "name");
                 let sel = LabelSelector::from_map(&pod["spec"]["nodeSelector"]);
-                if !node_ready(node) {
-                    *reasons.entry("node(s) were not ready".into()).or_default() += 1;
-                    continue;
-                }
+                // The filters in the real scheduler's order; a node reports its first failure.
                 if node["spec"]["unschedulable"].as_bool().unwrap_or(false) {
                     *reasons
                         .entry("node(s) were unschedulable".into())
                         .or_default() += 1;
                     continue;
                 }
-                if !sel.matches(node) {
-                    *reasons
-                        .entry("node(s) didn't match Pod's node affinity/selector".into())
-                        .or_default() += 1;
-                    continue;
-                }
-                let taints = node["spec"]["taints"]
+                let mut taints = node["spec"]["taints"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
-                if !taints.iter().all(|t| tolerates(&pod, t)) {
+                if !node_ready(node) {
+                    // A NotReady node is refused by its lifecycle taint, set or about to be.
+                    let key = match condition(node, "Ready").as_deref() {
+                        Some("Unknown") => node_lifecycle::UNREACHABLE_TAINT,
+                        _ => node_lifecycle::NOT_READY_TAINT,
+                    };
+                    taints.insert(0, json!({"key": key, "effect": "NoSchedule"}));
+                }
+                if let Some(t) = taints
+                    .iter()
+                    .find(|t| t["effect"] != "PreferNoSchedule" && !tolerates(&pod, t))
+                {
+                    let reason = format!(
+                        "node(s) had untolerated taint {{{}: {}}}",
+                        t["key"].as_str().unwrap_or(""),
+                        t["value"].as_str().unwrap_or("")
+                    );
+                    *reasons.entry(reason).or_default() += 1;
+                    continue;
+                }
+                if !sel.matches(node) {
                     *reasons
-                        .entry("node(s) had untolerated taint(s)".into())
+                        .entry("node(s) didn't match Pod's node affinity/selector".into())
                         .or_default() += 1;
                     continue;
                 }
