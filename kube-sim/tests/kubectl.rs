@@ -547,6 +547,21 @@ async fn taints_are_replaced_and_the_lifecycle_controller_taints_nodes() {
             shown.contains("node.kubernetes.io/unreachable:NoExecute"),
             "{shown}"
         );
+        // The node lifecycle controller's events: on the node, and a warning on its pods.
+        let events = k
+            .ok(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                "reason=NodeNotReady",
+            ])
+            .await;
+        assert!(
+            events.contains(&format!("Node {node} status is now: NodeNotReady"))
+                && events.contains("Node is not ready"),
+            "{events}"
+        );
         c.clear(&fault);
         until("no taints once Ready", || taints(c, &node).is_empty()).await;
         fleet.shutdown().await;
@@ -1205,6 +1220,10 @@ async fn tables_page_sort_and_watch_with_the_real_columns() {
             (
                 &["get", "pods", "-n", "inference", "-o", "wide"][..],
                 "NAME READY STATUS RESTARTS AGE IP NODE NOMINATED NODE READINESS GATES",
+            ),
+            (
+                &["get", "events", "-n", "inference"][..],
+                "LAST SEEN TYPE REASON OBJECT MESSAGE",
             ),
         ] {
             let out = k.ok(args).await;
