@@ -659,13 +659,7 @@ impl Store {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
         }
-        self.rv += 1;
-        new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let new: Obj = Arc::new(new);
-        let stored = Stored::new(new.clone());
-        let json = stored.json.clone();
-        self.objects[res].insert(key, stored);
-        self.commit(res, EventType::Modified, ns, json, Some(old_stored.json));
+        let new = self.write_modified(res, ns, key, old_stored.json, new);
         // The last finalizer of an object being deleted lets it go, as the registry's
         // update path does (a pod only once its kubelet has finished, grace period 0).
         if deletion_finished(res, &new) {
@@ -706,26 +700,32 @@ impl Store {
     }
 
     /// Write a changed object as the server's own (no client rules), bumping the revision.
-    fn replace(
+    fn replace(&mut self, res: usize, ns: &str, name: &str, new: Value) -> Result<Obj, ApiError> {
+        let key = (ns.to_string(), name.to_string());
+        let old_json = self.objects[res]
+            .get(&key)
+            .map(|s| s.json.clone())
+            .ok_or_else(|| ApiError::not_found(res, name))?;
+        Ok(self.write_modified(res, ns, key, old_json, new))
+    }
+
+    /// Store a changed object under the next revision and tell the watchers.
+    fn write_modified(
         &mut self,
         res: usize,
         ns: &str,
-        name: &str,
+        key: Key,
+        old_json: Bytes,
         mut new: Value,
-    ) -> Result<Obj, ApiError> {
-        let key = (ns.to_string(), name.to_string());
-        let old_stored = self.objects[res]
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(res, name))?;
+    ) -> Obj {
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let new: Obj = Arc::new(new);
         let stored = Stored::new(new.clone());
         let json = stored.json.clone();
         self.objects[res].insert(key, stored);
-        self.commit(res, EventType::Modified, ns, json, Some(old_stored.json));
-        Ok(new)
+        self.commit(res, EventType::Modified, ns, json, Some(old_json));
+        new
     }
 
     /// Delete an object; namespaces take their objects with them.

@@ -70,6 +70,17 @@ fn or_none(v: &Value) -> Value {
     }
 }
 
+/// A string map as `k=v,k2=v2` (a selector), or `<none>`.
+fn key_values(map: &Value) -> Value {
+    let pairs: Vec<String> = map
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    or_none(&json!(pairs.join(",")))
+}
+
 fn int(v: &Value) -> Value {
     json!(v.as_i64().unwrap_or(0))
 }
@@ -230,12 +241,6 @@ fn service_row(o: &Value) -> Vec<Value> {
             }
         })
         .collect();
-    let selector: Vec<String> = spec["selector"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-        .collect();
     vec![
         name(o),
         json!(ty),
@@ -247,11 +252,7 @@ fn service_row(o: &Value) -> Vec<Value> {
             ports.join(",")
         }),
         age(o),
-        json!(if selector.is_empty() {
-            "<none>".to_string()
-        } else {
-            selector.join(",")
-        }),
+        key_values(&spec["selector"]),
     ]
 }
 
@@ -460,12 +461,6 @@ fn printer(kind: &str) -> (Vec<Value>, RowFn) {
             .concat(),
             |o| {
                 let s = &o["status"];
-                let sel: Vec<String> = o["spec"]["template"]["spec"]["nodeSelector"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                    .collect();
                 with_wide(
                     vec![
                         name(o),
@@ -474,11 +469,7 @@ fn printer(kind: &str) -> (Vec<Value>, RowFn) {
                         int(&s["numberReady"]),
                         int(&s["updatedNumberScheduled"]),
                         int(&s["numberAvailable"]),
-                        json!(if sel.is_empty() {
-                            "<none>".to_string()
-                        } else {
-                            sel.join(",")
-                        }),
+                        key_values(&o["spec"]["template"]["spec"]["nodeSelector"]),
                         age(o),
                     ],
                     o,

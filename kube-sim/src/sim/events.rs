@@ -4,8 +4,10 @@
 
 use super::*;
 
-/// Events kept per cluster; older ones are deleted first, as their TTL would.
-const EVENT_LIMIT: usize = 1000;
+/// Events kept per cluster; older ones are deleted first, as their TTL (an hour) would. An
+/// event holds about 4 KiB here, so the bound keeps a fleet of 1,000 busy clusters within a
+/// gigabyte of them.
+const EVENT_LIMIT: usize = 250;
 
 /// Who records an event: `source.component` (and `reportingComponent`), and the node for
 /// kubelets.

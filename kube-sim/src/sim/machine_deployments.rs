@@ -45,11 +45,6 @@ impl SimState {
                 .map(|(n, s)| (s.born, n.clone()))
                 .collect();
             mine.sort();
-            let draining = self
-                .nodes
-                .values()
-                .filter(|s| s.md == key && s.removing)
-                .count();
             let Some(pool) = self.templates.get(&template).cloned() else {
                 let status = json!({"phase": "Failed", "replicas": mine.len(),
                     "failureMessage": format!("machine template {template:?} does not exist; templates are the scenario's pool names")});
@@ -131,6 +126,11 @@ impl SimState {
                     }
                 }
             }
+            let draining = self
+                .nodes
+                .values()
+                .filter(|s| s.md == key && s.removing)
+                .count();
             let ready = mine
                 .iter()
                 .filter(|(_, n)| {
