@@ -921,6 +921,98 @@ mod tests {
     }
 
     #[test]
+    fn bad_new_nodes_come_up_with_failed_gpus_until_cleared() {
+        let mut st = cluster(ONE);
+        let fault = Fault::BadNewNodes {
+            pool: "gpu".into(),
+            not_ready: false,
+            failed_gpus: 3,
+        };
+        st.inject(&fault).unwrap();
+        let old: HashSet<String> = st.nodes.keys().cloned().collect();
+        let mut md = (*st
+            .store
+            .get(idx::MACHINEDEPLOYMENTS, MD_NAMESPACE, "gpu")
+            .unwrap())
+        .clone();
+        md["spec"]["replicas"] = json!(3);
+        st.store
+            .update(idx::MACHINEDEPLOYMENTS, MD_NAMESPACE, "gpu", md, false)
+            .unwrap();
+        st.reconcile(Instant::now());
+        let new = st.nodes.keys().find(|n| !old.contains(*n)).unwrap().clone();
+        let alloc = |st: &SimState, n: &str| {
+            st.store.get(idx::NODES, "", n).unwrap()["status"]["allocatable"]["nvidia.com/gpu"]
+                .clone()
+        };
+        assert_eq!(alloc(&st, &new), "5");
+        assert!(
+            old.iter().all(|n| alloc(&st, n) == "8"),
+            "only new nodes are broken"
+        );
+        st.clear(&fault);
+        st.reconcile(Instant::now());
+        assert_eq!(alloc(&st, &new), "8");
+        let too_many = Fault::BadNewNodes {
+            pool: "gpu".into(),
+            not_ready: false,
+            failed_gpus: 9,
+        };
+        assert!(
+            st.inject(&too_many)
+                .unwrap_err()
+                .message
+                .contains("failed_gpus")
+        );
+    }
+
+    #[test]
+    fn a_pod_with_a_finalizer_waits_for_it_after_its_grace_period() {
+        let mut st = cluster(ONE);
+        let pod = st
+            .store
+            .iter(idx::PODS, Some("default"), None)
+            .next()
+            .unwrap()
+            .clone();
+        let name = meta_str(&pod, "name").to_string();
+        let mut p = (*pod).clone();
+        p["metadata"]["finalizers"] = json!(["example.com/keep"]);
+        st.store
+            .update(idx::PODS, "default", &name, p, false)
+            .unwrap();
+        let marked = st
+            .delete_object(
+                idx::PODS,
+                "default",
+                &name,
+                &DeleteOptions::default(),
+                false,
+            )
+            .unwrap();
+        assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+        // Grace seconds last 0 ms in this scenario: the kubelet is done at once, the
+        // finalizer keeps the object, at grace period 0.
+        st.reconcile(Instant::now());
+        let held = st.store.get(idx::PODS, "default", &name).unwrap();
+        assert_eq!(held["metadata"]["deletionGracePeriodSeconds"], 0);
+        assert_eq!(
+            st.store
+                .iter(idx::PODS, Some("default"), None)
+                .filter(|p| !deleting(p))
+                .count(),
+            3,
+            "the ReplicaSet replaced it"
+        );
+        let mut p = (*held).clone();
+        p["metadata"]["finalizers"] = json!([]);
+        st.store
+            .update(idx::PODS, "default", &name, p, false)
+            .unwrap();
+        assert!(st.store.get(idx::PODS, "default", &name).is_err());
+    }
+
+    #[test]
     fn gpu_failure_lowers_allocatable() {
         let mut st = cluster(ONE);
         let node = st.nodes.keys().next().unwrap().clone();
