@@ -5,17 +5,31 @@
 use super::*;
 
 impl SimState {
-    pub(super) fn machine_deployments(&mut self, now: Instant) {
-        // Machines chosen for removal drain first; the node goes when nothing evictable is left.
-        let removing: Vec<String> = self
+    pub(super) fn machine_deployments(&mut self, now: Instant, next: &mut Option<Instant>) {
+        // Machines chosen for removal drain first; the node goes when nothing evictable is
+        // left, or once the template's nodeDrainTimeout has passed (Cluster API then deletes
+        // the node with its pods still on it).
+        let removing: Vec<(String, Instant, (String, String))> = self
             .nodes
             .iter()
-            .filter(|(_, s)| s.removing)
-            .map(|(n, _)| n.clone())
+            .filter_map(|(n, s)| s.removing.map(|since| (n.clone(), since, s.md.clone())))
             .collect();
-        for n in removing {
-            if self.drain_step(&n) {
+        for (n, since, (md_ns, md)) in removing {
+            let timeout = self
+                .store
+                .get(idx::MACHINEDEPLOYMENTS, &md_ns, &md)
+                .ok()
+                .and_then(|m| {
+                    m["spec"]["template"]["spec"]["nodeDrainTimeout"]
+                        .as_str()
+                        .and_then(parse_go_duration)
+                })
+                .filter(|t| !t.is_zero());
+            let timed_out = timeout.is_some_and(|t| now.saturating_duration_since(since) >= t);
+            if self.drain_step(&n) || timed_out {
                 self.delete_node(&n);
+            } else if let Some(t) = timeout {
+                merge_deadline(next, since + t);
             }
         }
         let mds = self.all(idx::MACHINEDEPLOYMENTS);
@@ -23,8 +37,8 @@ impl SimState {
         // Nodes of deleted MachineDeployments go too, drained first, as Cluster API deletes
         // their machines.
         for s in self.nodes.values_mut() {
-            if !live.contains(&s.md) {
-                s.removing = true;
+            if !live.contains(&s.md) && s.removing.is_none() {
+                s.removing = Some(now);
             }
         }
         for md in mds {
@@ -41,7 +55,7 @@ impl SimState {
             let mut mine: Vec<(Instant, String)> = self
                 .nodes
                 .iter()
-                .filter(|(_, s)| s.md == key && !s.removing)
+                .filter(|(_, s)| s.md == key && s.removing.is_none())
                 .map(|(n, s)| (s.born, n.clone()))
                 .collect();
             mine.sort();
@@ -101,7 +115,7 @@ impl SimState {
                             not_ready: bad.is_some_and(|b| b.0),
                             slice_generation: 0,
                             next_pod_host: 2,
-                            removing: false,
+                            removing: None,
                             born_bad: bad.is_some(),
                         },
                     );
@@ -122,14 +136,14 @@ impl SimState {
                 mine.sort_by_key(|(born, n)| (rank(n), *born));
                 for (_, n) in mine.split_off(want) {
                     if let Some(s) = self.nodes.get_mut(&n) {
-                        s.removing = true;
+                        s.removing = Some(now);
                     }
                 }
             }
             let draining = self
                 .nodes
                 .values()
-                .filter(|s| s.md == key && s.removing)
+                .filter(|s| s.md == key && s.removing.is_some())
                 .count();
             let ready = mine
                 .iter()
@@ -215,5 +229,54 @@ impl SimState {
     pub(super) fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
         let _ = self.store.delete(idx::NODES, "", name);
+    }
+}
+
+/// A Go `time.Duration` as Cluster API's fields write it (`90s`, `1h30m`, `500ms`); `None` if
+/// it does not parse.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest == "0" {
+        return Some(total);
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|i| *i > 0)?;
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(n * secs);
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_go_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("10x"), None);
     }
 }

@@ -72,8 +72,8 @@ struct NodeSim {
     failed_gpus: u32,
     not_ready: bool,
     slice_generation: i64,
-    /// Chosen for removal by its MachineDeployment: cordoned, drained, then deleted.
-    removing: bool,
+    /// Chosen for removal by its MachineDeployment (when): cordoned, drained, then deleted.
+    removing: Option<Instant>,
     /// Broken at birth by a `bad-new-nodes` fault (cleared with it).
     born_bad: bool,
     /// The next host number to give a pod from the node's pod range.
@@ -724,7 +724,7 @@ impl SimState {
         for _ in 0..8 {
             let before = self.store.revision();
             next = None;
-            self.machine_deployments(now);
+            self.machine_deployments(now, &mut next);
             self.kubelets(now, &mut next);
             self.node_lifecycle();
             self.daemonsets();
