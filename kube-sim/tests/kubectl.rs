@@ -1478,3 +1478,94 @@ async fn apply_validates_fields_and_explain_reads_the_schemas() {
         fleet.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_machine_template_rolls_the_pool_within_pdbs_and_quota() {
+    for bin in kubectls() {
+        let fleet = start().await;
+        let c = &fleet.clusters()[0];
+        settled(c).await;
+        let k = Kubectl::new(c, &bin);
+        let old: Vec<String> = k_nodes(c)
+            .iter()
+            .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        k.ok(&[
+            "patch",
+            "machinedeployment",
+            "h100",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"version":"v1.35.0"}}}}"#,
+        ])
+        .await;
+        // maxSurge 1: one new node first; the PDB (minAvailable 2 of 2) holds the old
+        // node running an llm pod, so the roll waits there.
+        until("a surge node on the new version", || {
+            k_nodes(c)
+                .iter()
+                .any(|n| n["status"]["nodeInfo"]["kubeletVersion"] == "v1.35.0")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            old.iter().any(|n| c.get("nodes", "", n).is_ok()),
+            "the PDB holds an old node"
+        );
+        assert!(k_nodes(c).len() <= 3, "never past the quota of 3");
+        k.ok(&[
+            "patch",
+            "pdb",
+            "llm",
+            "-n",
+            "inference",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"minAvailable":1}}"#,
+        ])
+        .await;
+        until("every h100 node on v1.35.0", || {
+            let nodes = k_nodes(c);
+            nodes.len() == 2
+                && nodes
+                    .iter()
+                    .all(|n| n["status"]["nodeInfo"]["kubeletVersion"] == "v1.35.0" && ready(n))
+        })
+        .await;
+        let md = k.ok(&["get", "md", "h100", "--no-headers"]).await;
+        let cols: Vec<&str> = md.split_whitespace().collect();
+        assert_eq!(
+            (cols[4], cols[8]),
+            ("2", "v1.35.0"),
+            "UPDATED and VERSION: {md}"
+        );
+        let nodes = k
+            .ok(&[
+                "get",
+                "nodes",
+                "-l",
+                "cluster.x-k8s.io/deployment-name=h100",
+            ])
+            .await;
+        assert_eq!(nodes.matches("v1.35.0").count(), 2, "{nodes}");
+        until("llm Ready on the new nodes", || {
+            c.list("pods", Some("inference"))
+                .unwrap()
+                .iter()
+                .filter(|p| {
+                    p["metadata"]["labels"]["app"] == "llm"
+                        && p["metadata"]["deletionTimestamp"].is_null()
+                        && !old.iter().any(|o| p["spec"]["nodeName"] == o.as_str())
+                        && p["status"]["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+                .count()
+                == 2
+        })
+        .await;
+        fleet.shutdown().await;
+    }
+}

@@ -68,6 +68,9 @@ type DeviceSet = HashSet<DeviceKey>;
 struct NodeSim {
     born: Instant,
     template: String,
+    /// The hash of its MachineDeployment's template when it was created (a changed template
+    /// rolls the pool).
+    template_hash: String,
     md: (String, String),
     failed_gpus: u32,
     not_ready: bool,
@@ -719,11 +722,13 @@ impl SimState {
     }
 
     /// Run every controller until nothing changes. Returns when the next timed transition is due.
+    ///
+    /// A pass is bounded (eight rounds, so that API requests get the lock in between); a
+    /// cluster still changing after them asks to be run again at once.
     pub fn reconcile(&mut self, now: Instant) -> Option<Instant> {
-        let mut next = None;
         for _ in 0..8 {
             let before = self.store.revision();
-            next = None;
+            let mut next = None;
             self.machine_deployments(now, &mut next);
             self.kubelets(now, &mut next);
             self.node_lifecycle();
@@ -738,10 +743,10 @@ impl SimState {
             self.endpoint_slices();
             self.pdb_status();
             if self.store.revision() == before {
-                break;
+                return next;
             }
         }
-        next
+        Some(now)
     }
 }
 
