@@ -1102,11 +1102,7 @@ async fn machine_deployments_drain_before_deleting_and_stop_at_the_quota() {
                 .filter(|p| {
                     p["metadata"]["labels"]["app"] == "llm"
                         && p["spec"]["nodeName"] != node.as_str()
-                        && p["status"]["conditions"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        && ready(p)
                 })
                 .count()
                 == 2
@@ -1124,11 +1120,12 @@ fn k_nodes(c: &SimCluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn ready(n: &serde_json::Value) -> bool {
-    n["status"]["conditions"]
+/// Whether a node's or a pod's Ready condition is True.
+fn ready(o: &serde_json::Value) -> bool {
+    o["status"]["conditions"]
         .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
@@ -1556,11 +1553,7 @@ async fn a_changed_machine_template_rolls_the_pool_within_pdbs_and_quota() {
                     p["metadata"]["labels"]["app"] == "llm"
                         && p["metadata"]["deletionTimestamp"].is_null()
                         && !old.iter().any(|o| p["spec"]["nodeName"] == o.as_str())
-                        && p["status"]["conditions"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        && ready(p)
                 })
                 .count()
                 == 2
