@@ -1,5 +1,6 @@
 //! Flotilla's pure domain: types, decisions and the store backend trait. No I/O, no runtime.
 
+pub mod campaign;
 pub mod capacity;
 pub mod duration;
 pub mod export;
