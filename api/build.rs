@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/raft.proto",
         "proto/flotilla/v1/admin.proto",
         "proto/flotilla/v1/discovery.proto",
+        "proto/flotilla/v1/campaign.proto",
         "proto/flotilla/v1/fleet.proto",
     ];
     for p in &protos {

@@ -78,12 +78,9 @@ async fn get_describe_fit_join_and_errors() {
         .await
         .unwrap();
     let kc = kube::config::Kubeconfig::from_yaml(&sims.clusters()[0].kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
     let opts = flotilla_agent::AgentOptions {
         cluster: "cli-test".into(),
         hubs: vec![hub.clone()],
@@ -95,8 +92,9 @@ async fn get_describe_fit_join_and_errors() {
         flat_network: false,
         imports: true,
         inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+        campaigns: true,
     };
-    tokio::spawn(flotilla_agent::run(client, opts, None, shutdown.clone()));
+    tokio::spawn(flotilla_agent::run(config, opts, None, shutdown.clone()));
 
     let h = hub.clone();
     let out = tokio::task::spawn_blocking(move || {

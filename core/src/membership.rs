@@ -19,6 +19,8 @@ pub struct Identity {
     pub agent_version: String,
     /// The cluster's labels.
     pub labels: BTreeMap<String, String>,
+    /// Its agent can run campaign steps (the executor's permissions are installed).
+    pub campaigns: bool,
 }
 
 /// One recorded transition.

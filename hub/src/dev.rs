@@ -98,9 +98,7 @@ pub async fn start(
         };
         records::put_if(store, &keys::token_key(&token), &rec, 0).await?;
         let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-        )?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         let opts = flotilla_agent::AgentOptions {
             cluster: c.name().to_string(),
             hubs: vec![grpc.to_string()],
@@ -117,12 +115,13 @@ pub async fn start(
             flat_network: false,
             imports: true,
             inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+            campaigns: true,
         };
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                if let Err(e) = flotilla_agent::run(client, opts, None, s).await {
+                if let Err(e) = flotilla_agent::run(config, opts, None, s).await {
                     tracing::error!(error = %e, "dev agent stopped");
                 }
             },

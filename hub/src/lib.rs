@@ -4,11 +4,13 @@
 //! - `store`: the schema, typed records, and the replica's mirror of the store.
 //! - `fleet`: agent streams, the fleet view and the read API.
 //! - `discovery`: exports, the routing table, DNS and the discovery API.
-//! - `controllers`: leader-only work (health now; routing and campaigns next).
+//! - `campaigns`: fleet upgrade campaigns (the leader's controller, records, API).
+//! - `controllers`: leader-only work (health, inference loads, campaigns).
 //! - `metrics`, `http`: Prometheus metrics and `/metrics`, `/healthz`, `/readyz`.
 //! - `logging`: the log subscriber (openraft's per-request errors rate-limited).
 //! - `dev` (feature `dev`): the simulated development fleet of `--dev`.
 
+pub mod campaigns;
 pub mod controllers;
 #[cfg(feature = "dev")]
 pub mod dev;
@@ -294,6 +296,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             discovery: fleet.discovery.clone(),
             backend: store.clone(),
         }),
+        Arc::new(fleet.campaign_controller(store.clone())),
     ];
     tasks.push(tokio::spawn(
         run_while_leader(
@@ -443,7 +446,8 @@ async fn open_raft(
         .routes()
         .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
         .add_service(fleet.fleet_service(store.clone()))
-        .add_service(fleet.discovery_service(store.clone()));
+        .add_service(fleet.discovery_service(store.clone()))
+        .add_service(fleet.campaign_service(store.clone(), Arc::new(store.clone())));
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone())
             .instrument(info_span!("hub-grpc", node = args.node_id)),
@@ -492,7 +496,8 @@ async fn open_etcd(
         ))
         .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
         .add_service(fleet.fleet_service(store.clone()))
-        .add_service(fleet.discovery_service(store.clone()));
+        .add_service(fleet.discovery_service(store.clone()))
+        .add_service(fleet.campaign_service(store.clone(), Arc::new(store.clone())));
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone()).instrument(info_span!("hub-grpc")),
     );

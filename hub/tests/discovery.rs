@@ -102,6 +102,13 @@ async fn dns_a(addr: SocketAddr, name: &str) -> Result<Vec<String>, ResponseCode
     Ok(v)
 }
 
+async fn kube_config(c: &SimCluster) -> kube::Config {
+    let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
+    kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap()
+}
+
 async fn kube_client(c: &SimCluster) -> kube::Client {
     let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
     kube::Client::try_from(
@@ -286,9 +293,10 @@ async fn start_fleet(sim: &str) -> Fleet {
             flat_network: false,
             imports: true,
             inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+            campaigns: true,
         };
         tokio::spawn(flotilla_agent::run(
-            kube_client(c).await,
+            kube_config(c).await,
             opts,
             None,
             stop.clone(),

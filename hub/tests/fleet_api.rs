@@ -624,12 +624,9 @@ async fn a_real_agent_reports_a_simulated_cluster() {
     let c = &sims.clusters()[0];
     let token = token(&mut fleet, "sim-one").await;
     let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
     let agent_stop = CancellationToken::new();
     let opts = flotilla_agent::AgentOptions {
         cluster: "sim-one".into(),
@@ -642,11 +639,12 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         flat_network: false,
         imports: true,
         inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+        campaigns: true,
     };
     let agent_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_http_addr = agent_http.local_addr().unwrap();
     let agent = tokio::spawn(flotilla_agent::run(
-        client,
+        config,
         opts,
         Some(agent_http),
         agent_stop.clone(),

@@ -1,6 +1,7 @@
 //! The member agent: watches one cluster through kube-rs, computes its GPU inventory, and
 //! reports it to the hub over one `AgentService.Connect` stream.
 
+pub mod campaign;
 pub mod convert;
 pub mod exports;
 pub mod imports;
@@ -46,15 +47,26 @@ pub struct AgentOptions {
     pub imports: bool,
     /// How often opted-in exports' inference metrics are sampled.
     pub inference_interval: Duration,
+    /// Run campaign steps when the credentials allow it (`--campaigns`).
+    pub campaigns: bool,
 }
 
-/// Watch the cluster and report to the hub until `shutdown`.
+/// Watch the cluster (through a client built from `config`) and report to the hub until
+/// `shutdown`.
 pub async fn run(
-    client: kube::Client,
+    config: kube::Config,
     opts: AgentOptions,
     http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), session::SessionError> {
+    let client = kube::Client::try_from(config.clone())
+        .map_err(|e| session::SessionError::Retry(format!("kube client: {e}")))?;
+    // The executor sees every 429 itself: kube's default retry would hold a PDB-blocked
+    // eviction for minutes inside one call, where the drain loop must judge its timeout.
+    let mut no_retry = config;
+    no_retry.default_retry = false;
+    let exec_client = kube::Client::try_from(no_retry)
+        .map_err(|e| session::SessionError::Retry(format!("kube client: {e}")))?;
     let version = match client.apiserver_version().await {
         Ok(v) => v.git_version,
         Err(e) => {
@@ -72,6 +84,32 @@ pub async fn run(
         opts.inference_interval,
         shutdown.clone(),
     );
+    // Campaign steps only with every permission the executor uses, so a half-installed
+    // agent never starts a rollout it cannot finish.
+    let steps = if opts.campaigns {
+        match campaign::permitted(&client).await {
+            Ok(()) => {
+                let x = exports.clone();
+                let ready = std::sync::Arc::new(move || {
+                    x.exports(&|_| None)
+                        .iter()
+                        .map(|e| e.ready_endpoints().count() as u32)
+                        .sum()
+                });
+                let exec = campaign::Exec::new(exec_client, opts.pool_label.clone(), ready);
+                Some(campaign::Steps::start(
+                    std::sync::Arc::new(exec),
+                    shutdown.clone(),
+                ))
+            }
+            Err(missing) => {
+                tracing::warn!(missing = %missing.join(", "), "campaign permissions are not installed: this cluster will not run campaigns");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let watch = ClusterWatch::start(
         client,
         WatchOptions {
@@ -118,6 +156,7 @@ pub async fn run(
         exports: Some(exports),
         imports,
         loads: Some(loads),
+        steps,
     };
     session::run(cfg, watch, shutdown).await
 }

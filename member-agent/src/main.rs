@@ -57,6 +57,11 @@ struct Args {
     /// `flotilla.io/inference-metrics`, e.g. `1s`.
     #[arg(long, env = "FLOTILLA_INFERENCE_SAMPLE_INTERVAL", default_value = "1s", value_parser = flotilla_core::duration::parse)]
     inference_sample_interval: std::time::Duration,
+    /// Run fleet upgrade campaign steps (cordon, drain, provision green) when the credentials
+    /// allow them (`--campaigns=false` to opt out; leaving out the campaign ClusterRole does
+    /// the same).
+    #[arg(long, env = "FLOTILLA_CAMPAIGNS", default_value_t = true, action = clap::ArgAction::Set)]
+    campaigns: bool,
 }
 
 #[tokio::main]
@@ -74,15 +79,14 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("--labels: {l:?} is not key=value"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    let client = match &args.kubeconfig {
+    let config = match &args.kubeconfig {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("--kubeconfig {}", p.display()))?;
             let kc = kube::config::Kubeconfig::from_yaml(&text)?;
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-            kube::Client::try_from(cfg)?
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None => kube::Client::try_default()
+        None => kube::Config::infer()
             .await
             .context("no in-cluster config or kubeconfig")?,
     };
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         flat_network: args.flat_network,
         imports: args.imports,
         inference_interval: args.inference_sample_interval,
+        campaigns: args.campaigns,
     };
     let http = if args.http.is_empty() {
         None
@@ -113,6 +118,6 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--http {}", args.http))?,
         )
     };
-    flotilla_agent::run(client, opts, http, shutdown).await?;
+    flotilla_agent::run(config, opts, http, shutdown).await?;
     Ok(())
 }

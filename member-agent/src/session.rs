@@ -44,6 +44,8 @@ pub struct SessionConfig {
     pub imports: Option<crate::imports::ImportSync>,
     /// Inference load samples to send, if sampled.
     pub loads: Option<crate::inference::Latest>,
+    /// The campaign step runner, if this agent runs campaigns.
+    pub steps: Option<crate::campaign::Steps>,
 }
 
 /// Why a session ended.
@@ -293,6 +295,7 @@ async fn session(
         region: cfg.region.clone(),
         imports: cfg.imports.is_some(),
         imports_by_namespace: cfg.imports.is_some(),
+        campaigns: cfg.steps.is_some(),
     })))
     .await
     .map_err(|_| SessionError::Retry("stream closed".into()))?;
@@ -420,9 +423,21 @@ async fn follow(
             .await
             .map_err(|_| SessionError::Retry("stream closed".into()))?;
     }
+    // Step statuses wait here across reconnects; this session sends them while it lives.
+    let (_idle_steps, idle_steps_rx) = mpsc::channel::<v1::StepStatusReport>(1);
+    let statuses = cfg.steps.as_ref().map(|s| s.statuses());
+    let mut idle_steps_rx = idle_steps_rx;
+    let mut statuses_guard = match &statuses {
+        Some(s) => Some(s.lock().await),
+        None => None,
+    };
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
     loop {
+        let status_rx = match statuses_guard.as_mut() {
+            Some(g) => &mut **g,
+            None => &mut idle_steps_rx,
+        };
         // A node's start-up bound passing changes the inventory with no watch event.
         let clock = watch.next_deadline().unwrap_or(Duration::from_secs(3600));
         tokio::select! {
@@ -498,8 +513,18 @@ async fn follow(
                     tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
                 }
             }
+            Some(report) = status_rx.recv() => {
+                let m = send(v1::agent_message::Msg::StepStatus(report));
+                tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
+            }
             m = inbound.message() => match m {
                 Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(s)) })) => apply_status(cfg, s),
+                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Command(c)) })) => {
+                    match &cfg.steps {
+                        Some(steps) => steps.submit(c).await,
+                        None => tracing::warn!(campaign = %c.campaign, "the hub sent a campaign step to an agent that does not run campaigns"),
+                    }
+                }
                 Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) })) => {
                     if let Some(i) = &cfg.imports {
                         i.apply(u);

@@ -89,13 +89,9 @@ async fn a_hint_naming_the_same_hub_waits_a_poll_interval() {
         flat_network: false,
         imports: true,
         inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+        campaigns: true,
     };
-    let agent = tokio::spawn(flotilla_agent::run(
-        kube::Client::try_from(cfg).unwrap(),
-        opts,
-        None,
-        shutdown.clone(),
-    ));
+    let agent = tokio::spawn(flotilla_agent::run(cfg, opts, None, shutdown.clone()));
     // Wait for the first connect (the agent fills its caches first), then watch 3 s.
     let start = tokio::time::Instant::now();
     while connects.load(Ordering::Relaxed) == 0 {

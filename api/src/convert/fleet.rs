@@ -484,6 +484,7 @@ pub fn cluster_from_wire(c: &v1::Cluster) -> ClusterRecord {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            campaigns: c.campaigns,
         },
         joined_at_unix_ms: c.joined_at_unix_ms,
         history: c
@@ -532,6 +533,7 @@ pub fn cluster_to_wire(c: &ClusterRecord) -> v1::Cluster {
             .collect(),
         inventory_incomplete: c.inventory_incomplete.clone(),
         networks: c.networks.clone(),
+        campaigns: c.identity.campaigns,
         ..Default::default()
     }
 }
@@ -792,6 +794,7 @@ mod tests {
                 kubernetes_version: "v1.33.0".into(),
                 agent_version: "0.1.0".into(),
                 labels: [("tier".to_string(), "gold".to_string())].into(),
+                campaigns: true,
             },
             joined_at_unix_ms: 7,
             history: vec![HistoryEntry {

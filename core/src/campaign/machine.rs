@@ -1065,47 +1065,13 @@ impl Campaign {
         let c = &mut self.stages[i].clusters[j];
         match (kind, out) {
             (StepKind::Preflight { .. }, StepOutput::Preflight(p)) => {
-                c.baseline = Baseline::from(&p);
-                c.held_nodes = p.held.clone();
-                c.blocking_pdbs = p.blocking_pdbs.clone();
-                if let Some(why) = p.unsupported {
-                    finish(c, Phase::Skipped, &why, now);
-                    return;
-                }
-                if p.blue_nodes.is_empty() {
-                    finish(
-                        c,
-                        Phase::Skipped,
-                        "the pool has no blue nodes to replace",
-                        now,
-                    );
-                    return;
-                }
-                c.blue_nodes = p.blue_nodes;
-                c.counts = Counts {
-                    blue: c.blue_nodes.len() as u32,
-                    ..Counts::default()
-                };
-                c.surge = self.spec.surge_nodes(c.counts.blue);
-                // A GPU SKU's quota is often below a classic blue-green's doubling: roll within
-                // what the quota allows rather than fail.
-                match p.quota_headroom {
-                    Some(0) => {
-                        c.failed = true;
-                        let why = "pre-flight: the pool's quota allows no extra node; nothing was changed";
-                        finish(c, Phase::Failed, why, now);
-                        return;
+                match record_preflight(&self.spec, c, p) {
+                    Some((phase, why)) => {
+                        c.failed = phase == Phase::Failed;
+                        finish(c, phase, &why, now);
                     }
-                    Some(q) if q < c.surge => {
-                        c.reason = format!(
-                            "surge lowered from {} to {q} node(s): the pool's quota allows no more",
-                            c.surge
-                        );
-                        c.surge = q;
-                    }
-                    _ => {}
+                    None => self.next(at, ctx, actions),
                 }
-                self.next(at, ctx, actions);
             }
             (StepKind::ProvisionGreen { green, target, .. }, _) => {
                 set_phase(c, Phase::WaitingGreenReady, now);
@@ -1247,6 +1213,68 @@ impl Campaign {
             rules: self.spec.drain.clone(),
         };
         self.send(at, ctx, kind, actions);
+    }
+}
+
+/// Take in pre-flight's findings; `Some` when the cluster ends here (skipped, or failed
+/// before anything was changed).
+fn record_preflight(
+    spec: &Spec,
+    c: &mut ClusterRun,
+    p: super::step::PreflightReport,
+) -> Option<(Phase, String)> {
+    c.baseline = Baseline::from(&p);
+    c.held_nodes = p.held;
+    c.blocking_pdbs = p.blocking_pdbs;
+    if let Some(why) = p.unsupported {
+        return Some((Phase::Skipped, why));
+    }
+    if p.blue_nodes.is_empty() {
+        return Some((
+            Phase::Skipped,
+            "the pool has no blue nodes to replace".into(),
+        ));
+    }
+    c.blue_nodes = p.blue_nodes;
+    c.counts = Counts {
+        blue: c.blue_nodes.len() as u32,
+        ..Counts::default()
+    };
+    c.surge = spec.surge_nodes(c.counts.blue);
+    // A GPU SKU's quota is often below a classic blue-green's doubling: roll within what the
+    // quota allows rather than fail.
+    match p.quota_headroom {
+        Some(0) => {
+            return Some((
+                Phase::Failed,
+                "pre-flight: the pool's quota allows no extra node; nothing was changed".into(),
+            ));
+        }
+        Some(q) if q < c.surge => {
+            c.reason = format!(
+                "surge lowered from {} to {q} node(s): the pool's quota allows no more",
+                c.surge
+            );
+            c.surge = q;
+        }
+        _ => {}
+    }
+    None
+}
+
+impl Campaign {
+    /// A dry run's view of one cluster: pre-flight's findings recorded, and where the cluster
+    /// would end if pre-flight alone decides it (skipped, or failed on quota).
+    pub fn preview(&mut self, cluster: &str, report: super::step::PreflightReport) {
+        let Some((i, j)) = self.find(cluster) else {
+            return;
+        };
+        let spec = self.spec.clone();
+        let c = &mut self.stages[i].clusters[j];
+        if let Some((phase, why)) = record_preflight(&spec, c, report) {
+            c.phase = phase;
+            c.reason = why;
+        }
     }
 }
 

@@ -903,6 +903,20 @@ fn dns_subdomain(field: &str, s: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Parse and validate a spec written as JSON; structural errors (an unknown or mistyped
+/// field) name their path too.
+pub fn parse_json(text: &str) -> Result<Spec, SpecError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        SpecError {
+            field: if path == "." { "spec".into() } else { path },
+            reason: e.into_inner().to_string(),
+        }
+    })?;
+    raw.validate()
+}
+
 impl Spec {
     /// The blue nodes drained per batch, for a pool of `blue` nodes: rounded up, at least 1,
     /// at most the pool.

@@ -120,6 +120,11 @@ async fn until(
     }
 }
 
+async fn kube_config(c: &SimCluster) -> anyhow::Result<kube::Config> {
+    let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
+    Ok(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)
+}
+
 async fn kube_client(c: &SimCluster) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
     Ok(kube::Client::try_from(
@@ -131,7 +136,7 @@ fn start_agent(
     hub: SocketAddr,
     cluster: &str,
     token: &str,
-    client: kube::Client,
+    config: kube::Config,
     stop: CancellationToken,
 ) {
     let opts = flotilla_agent::AgentOptions {
@@ -145,8 +150,9 @@ fn start_agent(
         flat_network: false,
         imports: true,
         inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+        campaigns: true,
     };
-    tokio::spawn(flotilla_agent::run(client, opts, None, stop));
+    tokio::spawn(flotilla_agent::run(config, opts, None, stop));
 }
 
 fn summary(what: &str, mut v: Vec<Duration>) {
@@ -225,14 +231,14 @@ async fn main() -> anyhow::Result<()> {
         hub.addr,
         "a",
         &tokens[0],
-        kube_client(a).await?,
+        kube_config(a).await?,
         a_stop.clone(),
     );
     start_agent(
         hub.addr,
         "b",
         &tokens[1],
-        kube_client(b).await?,
+        kube_config(b).await?,
         shutdown.child_token(),
     );
     let lb = |c: &SimCluster| {
@@ -298,7 +304,7 @@ async fn main() -> anyhow::Result<()> {
             hub.addr,
             "a",
             &tokens[0],
-            kube_client(a).await?,
+            kube_config(a).await?,
             a_stop.clone(),
         );
         revived.push(until(dns, &ip_a, t1, Duration::from_secs(60)).await?);

@@ -50,6 +50,11 @@ impl HealthCtl {
         &*self.clock
     }
 
+    /// The clock, shared (for other controllers on the same time).
+    pub fn clock_arc(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
     /// Runs `f` on the tracker; the transitions it returns are queued for writing under the
     /// same lock, so the queue keeps the tracker's order.
     fn with_queued(

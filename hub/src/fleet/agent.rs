@@ -45,9 +45,12 @@ pub struct AgentSvc<B> {
     pub joins: Arc<tokio::sync::Semaphore>,
     /// Discovery, whose export status goes back to the agent.
     pub discovery: Arc<crate::discovery::Discovery>,
+    /// Campaigns: the cluster's outbox, and where step statuses go.
+    pub campaigns: Arc<crate::campaigns::Campaigns>,
 }
 
-fn not_leader(leader: &dyn Leadership) -> Status {
+/// UNAVAILABLE naming the leader's address (in `flotilla-leader`), when this replica knows it.
+pub fn not_leader(leader: &dyn Leadership) -> Status {
     let mut s = Status::unavailable("this hub replica is not the leader; reconnect to the leader");
     if let Some(addr) = leader.leader_addr()
         && let Ok(v) = addr.parse()
@@ -241,6 +244,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            campaigns: hello.campaigns,
         };
         records::update::<B, v1::Cluster, _>(
             &self.backend,
@@ -388,6 +392,15 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                 .await
                 .map_err(|_| Status::cancelled("agent went away"))?;
         }
+        // What leader-side producers want this agent to have (campaign steps): everything held
+        // now, then each change.
+        let mut outbox = self.campaigns.outboxes.of(&cluster).reader();
+        for m in outbox.take() {
+            tx.send(Ok(m))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
+        }
+        let campaigns = self.campaigns.clone();
         // What was last sent, so an unchanged status is not sent again.
         let mut sent_status: Option<Vec<v1::ExportStatus>> = None;
         metrics.agents_connected.inc();
@@ -437,6 +450,19 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                         }
                         continue;
                     }
+                    () = outbox.changed() => {
+                        let mut gone = false;
+                        for m in outbox.take() {
+                            if tx.send(Ok(m)).await.is_err() {
+                                gone = true;
+                                break;
+                            }
+                        }
+                        if gone {
+                            break;
+                        }
+                        continue;
+                    }
                     r = routes.recv(), if want_imports && imports.ready(by_namespace) => {
                         let keys = match r {
                             Ok(keys) => keys,
@@ -480,8 +506,15 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                     Some(v1::agent_message::Msg::Loads(_)) => "loads",
                     Some(v1::agent_message::Msg::Networks(_)) => "networks",
                     Some(v1::agent_message::Msg::ImportNamespaces(_)) => "import_namespaces",
+                    Some(v1::agent_message::Msg::StepStatus(_)) => "step_status",
                     _ => "other",
                 };
+                // Step statuses go to the campaign controller, named by this stream's cluster.
+                if let Some(v1::agent_message::Msg::StepStatus(report)) = msg.msg {
+                    metrics.message(kind);
+                    campaigns.status(&cluster, report).await;
+                    continue;
+                }
                 // The namespaces to import for: stream state only; the whole set under them
                 // goes now.
                 if let Some(v1::agent_message::Msg::ImportNamespaces(n)) = &msg.msg {
@@ -669,7 +702,13 @@ async fn handle<B: KvBackend>(
             }
             (next, changed, signals)
         }
-        Some(Msg::Exports(_) | Msg::ExportsDelta(_) | Msg::Loads(_) | Msg::ImportNamespaces(_)) => {
+        Some(
+            Msg::Exports(_)
+            | Msg::ExportsDelta(_)
+            | Msg::Loads(_)
+            | Msg::ImportNamespaces(_)
+            | Msg::StepStatus(_),
+        ) => {
             unreachable!("handled above")
         }
         Some(Msg::Networks(n)) => {

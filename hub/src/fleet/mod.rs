@@ -3,6 +3,7 @@
 //! tracking is a controller (`controllers::health`).
 
 pub mod agent;
+pub mod outbox;
 pub mod service;
 pub mod view;
 
@@ -46,6 +47,8 @@ pub struct Fleet {
     pub config: FleetConfig,
     /// Metrics.
     pub metrics: Arc<HubMetrics>,
+    /// Campaigns' outboxes and controller inbox, shared by the agent streams.
+    pub campaigns: Arc<crate::campaigns::Campaigns>,
     /// Admission to the join handshake, shared by every stream this replica serves.
     joins: Arc<tokio::sync::Semaphore>,
 }
@@ -64,6 +67,7 @@ impl Fleet {
             discovery: crate::discovery::Discovery::new(view.clone()),
             view,
             health: HealthCtl::new(config.policy, clock),
+            campaigns: crate::campaigns::Campaigns::new(),
             config,
             joins: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_joins.max(1),
@@ -86,7 +90,38 @@ impl Fleet {
             metrics: self.metrics.clone(),
             joins: self.joins.clone(),
             discovery: self.discovery.clone(),
+            campaigns: self.campaigns.clone(),
         })
+    }
+
+    /// The campaign API.
+    pub fn campaign_service<B: KvBackend + Clone>(
+        &self,
+        backend: B,
+        leader: Arc<dyn Leadership>,
+    ) -> v1::campaign_service_server::CampaignServiceServer<crate::campaigns::service::CampaignSvc<B>>
+    {
+        v1::campaign_service_server::CampaignServiceServer::new(
+            crate::campaigns::service::CampaignSvc {
+                backend,
+                campaigns: self.campaigns.clone(),
+                leader,
+            },
+        )
+    }
+
+    /// The leader-only campaign controller, for the leadership runner.
+    pub fn campaign_controller<B: KvBackend + Clone>(
+        &self,
+        backend: B,
+    ) -> crate::campaigns::controller::CampaignController<B> {
+        crate::campaigns::controller::CampaignController {
+            campaigns: self.campaigns.clone(),
+            backend,
+            view: self.view.clone(),
+            clock: self.health.clock_arc(),
+            tick: self.tick().min(Duration::from_millis(100)),
+        }
     }
 
     /// The discovery API.

@@ -9,8 +9,10 @@
 //! | `/exports/<cluster>/<namespace>/<name>` | `ServiceExport` | the leader: that cluster's agent stream only |
 //! | `/policies/<namespace>/<name>`, `/policies/_default` | `RoutingPolicyRecord` | `DiscoveryService.SetPolicy` (any replica) |
 //! | `/loads/<cluster>/<namespace>/<name>` | `InferenceLoadRecord` | the leader's load tracker, when a verdict changes |
-//!
-//! Campaigns (`/campaigns/`) add their prefix here.
+//! | `/campaigns/<id>/spec` | `CampaignRecord` (the campaign as JSON, without cluster runs) | the leader's campaign controller only |
+//! | `/campaigns/<id>/clusters/<cluster>` | `CampaignClusterRecord` (one cluster's run) | the leader's campaign controller only |
+//! | `/shifts/<cluster>` | `TrafficShiftRecord` | the campaign controller, in the same txn as the campaign |
+//! | `/campaign-epoch` | empty; its mod revision is the controller's fencing term | the campaign controller, when it starts leading |
 
 use sha2::{Digest, Sha256};
 
@@ -27,6 +29,12 @@ pub const EXPORTS: &str = "/exports/";
 pub const POLICIES: &str = "/policies/";
 /// Prefix of inference loads (`v1::InferenceLoadRecord`).
 pub const LOADS: &str = "/loads/";
+/// Prefix of campaigns (`v1::CampaignRecord`).
+pub const CAMPAIGNS: &str = "/campaigns/";
+/// Prefix of traffic shifts (`v1::TrafficShiftRecord`): clusters out of global routing.
+pub const SHIFTS: &str = "/shifts/";
+/// Written by each new campaign controller term; its revision fences older terms' steps.
+pub const CAMPAIGN_EPOCH: &str = "/campaign-epoch";
 /// The fleet default policy's name under [`POLICIES`] (no namespace has an underscore).
 pub const DEFAULT_POLICY: &str = "_default";
 
@@ -54,6 +62,26 @@ pub fn policy_key(namespace: &str, name: &str) -> String {
         true => format!("{POLICIES}{DEFAULT_POLICY}"),
         false => format!("{POLICIES}{namespace}/{name}"),
     }
+}
+
+/// Prefix of one campaign's records.
+pub fn campaign_prefix(id: &str) -> String {
+    format!("{CAMPAIGNS}{id}/")
+}
+
+/// Key of a campaign's header.
+pub fn campaign_key(id: &str) -> String {
+    format!("{CAMPAIGNS}{id}/spec")
+}
+
+/// Key of one cluster's run in a campaign.
+pub fn campaign_cluster_key(id: &str, cluster: &str) -> String {
+    format!("{CAMPAIGNS}{id}/clusters/{cluster}")
+}
+
+/// Key of a cluster's traffic shift.
+pub fn shift_key(cluster: &str) -> String {
+    format!("{SHIFTS}{cluster}")
 }
 
 /// Key of a cluster record.

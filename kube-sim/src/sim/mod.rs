@@ -42,6 +42,8 @@ pub use disruption::PdbHealth;
 
 /// Namespace of the MachineDeployments that back scenario pools.
 pub const MD_NAMESPACE: &str = "default";
+/// A pool's quota in nodes, on its MachineDeployment (read by upgrade pre-flights).
+pub const QUOTA_ANNOTATION: &str = "flotilla.io/quota-nodes";
 /// The ServiceExport annotation by which a service opts in to inference load sampling (its
 /// value: the pods' metrics port), as Flotilla's agent reads it.
 pub const INFERENCE_METRICS_ANNOTATION: &str = "flotilla.io/inference-metrics";
@@ -305,7 +307,7 @@ impl SimState {
     fn seed(&mut self) {
         let spec = self.spec.clone();
         for p in &spec.pools {
-            let md = json!({
+            let mut md = json!({
                 "apiVersion": "cluster.x-k8s.io/v1beta1",
                 "kind": "MachineDeployment",
                 "metadata": {"name": p.name, "labels": {"cluster.x-k8s.io/cluster-name": spec.name},
@@ -329,6 +331,11 @@ impl SimState {
                     },
                 },
             });
+            // The cloud's quota, published as a cloud integration would, so an upgrade's
+            // pre-flight can see how many extra nodes it may ask for.
+            if let Some(q) = p.quota {
+                md["metadata"]["annotations"][QUOTA_ANNOTATION] = json!(q.to_string());
+            }
             self.create(idx::MACHINEDEPLOYMENTS, MD_NAMESPACE, md)
                 .expect("seed md");
         }

@@ -247,3 +247,13 @@ fn unknown_fields_are_refused() {
         .to_string();
     assert!(e.contains("batchSize"), "{e}");
 }
+
+#[test]
+fn structural_errors_name_their_path() {
+    let text = MINIMAL.replace(r#""stages""#, r#""blueGreen": {"batchSize": 2}, "stages""#);
+    let e = parse_json(&text).unwrap_err();
+    assert_eq!(e.field, "blueGreen.batchSize", "{e}");
+    let e = parse_json(&MINIMAL.replace(r#""name": "all""#, r#""name": 3"#)).unwrap_err();
+    assert_eq!(e.field, "stages[0].name", "{e}");
+    assert!(parse_json(MINIMAL).is_ok());
+}
