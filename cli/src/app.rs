@@ -72,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         what: Routes,
     },
+    /// Fleet upgrade campaigns: staged blue-green node-pool rollouts.
+    Campaign {
+        #[command(subcommand)]
+        what: commands::campaign::Campaign,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +113,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             what: Explain::Route { service, from },
         } => commands::services::explain(&mut ctx, &service, &from).await,
         Command::Policy { what } => commands::services::policy(&mut ctx, what).await,
+        Command::Campaign { what } => commands::campaign::run(&mut ctx, what).await,
         Command::Routes {
             what: Routes::Export(a),
         } => commands::services::export(&mut ctx, a).await,

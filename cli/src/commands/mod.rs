@@ -1,5 +1,6 @@
 //! One module per command group. Each takes the connected [`Ctx`] and its own arguments.
 
+pub mod campaign;
 pub mod describe;
 pub mod fit;
 pub mod get;
