@@ -334,6 +334,9 @@ pub struct ClusterState {
     pub inventory_incomplete: bool,
     /// GPU pools by name.
     pub pools: BTreeMap<String, PoolGpus>,
+    /// The upgrade campaign that took the cluster out of routing while its pool drains: it
+    /// answers only when no other eligible cluster can.
+    pub shifted: Option<String>,
 }
 
 /// Who is asking.
@@ -367,6 +370,8 @@ pub enum Class {
     Saturated,
     /// Eligible, Degraded or with an incomplete inventory.
     Degraded,
+    /// Eligible, but an upgrade campaign drains it: answered only when no other is eligible.
+    Shifted,
     /// Eligible, fewer ready endpoints than the policy asks.
     BelowThreshold,
     /// Never answered (see the reason).
@@ -379,6 +384,7 @@ impl fmt::Display for Class {
             Self::Healthy => "healthy",
             Self::Saturated => "saturated",
             Self::Degraded => "degraded",
+            Self::Shifted => "shifted away (upgrade)",
             Self::BelowThreshold => "below threshold",
             Self::Excluded => "excluded",
         })
@@ -572,6 +578,8 @@ pub fn decide(
                     policy.min_healthy_endpoints, policy.min_healthy_fraction))
             } else if degraded && policy.degraded == DegradedMode::Last {
                 (Class::Degraded, degraded_why(c))
+            } else if let Some(campaign) = &c.shifted {
+                (Class::Shifted, format!("{ready}/{total} endpoints ready, but upgrade campaign {campaign} is draining it"))
             } else if let Some(why) = saturated {
                 (Class::Saturated, why)
             } else {
@@ -591,7 +599,12 @@ pub fn decide(
         c => c,
     };
     let mut pick: Option<(Class, usize)> = None;
-    'classes: for class in [Class::Healthy, Class::Degraded, Class::BelowThreshold] {
+    'classes: for class in [
+        Class::Healthy,
+        Class::Degraded,
+        Class::Shifted,
+        Class::BelowThreshold,
+    ] {
         for t in 0..tiers.len() {
             if judged
                 .iter()

@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use flotilla_api::v1;
 use flotilla_api::v1::campaign_service_client::CampaignServiceClient;
+use flotilla_api::v1::discovery_service_client::DiscoveryServiceClient;
 use flotilla_api::v1::fleet_service_client::FleetServiceClient;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
@@ -31,7 +32,7 @@ clusters:
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
     workloads:
       - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000}, export: true}
+         service: {port: 8000, type: LoadBalancer}, export: true}
   - name: east
     provider: cluster-api
     labels: {ring: main}
@@ -42,7 +43,7 @@ clusters:
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
     workloads:
       - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000}, export: true}
+         service: {port: 8000, type: LoadBalancer}, export: true}
   - name: west
     provider: cluster-api
     labels: {ring: main}
@@ -53,7 +54,7 @@ clusters:
         gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
     workloads:
       - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000}, export: true}
+         service: {port: 8000, type: LoadBalancer}, export: true}
 "#;
 
 const SPEC: &str = r#"{
@@ -210,6 +211,39 @@ async fn a_two_stage_campaign_with_an_approval_gate_runs_to_green() {
         .into_inner();
     assert!(listed.campaigns.is_empty(), "a dry run writes nothing");
 
+    // Watch the service's answers while the campaign runs: the canary must leave them while
+    // its pool drains, and come back.
+    let watching = CancellationToken::new();
+    let resolver = {
+        let (addr, stop) = (hub.addr.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut d = DiscoveryServiceClient::new(channel(&addr).await);
+            let (mut shifted_seen, mut answered_after) = (false, false);
+            while !stop.is_cancelled() {
+                if let Ok(r) = d
+                    .resolve(v1::ResolveRequest {
+                        namespace: "ml".into(),
+                        name: "llm".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    let r = r.into_inner();
+                    let canary = r.verdicts.iter().find(|v| v.cluster == "canary");
+                    if let Some(v) = canary {
+                        if v.class.starts_with("shifted") {
+                            assert!(!v.chosen, "a shifted cluster answered: {v:?}");
+                            shifted_seen = true;
+                        } else if shifted_seen && v.chosen {
+                            answered_after = true;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (shifted_seen, answered_after)
+        })
+    };
     let id = api
         .create_campaign(v1::CreateCampaignRequest {
             spec_json: SPEC.into(),
@@ -257,6 +291,17 @@ async fn a_two_stage_campaign_with_an_approval_gate_runs_to_green() {
         done.detail_json
     );
     assert_eq!(done.clusters_by_phase.get("Done"), Some(&3));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watching.cancel();
+    let (shifted_seen, answered_after) = resolver.await.unwrap();
+    assert!(
+        shifted_seen,
+        "the canary never left the answers while it drained"
+    );
+    assert!(
+        answered_after,
+        "the canary did not come back after its rollout"
+    );
 
     // Only green nodes are left, and every GPU pod runs on them: none lost.
     for cluster in ["canary", "east", "west"] {

@@ -62,6 +62,7 @@ fn cluster(name: &str, region: &str, health: Health) -> ClusterState {
             },
         )]
         .into(),
+        shifted: None,
     }
 }
 
@@ -806,4 +807,20 @@ fn the_network_index_agrees_with_locate() {
             assert_eq!(index.locate(ip), scan, "{ip} in {nets:?}");
         }
     }
+}
+
+#[test]
+fn a_cluster_an_upgrade_drains_answers_only_when_no_other_can() {
+    let mut f = Fleet::three();
+    let p = RoutingPolicy::default();
+    f.clusters.get_mut("a").unwrap().shifted = Some("k8s-135-abcd".into());
+    let r = f.route(&p, None);
+    assert_eq!(sorted(r.clusters.clone()), ["b", "c"]);
+    let v = verdict(&r, "a");
+    assert_eq!(v.class, Class::Shifted);
+    assert!(v.reason.contains("k8s-135-abcd"), "{}", v.reason);
+    // With no other eligible cluster, the drained one answers.
+    f.health("b", Health::Unreachable);
+    f.health("c", Health::Unreachable);
+    assert_eq!(f.route(&p, None).clusters, ["a"], "nothing else can serve");
 }

@@ -264,6 +264,8 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                 if reply.is_closed() {
                     return Ok(None);
                 }
+                // The snapshot and the members' capabilities as of now, not of the last tick.
+                t.members = members(&self.view);
                 let member_list: Vec<Member> = self
                     .view
                     .clusters()
@@ -422,6 +424,9 @@ impl<B: KvBackend + Clone> CampaignController<B> {
     ) {
         let mut waiting = BTreeSet::new();
         for (seq, (_, r)) in c.clusters().enumerate() {
+            // A cluster that cannot run campaigns is not asked; it stays in `waiting`, so the
+            // plan reports it as unanswered.
+            waiting.insert(r.name.clone());
             if !t.members.get(&r.name).is_some_and(|m| m.campaigns) {
                 continue;
             }
@@ -438,7 +443,6 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                 .outboxes
                 .of(&r.name)
                 .put(&outbox_key(&c.id), command(&step));
-            waiting.insert(r.name.clone());
         }
         t.dry.insert(
             c.id.clone(),

@@ -80,6 +80,8 @@ struct State {
     network_index: Arc<NetworkIndex>,
     /// Stored inference loads, by service then cluster.
     loads: BTreeMap<ServiceKey, BTreeMap<String, v1::InferenceLoadRecord>>,
+    /// Clusters an upgrade campaign took out of routing, with the campaign's id.
+    shifts: BTreeMap<String, String>,
 }
 
 impl State {
@@ -203,6 +205,7 @@ impl State {
                             labels: c.labels.clone().into_iter().collect(),
                             inventory_incomplete: !c.inventory_incomplete.is_empty(),
                             pools: BTreeMap::new(),
+                            shifted: self.shifts.get(&name).cloned(),
                         };
                         let nets: Vec<Cidr> =
                             c.networks.iter().filter_map(|n| n.parse().ok()).collect();
@@ -227,6 +230,20 @@ impl State {
                 }
                 if self.by_cluster.contains_key(&name) {
                     self.dirty_clusters.insert(name);
+                }
+            }
+            Change::Shift { cluster, campaign } => {
+                match &campaign {
+                    Some(id) => self.shifts.insert(cluster.clone(), id.clone()),
+                    None => self.shifts.remove(&cluster),
+                };
+                if let Some(state) = self.clusters.get_mut(&cluster)
+                    && state.shifted != campaign
+                {
+                    state.shifted = campaign;
+                    if self.by_cluster.contains_key(&cluster) {
+                        self.dirty_clusters.insert(cluster);
+                    }
                 }
             }
             // GPU pools matter only to a policy that judges GPU saturation.

@@ -237,7 +237,10 @@ impl FleetView {
                 None
             }
             // Discovery's records; the discovery view follows them.
-            Change::Export { .. } | Change::Policy { .. } | Change::Load { .. } => None,
+            Change::Export { .. }
+            | Change::Policy { .. }
+            | Change::Load { .. }
+            | Change::Shift { .. } => None,
         };
         if let Some((cluster, e)) = event
             && notify

@@ -38,8 +38,8 @@ pub const CAMPAIGN_EPOCH: &str = "/campaign-epoch";
 /// The fleet default policy's name under [`POLICIES`] (no namespace has an underscore).
 pub const DEFAULT_POLICY: &str = "_default";
 
-/// The prefixes every replica mirrors in memory (tokens are read on demand).
-pub const MIRRORED: [&str; 5] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS];
+/// The prefixes every replica mirrors in memory (tokens and campaigns are read on demand).
+pub const MIRRORED: [&str; 6] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS, SHIFTS];
 
 /// Key of one cluster's export.
 pub fn export_key(cluster: &str, namespace: &str, name: &str) -> String {
@@ -116,6 +116,8 @@ pub enum Key<'a> {
     Policy(&'a str, &'a str),
     /// `/loads/<cluster>/<namespace>/<name>`.
     Load(&'a str, &'a str, &'a str),
+    /// `/shifts/<cluster>`.
+    Shift(&'a str),
 }
 
 /// `<cluster>/<namespace>/<name>`, each part non-empty.
@@ -137,6 +139,8 @@ impl<'a> Key<'a> {
             Some(Key::Cluster(n))
         } else if let Some(rest) = key.strip_prefix(EXPORTS) {
             three(rest).map(|(c, ns, n)| Key::Export(c, ns, n))
+        } else if let Some(c) = key.strip_prefix(SHIFTS) {
+            (!c.is_empty()).then_some(Key::Shift(c))
         } else if let Some(rest) = key.strip_prefix(LOADS) {
             three(rest).map(|(c, ns, n)| Key::Load(c, ns, n))
         } else if let Some(rest) = key.strip_prefix(POLICIES) {

@@ -51,6 +51,13 @@ pub enum Change {
         /// The record.
         record: Option<v1::InferenceLoadRecord>,
     },
+    /// `/shifts/<cluster>`: a campaign took the cluster out of routing (`None`: it is back).
+    Shift {
+        /// Cluster name.
+        cluster: String,
+        /// The campaign's id.
+        campaign: Option<String>,
+    },
     /// `/policies/...`: a routing policy (empty namespace and name: the fleet default).
     Policy {
         /// Namespace.
@@ -116,6 +123,13 @@ impl Change {
                     Err(e) => Err(undecodable(e)),
                 }
             }
+            Key::Shift(cluster) => match value.map(v1::TrafficShiftRecord::decode).transpose() {
+                Ok(r) => Ok(Change::Shift {
+                    cluster: cluster.to_string(),
+                    campaign: r.map(|r| r.campaign),
+                }),
+                Err(e) => Err(undecodable(e)),
+            },
             Key::Policy(namespace, name) => {
                 match value.map(v1::RoutingPolicyRecord::decode).transpose() {
                     Ok(record) => Ok(Change::Policy {
