@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::store::backend::HubStore;
 use crate::store::{keys, records};
 
+/// The campaign `--dev` suggests (`examples/campaigns/dev.yaml`).
+const DEV_CAMPAIGN: &str = include_str!("../../examples/campaigns/dev.yaml");
+
 /// The running development fleet.
 pub struct DevFleet {
     sim: SimFleet,
@@ -90,6 +93,20 @@ pub async fn start(
     if let Some(p) = paths.first() {
         println!("  KUBECONFIG={} kubectl get nodes", p.display());
     }
+    // The newcomer's campaign, written beside the kubeconfigs so the path works from any
+    // directory (the same file as examples/campaigns/dev.yaml).
+    let campaign = data_dir.join("campaigns/dev.yaml");
+    std::fs::create_dir_all(data_dir.join("campaigns"))?;
+    std::fs::write(&campaign, DEV_CAMPAIGN)?;
+    println!("an upgrade campaign of the GPU pools (blue-green, two stages, one approval gate):");
+    println!(
+        "  {ctl} campaign create -f {} --dry-run",
+        campaign.display()
+    );
+    println!("  {ctl} campaign create -f {}", campaign.display());
+    println!(
+        "  {ctl} campaign describe <id>     (then: campaign approve <id>; campaign get <id> -w)"
+    );
     for c in sim.clusters() {
         let token = format!("flt_dev_{}", uuid::Uuid::new_v4().simple());
         let rec = v1::JoinTokenRecord {

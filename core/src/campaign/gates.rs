@@ -91,6 +91,7 @@ mod tests {
             green_gpu_allocatable_percent: 100,
             endpoints_ready_percent: 90,
             max_gpu_pod_pending: Duration::from_secs(300),
+            window: Duration::from_secs(60),
         }
     }
 

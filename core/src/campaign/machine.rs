@@ -20,6 +20,8 @@ use crate::health::Health;
 
 /// How long an agent may take to answer a step that only talks to its API server.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How often failing health gates are checked again within their window.
+pub const HEALTH_RECHECK: Duration = Duration::from_secs(2);
 /// How long routing gets to move clients away before blue is touched (answers change within
 /// about a second; this covers DNS caching by clients that honour the TTL).
 pub const TRAFFIC_SETTLE: Duration = Duration::from_secs(5);
@@ -163,6 +165,8 @@ pub struct ClusterRun {
     pub parked: Option<StepStatus>,
     /// The final soak was cut short by `complete`.
     pub soak_skipped: bool,
+    /// Failing health gates are checked again at this time (Unix ms).
+    pub recheck_ms: Option<i64>,
     /// Why it failed, was skipped or rolled back.
     pub reason: String,
     /// This run counts against the failure budgets.
@@ -194,6 +198,7 @@ impl ClusterRun {
             held: None,
             parked: None,
             soak_skipped: false,
+            recheck_ms: None,
             reason: String::new(),
             failed: false,
         }
@@ -927,7 +932,13 @@ impl Campaign {
                     self.next(at, ctx, actions);
                 }
             }
-            Phase::DrainingBatch | Phase::VerifyingHealth => {}
+            Phase::DrainingBatch => {}
+            Phase::VerifyingHealth => {
+                if c.recheck_ms.is_some_and(|t| now >= t) {
+                    self.stages[i].clusters[j].recheck_ms = None;
+                    self.send(at, ctx, StepKind::CheckHealth { pool, green }, actions);
+                }
+            }
             Phase::BatchSoaking => {
                 if elapsed(self.spec.batch_soak) {
                     set_phase(&mut self.stages[i].clusters[j], Phase::VerifyingHealth, now);
@@ -1114,9 +1125,25 @@ impl Campaign {
             }
             (StepKind::CheckHealth { .. }, StepOutput::Health(h)) => {
                 match gates::judge(&self.spec.health, &c.baseline, &c.counts, &h) {
-                    Ok(()) => self.next(at, ctx, actions),
+                    Ok(()) => {
+                        c.progress.clear();
+                        self.next(at, ctx, actions)
+                    }
+                    // Pods may still be starting: look again until the window closes.
+                    Err(failed)
+                        if now + (HEALTH_RECHECK.as_millis() as i64)
+                            < c.phase_since_ms + self.spec.health.window.as_millis() as i64 =>
+                    {
+                        c.progress = format!("health gates not met yet: {}", failed.join("; "));
+                        c.recheck_ms = Some(now + HEALTH_RECHECK.as_millis() as i64);
+                    }
                     Err(failed) => {
-                        let reason = format!("health gates failed: {}", failed.join("; "));
+                        let reason = format!(
+                            "health gates failed for {}s after batch {}: {}",
+                            self.spec.health.window.as_secs(),
+                            c.batch,
+                            failed.join("; ")
+                        );
                         self.roll_back(at, ctx, reason, true, actions);
                     }
                 }

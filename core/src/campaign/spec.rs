@@ -279,6 +279,10 @@ pub struct RawHealthGates {
     /// No GPU pod Pending longer than this. Default 5m.
     #[serde(default)]
     pub max_gpu_pod_pending: Option<String>,
+    /// How long after a batch the gates may keep failing (pods still starting) before the
+    /// cluster rolls back; checked every few seconds. Default 5m.
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 /// The failure budget as written.
@@ -452,6 +456,8 @@ pub struct HealthGates {
     pub endpoints_ready_percent: u32,
     /// No GPU pod Pending longer than this.
     pub max_gpu_pod_pending: Duration,
+    /// How long the gates may keep failing after a batch before the cluster rolls back.
+    pub window: Duration,
 }
 
 /// A validated campaign spec: what the controller runs.
@@ -832,6 +838,7 @@ impl RawSpec {
                 &hg.max_gpu_pod_pending,
                 Duration::from_secs(300),
             )?,
+            window: duration("healthGates.window", &hg.window, Duration::from_secs(300))?,
         };
         let budget = |field: &str, raw: &Option<RawAmount>| match raw {
             None => Ok(Amount::Count(0)),

@@ -74,6 +74,7 @@ struct DryRun {
 
 /// This term's state.
 struct Term {
+    /// The fencing term (a store revision); 0 until one is needed.
     term: u64,
     live: BTreeMap<String, Live>,
     dry: BTreeMap<String, DryRun>,
@@ -116,18 +117,6 @@ impl<B: KvBackend + Clone> CampaignController<B> {
     async fn run(self: Arc<Self>, cancel: CancellationToken) -> anyhow::Result<()> {
         // One term at a time: the previous one has returned the inbox.
         let mut rx = self.campaigns.rx.lock().await;
-        let term = loop {
-            match records::new_term(&self.backend).await {
-                Ok(t) => break t,
-                Err(e) => {
-                    tracing::warn!(error = %e, "campaigns: cannot start a term yet");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-            }
-        };
         let loaded = loop {
             match records::load_all(&self.backend).await {
                 Ok(l) => break l,
@@ -147,6 +136,15 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                 ob.remove(&k);
             }
         }
+        // A term is taken only when there is something to write: a hub with no campaign
+        // writes nothing (a new store stays empty, so a snapshot can be restored into it).
+        let term = match loaded.iter().any(|(c, _)| !c.state.is_final()) {
+            true => match self.take_term(&cancel).await {
+                Some(t) => t,
+                None => return Ok(()),
+            },
+            false => 0,
+        };
         let mut t = Term {
             term,
             live: BTreeMap::new(),
@@ -222,6 +220,22 @@ impl<B: KvBackend + Clone> CampaignController<B> {
         Ok(())
     }
 
+    /// Take a fencing term, retrying until the store answers; `None` when the term ends first.
+    async fn take_term(&self, cancel: &CancellationToken) -> Option<u64> {
+        loop {
+            match records::new_term(&self.backend).await {
+                Ok(t) => return Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaigns: cannot take a term yet");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// Apply one input; the campaign it changed, if any.
     async fn input(&self, t: &mut Term, input: Input) -> anyhow::Result<Option<String>> {
         let now = self.clock.unix_ms();
@@ -284,6 +298,15 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                 }
                 let id = new_id(&spec.name);
                 let mut c = Campaign::new(id.clone(), *spec, snap, now);
+                if t.term == 0 {
+                    match records::new_term(&self.backend).await {
+                        Ok(term) => t.term = term,
+                        Err(e) => {
+                            let _ = reply.send(Err(flotilla_api::convert::kv::to_status(e)));
+                            return Ok(None);
+                        }
+                    }
+                }
                 if dry_run {
                     self.start_dry_run(t, c, reply);
                     return Ok(None);
@@ -329,6 +352,16 @@ impl<B: KvBackend + Clone> CampaignController<B> {
             Input::Act { id, command, reply } => {
                 if reply.is_closed() {
                     return Ok(None);
+                }
+                // A command on an ended campaign (retry) may be this term's first write.
+                if t.term == 0 && t.live.contains_key(&id) {
+                    match records::new_term(&self.backend).await {
+                        Ok(term) => t.term = term,
+                        Err(e) => {
+                            let _ = reply.send(Err(flotilla_api::convert::kv::to_status(e)));
+                            return Ok(None);
+                        }
+                    }
                 }
                 let Some(l) = t.live.get_mut(&id) else {
                     let _ =

@@ -44,8 +44,6 @@ pub const QUOTA_ANNOTATION: &str = "flotilla.io/quota-nodes";
 pub const QUOTA_USED_ANNOTATION: &str = "flotilla.io/quota-used";
 /// NVIDIA GPU Operator's driver upgrade state label.
 pub const GPU_UPGRADE_STATE: &str = "nvidia.com/gpu-driver-upgrade-state";
-/// The GPU resource name whose pods health checks watch.
-const GPU: &str = "nvidia.com/gpu";
 
 /// How often a drain or a wait looks again.
 const POLL: Duration = Duration::from_millis(500);
@@ -148,15 +146,28 @@ fn ready(n: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Whether an extended resource is a GPU or a share of one (whole GPUs, MIG slices,
+/// time-sliced replicas, vendor partitions).
+fn is_gpu_resource(name: &str) -> bool {
+    name.starts_with("nvidia.com/")
+        || name.starts_with("amd.com/")
+        || name.starts_with("gpu.intel.com/")
+}
+
+/// GPU units (of every GPU resource) the node has, by capacity or allocatable.
 fn gpus(n: &Node, which: &str) -> i64 {
     let s = n.status.as_ref();
     let q = match which {
         "capacity" => s.and_then(|s| s.capacity.as_ref()),
         _ => s.and_then(|s| s.allocatable.as_ref()),
     };
-    q.and_then(|m| m.get(GPU))
-        .and_then(|q| q.0.parse::<i64>().ok())
-        .unwrap_or(0)
+    q.map(|m| {
+        m.iter()
+            .filter(|(k, _)| is_gpu_resource(k))
+            .filter_map(|(_, v)| v.0.parse::<i64>().ok())
+            .sum()
+    })
+    .unwrap_or(0)
 }
 
 /// Ready, with every GPU it has allocatable.
@@ -216,8 +227,10 @@ fn requests_gpu(p: &Pod) -> bool {
     p.spec.as_ref().is_some_and(|s| {
         s.containers.iter().any(|c| {
             c.resources.as_ref().is_some_and(|r| {
-                r.requests.as_ref().is_some_and(|q| q.contains_key(GPU))
-                    || r.limits.as_ref().is_some_and(|q| q.contains_key(GPU))
+                let any = |q: &std::collections::BTreeMap<String, _>| {
+                    q.keys().any(|k| is_gpu_resource(k))
+                };
+                r.requests.as_ref().is_some_and(any) || r.limits.as_ref().is_some_and(any)
             })
         })
     })
@@ -311,13 +324,16 @@ impl Exec {
         }
     }
 
-    /// The blue pool's nodes, oldest first (drain order).
+    /// The blue pool's nodes, oldest first (drain order). Never a campaign's own green nodes,
+    /// which carry blue's template labels too.
     async fn blue_nodes(&self, pool: &PoolRef) -> Result<Vec<Node>, Fail> {
+        let green = self.green_mds().await?;
         let mut v: Vec<Node> = self
             .list_nodes()
             .await?
             .into_iter()
             .filter(|n| self.in_pool(pool, n))
+            .filter(|n| !labels(n).get(MD_LABEL).is_some_and(|m| green.contains(m)))
             .collect();
         v.sort_by_key(|n| (n.metadata.creation_timestamp.clone().map(|t| t.0), name(n)));
         Ok(v)
@@ -394,6 +410,17 @@ impl Exec {
             return Ok(StepOutput::Preflight(report));
         }
         if let Provisioner::ClusterApi { .. } = green {
+            let mds: BTreeSet<String> = blue
+                .iter()
+                .filter_map(|n| labels(n).get(MD_LABEL).cloned())
+                .collect();
+            if mds.len() > 1 {
+                report.unsupported = Some(format!(
+                    "the pool spans MachineDeployments {}: name one per campaign (pool.machineDeployment or a narrower selector)",
+                    mds.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+                return Ok(StepOutput::Preflight(report));
+            }
             match self.blue_md(pool).await? {
                 None => {
                     report.unsupported = Some(

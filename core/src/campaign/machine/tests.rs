@@ -22,6 +22,7 @@ fn spec(extra: serde_json::Value) -> Spec {
         "green": {"clusterApi": {"version": "v1.31.2"}},
         "stages": [{"name": "all", "maxConcurrency": 1}],
         "blueGreen": {"batch": 2, "batchSoak": "0s", "finalSoak": "0s"},
+        "healthGates": {"window": "0s"},
     });
     for (k, val) in extra.as_object().unwrap() {
         v[k] = val.clone();
@@ -740,4 +741,45 @@ fn traffic_is_shifted_away_before_blue_is_touched_and_back_after_the_last_batch(
         0,
         "back once the last batch is healthy"
     );
+}
+
+#[test]
+fn failing_health_gates_are_checked_again_until_their_window_closes() {
+    let window = serde_json::json!({"healthGates": {"window": "1m"}});
+    // Unhealthy at first (pods still starting), healthy before the window closes: continues.
+    let mut s = Sim::new(spec(window.clone()), &["a"], 2);
+    s.unhealthy_green = true;
+    s.run(5); // preflight, provision, wait, cordon, drain
+    s.run(1); // the first check fails
+    let a = s.cluster("a");
+    assert_eq!(a.phase, Phase::VerifyingHealth);
+    assert!(a.progress.contains("not met yet"), "{}", a.progress);
+    assert!(a.step.is_none(), "the next check waits");
+    s.at(HEALTH_RECHECK.as_millis() as i64);
+    assert_eq!(
+        s.kinds("a")
+            .iter()
+            .filter(|k| **k == "check-health")
+            .count(),
+        2
+    );
+    s.unhealthy_green = false;
+    s.run(100);
+    assert_eq!(s.c.state, RunState::Succeeded);
+
+    // Unhealthy throughout: rolled back once the window has passed, not before.
+    let mut s = Sim::new(spec(window), &["a"], 2);
+    s.unhealthy_green = true;
+    let mut now = 0;
+    while now < 2 * MIN && !s.cluster("a").phase.is_final() {
+        s.run(1);
+        now += 1000;
+        s.at(now);
+        if now < 59_000 {
+            assert_ne!(s.cluster("a").phase, Phase::RollingBack, "at {now} ms");
+        }
+    }
+    let a = s.cluster("a");
+    assert_eq!(a.phase, Phase::RolledBack, "{a:?}");
+    assert!(a.reason.contains("for 60s"), "{}", a.reason);
 }
