@@ -30,6 +30,7 @@ pub const PERMISSIONS: &[(&str, &str, &str, &str)] = &[
     ("cluster.x-k8s.io", "machinedeployments", "", "create"),
     ("cluster.x-k8s.io", "machinedeployments", "", "patch"),
     ("cluster.x-k8s.io", "machinedeployments", "", "delete"),
+    ("cluster.x-k8s.io", "machines", "", "patch"),
 ];
 
 /// Whether the agent's credentials allow everything the executor does (asked with
@@ -274,6 +275,60 @@ mod tests {
         ];
         for (s, seen, cur, want) in cases {
             assert_eq!(admit(&s, seen, cur.clone()), want, "{s:?} {seen} {cur:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod rbac_tests {
+    use super::PERMISSIONS;
+
+    /// Every permission the executor checks for is granted by the manifest's campaign
+    /// ClusterRole, and the role grants nothing the executor does not use.
+    #[test]
+    fn the_campaign_cluster_role_grants_exactly_what_the_executor_uses() {
+        let manifest = include_str!("../../../deploy/agent.yaml");
+        let role: serde_json::Value = manifest
+            .split("\n---\n")
+            .filter_map(|d| serde_saphyr::from_str::<serde_json::Value>(d).ok())
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "flotilla-agent-campaigns")
+            .expect("deploy/agent.yaml has the flotilla-agent-campaigns ClusterRole");
+        let mut granted = std::collections::BTreeSet::new();
+        for rule in role["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for v in rule["verbs"].as_array().unwrap() {
+                        granted.insert(format!(
+                            "{}/{}/{}",
+                            g.as_str().unwrap(),
+                            r.as_str().unwrap(),
+                            v.as_str().unwrap()
+                        ));
+                    }
+                }
+            }
+        }
+        let used: std::collections::BTreeSet<String> = PERMISSIONS
+            .iter()
+            .map(|(g, r, sub, v)| match sub.is_empty() {
+                true => format!("{g}/{r}/{v}"),
+                false => format!("{g}/{r}/{sub}/{v}"),
+            })
+            .collect();
+        for u in &used {
+            assert!(granted.contains(u), "the executor uses {u}, which the role does not grant");
+        }
+        // Reads the executor needs besides its checked writes.
+        let reads = [
+            "policy/poddisruptionbudgets/get",
+            "cluster.x-k8s.io/machinedeployments/get",
+            "cluster.x-k8s.io/machinedeployments/list",
+        ];
+        for g in &granted {
+            assert!(
+                used.contains(g) || reads.contains(&g.as_str()),
+                "the role grants {g}, which the executor does not use"
+            );
         }
     }
 }
