@@ -258,10 +258,18 @@ const KINDS: [&str; 6] = [
 ];
 
 impl HubMetrics {
-    /// Register every metric; the fleet's GPU series come from `view` at each scrape.
-    pub fn new(view: Arc<FleetView>, per_node: bool) -> Arc<Self> {
+    /// Register every metric; the fleet's GPU series come from `view` at each scrape, and
+    /// `collectors` (campaigns) add theirs.
+    pub fn new(
+        view: Arc<FleetView>,
+        per_node: bool,
+        collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("flotilla_hub");
         registry.register_collector(Box::new(FleetGpus { view, per_node }));
+        for c in collectors {
+            registry.register_collector(c);
+        }
         let agents_connected = Gauge::default();
         let reports = Family::<Labels, Counter>::default();
         let report_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -418,7 +426,7 @@ mod tests {
             ],
         );
         let pool = r#"cluster="c",pool="a100",product="NVIDIA-A100-SXM4-80GB""#;
-        let plain = text(&HubMetrics::new(view.clone(), false));
+        let plain = text(&HubMetrics::new(view.clone(), false, vec![]));
         for line in [
             format!("flotilla_hub_fleet_gpus_physical{{{pool}}} 16\n"),
             format!("flotilla_hub_fleet_gpus_free{{{pool}}} 0\n"),
@@ -429,7 +437,7 @@ mod tests {
             assert!(plain.contains(&line), "{line}\n{plain}");
         }
         assert!(!plain.contains("fleet_node_gpus"));
-        let per_node = text(&HubMetrics::new(view, true));
+        let per_node = text(&HubMetrics::new(view, true, vec![]));
         assert!(
             per_node.contains(
                 "flotilla_hub_fleet_node_gpus_physical{cluster=\"c\",pool=\"a100\",node=\"n2\"} 8\n"
@@ -451,7 +459,7 @@ mod dashboard {
         let mut exported = String::new();
         prometheus_client::encoding::text::encode(
             &mut exported,
-            &HubMetrics::new(FleetView::new(), true).registry,
+            &HubMetrics::new(FleetView::new(), true, vec![]).registry,
         )
         .unwrap();
         let mut exprs = Vec::new();

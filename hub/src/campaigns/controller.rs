@@ -214,9 +214,14 @@ impl<B: KvBackend + Clone> CampaignController<B> {
             for id in dirty {
                 self.commit(&mut t, &id, false).await?;
             }
+            self.campaigns
+                .series
+                .publish(t.live.values().map(|l| &l.stored));
             self.finish_dry_runs(&mut t, false);
         }
         self.finish_dry_runs(&mut t, true);
+        // Another replica leads now; its series are the ones to read.
+        self.campaigns.series.publish(std::iter::empty());
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod controller;
+pub mod metrics;
 pub mod records;
 pub mod service;
 
@@ -67,6 +68,8 @@ pub struct Created {
 pub struct Campaigns {
     /// Every cluster's outbox (campaign steps go there).
     pub outboxes: Arc<Outboxes>,
+    /// What `/metrics` shows of the campaigns (published by the leader's controller).
+    pub series: metrics::CampaignSeries,
     inbox: mpsc::Sender<Input>,
     /// Taken by the controller for one term at a time.
     rx: Mutex<mpsc::Receiver<Input>>,
@@ -85,6 +88,7 @@ impl Campaigns {
         let (inbox, rx) = mpsc::channel(INBOX);
         Arc::new(Self {
             outboxes: Arc::new(Outboxes::default()),
+            series: metrics::CampaignSeries::default(),
             inbox,
             rx: Mutex::new(rx),
         })

@@ -62,12 +62,17 @@ impl Fleet {
     /// New, empty fleet state on `clock`.
     pub fn with_clock(config: FleetConfig, clock: Arc<dyn Clock>) -> Self {
         let view = view::FleetView::new();
+        let campaigns = crate::campaigns::Campaigns::new();
         Self {
-            metrics: HubMetrics::new(view.clone(), config.metrics_per_node),
+            metrics: HubMetrics::new(
+                view.clone(),
+                config.metrics_per_node,
+                vec![Box::new(campaigns.series.clone())],
+            ),
             discovery: crate::discovery::Discovery::new(view.clone()),
             view,
             health: HealthCtl::new(config.policy, clock),
-            campaigns: crate::campaigns::Campaigns::new(),
+            campaigns,
             config,
             joins: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_joins.max(1),

@@ -291,7 +291,9 @@ mod rbac_tests {
         let role: serde_json::Value = manifest
             .split("\n---\n")
             .filter_map(|d| serde_saphyr::from_str::<serde_json::Value>(d).ok())
-            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "flotilla-agent-campaigns")
+            .find(|d| {
+                d["kind"] == "ClusterRole" && d["metadata"]["name"] == "flotilla-agent-campaigns"
+            })
             .expect("deploy/agent.yaml has the flotilla-agent-campaigns ClusterRole");
         let mut granted = std::collections::BTreeSet::new();
         for rule in role["rules"].as_array().unwrap() {
@@ -316,7 +318,10 @@ mod rbac_tests {
             })
             .collect();
         for u in &used {
-            assert!(granted.contains(u), "the executor uses {u}, which the role does not grant");
+            assert!(
+                granted.contains(u),
+                "the executor uses {u}, which the role does not grant"
+            );
         }
         // Reads the executor needs besides its checked writes.
         let reads = [
