@@ -273,6 +273,42 @@ async fn get_describe_fit_join_and_errors() {
             .unwrap(),
     );
     let _ = c.watch(v1::WatchFleetRequest {}).await.unwrap();
+    // Campaigns: a bad spec names its field; a dry run prints the plan and writes nothing.
+    let h = hub.clone();
+    let dir_path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let spec = |surge: &str| {
+            format!(
+                "name: cli\npool: {{machineDeployment: h100}}\ngreen: {{clusterApi: {{version: v1.35.0}}}}\nsurge: {surge}\nstages: [{{name: all}}]\n"
+            )
+        };
+        let bad = dir_path.join("bad.yaml");
+        std::fs::write(&bad, spec("\"150%\"")).unwrap();
+        let (code, _, err) = flotctl(&h, &["campaign", "create", "-f", bad.to_str().unwrap()]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("invalid spec.surge"), "{err}");
+        let good = dir_path.join("good.yaml");
+        std::fs::write(&good, spec("1")).unwrap();
+        let (code, out, err) = flotctl(
+            &h,
+            &["campaign", "create", "-f", good.to_str().unwrap(), "--dry-run"],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("Plan (dry run)")
+                && out.contains("2 blue node(s), surge 1")
+                && out.contains("nothing was written"),
+            "{out}"
+        );
+        let (code, out, _) = flotctl(&h, &["campaign", "list"]);
+        assert_eq!(code, 0);
+        assert_eq!(out.lines().count(), 1, "only the header: {out}");
+        let (code, _, err) = flotctl(&h, &["campaign", "approve", "nope-1234"]);
+        assert_eq!(code, 3, "{err}");
+    })
+    .await
+    .unwrap();
+
     shutdown.cancel();
     sims.shutdown().await;
 }

@@ -172,7 +172,7 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
                 v["preflightMissing"] = json!(r.preflight_missing);
                 let plan = decode(&info)?;
                 ctx.print(&v, || {
-                    let mut s = describe_text(&plan, &info, now);
+                    let mut s = describe_text(&plan, &info, now, true);
                     if !r.preflight_missing.is_empty() {
                         s.push_str(&format!(
                             "\nNo pre-flight answer from: {}\n",
@@ -215,21 +215,30 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
                 .map_err(|s| ctx.explain(s))?
                 .into_inner();
             let mut first = true;
+            // Most stored changes move one cluster's step; a row is printed when what it shows
+            // (besides its age) changed.
+            let mut shown: Option<Vec<String>> = None;
             while let Some(info) = stream.message().await.map_err(|s| ctx.explain(s))? {
                 match ctx.output {
                     Output::Table => {
-                        let t = table(&HEADER, vec![row(&info, unix_ms_now())]);
-                        // The header once, then a row per change, as kubectl get -w does.
-                        let text = if first {
-                            t
-                        } else {
-                            t.lines().skip(1).map(|l| format!("{l}\n")).collect()
-                        };
-                        print!("{text}");
+                        let r = row(&info, unix_ms_now());
+                        let mut key = r.clone();
+                        key.remove(4);
+                        if shown.as_ref() != Some(&key) {
+                            let t = table(&HEADER, vec![r]);
+                            // The header once, then a row per change, as kubectl get -w does.
+                            let text: String = if first {
+                                t
+                            } else {
+                                t.lines().skip(1).map(|l| format!("{l}\n")).collect()
+                            };
+                            print!("{text}");
+                            shown = Some(key);
+                            first = false;
+                        }
                     }
                     _ => ctx.print(&as_json(&info), String::new),
                 }
-                first = false;
                 if v1::CampaignState::try_from(info.state).is_ok_and(|s| {
                     matches!(
                         s,
@@ -250,7 +259,7 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
                 .map_err(|s| ctx.explain(s))?
                 .into_inner();
             let run = decode(&info)?;
-            ctx.print(&as_json(&info), || describe_text(&run, &info, now));
+            ctx.print(&as_json(&info), || describe_text(&run, &info, now, false));
             return Ok(());
         }
         Campaign::Approve { id, gate } => act(id, v1::CampaignAction::Approve, gate, None),
@@ -268,6 +277,16 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
         .into_inner();
     ctx.print(&as_json(&info), || table(&HEADER, vec![row(&info, now)]));
     Ok(())
+}
+
+/// The pool as the spec names it.
+fn pool_text(p: &flotilla_core::campaign::spec::PoolRef) -> String {
+    use flotilla_core::campaign::spec::PoolRef;
+    match p {
+        PoolRef::Name(n) => format!("pool {n}"),
+        PoolRef::MachineDeployment(m) => format!("MachineDeployment {m}"),
+        PoolRef::Selector(s) => format!("nodes {}", s.describe()),
+    }
 }
 
 fn ms(d: i64) -> String {
@@ -314,11 +333,15 @@ fn cluster_row(c: &ClusterRun, now: i64) -> Vec<String> {
 }
 
 /// The describe text: header, then each stage with its gates and clusters, then what holds
-/// drains and what pre-flight found.
-fn describe_text(c: &Run, info: &v1::CampaignInfo, now: i64) -> String {
+/// drains and what pre-flight found. A plan (dry run) says so in place of a state.
+fn describe_text(c: &Run, info: &v1::CampaignInfo, now: i64, plan: bool) -> String {
     let mut s = String::new();
     s.push_str(&format!("Campaign:   {} ({})\n", c.id, c.spec.name));
-    s.push_str(&format!("State:      {}", state_name(info.state)));
+    let state = match plan {
+        true => "Plan (dry run): pre-flight's findings below",
+        false => state_name(info.state),
+    };
+    s.push_str(&format!("State:      {state}"));
     if !c.reason.is_empty() {
         s.push_str(&format!(": {}", c.reason));
     }
@@ -328,8 +351,8 @@ fn describe_text(c: &Run, info: &v1::CampaignInfo, now: i64) -> String {
         s.push_str(&format!("Took:       {}\n", ms(f - c.created_ms)));
     }
     s.push_str(&format!(
-        "Pool:       {:?}; surge {}; batch {}; soaks {}s/{}s\n",
-        c.spec.pool,
+        "Pool:       {}; surge {}; batch {}; soaks {}s/{}s\n",
+        pool_text(&c.spec.pool),
         c.spec.surge.describe(),
         c.spec.batch.describe(),
         c.spec.batch_soak.as_secs(),

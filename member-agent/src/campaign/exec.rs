@@ -45,8 +45,24 @@ pub const QUOTA_USED_ANNOTATION: &str = "flotilla.io/quota-used";
 /// NVIDIA GPU Operator's driver upgrade state label.
 pub const GPU_UPGRADE_STATE: &str = "nvidia.com/gpu-driver-upgrade-state";
 
-/// How often a drain or a wait looks again.
+/// How often a drain or a wait looks again, at most.
 const POLL: Duration = Duration::from_millis(500);
+/// The first look again: a fast cluster is not kept waiting (evicted pods often go at once).
+const FIRST_POLL: Duration = Duration::from_millis(50);
+
+/// Waits between looks: `FIRST_POLL`, doubling up to `POLL`.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(FIRST_POLL)
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(POLL);
+    }
+}
 /// How long retired nodes may take to go.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How long pods deleted past their budget (forceAfter) may take to terminate.
@@ -574,6 +590,7 @@ impl Exec {
         let until = tokio::time::Instant::now() + timeout;
         // The pool reference only matters for naming green of a Cluster API pool, which the
         // MachineDeployment label on the nodes already does here.
+        let mut poll = Backoff::new();
         loop {
             let nodes = self.green_nodes_any(green).await?;
             let good = nodes.iter().filter(|n| ready_with_gpus(n)).count() as u32;
@@ -596,7 +613,7 @@ impl Exec {
                     ),
                 ));
             }
-            tokio::time::sleep(POLL).await;
+            poll.wait().await;
         }
     }
 
@@ -772,6 +789,7 @@ impl Exec {
         let started = tokio::time::Instant::now();
         let mut report = DrainReport::default();
         let mut pending: BTreeSet<String> = nodes.iter().cloned().collect();
+        let mut poll = Backoff::new();
         loop {
             let mut blocked = Vec::new();
             for n in pending.clone() {
@@ -838,7 +856,7 @@ impl Exec {
                     blocked,
                 )
                 .await;
-            tokio::time::sleep(POLL).await;
+            poll.wait().await;
         }
     }
 
@@ -965,6 +983,7 @@ impl Exec {
         }
         // Done when the nodes are gone (Cluster API drains and deletes them; they are empty).
         let until = tokio::time::Instant::now() + RETIRE_TIMEOUT;
+        let mut poll = Backoff::new();
         loop {
             let present: BTreeSet<String> = self.list_nodes().await?.iter().map(name).collect();
             let left: Vec<&String> = nodes.iter().filter(|n| present.contains(*n)).collect();
@@ -987,7 +1006,7 @@ impl Exec {
                     Vec::new(),
                 )
                 .await;
-            tokio::time::sleep(POLL).await;
+            poll.wait().await;
         }
     }
 
@@ -1084,6 +1103,7 @@ impl Exec {
             }
             // Blue serves again before green goes.
             let until = tokio::time::Instant::now() + rules.timeout_per_node;
+            let mut poll = Backoff::new();
             loop {
                 let good = self
                     .list_nodes()
@@ -1107,7 +1127,7 @@ impl Exec {
                         Vec::new(),
                     )
                     .await;
-                tokio::time::sleep(POLL).await;
+                poll.wait().await;
             }
         }
         // Then green: Cluster API drains a deleted MachineDeployment's nodes within PDBs.
@@ -1140,6 +1160,7 @@ impl Exec {
                 .filter_map(|m| m.metadata.name.clone())
                 .collect();
             let until = tokio::time::Instant::now() + rules.timeout_per_node;
+            let mut poll = Backoff::new();
             loop {
                 let left = self
                     .list_nodes()
@@ -1162,7 +1183,7 @@ impl Exec {
                         Vec::new(),
                     )
                     .await;
-                tokio::time::sleep(POLL).await;
+                poll.wait().await;
             }
         }
         Ok(StepOutput::None)
