@@ -16,6 +16,9 @@ use prost::Message;
 
 use crate::store::keys;
 
+/// Writes per transaction: below the store's limit of 128 operations (one is the compare).
+const OPS_PER_TXN: usize = 100;
+
 /// A campaign as stored: its header and cluster records, gathered from a range.
 #[derive(Default)]
 struct Parts {
@@ -176,18 +179,28 @@ pub async fn save<B: KvBackend>(
     if ops.is_empty() {
         return Ok(Some(0));
     }
-    let r = b
-        .txn(TxnRequest {
-            compare: vec![Compare {
-                key: keys::CAMPAIGN_EPOCH.as_bytes().to_vec(),
-                op: CompareOp::Equal,
-                target: CompareTarget::ModRevision(term as i64),
-            }],
-            success: ops,
-            failure: vec![],
-        })
-        .await?;
-    Ok(r.succeeded.then_some(r.revision))
+    // Within the store's per-transaction limit, header first: it carries `next_seq`, so a
+    // crash between chunks can never let a sequence number be used twice, and nothing is sent
+    // before every chunk is stored.
+    let mut revision = 0;
+    for chunk in ops.chunks(OPS_PER_TXN) {
+        let r = b
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    key: keys::CAMPAIGN_EPOCH.as_bytes().to_vec(),
+                    op: CompareOp::Equal,
+                    target: CompareTarget::ModRevision(term as i64),
+                }],
+                success: chunk.to_vec(),
+                failure: vec![],
+            })
+            .await?;
+        if !r.succeeded {
+            return Ok(None);
+        }
+        revision = r.revision;
+    }
+    Ok(Some(revision))
 }
 
 /// Start a controller term: write the epoch key; its revision is the term. Revisions only
@@ -201,4 +214,52 @@ pub async fn new_term<B: KvBackend>(b: &B) -> Result<u64, KvError> {
         })
         .await?;
     Ok(r.revision as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::campaign::plan::{Member, snapshot};
+    use flotilla_core::kv::Limits;
+    use flotilla_test_support::mem_kv::MemBackend;
+
+    use super::*;
+
+    fn campaign(clusters: usize) -> Campaign {
+        let spec = flotilla_core::campaign::spec::parse_json(
+            r#"{"name": "c", "pool": {"name": "gpu"}, "green": {"clusterApi": {"version": "v2"}},
+                "stages": [{"name": "all"}]}"#,
+        )
+        .unwrap();
+        let members: Vec<Member> = (0..clusters)
+            .map(|i| Member {
+                name: format!("c{i:04}"),
+                labels: Default::default(),
+            })
+            .collect();
+        Campaign::new("c-1".into(), spec.clone(), snapshot(&spec, &members), 0)
+    }
+
+    #[tokio::test]
+    async fn a_campaign_of_many_clusters_is_stored_within_the_transaction_limit_and_fenced() {
+        let b = MemBackend::new(Limits::default());
+        let term = new_term(&b).await.unwrap();
+        let c = campaign(300);
+        assert!(save(&b, term, &c, None, 0).await.unwrap().is_some());
+        let (back, _) = load(&b, "c-1").await.unwrap().unwrap();
+        assert_eq!(back, c, "header and 300 runs read back whole, in order");
+        // A later term fences this one: nothing is written.
+        let newer = new_term(&b).await.unwrap();
+        assert!(newer > term);
+        let mut changed = c.clone();
+        changed.reason = "changed".into();
+        assert_eq!(save(&b, term, &changed, Some(&c), 0).await.unwrap(), None);
+        assert_eq!(load(&b, "c-1").await.unwrap().unwrap().0, c);
+        assert!(
+            save(&b, newer, &changed, Some(&c), 0)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(load(&b, "c-1").await.unwrap().unwrap().0.reason, "changed");
+    }
 }
