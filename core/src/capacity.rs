@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::health::Health;
-use crate::inventory::{GpuCondition, GpuUnit, NodeInventory};
+use crate::inventory::NodeInventory;
 
 /// How capacity rows are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,24 +53,7 @@ pub struct CapacityRow {
     pub nodes_gpus_unknown: u32,
 }
 
-/// Physical GPUs a node can hand out: its GPUs less the failed ones, or, while its plugin
-/// is not advertising, what is advertised. 0 when the node does not say how many it has.
-pub fn allocatable_gpus(n: &NodeInventory) -> i64 {
-    let Some(physical) = n.physical_gpus else {
-        return 0;
-    };
-    match n.condition {
-        GpuCondition::Healthy | GpuCondition::Degraded => (physical - n.failed_gpus).max(0),
-        GpuCondition::NotAdvertised | GpuCondition::Failed => (n.resources.iter())
-            .map(|r| match r.unit {
-                GpuUnit::Whole => r.allocatable,
-                GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
-                _ => 0,
-            })
-            .sum::<i64>()
-            .min(physical),
-    }
-}
+pub use crate::inventory::allocatable_gpus;
 
 fn key(c: &CapacityCluster<'_>, n: &NodeInventory, by: GroupBy) -> String {
     let unknown = || "unknown".to_string();

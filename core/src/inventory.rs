@@ -323,7 +323,7 @@ pub struct PoolInventory {
     pub idle_gpus: i64,
     /// Failed physical GPUs.
     pub failed_gpus: i64,
-    /// Physical GPUs the nodes can hand out (`capacity::allocatable_gpus`).
+    /// Physical GPUs the nodes can hand out ([`allocatable_gpus`]).
     pub allocatable_gpus: i64,
     /// Allocatable GPUs with something in use.
     pub allocated_gpus: i64,
@@ -338,6 +338,25 @@ pub struct ClusterInventory {
     pub nodes: Vec<NodeInventory>,
     /// Pools of those nodes.
     pub pools: Vec<PoolInventory>,
+}
+
+/// Physical GPUs a node can hand out: its GPUs less the failed ones, or, while its plugin
+/// is not advertising, what is advertised. 0 when the node does not say how many it has.
+pub fn allocatable_gpus(n: &NodeInventory) -> i64 {
+    let Some(physical) = n.physical_gpus else {
+        return 0;
+    };
+    match n.condition {
+        GpuCondition::Healthy | GpuCondition::Degraded => (physical - n.failed_gpus).max(0),
+        GpuCondition::NotAdvertised | GpuCondition::Failed => (n.resources.iter())
+            .map(|r| match r.unit {
+                GpuUnit::Whole => r.allocatable,
+                GpuUnit::Shared(k) => r.allocatable / i64::from(k.max(1)),
+                _ => 0,
+            })
+            .sum::<i64>()
+            .min(physical),
+    }
 }
 
 /// Pool labels, most specific first; the bare `agentpool` label is AKS's deprecated one.
@@ -1019,7 +1038,7 @@ impl PoolTotals {
             None => step(&mut p.physical_unknown_nodes),
         }
         p.failed_gpus += sign * n.failed_gpus;
-        let alloc = crate::capacity::allocatable_gpus(n);
+        let alloc = allocatable_gpus(n);
         p.allocatable_gpus += sign * alloc;
         p.allocated_gpus += sign * (alloc - n.idle_gpus.min(alloc)).max(0);
         if let Some(prod) = &n.product {

@@ -22,6 +22,26 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// The ServiceExport annotation that opts in; its value is the pods' metrics port (a number
+/// or a container port name).
+pub const METRICS_ANNOTATION: &str = "flotilla.io/inference-metrics";
+/// Optional annotation: the metrics path (default `/metrics`).
+pub const PATH_ANNOTATION: &str = "flotilla.io/inference-metrics-path";
+/// One opted-in export and its ready pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// The pods' metrics port.
+    pub port: String,
+    /// The metrics path.
+    pub path: String,
+    /// Ready pods.
+    pub pods: Vec<String>,
+}
+
 /// The MCS API group.
 pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
 /// MCS versions the agent reads, preferred first (mcs-api v0.5 stores v1beta1).
@@ -148,8 +168,8 @@ impl ExportWatch {
     }
 
     /// The exports that opt in to inference load sampling
-    /// ([`crate::inference::METRICS_ANNOTATION`]), with their ready pods.
-    pub fn inference_targets(&self) -> Vec<crate::inference::Target> {
+    /// ([`METRICS_ANNOTATION`]), with their ready pods.
+    pub fn inference_targets(&self) -> Vec<Target> {
         let Some(m) = self.mcs.get() else {
             return Vec::new();
         };
@@ -160,7 +180,7 @@ impl ExportWatch {
                 .metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(crate::inference::METRICS_ANNOTATION))
+                .and_then(|a| a.get(METRICS_ANNOTATION))
             else {
                 continue;
             };
@@ -170,7 +190,7 @@ impl ExportWatch {
                 .metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(crate::inference::PATH_ANNOTATION))
+                .and_then(|a| a.get(PATH_ANNOTATION))
                 .cloned()
                 .unwrap_or_else(|| "/metrics".into());
             let mut pods: Vec<String> = slices
@@ -193,7 +213,7 @@ impl ExportWatch {
                 .collect();
             pods.sort();
             pods.dedup();
-            out.push(crate::inference::Target {
+            out.push(Target {
                 namespace: ns,
                 name,
                 port: port.clone(),

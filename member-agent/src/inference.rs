@@ -16,29 +16,11 @@ use tracing::Instrument;
 
 use crate::exports::ExportWatch;
 
-/// The ServiceExport annotation that opts in; its value is the pods' metrics port (a number
-/// or a container port name).
-pub const METRICS_ANNOTATION: &str = "flotilla.io/inference-metrics";
-/// Optional annotation: the metrics path (default `/metrics`).
-pub const PATH_ANNOTATION: &str = "flotilla.io/inference-metrics-path";
+pub use crate::exports::{METRICS_ANNOTATION, PATH_ANNOTATION, Target};
+
 /// Default sample interval (`--inference-sample-interval`).
 pub const DEFAULT_INTERVAL: Duration =
     Duration::from_millis(flotilla_core::routing::DEFAULT_SAMPLE_INTERVAL_MS);
-
-/// One opted-in export and its ready pods.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Namespace.
-    pub namespace: String,
-    /// Service name.
-    pub name: String,
-    /// The pods' metrics port.
-    pub port: String,
-    /// The metrics path.
-    pub path: String,
-    /// Ready pods.
-    pub pods: Vec<String>,
-}
 
 /// One pod's load, from its metrics text.
 #[derive(Debug, Clone, Copy, PartialEq)]

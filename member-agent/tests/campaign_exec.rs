@@ -428,3 +428,71 @@ async fn a_bare_pod_refuses_the_drain_unless_forced() {
     let st = exec.run(&forced, &Progress::new(out, "c1".into(), 1)).await;
     assert!(matches!(st, StepStatus::Done(_)), "{st:?}");
 }
+
+#[tokio::test]
+async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
+    let (fleet, client, exec) = setup(&scenario(None, "pdb: {min_available: 1}", 1)).await;
+    let pod = llm_pods(&client).await.remove(0);
+    let node = pod.spec.unwrap().node_name.unwrap();
+    let mut rules = spec(serde_json::json!({})).drain;
+    rules.timeout_per_node = Duration::from_secs(60);
+    let step = flotilla_core::campaign::step::Step {
+        campaign: "c1".into(),
+        seq: 7,
+        term: 1,
+        kind: StepKind::DrainBatch {
+            index: 0,
+            nodes: vec![node.clone()],
+            rules,
+        },
+    };
+    let (out, _rx) = tokio::sync::mpsc::channel(1024);
+    // The agent dies while the PDB holds the drain: the node is cordoned, the pod stays.
+    let cut = tokio::time::timeout(
+        Duration::from_secs(1),
+        exec.run(&step, &Progress::new(out.clone(), "c1".into(), 7)),
+    )
+    .await;
+    assert!(cut.is_err(), "the drain should still be held: {cut:?}");
+    drop(exec);
+    let n = Api::<Node>::all(client.clone()).get(&node).await.unwrap();
+    assert_eq!(n.spec.unwrap().unschedulable, Some(true));
+    assert_eq!(llm_pods(&client).await.len(), 1);
+    // The budget allows it now; a new agent gets the same step (the hub sends it again).
+    let patch = serde_json::json!({"spec": {"minAvailable": 0}});
+    Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(client.clone(), "ml")
+        .patch(
+            "llm",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let kc = Kubeconfig::from_yaml(&fleet.cluster("east").unwrap().kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.default_retry = false;
+    let restarted = Exec::new(
+        kube::Client::try_from(config).unwrap(),
+        None,
+        Arc::new(|| 0),
+    );
+    let st = restarted
+        .run(&step, &Progress::new(out, "c1".into(), 7))
+        .await;
+    let StepStatus::Done(flotilla_core::campaign::step::StepOutput::Drain(d)) = st else {
+        panic!("{st:?}")
+    };
+    assert_eq!(d.drained, [node.clone()]);
+    let on_node = llm_pods(&client)
+        .await
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .count();
+    assert_eq!(
+        on_node, 0,
+        "nothing of the workload is left on the drained node"
+    );
+}
