@@ -484,7 +484,7 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
     let StepStatus::Done(flotilla_core::campaign::step::StepOutput::Drain(d)) = st else {
         panic!("{st:?}")
     };
-    assert_eq!(d.drained, [node.clone()]);
+    assert_eq!(d.drained, std::slice::from_ref(&node));
     let on_node = llm_pods(&client)
         .await
         .into_iter()
