@@ -1,1 +1,240 @@
 //! End-to-end suite driving the real binaries (`tests/`). Store crash tests live in `hub/tests`.
+//! This library holds what the suites share: building and starting the binaries, and asking
+//! the hubs (leadership, clusters, DNS) from outside.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use flotilla_api::v1;
+use flotilla_test_support::{channel, free_port, store_status as status};
+
+/// The workspace's binaries for this profile, built on demand (a test cannot depend on
+/// another package's binaries directly).
+pub fn binaries() -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let names = ["flotilla-hub", "flotilla-agent", "flotilla-kube-sim"];
+    // Always ask cargo: a binary left from an older build would test old code.
+    {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "flotilla-hub",
+            "-p",
+            "flotilla-agent",
+            "-p",
+            "flotilla-kube-sim",
+            "--bins",
+        ]);
+        if cfg!(feature = "etcd") {
+            cmd.args(["--features", "flotilla-hub/etcd"]);
+        }
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the binaries failed"
+        );
+    }
+    assert!(
+        names.iter().all(|n| dir.join(n).exists()),
+        "binaries missing in {}",
+        dir.display()
+    );
+    dir
+}
+
+/// Where the hubs keep the fleet.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Backend<'a> {
+    /// The embedded Raft store.
+    Raft,
+    /// The etcd client URL.
+    Etcd(&'a str),
+}
+
+/// One hub replica: `id` (1-based), its gRPC and HTTP ports, and on Raft the member to join.
+pub fn hub(
+    bin: &Path,
+    backend: Backend<'_>,
+    id: u64,
+    dir: &Path,
+    (port, http, dns): (u16, u16, u16),
+    join: Option<u16>,
+) -> Child {
+    let mut cmd = Command::new(bin.join("flotilla-hub"));
+    cmd.args([
+        "--node-id",
+        &id.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--http",
+        &format!("127.0.0.1:{http}"),
+        "--dns",
+        &format!("127.0.0.1:{dns}"),
+    ])
+    .args([
+        "--heartbeat-ms",
+        "100",
+        "--unreachable-after",
+        "1500ms",
+        "--agent-heartbeat",
+        "300ms",
+    ])
+    .args(["--leader-grace", "3s"])
+    .env("RUST_LOG", "info");
+    // Kept for a failed run: `hub<id>.log` beside the test's data (tracing writes stdout).
+    let log = std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log");
+    cmd.stderr(log.try_clone().expect("hub log")).stdout(log);
+    match backend {
+        Backend::Raft => {
+            cmd.arg("--data-dir").arg(dir.join(format!("hub{id}")));
+        }
+        Backend::Etcd(url) => {
+            cmd.args(["--store", "etcd", "--etcd-endpoints", url])
+                .args(["--etcd-lease-ttl", "2s"]);
+        }
+    }
+    if let Some(j) = join {
+        cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
+    }
+    cmd.spawn().expect("spawn flotilla-hub")
+}
+
+/// Whether the hub with HTTP port `http` says it leads (`flotilla_hub_leader 1`).
+pub async fn leads(http: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
+        return false;
+    };
+    let req = "GET /metrics HTTP/1.0\r\nHost: hub\r\n\r\n";
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.lines().any(|l| l.trim() == "flotilla_hub_leader 1")
+}
+
+/// The 0-based index of the replica that leads, as the replicas `among` see it.
+pub async fn leader(
+    backend: Backend<'_>,
+    (ports, http): (&[u16; 3], &[u16; 3]),
+    among: &[usize],
+) -> Option<usize> {
+    for &i in among {
+        match backend {
+            Backend::Raft => {
+                if let Some(s) = status(ports[i]).await
+                    && s.leader_id != 0
+                {
+                    return Some(s.leader_id as usize - 1);
+                }
+            }
+            Backend::Etcd(_) => {
+                if leads(http[i]).await {
+                    return Some(i);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Start an agent for `cluster` against the hubs on `hubs` (its log beside the kubeconfig).
+pub fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path) -> Child {
+    let hubs: Vec<String> = hubs.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // Beside the kubeconfigs; appended to, so a restarted agent's log follows the first.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(kubeconfig.with_extension("agent.log"))
+        .expect("agent log");
+    Command::new(bin.join("flotilla-agent"))
+        .args([
+            "--cluster",
+            cluster,
+            "--token",
+            token,
+            "--http",
+            "",
+            "--hub",
+            &hubs.join(","),
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env("RUST_LOG", "info")
+        .stderr(log.try_clone().expect("agent log"))
+        .stdout(log)
+        .spawn()
+        .expect("spawn flotilla-agent")
+}
+
+/// The member clusters as the hub on `port` lists them (`None`: it did not answer).
+pub async fn clusters(port: u16) -> Option<Vec<v1::Cluster>> {
+    let mut c = v1::fleet_service_client::FleetServiceClient::new(channel(port).await?);
+    c.list_clusters(v1::ListClustersRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner().clusters)
+}
+
+/// A UDP port that was free a moment ago (the hub binds UDP and TCP on it).
+pub fn free_udp_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// The A records the hub's DNS on `port` answers for `llm.ml.svc.clusterset.local`, or
+/// `None` without a NOERROR answer within a second.
+pub async fn dns_a(port: u16) -> Option<Vec<String>> {
+    use flotilla_dns::proto::op::{Message, Query, ResponseCode};
+    use flotilla_dns::proto::rr::{Name, RData, RecordType};
+    let mut m = Message::query();
+    m.add_query(Query::query(
+        Name::from_ascii("llm.ml.svc.clusterset.local.").ok()?,
+        RecordType::A,
+    ));
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    s.send_to(&m.to_vec().ok()?, ("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut buf = vec![0; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let r = Message::from_vec(&buf[..n]).ok()?;
+    if r.metadata.response_code != ResponseCode::NoError {
+        return None;
+    }
+    Some(
+        r.answers
+            .iter()
+            .filter_map(|a| match &a.data {
+                RData::A(a) => Some(a.0.to_string()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// The health of cluster `name` in `cs`.
+pub fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
+    cs.iter()
+        .find(|c| c.name == name)
+        .and_then(|c| v1::ClusterHealth::try_from(c.health).ok())
+}
