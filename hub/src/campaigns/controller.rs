@@ -181,6 +181,7 @@ impl<B: KvBackend + Clone> CampaignController<B> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut batch = Vec::new();
+            let mut ticked = false;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 n = rx.recv_many(&mut batch, BATCH) => {
@@ -188,7 +189,7 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                         break;
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => ticked = true,
             }
             let mut dirty = BTreeSet::new();
             for input in batch {
@@ -196,27 +197,33 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                     dirty.insert(id);
                 }
             }
-            t.members = members(&self.view);
-            let now = self.clock.unix_ms();
-            let ctx = Ctx {
-                now_ms: now,
-                term: t.term,
-                members: &t.members,
-            };
-            for (id, l) in t.live.iter_mut() {
-                if !l.c.state.is_final() {
-                    l.c.tick(&ctx);
-                }
-                if l.c != l.stored {
-                    dirty.insert(id.clone());
+            // The clock's work (soaks, gates, deadlines, membership) on ticks; a status
+            // already moved its own campaign.
+            if ticked {
+                t.members = members(&self.view);
+                let ctx = Ctx {
+                    now_ms: self.clock.unix_ms(),
+                    term: t.term,
+                    members: &t.members,
+                };
+                for (id, l) in t.live.iter_mut() {
+                    if !l.c.state.is_final() {
+                        l.c.tick(&ctx);
+                    }
+                    if l.c != l.stored {
+                        dirty.insert(id.clone());
+                    }
                 }
             }
             for id in dirty {
                 self.commit(&mut t, &id, false).await?;
             }
-            self.campaigns
-                .series
-                .publish(t.live.values().map(|l| &l.stored));
+            // Scrapes are seconds apart: the series follow the clock, not every status.
+            if ticked {
+                self.campaigns
+                    .series
+                    .publish(t.live.values().map(|l| &l.stored));
+            }
             self.finish_dry_runs(&mut t, false);
         }
         self.finish_dry_runs(&mut t, true);
