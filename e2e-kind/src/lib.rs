@@ -3,11 +3,11 @@
 //! the hubs (leadership, clusters, DNS) from outside.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use flotilla_api::v1;
-use flotilla_test_support::{channel, free_port, store_status as status};
+use flotilla_test_support::{channel, free_port, store_status as status, wait_until};
 
 /// The workspace's binaries for this profile, built on demand (a test cannot depend on
 /// another package's binaries directly).
@@ -237,4 +237,58 @@ pub fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
     cs.iter()
         .find(|c| c.name == name)
         .and_then(|c| v1::ClusterHealth::try_from(c.health).ok())
+}
+
+/// `flotilla-kube-sim` serving `scenario`, writing each cluster's kubeconfig under `kc`.
+pub fn kube_sim(bin: &Path, scenario: &Path, kc: &Path) -> Child {
+    Command::new(bin.join("flotilla-kube-sim"))
+        .arg("--scenario")
+        .arg(scenario)
+        .arg("--kubeconfig-dir")
+        .arg(kc)
+        .args(["--control", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flotilla-kube-sim")
+}
+
+/// An agent per cluster in `names`, each with a new join token from the hub on `token_port`,
+/// started once kube-sim has written its kubeconfig under `kc`; the agents and their tokens.
+pub async fn agents(
+    bin: &Path,
+    names: &[&str],
+    hubs: &[u16],
+    token_port: u16,
+    kc: &Path,
+    limit: Duration,
+) -> (Vec<Child>, Vec<String>) {
+    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(
+        channel(token_port).await.expect("a hub to ask for tokens"),
+    );
+    let mut tokens = Vec::new();
+    for n in names {
+        let t = fleet
+            .create_join_token(v1::CreateJoinTokenRequest {
+                cluster: n.to_string(),
+                ttl_seconds: 600,
+            })
+            .await
+            .expect("a join token")
+            .into_inner()
+            .token;
+        tokens.push(t);
+    }
+    wait_until("kubeconfigs written", limit, || async {
+        names
+            .iter()
+            .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
+    })
+    .await;
+    let children = names
+        .iter()
+        .zip(&tokens)
+        .map(|(n, t)| agent(bin, n, hubs, t, &kc.join(format!("{n}.kubeconfig"))))
+        .collect();
+    (children, tokens)
 }

@@ -10,12 +10,13 @@
 //! - a surviving hub's DNS answers the service throughout.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flotilla_api::v1;
 use flotilla_api::v1::campaign_service_client::CampaignServiceClient;
-use flotilla_e2e::{Backend, agent, binaries, clusters, dns_a, free_udp_port, health, hub, leader};
+use flotilla_e2e::{
+    Backend, agents, binaries, clusters, dns_a, free_udp_port, health, hub, kube_sim, leader,
+};
 use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -108,18 +109,7 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
     let scenario_path = dir.join("scenario.yaml");
     std::fs::write(&scenario_path, scenario()).unwrap();
     let kc = dir.join("kc");
-    procs.0.push(
-        Command::new(bin.join("flotilla-kube-sim"))
-            .arg("--scenario")
-            .arg(&scenario_path)
-            .arg("--kubeconfig-dir")
-            .arg(&kc)
-            .args(["--control", &format!("127.0.0.1:{}", free_port())])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    procs.0.push(kube_sim(&bin, &scenario_path, &kc));
     let ports = [free_port(), free_port(), free_port()];
     let http = [free_port(), free_port(), free_port()];
     let dns = [free_udp_port(), free_udp_port(), free_udp_port()];
@@ -152,34 +142,8 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
             .is_some_and(|s| s.members.iter().filter(|m| m.voter).count() == 3)
     })
     .await;
-    let mut fleet =
-        v1::fleet_service_client::FleetServiceClient::new(channel(ports[0]).await.unwrap());
-    let mut tokens = Vec::new();
-    for n in NAMES {
-        let t = fleet
-            .create_join_token(v1::CreateJoinTokenRequest {
-                cluster: n.into(),
-                ttl_seconds: 600,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
-        tokens.push(t);
-    }
-    wait_until("kubeconfigs written", LIMIT, || async {
-        NAMES
-            .iter()
-            .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
-    })
-    .await;
-    let _agents = Procs(
-        NAMES
-            .iter()
-            .zip(&tokens)
-            .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
-            .collect(),
-    );
+    // Killed on drop like the rest, so a failed assertion leaves no agent running.
+    let _agents = Procs(agents(&bin, &NAMES, &ports, ports[0], &kc, LIMIT).await.0);
     wait_until(
         "six clusters Ready and able to run campaigns",
         LIMIT,

@@ -10,11 +10,12 @@
 //! - a report over the limits is rejected naming the field, and the stored state stays intact.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_api::v1;
-use flotilla_e2e::{Backend, agent, binaries, clusters, dns_a, free_udp_port, health, hub, leader};
+use flotilla_e2e::{
+    Backend, agent, agents, binaries, clusters, dns_a, free_udp_port, health, hub, kube_sim, leader,
+};
 use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
 
 /// Liveness bound for every wait in this test.
@@ -80,18 +81,7 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     let scenario = dir.join("scenario.yaml");
     std::fs::write(&scenario, SCENARIO).unwrap();
     let kc = dir.join("kc");
-    procs.0.push(
-        Command::new(bin.join("flotilla-kube-sim"))
-            .arg("--scenario")
-            .arg(&scenario)
-            .arg("--kubeconfig-dir")
-            .arg(&kc)
-            .args(["--control", &format!("127.0.0.1:{}", free_port())])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    procs.0.push(kube_sim(&bin, &scenario, &kc));
 
     // Three hub replicas.
     let ports = [free_port(), free_port(), free_port()];
@@ -141,37 +131,11 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         }
     }
 
-    // Tokens and agents.
-    let mut fleet =
-        v1::fleet_service_client::FleetServiceClient::new(channel(ports[1]).await.unwrap());
+    // Tokens and agents, killed on drop like the rest, so a failed assertion leaves no agent
+    // running.
     let names = ["east", "west", "north"];
-    let mut tokens = Vec::new();
-    for n in names {
-        let t = fleet
-            .create_join_token(v1::CreateJoinTokenRequest {
-                cluster: n.into(),
-                ttl_seconds: 600,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
-        tokens.push(t);
-    }
-    wait_until("kubeconfigs written", LIMIT, || async {
-        names
-            .iter()
-            .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
-    })
-    .await;
-    // Killed on drop like the rest, so a failed assertion leaves no agent running.
-    let mut agents = Procs(
-        names
-            .iter()
-            .zip(&tokens)
-            .map(|(n, t)| agent(&bin, n, &ports, t, &kc.join(format!("{n}.kubeconfig"))))
-            .collect(),
-    );
+    let (children, tokens) = agents(&bin, &names, &ports, ports[1], &kc, LIMIT).await;
+    let mut agents = Procs(children);
     wait_until("all three clusters Ready", LIMIT, || async {
         clusters(ports[2]).await.is_some_and(|cs| {
             names

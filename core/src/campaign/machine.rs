@@ -69,9 +69,10 @@ pub enum StagePhase {
 }
 
 /// Where one cluster is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Phase {
     /// Not started.
+    #[default]
     Pending,
     /// Picked to run.
     UpdateStarted,
@@ -118,7 +119,7 @@ impl Phase {
 }
 
 /// One cluster's run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ClusterRun {
     /// Cluster name.
     pub name: String,
@@ -177,30 +178,7 @@ impl ClusterRun {
     fn new(name: String) -> Self {
         Self {
             name,
-            phase: Phase::Pending,
-            phase_since_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            counts: Counts::default(),
-            blue_nodes: Vec::new(),
-            quarantined: Vec::new(),
-            baseline: Baseline::default(),
-            held_nodes: Vec::new(),
-            blocking_pdbs: Vec::new(),
-            surge: 0,
-            batch: 0,
-            cordoned: false,
-            traffic_shifted: false,
-            step: None,
-            step_deadline_ms: None,
-            progress: String::new(),
-            blocked: Vec::new(),
-            held: None,
-            parked: None,
-            soak_skipped: false,
-            recheck_ms: None,
-            reason: String::new(),
-            failed: false,
+            ..Self::default()
         }
     }
 
