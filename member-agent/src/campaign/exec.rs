@@ -328,6 +328,29 @@ impl Exec {
         Ok(self.nodes().list(&ListParams::default()).await?.items)
     }
 
+    /// Look at the nodes until `pending` says nothing is left to wait for (`None`), saying
+    /// what it waits for as progress; past `timeout`, fail with that.
+    async fn wait_nodes(
+        &self,
+        timeout: Duration,
+        kind: FailureKind,
+        progress: &Progress,
+        mut pending: impl FnMut(&[Node]) -> Option<String>,
+    ) -> Result<(), Fail> {
+        let until = tokio::time::Instant::now() + timeout;
+        let mut poll = Backoff::new();
+        loop {
+            let Some(what) = pending(&self.list_nodes().await?) else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= until {
+                return Err(fail(kind, format!("{what} after {}s", timeout.as_secs())));
+            }
+            progress.say(what, Vec::new()).await;
+            poll.wait().await;
+        }
+    }
+
     fn in_pool(&self, pool: &PoolRef, n: &Node) -> bool {
         let l = labels(n);
         match pool {
@@ -982,32 +1005,13 @@ impl Exec {
             }
         }
         // Done when the nodes are gone (Cluster API drains and deletes them; they are empty).
-        let until = tokio::time::Instant::now() + RETIRE_TIMEOUT;
-        let mut poll = Backoff::new();
-        loop {
-            let present: BTreeSet<String> = self.list_nodes().await?.iter().map(name).collect();
-            let left: Vec<&String> = nodes.iter().filter(|n| present.contains(*n)).collect();
-            if left.is_empty() {
-                return Ok(StepOutput::None);
-            }
-            if tokio::time::Instant::now() >= until {
-                return Err(fail(
-                    FailureKind::Other,
-                    format!(
-                        "{} retired blue node(s) still present after {}s",
-                        left.len(),
-                        RETIRE_TIMEOUT.as_secs()
-                    ),
-                ));
-            }
-            progress
-                .say(
-                    format!("{} blue node(s) still being removed", left.len()),
-                    Vec::new(),
-                )
-                .await;
-            poll.wait().await;
-        }
+        self.wait_nodes(RETIRE_TIMEOUT, FailureKind::Other, progress, |all| {
+            let present: BTreeSet<String> = all.iter().map(name).collect();
+            let left = nodes.iter().filter(|n| present.contains(*n)).count();
+            (left > 0).then(|| format!("{left} retired blue node(s) still present"))
+        })
+        .await?;
+        Ok(StepOutput::None)
     }
 
     /// Put the delete-machine annotation on the node's Machine too, when it names one (real
@@ -1102,33 +1106,20 @@ impl Exec {
                     .await?;
             }
             // Blue serves again before green goes.
-            let until = tokio::time::Instant::now() + rules.timeout_per_node;
-            let mut poll = Backoff::new();
-            loop {
-                let good = self
-                    .list_nodes()
-                    .await?
-                    .iter()
-                    .filter(|n| labels(n).get(MD_LABEL) == Some(&md_name))
-                    .filter(|n| ready_with_gpus(n) && !cordoned(n))
-                    .count() as u32;
-                if good >= blue {
-                    break;
-                }
-                if tokio::time::Instant::now() >= until {
-                    return Err(fail(
-                        FailureKind::Provisioning,
-                        format!("rollback: {good} of {blue} blue nodes back"),
-                    ));
-                }
-                progress
-                    .say(
-                        format!("rollback: {good} of {blue} blue nodes back"),
-                        Vec::new(),
-                    )
-                    .await;
-                poll.wait().await;
-            }
+            self.wait_nodes(
+                rules.timeout_per_node,
+                FailureKind::Provisioning,
+                progress,
+                |all| {
+                    let good = all
+                        .iter()
+                        .filter(|n| labels(n).get(MD_LABEL) == Some(&md_name))
+                        .filter(|n| ready_with_gpus(n) && !cordoned(n))
+                        .count() as u32;
+                    (good < blue).then(|| format!("rollback: {good} of {blue} blue nodes back"))
+                },
+            )
+            .await?;
         }
         // Then green: Cluster API drains a deleted MachineDeployment's nodes within PDBs.
         if let Provisioner::ClusterApi { .. } = green {
@@ -1159,32 +1150,19 @@ impl Exec {
                 .iter()
                 .filter_map(|m| m.metadata.name.clone())
                 .collect();
-            let until = tokio::time::Instant::now() + rules.timeout_per_node;
-            let mut poll = Backoff::new();
-            loop {
-                let left = self
-                    .list_nodes()
-                    .await?
-                    .iter()
-                    .filter(|n| labels(n).get(MD_LABEL).is_some_and(|m| names.contains(m)))
-                    .count();
-                if left == 0 {
-                    break;
-                }
-                if tokio::time::Instant::now() >= until {
-                    return Err(fail(
-                        FailureKind::Undrainable,
-                        format!("rollback: {left} green node(s) not removed in time"),
-                    ));
-                }
-                progress
-                    .say(
-                        format!("rollback: {left} green node(s) being removed"),
-                        Vec::new(),
-                    )
-                    .await;
-                poll.wait().await;
-            }
+            self.wait_nodes(
+                rules.timeout_per_node,
+                FailureKind::Undrainable,
+                progress,
+                |all| {
+                    let left = all
+                        .iter()
+                        .filter(|n| labels(n).get(MD_LABEL).is_some_and(|m| names.contains(m)))
+                        .count();
+                    (left > 0).then(|| format!("rollback: {left} green node(s) not removed yet"))
+                },
+            )
+            .await?;
         }
         Ok(StepOutput::None)
     }
