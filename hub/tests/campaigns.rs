@@ -20,42 +20,25 @@ use kube::api::{Api, ListParams};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-const SCENARIO: &str = r#"
-clusters:
-  - name: canary
+/// Three simulated clusters (`canary` in ring `canary`, `east` and `west` in ring `main`),
+/// each a Cluster API pool of three H100 nodes with an exported, PDB-guarded workload.
+fn scenario() -> String {
+    let mut s = String::from("clusters:\n");
+    for (name, ring) in [("canary", "canary"), ("east", "main"), ("west", "main")] {
+        s.push_str(&format!(
+            "  - name: {name}
     provider: cluster-api
-    labels: {ring: canary}
-    timing: {node_ready_ms: 20, device_plugin_ms: 20, pod_start_ms: 20, grace_second_ms: 1}
+    labels: {{ring: {ring}}}
+    timing: {{node_ready_ms: 20, device_plugin_ms: 20, pod_start_ms: 20, grace_second_ms: 1}}
     pools:
-      - name: gpu
-        count: 3
-        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
+      - {{name: gpu, count: 3, gpu: {{vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}}}
     workloads:
-      - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000, type: LoadBalancer}, export: true}
-  - name: east
-    provider: cluster-api
-    labels: {ring: main}
-    timing: {node_ready_ms: 20, device_plugin_ms: 20, pod_start_ms: 20, grace_second_ms: 1}
-    pools:
-      - name: gpu
-        count: 3
-        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
-    workloads:
-      - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000, type: LoadBalancer}, export: true}
-  - name: west
-    provider: cluster-api
-    labels: {ring: main}
-    timing: {node_ready_ms: 20, device_plugin_ms: 20, pod_start_ms: 20, grace_second_ms: 1}
-    pools:
-      - name: gpu
-        count: 3
-        gpu: {vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}
-    workloads:
-      - {name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {max_unavailable: 1},
-         service: {port: 8000, type: LoadBalancer}, export: true}
-"#;
+      - {{name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {{max_unavailable: 1}}, service: {{port: 8000, type: LoadBalancer}}, export: true}}
+"
+        ));
+    }
+    s
+}
 
 const SPEC: &str = r#"{
   "name": "k8s-135",
@@ -87,14 +70,14 @@ impl Drop for Hub {
 
 async fn hub() -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("scenario.yaml");
-    std::fs::write(&scenario, SCENARIO).unwrap();
+    let scenario_path = dir.path().join("scenario.yaml");
+    std::fs::write(&scenario_path, scenario()).unwrap();
     let data = dir.path().join("data");
     let args = flotilla_hub::Args::parse_from([
         "flotilla-hub",
         "--dev",
         "--dev-scenario",
-        scenario.to_str().unwrap(),
+        scenario_path.to_str().unwrap(),
         "--data-dir",
         data.to_str().unwrap(),
         "--listen",
