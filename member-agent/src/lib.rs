@@ -9,6 +9,7 @@ pub mod inference;
 pub mod metrics;
 pub mod reconnect;
 pub mod session;
+pub mod stream;
 pub mod watch;
 
 pub use watch::{ClusterWatch, Listing, WatchOptions};

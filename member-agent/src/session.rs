@@ -1,16 +1,15 @@
 //! The agent's connection to the hub: one `AgentService.Connect` stream. Hello, then only
 //! what the hub does not already hold, then deltas when the inventory changes (coalesced) and
-//! heartbeats at the hub's interval. Reconnects as [`crate::reconnect`] decides, following the
+//! heartbeats at the hub's interval; [`crate::stream`] decides what goes, this module reads
+//! the caches and does the I/O. Reconnects as [`crate::reconnect`] decides, following the
 //! leader hint when a follower turns it away.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_api::convert::fleet as conv;
-use flotilla_api::convert::kv::LEADER_HINT_KEY;
 use flotilla_api::v1;
 use flotilla_core::health::Signals;
-use flotilla_core::report::{self, Digest};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ClusterWatch;
 use crate::reconnect::{Outcome, Reconnect};
+use crate::stream::{Action, Input, Machine, Now, Opening, classify};
 
 /// Identity and addresses for the hub session.
 #[derive(Clone)]
@@ -48,27 +48,7 @@ pub struct SessionConfig {
     pub steps: Option<crate::campaign::Steps>,
 }
 
-/// Why a session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// The hub rejected the agent for good (bad token, bad name): retrying will not help.
-    #[error("the hub refused this agent: {0}")]
-    Refused(tonic::Status),
-    /// Transport or hub trouble; the agent retries.
-    #[error("hub session failed: {0}")]
-    Retry(String),
-    /// The replica could not be dialled; the agent tries another.
-    #[error("cannot connect: {0}")]
-    Unreachable(String),
-    /// A live replica does not lead (and names the leader, if it knows one).
-    #[error("not the leader ({message}); leader: {hint:?}")]
-    NotLeader {
-        /// The leader's address, from the replica.
-        hint: Option<String>,
-        /// The replica's message.
-        message: String,
-    },
-}
+pub use crate::stream::SessionError;
 
 /// Failed GPUs and the nodes they are on, as the signals carry them.
 #[derive(Debug, Clone, Default)]
@@ -99,41 +79,15 @@ fn signals(w: &ClusterWatch, failed: &Failed) -> v1::HealthSignals {
     })
 }
 
-/// The cluster's nodes now: wire records and their digests by name, and the failed GPUs.
-struct Current {
-    nodes: BTreeMap<String, v1::NodeInventory>,
-    digests: BTreeMap<String, Digest>,
-    failed: Failed,
-}
-
-fn current(w: &ClusterWatch) -> Current {
+/// The cluster's nodes and signals now.
+fn current(w: &ClusterWatch) -> Now {
     let inv = w.inventory();
-    let nodes: BTreeMap<String, v1::NodeInventory> = inv
+    let nodes = inv
         .nodes
         .iter()
         .map(|n| (n.name.clone(), conv::node_to_wire(n)))
         .collect();
-    let digests = nodes
-        .iter()
-        .map(|(name, n)| (name.clone(), report::digest(&n.encode_to_vec())))
-        .collect();
-    Current {
-        nodes,
-        digests,
-        failed: Failed::of(&inv),
-    }
-}
-
-/// The delta from `held` digests to `now`, as the message's node lists.
-fn delta_lists(
-    held: &BTreeMap<String, Digest>,
-    now: &Current,
-) -> (Vec<v1::NodeInventory>, Vec<String>) {
-    let d = report::delta(held, &now.digests);
-    (
-        d.upsert.iter().map(|n| now.nodes[*n].clone()).collect(),
-        d.remove.iter().map(|n| n.to_string()).collect(),
-    )
+    Now::new(nodes, signals(w, &Failed::of(&inv)))
 }
 
 /// The cluster's exports now, as sent: by `namespace/name`.
@@ -159,32 +113,6 @@ fn current_exports(
             )
         })
         .collect()
-}
-
-/// The exports delta from `sent` to `now`, unless nothing changed.
-fn exports_delta(
-    sent: &BTreeMap<String, v1::ServiceExport>,
-    now: &BTreeMap<String, v1::ServiceExport>,
-) -> Option<v1::AgentMessage> {
-    let upsert: Vec<v1::ServiceExport> = now
-        .iter()
-        .filter(|(k, v)| sent.get(*k) != Some(*v))
-        .map(|(_, v)| v.clone())
-        .collect();
-    let remove: Vec<String> = sent
-        .keys()
-        .filter(|k| !now.contains_key(*k))
-        .cloned()
-        .collect();
-    if upsert.is_empty() && remove.is_empty() {
-        return None;
-    }
-    Some(v1::AgentMessage {
-        msg: Some(v1::agent_message::Msg::ExportsDelta(v1::ExportsDelta {
-            upsert,
-            remove,
-        })),
-    })
 }
 
 /// Hand the hub's export status to the status writer.
@@ -247,23 +175,6 @@ pub async fn run(
 /// How long export changes are gathered before one delta goes.
 const EXPORT_COALESCE: Duration = Duration::from_millis(20);
 
-fn classify(s: tonic::Status) -> SessionError {
-    match s.code() {
-        tonic::Code::Unauthenticated
-        | tonic::Code::PermissionDenied
-        | tonic::Code::InvalidArgument => SessionError::Refused(s),
-        tonic::Code::Unavailable => SessionError::NotLeader {
-            hint: s
-                .metadata()
-                .get(LEADER_HINT_KEY)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            message: s.message().to_string(),
-        },
-        _ => SessionError::Retry(format!("{:?}: {}", s.code(), s.message())),
-    }
-}
-
 async fn session(
     cfg: &SessionConfig,
     addr: &str,
@@ -319,55 +230,30 @@ async fn session(
     *learned_heartbeat = Some(heartbeat);
     // Send only what the hub does not hold already. A malformed digest matches nothing, so
     // that node is sent again.
-    let now = current(watch);
-    let held: BTreeMap<String, Digest> = welcome
+    let held = welcome
         .held
         .into_iter()
         .map(|(name, d)| (name, d.as_slice().try_into().unwrap_or([0; 32])))
         .collect();
-    let (upsert, remove) = delta_lists(&held, &now);
-    let first = if held.is_empty() {
-        v1::agent_message::Msg::Snapshot(v1::InventorySnapshot {
-            nodes: upsert,
-            signals: Some(signals(watch, &now.failed)),
-        })
-    } else {
-        v1::agent_message::Msg::Delta(v1::InventoryDelta {
-            upsert,
-            remove,
-            signals: Some(signals(watch, &now.failed)),
-        })
+    // Subscribed first: a change while the opening reads the caches is not missed.
+    let subs = Subscriptions::new(cfg, watch);
+    let opening = Opening {
+        held,
+        now: current(watch),
+        exports: cfg.exports.as_ref().map(|_| current_exports(cfg, watch)),
+        networks: watch.networks(),
+        namespaces: subs.namespaces.borrow().clone(),
     };
-    let first = send(first);
-    observe(cfg, &first);
-    tx.send(first)
-        .await
-        .map_err(|_| SessionError::Retry("stream closed".into()))?;
-    // Every export, once per session: the hub writes only what differs from its store.
-    let exports = current_exports(cfg, watch);
-    if cfg.exports.is_some() {
-        let m = send(v1::agent_message::Msg::Exports(v1::ExportsSnapshot {
-            exports: exports.values().cloned().collect(),
-        }));
-        tx.send(m)
-            .await
-            .map_err(|_| SessionError::Retry("stream closed".into()))?;
-    }
-    let networks = watch.networks();
-    tx.send(send(v1::agent_message::Msg::Networks(v1::Networks {
-        cidrs: networks.clone(),
-    })))
-    .await
-    .map_err(|_| SessionError::Retry("stream closed".into()))?;
+    let (machine, opened) = Machine::open(opening);
     cfg.metrics.hub_connected.set(1);
     cfg.metrics.hub_connects.inc();
     let r = follow(
         cfg,
-        watch,
+        (watch, subs),
         shutdown,
         &tx,
         &mut inbound,
-        (now, exports, networks),
+        (machine, opened),
         heartbeat,
     )
     .await;
@@ -386,47 +272,55 @@ fn observe(cfg: &SessionConfig, m: &v1::AgentMessage) {
     cfg.metrics.report_bytes.observe(m.encoded_len() as f64);
 }
 
-/// After the first report: deltas on change, heartbeats on the timer, acks and errors in.
+/// Do what the machine decided.
+async fn perform(
+    cfg: &SessionConfig,
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    actions: Vec<Action>,
+) -> Result<(), SessionError> {
+    for a in actions {
+        match a {
+            Action::Send(m) => {
+                observe(cfg, &m);
+                tx.send(m)
+                    .await
+                    .map_err(|_| SessionError::Retry("stream closed".into()))?;
+            }
+            Action::ApplyStatus(s) => apply_status(cfg, s),
+            Action::Submit(c) => match &cfg.steps {
+                Some(steps) => steps.submit(c).await,
+                None => tracing::warn!(
+                    campaign = %c.campaign,
+                    "the hub sent a campaign step to an agent that does not run campaigns"
+                ),
+            },
+            Action::ApplyImports(u) => {
+                if let Some(i) = &cfg.imports {
+                    i.apply(u);
+                }
+            }
+            Action::End(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// After the welcome: the opening messages, then deltas on change, heartbeats on the timer,
+/// and what the hub sends. The watches were subscribed before the opening read the caches,
+/// so no change falls between the two.
 async fn follow(
     cfg: &SessionConfig,
-    watch: &ClusterWatch,
+    (watch, mut subs): (&ClusterWatch, Subscriptions),
     shutdown: &CancellationToken,
     tx: &mpsc::Sender<v1::AgentMessage>,
     inbound: &mut tonic::Streaming<v1::HubMessage>,
-    (first, mut sent_exports, mut sent_networks): (
-        Current,
-        BTreeMap<String, v1::ServiceExport>,
-        Vec<String>,
-    ),
+    (mut machine, opened): (Machine, Vec<Action>),
     heartbeat: Duration,
 ) -> Result<(), SessionError> {
-    let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
-    let mut last_signals = signals(watch, &first.failed);
-    let mut sent = first.digests;
-    let mut changes = watch.changes();
-    // Without an export watch this never changes.
-    let (_idle, idle_rx) = tokio::sync::watch::channel(0u64);
-    let mut export_changes = cfg.exports.as_ref().map_or(idle_rx, |x| x.changes());
-    export_changes.borrow_and_update();
-    let (_idle_loads, idle_loads_rx) = tokio::sync::watch::channel(None);
-    let mut loads = cfg.loads.clone().unwrap_or(idle_loads_rx);
-    loads.borrow_and_update();
-    // The namespaces to import for: now if listed, then on every change.
-    let (_idle_ns, idle_ns_rx) = tokio::sync::watch::channel(None);
-    let mut namespaces = cfg.imports.as_ref().map_or(idle_ns_rx, |i| i.namespaces());
-    let current = namespaces.borrow_and_update().clone();
-    if let Some(names) = current {
-        let m = send(v1::agent_message::Msg::ImportNamespaces(
-            v1::ImportNamespaces { names },
-        ));
-        tx.send(m)
-            .await
-            .map_err(|_| SessionError::Retry("stream closed".into()))?;
-    }
+    perform(cfg, tx, opened).await?;
     // Step statuses wait here across reconnects; this session sends them while it lives.
-    let (_idle_steps, idle_steps_rx) = mpsc::channel::<v1::StepStatusReport>(1);
+    let (_idle_steps, mut idle_steps_rx) = mpsc::channel::<v1::StepStatusReport>(1);
     let statuses = cfg.steps.as_ref().map(|s| s.statuses());
-    let mut idle_steps_rx = idle_steps_rx;
     let mut statuses_guard = match &statuses {
         Some(s) => Some(s.lock().await),
         None => None,
@@ -440,122 +334,96 @@ async fn follow(
         };
         // A node's start-up bound passing changes the inventory with no watch event.
         let clock = watch.next_deadline().unwrap_or(Duration::from_secs(3600));
-        tokio::select! {
+        let inputs = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = changes.changed() => {
+            r = subs.nodes.changed() => {
                 if r.is_err() {
                     return Err(SessionError::Retry("cluster watch ended".into()));
                 }
                 // Coalesce a burst of watch events into one delta.
                 tokio::time::sleep(cfg.coalesce).await;
-                changes.borrow_and_update();
+                subs.nodes.borrow_and_update();
                 // Nodes come and go with their pod ranges.
-                let networks = watch.networks();
-                if networks != sent_networks {
-                    let m = send(v1::agent_message::Msg::Networks(v1::Networks { cidrs: networks.clone() }));
-                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                    sent_networks = networks;
-                }
-                let (d, now, sig) = match delta(watch, &sent, &last_signals) {
-                    Some(x) => x,
-                    None => continue,
-                };
-                observe(cfg, &d);
-                tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                sent = now.digests;
-                last_signals = sig;
+                vec![Input::Networks(watch.networks()), Input::Inventory(current(watch))]
             }
             _ = tokio::time::sleep(clock + Duration::from_millis(10)) => {
-                let Some((d, now, sig)) = delta(watch, &sent, &last_signals) else { continue };
-                observe(cfg, &d);
-                tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                sent = now.digests;
-                last_signals = sig;
+                vec![Input::Inventory(current(watch))]
             }
             _ = tick.tick() => {
                 let failed = Failed::of(&watch.inventory());
-                let sig = signals(watch, &failed);
-                let hb = v1::agent_message::Msg::Heartbeat(v1::Heartbeat { signals: Some(sig.clone()) });
-                tx.send(send(hb)).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                last_signals = sig;
+                vec![Input::Tick(signals(watch, &failed))]
             }
-            r = export_changes.changed() => {
+            r = subs.exports.changed() => {
                 if r.is_err() {
                     return Err(SessionError::Retry("export watch ended".into()));
                 }
                 // Endpoint readiness changes fast: a short coalescing window keeps answers
                 // within the convergence target.
                 tokio::time::sleep(EXPORT_COALESCE).await;
-                export_changes.borrow_and_update();
-                let now = current_exports(cfg, watch);
-                if let Some(d) = exports_delta(&sent_exports, &now) {
-                    tx.send(d).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                    sent_exports = now;
-                }
+                subs.exports.borrow_and_update();
+                vec![Input::Exports(current_exports(cfg, watch))]
             }
-            r = namespaces.changed() => {
+            r = subs.namespaces.changed() => {
                 if r.is_err() {
                     return Err(SessionError::Retry("namespace watch ended".into()));
                 }
-                let current = namespaces.borrow_and_update().clone();
-                if let Some(names) = current {
-                    let m = send(v1::agent_message::Msg::ImportNamespaces(v1::ImportNamespaces { names }));
-                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                }
+                let current = subs.namespaces.borrow_and_update().clone();
+                current.map(Input::Namespaces).into_iter().collect()
             }
-            r = loads.changed() => {
+            r = subs.loads.changed() => {
                 if r.is_err() {
                     return Err(SessionError::Retry("inference sampler ended".into()));
                 }
-                let latest = loads.borrow_and_update().clone();
-                if let Some(l) = latest {
-                    let m = send(v1::agent_message::Msg::Loads((*l).clone()));
-                    tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-                }
+                let latest = subs.loads.borrow_and_update().clone();
+                latest.map(|l| Input::Loads((*l).clone())).into_iter().collect()
             }
-            Some(report) = status_rx.recv() => {
-                let m = send(v1::agent_message::Msg::StepStatus(report));
-                tx.send(m).await.map_err(|_| SessionError::Retry("stream closed".into()))?;
-            }
-            m = inbound.message() => match m {
-                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::ExportStatus(s)) })) => apply_status(cfg, s),
-                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Command(c)) })) => {
-                    match &cfg.steps {
-                        Some(steps) => steps.submit(c).await,
-                        None => tracing::warn!(campaign = %c.campaign, "the hub sent a campaign step to an agent that does not run campaigns"),
-                    }
-                }
-                Ok(Some(v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) })) => {
-                    if let Some(i) = &cfg.imports {
-                        i.apply(u);
-                    }
-                }
-                Ok(Some(_ack)) => {}
-                Ok(None) => return Err(SessionError::Retry("the hub closed the stream".into())),
-                Err(s) => return Err(classify(s)),
-            },
+            Some(report) = status_rx.recv() => vec![Input::StepStatus(report)],
+            m = inbound.message() => vec![Input::Hub(m)],
+        };
+        for input in inputs {
+            perform(cfg, tx, machine.on(input)).await?;
         }
     }
 }
 
-/// The delta message from what was `sent` to the caches now, unless nothing changed.
-fn delta(
-    watch: &ClusterWatch,
-    sent: &BTreeMap<String, Digest>,
-    last_signals: &v1::HealthSignals,
-) -> Option<(v1::AgentMessage, Current, v1::HealthSignals)> {
-    let now = current(watch);
-    let sig = signals(watch, &now.failed);
-    let (upsert, remove) = delta_lists(sent, &now);
-    if upsert.is_empty() && remove.is_empty() && &sig == last_signals {
-        return None;
+/// The caches a session follows, subscribed before it reads them. A cache the agent does not
+/// run is a channel that never changes.
+struct Subscriptions {
+    nodes: tokio::sync::watch::Receiver<u64>,
+    exports: tokio::sync::watch::Receiver<u64>,
+    namespaces: tokio::sync::watch::Receiver<Option<Vec<String>>>,
+    loads: tokio::sync::watch::Receiver<Option<std::sync::Arc<v1::InferenceLoads>>>,
+    /// The idle channels' senders, kept alive with them.
+    _idle: Idle,
+}
+
+/// Senders of channels that never change.
+struct Idle {
+    _changes: tokio::sync::watch::Sender<u64>,
+    _namespaces: tokio::sync::watch::Sender<Option<Vec<String>>>,
+    _loads: tokio::sync::watch::Sender<Option<std::sync::Arc<v1::InferenceLoads>>>,
+}
+
+impl Subscriptions {
+    fn new(cfg: &SessionConfig, watch: &ClusterWatch) -> Self {
+        let (idle, idle_rx) = tokio::sync::watch::channel(0u64);
+        let (idle_ns, idle_ns_rx) = tokio::sync::watch::channel(None);
+        let (idle_loads, idle_loads_rx) = tokio::sync::watch::channel(None);
+        let mut s = Self {
+            nodes: watch.changes(),
+            exports: cfg.exports.as_ref().map_or(idle_rx, |x| x.changes()),
+            namespaces: cfg.imports.as_ref().map_or(idle_ns_rx, |i| i.namespaces()),
+            loads: cfg.loads.clone().unwrap_or(idle_loads_rx),
+            _idle: Idle {
+                _changes: idle,
+                _namespaces: idle_ns,
+                _loads: idle_loads,
+            },
+        };
+        s.nodes.borrow_and_update();
+        s.exports.borrow_and_update();
+        s.namespaces.borrow_and_update();
+        s.loads.borrow_and_update();
+        s
     }
-    let d = v1::AgentMessage {
-        msg: Some(v1::agent_message::Msg::Delta(v1::InventoryDelta {
-            upsert,
-            remove,
-            signals: Some(sig.clone()),
-        })),
-    };
-    Some((d, now, sig))
 }

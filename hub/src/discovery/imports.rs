@@ -80,11 +80,6 @@ impl SentImports {
         self.namespaces = Some(namespaces);
     }
 
-    /// Whether updates can be sent: always, unless namespaces are awaited and none came yet.
-    pub fn ready(&self, by_namespace: bool) -> bool {
-        !by_namespace || self.namespaces.is_some()
-    }
-
     fn wanted(&self, k: &ServiceKey) -> bool {
         self.namespaces
             .as_ref()
@@ -232,7 +227,6 @@ mod tests {
         let t = table(&[("ml", "llm", true), ("web", "front", true)]);
         let c = Cache::default();
         let mut s = SentImports::default();
-        assert!(!s.ready(true), "nothing before the namespaces are known");
         s.set_namespaces(["ml".to_string()].into());
         let u = s.update((&t, &c), "b", None).unwrap();
         assert!(u.full);

@@ -1,5 +1,6 @@
-//! AgentService.Connect: authenticate the agent, register its cluster, and turn its snapshot,
-//! deltas and heartbeats into inventory records and health signals. Runs on the leader only;
+//! AgentService.Connect: authenticate the agent, register its cluster, then run the stream:
+//! [`super::stream`] decides, this module does the I/O (inventory records, health signals,
+//! outbox, imports). Runs on the leader only;
 //! other replicas answer UNAVAILABLE with the leader's address.
 
 use std::collections::BTreeMap;
@@ -20,10 +21,13 @@ use prost::Message;
 use prost::bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::controllers::Leadership;
 use crate::controllers::health::{HealthCtl, log_transition};
 use crate::discovery::exports::HeldExports;
+use crate::fleet::outbox::OutboxReader;
+use crate::fleet::stream::{self, Action, Input, Stream as Machine};
 use crate::metrics::HubMetrics;
 use crate::store::{keys, records};
 
@@ -58,39 +62,6 @@ pub fn not_leader(leader: &dyn Leadership) -> Status {
         s.metadata_mut().insert(LEADER_HINT_KEY, v);
     }
     s
-}
-
-/// The namespaces an `ImportNamespaces` names, validated: DNS labels, at most
-/// [`crate::discovery::imports::MAX_IMPORT_NAMESPACES`].
-fn import_namespaces(
-    n: &v1::ImportNamespaces,
-) -> Result<std::collections::HashSet<String>, Status> {
-    use crate::discovery::imports::MAX_IMPORT_NAMESPACES;
-    if n.names.len() > MAX_IMPORT_NAMESPACES {
-        return Err(conv::Invalid {
-            field: "import_namespaces.names".into(),
-            reason: format!(
-                "{} namespaces, over the limit of {MAX_IMPORT_NAMESPACES}",
-                n.names.len()
-            ),
-        }
-        .to_status());
-    }
-    n.names
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            if conv::is_dns_label(ns) {
-                Ok(ns.clone())
-            } else {
-                Err(conv::Invalid {
-                    field: format!("import_namespaces.names[{i}]"),
-                    reason: format!("{ns:?} is not a namespace name (a DNS label)"),
-                }
-                .to_status())
-            }
-        })
-        .collect()
 }
 
 fn store_err(e: flotilla_core::kv::KvError) -> Status {
@@ -330,7 +301,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             records::get::<B, v1::Inventory>(&self.backend, &keys::inventory_key(&cluster))
                 .await
                 .map_err(store_err)?;
-        let mut held = match stored {
+        let held = match stored {
             Some(inv) => {
                 let core = conv::nodes_from_wire(&inv.nodes, "stored", &ReportLimits::unlimited())
                     .map_err(|e| Status::internal(format!("the stored inventory: {e}")))?;
@@ -341,7 +312,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             }
             None => Held::default(),
         };
-        let mut exports = HeldExports::load(&self.backend, &cluster)
+        let exports = HeldExports::load(&self.backend, &cluster)
             .await
             .map_err(store_err)?;
         let digests: std::collections::HashMap<String, Vec<u8>> = held
@@ -361,58 +332,34 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             .map_err(|_| Status::cancelled("agent went away"))?;
         tracing::info!(cluster = %cluster, agent = %hello.agent_version, "agent connected");
 
-        let (backend, health, leader, limits) = (
-            self.backend.clone(),
-            self.health.clone(),
-            self.leader.clone(),
-            self.limits,
-        );
-        let metrics = self.metrics.clone();
         let discovery = self.discovery.clone();
-        let mut builds = discovery.status_changes(&cluster);
-        // Imports, for an agent that maintains ServiceImports: the whole set now, then what
-        // each import batch changed.
-        let mut want_imports = hello.imports;
-        // An agent reporting its namespaces gets nothing until the first report names them.
-        let by_namespace = hello.imports_by_namespace;
-        let mut routes = discovery.import_changes();
-        let mut imports = crate::discovery::imports::SentImports::default();
-        if want_imports
-            && imports.ready(by_namespace)
-            && let Some(u) = imports.update(
-                (&discovery.table().load(), &discovery.import_cache),
-                &cluster,
-                None,
-            )
-        {
-            let m = v1::HubMessage {
-                msg: Some(v1::hub_message::Msg::Imports(u)),
-            };
-            tx.send(Ok(m))
-                .await
-                .map_err(|_| Status::cancelled("agent went away"))?;
-        }
-        // What leader-side producers want this agent to have (campaign steps): everything held
-        // now, then each change.
-        let mut outbox = self.campaigns.outboxes.of(&cluster).reader();
-        for m in outbox.take() {
-            tx.send(Ok(m))
-                .await
-                .map_err(|_| Status::cancelled("agent went away"))?;
-        }
-        let campaigns = self.campaigns.clone();
-        // What was last sent, so an unchanged status is not sent again.
-        let mut sent_status: Option<Vec<v1::ExportStatus>> = None;
-        metrics.agents_connected.inc();
-        let mut permit = Some(permit);
-        // An agent that never reports does not keep its join slot.
-        let join_deadline = tokio::time::sleep(JOIN_SLOT_TIMEOUT);
+        let builds = discovery.status_changes(&cluster);
+        let routes = discovery.import_changes();
+        let exec = Exec {
+            backend: self.backend.clone(),
+            health: self.health.clone(),
+            leader: self.leader.clone(),
+            limits: self.limits,
+            metrics: self.metrics.clone(),
+            discovery,
+            campaigns: self.campaigns.clone(),
+            // What leader-side producers want this agent to have (campaign steps).
+            outbox: self.campaigns.outboxes.of(&cluster).reader(),
+            imports: crate::discovery::imports::SentImports::default(),
+            permit: Some(permit),
+            tx,
+            cluster: cluster.clone(),
+            held,
+            exports,
+        };
+        let machine = Machine::new(&hello);
+        self.metrics.agents_connected.inc();
         // Messages are read as they arrive, and each one counts as a sign of life then, even
         // while an earlier report is still being written (a slow store must not make a live
         // cluster Unreachable). Processing follows in order.
-        let (arrived, mut messages) = tokio::sync::mpsc::channel(ARRIVED_BUFFER);
+        let (arrived, messages) = tokio::sync::mpsc::channel(ARRIVED_BUFFER);
         {
-            let (health, cluster) = (health.clone(), cluster.clone());
+            let (health, cluster) = (self.health.clone(), cluster.clone());
             tokio::spawn(async move {
                 loop {
                     let m = inbound.message().await;
@@ -426,172 +373,190 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                 }
             });
         }
-        tokio::spawn(async move {
-            tokio::pin!(join_deadline);
-            loop {
-                let next = tokio::select! {
-                    m = messages.recv() => m.unwrap_or(Ok(None)),
-                    _ = &mut join_deadline, if permit.is_some() => {
-                        permit.take();
-                        continue;
+        let span = tracing::info_span!("agent_stream", cluster = %cluster);
+        tokio::spawn(run_stream(exec, machine, (messages, builds, routes)).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The I/O behind one stream's [`Action`]s.
+struct Exec<B> {
+    backend: B,
+    health: Arc<HealthCtl>,
+    leader: Arc<dyn Leadership>,
+    limits: ReportLimits,
+    metrics: Arc<HubMetrics>,
+    discovery: Arc<crate::discovery::Discovery>,
+    campaigns: Arc<crate::campaigns::Campaigns>,
+    outbox: OutboxReader,
+    imports: crate::discovery::imports::SentImports,
+    /// The join slot, held until the first report is stored or its time is up.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    tx: tokio::sync::mpsc::Sender<Result<v1::HubMessage, Status>>,
+    cluster: String,
+    held: Held,
+    exports: HeldExports,
+}
+
+/// What the stream does after an action.
+enum Flow {
+    Go,
+    /// Give this result back to the machine.
+    Feed(Input),
+    Stop,
+}
+
+impl<B: KvBackend + Clone> Exec<B> {
+    async fn send(&self, m: v1::HubMessage) -> Flow {
+        match self.tx.send(Ok(m)).await {
+            Ok(()) => Flow::Go,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    async fn perform(&mut self, action: Action) -> Flow {
+        match action {
+            Action::Send(m) => self.send(m).await,
+            Action::SendOutbox => {
+                for m in self.outbox.take() {
+                    if let Flow::Stop = self.send(m).await {
+                        return Flow::Stop;
                     }
-                    // A build changed one of this cluster's services: tell the agent if its
-                    // exports' status changed.
-                    Ok(()) = builds.changed() => {
-                        let status = discovery.statuses_for(&cluster);
-                        if sent_status.as_ref() != Some(&status) && !(status.is_empty() && sent_status.is_none()) {
-                            let m = v1::HubMessage {
-                                msg: Some(v1::hub_message::Msg::ExportStatus(v1::ExportStatuses { exports: status.clone() })),
-                            };
-                            if tx.send(Ok(m)).await.is_err() {
-                                break;
-                            }
-                            sent_status = Some(status);
-                        }
-                        continue;
-                    }
-                    () = outbox.changed() => {
-                        let mut gone = false;
-                        for m in outbox.take() {
-                            if tx.send(Ok(m)).await.is_err() {
-                                gone = true;
-                                break;
-                            }
-                        }
-                        if gone {
-                            break;
-                        }
-                        continue;
-                    }
-                    r = routes.recv(), if want_imports && imports.ready(by_namespace) => {
-                        let keys = match r {
-                            Ok(keys) => keys,
-                            // Missed batches: send the whole set again.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                want_imports = false;
-                                continue;
-                            }
-                        };
-                        let table = discovery.table().load_full();
-                        if let Some(u) = imports.update((&table, &discovery.import_cache), &cluster, keys.as_deref()) {
-                            let m = v1::HubMessage { msg: Some(v1::hub_message::Msg::Imports(u)) };
-                            if tx.send(Ok(m)).await.is_err() {
-                                break;
-                            }
-                        }
-                        continue;
-                    }
-                };
-                let msg = match next {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(cluster = %cluster, error = %e, "agent stream ended");
-                        break;
-                    }
-                };
-                if !leader.is_leader() {
-                    let _ = tx.send(Err(not_leader(&*leader))).await;
-                    break;
                 }
+                Flow::Go
+            }
+            Action::SendImports(keys) => {
+                let table = self.discovery.table().load_full();
+                let update = self.imports.update(
+                    (&table, &self.discovery.import_cache),
+                    &self.cluster,
+                    keys.as_deref(),
+                );
+                match update {
+                    Some(u) => {
+                        self.send(v1::HubMessage {
+                            msg: Some(v1::hub_message::Msg::Imports(u)),
+                        })
+                        .await
+                    }
+                    None => Flow::Go,
+                }
+            }
+            Action::SetNamespaces(set) => {
+                self.imports.set_namespaces(set);
+                Flow::Go
+            }
+            Action::Store(msg) => {
                 let started = std::time::Instant::now();
-                let kind = match &msg.msg {
-                    Some(v1::agent_message::Msg::Snapshot(_)) => "snapshot",
-                    Some(v1::agent_message::Msg::Delta(_)) => "delta",
-                    Some(v1::agent_message::Msg::Heartbeat(_)) => "heartbeat",
-                    Some(v1::agent_message::Msg::Leave(_)) => "leave",
-                    Some(v1::agent_message::Msg::Exports(_)) => "exports",
-                    Some(v1::agent_message::Msg::ExportsDelta(_)) => "exports_delta",
-                    Some(v1::agent_message::Msg::Loads(_)) => "loads",
-                    Some(v1::agent_message::Msg::Networks(_)) => "networks",
-                    Some(v1::agent_message::Msg::ImportNamespaces(_)) => "import_namespaces",
-                    Some(v1::agent_message::Msg::StepStatus(_)) => "step_status",
-                    _ => "other",
-                };
-                // Step statuses go to the campaign controller, named by this stream's cluster.
-                if let Some(v1::agent_message::Msg::StepStatus(report)) = msg.msg {
-                    metrics.message(kind);
-                    campaigns.status(&cluster, report).await;
-                    continue;
-                }
-                // The namespaces to import for: stream state only; the whole set under them
-                // goes now.
-                if let Some(v1::agent_message::Msg::ImportNamespaces(n)) = &msg.msg {
-                    match import_namespaces(n) {
-                        Ok(set) => {
-                            metrics.message(kind);
-                            imports.set_namespaces(set);
-                            if want_imports
-                                && let Some(u) = imports.update(
-                                    (&discovery.table().load(), &discovery.import_cache),
-                                    &cluster,
-                                    None,
-                                )
-                            {
-                                let m = v1::HubMessage {
-                                    msg: Some(v1::hub_message::Msg::Imports(u)),
-                                };
-                                if tx.send(Ok(m)).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            metrics.message("rejected");
-                            let _ = tx.send(Err(e)).await;
-                            break;
-                        }
-                    }
-                    continue;
-                }
-                // Load samples are soft state: no store write, no reply.
-                if let Some(v1::agent_message::Msg::Loads(l)) = &msg.msg {
-                    let r = discovery
-                        .samples
-                        .observe(&cluster, l, health.clock().unix_ms());
-                    metrics.message(if r.is_err() { "rejected" } else { kind });
-                    if let Err(e) = r {
-                        let _ = tx.send(Err(e.to_status())).await;
-                        break;
-                    }
-                    continue;
-                }
-                let result = handle(
-                    (&backend, &health, &metrics, &limits),
-                    &cluster,
-                    (&mut held, &mut exports),
+                let timed = matches!(stream::kind(&msg), "snapshot" | "delta");
+                let r = handle(
+                    (&self.backend, &self.health, &self.metrics, &self.limits),
+                    &self.cluster,
+                    (&mut self.held, &mut self.exports),
                     msg,
                 )
                 .await;
-                metrics.message(if result.is_err() { "rejected" } else { kind });
-                if matches!(kind, "snapshot" | "delta") {
-                    metrics
+                if timed {
+                    self.metrics
                         .report_seconds
                         .observe(started.elapsed().as_secs_f64());
                 }
-                match result {
-                    Ok(Some(reply)) => {
-                        // The join is done once its first report is stored.
-                        permit.take();
-                        if tx.send(Ok(reply)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(s) => {
-                        // A bad report is rejected whole; the stream stays usable.
-                        if tx.send(Err(s)).await.is_err() {
-                            break;
-                        }
-                        break;
-                    }
+                Flow::Feed(Input::Done(r))
+            }
+            Action::Observe(l) => {
+                let now = self.health.clock().unix_ms();
+                let r = self
+                    .discovery
+                    .samples
+                    .observe(&self.cluster, &l, now)
+                    .map(|()| None)
+                    .map_err(|e| e.to_status());
+                Flow::Feed(Input::Done(r))
+            }
+            Action::Health(s) => {
+                self.health.report(&self.cluster, s);
+                Flow::Go
+            }
+            Action::Leave => {
+                self.health.left(&self.cluster);
+                Flow::Go
+            }
+            Action::Forward(r) => {
+                self.campaigns.status(&self.cluster, r).await;
+                Flow::Go
+            }
+            Action::ReleaseJoinSlot => {
+                self.permit.take();
+                Flow::Go
+            }
+            Action::Count(kind) => {
+                self.metrics.message(kind);
+                Flow::Go
+            }
+            Action::NotLeader => {
+                let _ = self.tx.send(Err(not_leader(&*self.leader))).await;
+                Flow::Stop
+            }
+            Action::Reject(s) => {
+                let _ = self.tx.send(Err(s)).await;
+                Flow::Stop
+            }
+            Action::Close => Flow::Stop,
+        }
+    }
+}
+
+/// What a stream waits on besides its machine: the agent's messages, its cluster's export
+/// status builds, and import batches.
+type Feeds = (
+    tokio::sync::mpsc::Receiver<Result<Option<v1::AgentMessage>, Status>>,
+    tokio::sync::watch::Receiver<u64>,
+    tokio::sync::broadcast::Receiver<crate::discovery::ImportsChanged>,
+);
+
+/// Run one stream: turn what arrives into inputs, and the machine's actions into I/O.
+async fn run_stream<B: KvBackend + Clone>(
+    mut exec: Exec<B>,
+    mut machine: Machine,
+    (mut messages, mut builds, mut routes): Feeds,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // An agent that never reports does not keep its join slot.
+    let join_deadline = tokio::time::sleep(JOIN_SLOT_TIMEOUT);
+    tokio::pin!(join_deadline);
+    let (discovery, cluster) = (exec.discovery.clone(), exec.cluster.clone());
+    let mut next = Some(Input::Opened);
+    'stream: loop {
+        while let Some(input) = next.take() {
+            for action in machine.on(input) {
+                match exec.perform(action).await {
+                    Flow::Go => {}
+                    Flow::Feed(i) => next = Some(i),
+                    Flow::Stop => break 'stream,
                 }
             }
-            metrics.agents_connected.dec();
+        }
+        next = Some(tokio::select! {
+            m = messages.recv() => match m {
+                Some(Ok(Some(msg))) => Input::Message { msg, leads: exec.leader.is_leader() },
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "agent stream ended");
+                    Input::Ended
+                }
+                Some(Ok(None)) | None => Input::Ended,
+            },
+            _ = &mut join_deadline, if machine.holds_join_slot() => Input::JoinDeadline,
+            Ok(()) = builds.changed() => Input::Statuses(discovery.statuses_for(&cluster)),
+            () = exec.outbox.changed() => Input::Outbox,
+            r = routes.recv(), if machine.wants_imports() => match r {
+                Ok(keys) => Input::Imports(keys),
+                // Missed batches: send the whole set again.
+                Err(RecvError::Lagged(_)) => Input::Imports(None),
+                Err(RecvError::Closed) => Input::ImportsClosed,
+            },
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+    exec.metrics.agents_connected.dec();
 }
 
 /// Most networks one cluster may report.
@@ -627,7 +592,8 @@ fn networks_from_wire(n: &v1::Networks) -> Result<Vec<String>, Status> {
     Ok(out)
 }
 
-/// Process one message after the hello. Writes touch only this cluster's keys.
+/// Store one report (snapshot, delta, exports, networks). Writes touch only this cluster's
+/// keys.
 async fn handle<B: KvBackend>(
     ctx: (&B, &HealthCtl, &HubMetrics, &ReportLimits),
     cluster: &str,
@@ -661,17 +627,6 @@ async fn handle<B: KvBackend>(
     // Health transitions are queued by `health` and written by the health controller,
     // retried until stored; a slow or failed write never ends the agent's stream.
     let (next, changed, signals) = match msg.msg {
-        Some(Msg::Hello(_)) => return Err(Status::invalid_argument("msg: hello was already sent")),
-        Some(Msg::Heartbeat(hb)) => {
-            let s = conv::signals_from_wire(hb.signals.as_ref(), "heartbeat.signals")
-                .map_err(|e| e.to_status())?;
-            health.report(cluster, s);
-            return Ok(None);
-        }
-        Some(Msg::Leave(_)) => {
-            health.left(cluster);
-            return Ok(None);
-        }
         Some(Msg::Snapshot(s)) => {
             // Validated into core types once, here; the pool totals come from them.
             let core = conv::nodes_from_wire(&s.nodes, "snapshot.nodes", limits)
@@ -702,15 +657,6 @@ async fn handle<B: KvBackend>(
             }
             (next, changed, signals)
         }
-        Some(
-            Msg::Exports(_)
-            | Msg::ExportsDelta(_)
-            | Msg::Loads(_)
-            | Msg::ImportNamespaces(_)
-            | Msg::StepStatus(_),
-        ) => {
-            unreachable!("handled above")
-        }
         Some(Msg::Networks(n)) => {
             let cidrs = networks_from_wire(&n)?;
             records::update::<B, v1::Cluster, _>(backend, &keys::cluster_key(cluster), |cur| {
@@ -724,7 +670,8 @@ async fn handle<B: KvBackend>(
             .map_err(store_err)?;
             return Ok(None);
         }
-        None => return Err(Status::invalid_argument("msg: empty message")),
+        // The stream's machine sends only reports here.
+        _ => return Err(Status::internal("not a report")),
     };
     // A resync that matches what the hub holds writes nothing (0: no new revision).
     let mut revision = 0;
@@ -750,39 +697,4 @@ async fn handle<B: KvBackend>(
     Ok(Some(v1::HubMessage {
         msg: Some(v1::hub_message::Msg::Ack(v1::Ack { revision })),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn import_namespaces_are_dns_labels_within_the_limit() {
-        let ok = import_namespaces(&v1::ImportNamespaces {
-            names: vec!["ml".into(), "web".into()],
-        })
-        .unwrap();
-        assert_eq!(ok.len(), 2);
-        let bad = import_namespaces(&v1::ImportNamespaces {
-            names: vec!["ml".into(), "Not_A_Label".into()],
-        })
-        .unwrap_err();
-        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-        assert!(
-            bad.message().contains("import_namespaces.names[1]"),
-            "{}",
-            bad.message()
-        );
-        let many = import_namespaces(&v1::ImportNamespaces {
-            names: (0..=crate::discovery::imports::MAX_IMPORT_NAMESPACES)
-                .map(|i| format!("ns{i}"))
-                .collect(),
-        })
-        .unwrap_err();
-        assert!(
-            many.message().contains("over the limit"),
-            "{}",
-            many.message()
-        );
-    }
 }

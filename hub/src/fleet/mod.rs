@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod outbox;
 pub mod service;
+pub mod stream;
 pub mod view;
 
 use std::sync::Arc;
