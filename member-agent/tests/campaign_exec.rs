@@ -6,7 +6,10 @@
 //! - a PDB that never allows an eviction: the 429 path, then pause, quarantine or forceAfter;
 //! - a bare pod refuses the drain unless `force`; the rules' words name the setting;
 //! - green that never becomes Ready rolls back: green removed, blue untouched and uncordoned;
-//! - quota: pre-flight lowers the surge to what the quota allows.
+//! - quota: pre-flight lowers the surge to what the quota allows;
+//! - an agent restart mid-drain: the same step finishes the drain, counting its timeout from
+//!   the start recorded on the node; the nodes and the green MachineDeployment say where the
+//!   campaign is.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -229,6 +232,24 @@ async fn a_bounded_surge_rollout_moves_gpu_pods_to_green_within_the_cap() {
     .await;
     assert_eq!(c.state, RunState::Succeeded, "{c:#?}");
     assert_eq!(max_total, 6, "the cap is used");
+    // The green MachineDeployment records the campaign's last step, as the agent ran it.
+    let mds: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("cluster.x-k8s.io", "v1beta1", "MachineDeployment"),
+            "machinedeployments",
+        ),
+    );
+    let green = mds
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|m| m.metadata.name.as_deref() == Some("gpu-green"))
+        .expect("green MachineDeployment");
+    let step = green.metadata.annotations.unwrap()["flotilla.io/campaign-step"].clone();
+    assert!(step.ends_with(" Done"), "{step}");
     // Only green is left, and every GPU pod runs on it: none lost.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -421,7 +442,9 @@ async fn a_bare_pod_refuses_the_drain_unless_forced() {
             .any(|b| b.pod == "ml/scratch" && b.reason.contains("blueGreen.force")),
         "{blocked:?}"
     );
+    // The hub sends a changed drain as a new step.
     let mut forced = step.clone();
+    forced.seq = 2;
     if let StepKind::DrainBatch { rules, .. } = &mut forced.kind {
         rules.force = true;
     }
@@ -456,6 +479,11 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
     assert!(cut.is_err(), "the drain should still be held: {cut:?}");
     drop(exec);
     let n = Api::<Node>::all(client.clone()).get(&node).await.unwrap();
+    // Where the node is, recorded on it for the next agent.
+    let ann = n.metadata.annotations.clone().unwrap();
+    assert_eq!(ann["flotilla.io/campaign-node"], "draining");
+    let started = ann["flotilla.io/drain-started"].clone();
+    assert!(started.starts_with("c1/7@"), "{started}");
     assert_eq!(n.spec.unwrap().unschedulable, Some(true));
     assert_eq!(llm_pods(&client).await.len(), 1);
     // The budget allows it now; a new agent gets the same step (the hub sends it again).
@@ -485,6 +513,18 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
         panic!("{st:?}")
     };
     assert_eq!(d.drained, std::slice::from_ref(&node));
+    let ann = Api::<Node>::all(client.clone())
+        .get(&node)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(ann["flotilla.io/campaign-node"], "drained");
+    assert_eq!(
+        ann["flotilla.io/drain-started"], started,
+        "the first start is kept"
+    );
     let on_node = llm_pods(&client)
         .await
         .into_iter()
@@ -495,4 +535,49 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
         on_node, 0,
         "nothing of the workload is left on the drained node"
     );
+}
+
+#[tokio::test]
+async fn a_resumed_drain_counts_its_timeout_from_the_first_start() {
+    let (_fleet, client, exec) = setup(&scenario(None, "pdb: {min_available: 1}", 1)).await;
+    let pod = llm_pods(&client).await.remove(0);
+    let node = pod.spec.unwrap().node_name.unwrap();
+    let mut rules = spec(serde_json::json!({})).drain;
+    rules.timeout_per_node = Duration::from_secs(2);
+    let step = flotilla_core::campaign::step::Step {
+        campaign: "c1".into(),
+        seq: 3,
+        term: 1,
+        kind: StepKind::DrainBatch {
+            index: 0,
+            nodes: vec![node.clone()],
+            rules,
+        },
+    };
+    let (out, _rx) = tokio::sync::mpsc::channel(1024);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        exec.run(&step, &Progress::new(out, "c1".into(), 3)),
+    )
+    .await;
+    assert!(cut.is_err(), "held by the PDB: {cut:?}");
+    // The agent is away past the node's timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (out, mut rx) = tokio::sync::mpsc::channel(1024);
+    let st = exec.run(&step, &Progress::new(out, "c1".into(), 3)).await;
+    let StepStatus::Failed { reason, .. } = st else {
+        panic!("{st:?}")
+    };
+    assert!(reason.contains("not drained within 2s"), "{reason}");
+    // It failed on its first look, without waiting a fresh timeout (no progress was said).
+    assert!(rx.try_recv().is_err(), "the resumed drain waited again");
+    // A new step (what `resume` sends after a pause) starts its own timeout.
+    let again = flotilla_core::campaign::step::Step { seq: 4, ..step };
+    let (out, mut rx) = tokio::sync::mpsc::channel(1024);
+    let _ = tokio::time::timeout(
+        Duration::from_millis(1500),
+        exec.run(&again, &Progress::new(out, "c1".into(), 4)),
+    )
+    .await;
+    assert!(rx.try_recv().is_ok(), "the new step waits its own timeout");
 }

@@ -27,6 +27,13 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+/// When step `step` (`<campaign>/<seq>`) first started draining a node, from its annotation
+/// (another step's record does not count).
+fn drain_started(v: &str, step: &str) -> Option<jiff::Timestamp> {
+    let (s, t) = v.split_once('@')?;
+    (s == step).then(|| t.parse().ok()).flatten()
+}
+
 /// The label Cluster API puts on a MachineDeployment's nodes.
 pub const MD_LABEL: &str = "cluster.x-k8s.io/deployment-name";
 /// Cluster API's scale-down victim annotation (on the Machine; kube-sim reads it on the node).
@@ -36,6 +43,15 @@ pub const MACHINE_ANNOTATION: &str = "cluster.x-k8s.io/machine";
 /// The campaign that cordoned a node (so rollback uncordons only its own, and pre-flight
 /// tells our cordons from another maintainer's).
 pub const CAMPAIGN_ANNOTATION: &str = "flotilla.io/campaign";
+/// Where a node is in its campaign: `cordoned`, `draining`, `drained` or `quarantined`.
+pub const NODE_STATE_ANNOTATION: &str = "flotilla.io/campaign-node";
+/// When a drain step first started on the node (`<campaign>/<seq>@<RFC 3339>`): the same step
+/// resumed by a restarted agent counts its timeout from here, not from the restart. A new
+/// step (`resume` after a pause sends one) starts afresh.
+pub const DRAIN_STARTED_ANNOTATION: &str = "flotilla.io/drain-started";
+/// The campaign's last step on its green MachineDeployment (`<seq> <step> <state>`), for
+/// whoever reads the cluster (and the agent after a restart) to see where it was.
+pub const STEP_ANNOTATION: &str = "flotilla.io/campaign-step";
 /// Set on a node a drain left in place (onUndrainable: quarantine).
 pub const QUARANTINE_LABEL: &str = "flotilla.io/upgrade-status";
 /// The pool's quota in nodes, as a cloud integration publishes it on the MachineDeployment.
@@ -275,6 +291,7 @@ impl Exec {
 
     /// Run one step to its end.
     pub async fn run(&self, step: &Step, progress: &Progress) -> StepStatus {
+        self.record_step(step, "Running").await;
         let out = match &step.kind {
             StepKind::Preflight { pool, green } => self.preflight(pool, green).await,
             StepKind::ProvisionGreen {
@@ -292,10 +309,7 @@ impl Exec {
                 index,
                 nodes,
                 rules,
-            } => {
-                self.drain(&step.campaign, *index, nodes, rules, progress)
-                    .await
-            }
+            } => self.drain(step, *index, nodes, rules, progress).await,
             StepKind::RetireBlue { pool, nodes, last } => {
                 self.retire(pool, nodes, *last, progress).await
             }
@@ -310,6 +324,8 @@ impl Exec {
                     .await
             }
         };
+        self.record_step(step, if out.is_ok() { "Done" } else { "Failed" })
+            .await;
         match out {
             Ok(o) => StepStatus::Done(o),
             Err(f) => StepStatus::Failed {
@@ -704,10 +720,15 @@ impl Exec {
     async fn cordon(&self, campaign: &str, nodes: &[String], on: bool) -> Outcome {
         for n in nodes {
             let patch = if on {
-                json!({"metadata": {"annotations": {CAMPAIGN_ANNOTATION: campaign}},
+                json!({"metadata": {"annotations": {
+                           CAMPAIGN_ANNOTATION: campaign,
+                           NODE_STATE_ANNOTATION: "cordoned"}},
                        "spec": {"unschedulable": true}})
             } else {
-                json!({"metadata": {"annotations": {CAMPAIGN_ANNOTATION: null}},
+                json!({"metadata": {"annotations": {
+                           CAMPAIGN_ANNOTATION: null,
+                           NODE_STATE_ANNOTATION: null,
+                           DRAIN_STARTED_ANNOTATION: null}},
                        "spec": {"unschedulable": null}})
             };
             match self
@@ -729,6 +750,83 @@ impl Exec {
             }
         }
         Ok(StepOutput::None)
+    }
+
+    /// Mark `nodes` as draining for `step` (`<campaign>/<seq>`), recording when each started
+    /// unless it already did; how long ago the earliest recorded start was.
+    async fn mark_draining(&self, step: &str, nodes: &[String]) -> Result<Duration, Fail> {
+        let now = jiff::Timestamp::now();
+        let mut earliest = now;
+        for n in nodes {
+            let Some(node) = self.nodes().get_opt(n).await? else {
+                continue;
+            };
+            let recorded = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DRAIN_STARTED_ANNOTATION))
+                .and_then(|v| drain_started(v, step));
+            let patch = match recorded {
+                Some(t) => {
+                    earliest = earliest.min(t);
+                    json!({"metadata": {"annotations": {NODE_STATE_ANNOTATION: "draining"}}})
+                }
+                None => json!({"metadata": {"annotations": {
+                    NODE_STATE_ANNOTATION: "draining",
+                    DRAIN_STARTED_ANNOTATION: format!("{step}@{now}")}}}),
+            };
+            self.nodes()
+                .patch(n, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        Ok(Duration::try_from(now.duration_since(earliest)).unwrap_or_default())
+    }
+
+    /// Record where a node is in its campaign.
+    async fn node_state(&self, node: &str, state: &str) -> Result<(), Fail> {
+        let patch = json!({"metadata": {"annotations": {NODE_STATE_ANNOTATION: state}}});
+        match self
+            .nodes()
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Record the campaign's step on its green MachineDeployments (best effort: the record
+    /// is for readers; the hub's store is the campaign's truth).
+    async fn record_step(&self, step: &Step, state: &str) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &md_resource());
+        let Ok(list) = api.list(&ListParams::default()).await else {
+            return;
+        };
+        let value = format!("{} {} {state}", step.seq, step.kind.name());
+        for md in list.items {
+            let ours = md
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CAMPAIGN_ANNOTATION))
+                .is_some_and(|c| *c == step.campaign);
+            let (Some(name), Some(ns)) = (md.metadata.name, md.metadata.namespace) else {
+                continue;
+            };
+            if !ours {
+                continue;
+            }
+            let patch = json!({"metadata": {"annotations": {STEP_ANNOTATION: value}}});
+            if let Err(e) = self
+                .md_api(&ns)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::debug!(error = %e, md = %name, "could not record the step");
+            }
+        }
     }
 
     /// Write an Event on a node, as Cluster API does on the nodes it drains.
@@ -793,12 +891,13 @@ impl Exec {
 
     async fn drain(
         &self,
-        campaign: &str,
+        step: &Step,
         index: u32,
         nodes: &[String],
         rules: &DrainRules,
         progress: &Progress,
     ) -> Outcome {
+        let campaign = step.campaign.as_str();
         // Cordoned already (CordonBlue), but a node drained on its own is cordoned here too.
         self.cordon(campaign, nodes, true).await?;
         for n in nodes {
@@ -809,7 +908,14 @@ impl Exec {
             )
             .await;
         }
-        let started = tokio::time::Instant::now();
+        // The timeout counts from the first start recorded on the nodes (a restarted agent
+        // resumes the drain, it does not get a fresh budget).
+        let already = self
+            .mark_draining(&format!("{campaign}/{}", step.seq), nodes)
+            .await?;
+        let started = tokio::time::Instant::now()
+            .checked_sub(already)
+            .unwrap_or_else(tokio::time::Instant::now);
         let mut report = DrainReport::default();
         let mut pending: BTreeSet<String> = nodes.iter().cloned().collect();
         let mut poll = Backoff::new();
@@ -822,6 +928,7 @@ impl Exec {
                 {
                     Pass::Empty => {
                         pending.remove(&n);
+                        self.node_state(&n, "drained").await?;
                         report.drained.push(n.clone());
                         self.event(&n, "Drained", &format!("drained ({campaign})"))
                             .await;
@@ -838,8 +945,9 @@ impl Exec {
                 match rules.on_undrainable {
                     OnUndrainable::Quarantine => {
                         for n in &pending {
-                            let patch =
-                                json!({"metadata": {"labels": {QUARANTINE_LABEL: "Quarantined"}}});
+                            let patch = json!({"metadata": {
+                                "labels": {QUARANTINE_LABEL: "Quarantined"},
+                                "annotations": {NODE_STATE_ANNOTATION: "quarantined"}}});
                             self.nodes()
                                 .patch(n, &PatchParams::default(), &Patch::Merge(&patch))
                                 .await?;
