@@ -172,6 +172,9 @@ pub struct ClusterRun {
     pub reason: String,
     /// This run counts against the failure budgets.
     pub failed: bool,
+    /// Since when the cluster's agent has been unreachable mid-rollout (Unix ms).
+    #[serde(default)]
+    pub unreachable_since_ms: Option<i64>,
 }
 
 impl ClusterRun {
@@ -864,6 +867,32 @@ impl Campaign {
         if !c.active() || c.held.is_some() {
             return;
         }
+        // An agent cut off from the hub (partitioned, or down) for too long: the cluster fails
+        // where it is. Nothing can be done or undone there until it is back (`retry`).
+        let unreachable = ctx
+            .members
+            .get(&c.name)
+            .is_some_and(|m| m.health == Health::Unreachable);
+        let timeout = self.spec.unreachable_timeout;
+        let c = &mut self.stages[i].clusters[j];
+        if !unreachable {
+            c.unreachable_since_ms = None;
+        } else {
+            let since = *c.unreachable_since_ms.get_or_insert(now);
+            if now >= since + timeout.as_millis() as i64 {
+                c.step = None;
+                c.step_deadline_ms = None;
+                c.failed = true;
+                let reason = format!(
+                    "its agent was unreachable for {}s during {:?}; left as it was (retry runs it again)",
+                    timeout.as_secs(),
+                    c.phase
+                );
+                finish(c, Phase::Failed, &reason, now);
+                return;
+            }
+        }
+        let c = &self.stages[i].clusters[j];
         // A step in flight: wait for it, or for its deadline.
         if let (Some(step), Some(deadline)) = (&c.step, c.step_deadline_ms) {
             if now >= deadline {

@@ -325,6 +325,10 @@ pub struct RawSpec {
     /// How many clusters may fail.
     #[serde(default)]
     pub failure_budget: RawFailureBudget,
+    /// How long a cluster's agent may be unreachable mid-rollout before the cluster fails
+    /// (left as it is; counts against the budgets). Default 5m.
+    #[serde(default)]
+    pub unreachable_timeout: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,6 +496,16 @@ pub struct Spec {
     /// Failures allowed in the campaign (of all its clusters, rounded up); `None`: the sum of
     /// the stages' budgets (no limit beyond theirs).
     pub failure_budget_per_campaign: Option<Amount>,
+    /// A cluster unreachable this long mid-rollout fails.
+    #[serde(default = "default_unreachable_timeout")]
+    pub unreachable_timeout: Duration,
+}
+
+/// The default `unreachableTimeout`.
+pub const DEFAULT_UNREACHABLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+fn default_unreachable_timeout() -> Duration {
+    DEFAULT_UNREACHABLE_TIMEOUT
 }
 
 /// Most stages a campaign may have (KubeFleet allows 31).
@@ -877,6 +891,11 @@ impl RawSpec {
                 None => None,
                 Some(r) => Some(Amount::parse("failureBudget.perCampaign", r)?),
             },
+            unreachable_timeout: duration(
+                "unreachableTimeout",
+                &self.unreachable_timeout,
+                DEFAULT_UNREACHABLE_TIMEOUT,
+            )?,
         })
     }
 }

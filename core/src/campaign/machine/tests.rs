@@ -417,7 +417,7 @@ fn members_that_left_or_cannot_run_campaigns_are_skipped_without_counting() {
 }
 
 #[test]
-fn a_silent_agent_times_out_and_counts_as_failed() {
+fn a_stuck_agent_times_out_and_counts_as_failed() {
     let mut s = Sim::new(
         spec(serde_json::json!({"failureBudget": {"perStage": 1}})),
         &["a", "b"],
@@ -425,12 +425,11 @@ fn a_silent_agent_times_out_and_counts_as_failed() {
     );
     s.run(3); // preflight, provision, wait-green-ready: green exists now
     assert_eq!(s.cluster("a").phase, Phase::CordoningBlue);
-    // The agent goes silent (partitioned): the step's deadline passes.
-    s.members.get_mut("a").unwrap().health = Health::Unreachable;
+    // The agent stays connected but never finishes: the step's deadline passes.
     s.at(STEP_TIMEOUT.as_millis() as i64 + 1);
     assert_eq!(s.cluster("a").phase, Phase::RollingBack);
     assert!(s.cluster("a").failed);
-    // The rollback cannot reach it either.
+    // The rollback does not finish either.
     let deadline = s.cluster("a").step_deadline_ms.unwrap();
     s.at(deadline);
     let a = s.cluster("a");
@@ -438,6 +437,48 @@ fn a_silent_agent_times_out_and_counts_as_failed() {
     assert!(a.reason.contains("rollback failed too"), "{}", a.reason);
     // b runs: one failure is within the stage's budget.
     assert_eq!(s.kinds("b"), ["preflight"]);
+}
+
+#[test]
+fn a_partitioned_cluster_fails_where_it_is_after_the_unreachable_timeout() {
+    let mut s = Sim::new(
+        spec(serde_json::json!({
+            "failureBudget": {"perStage": 1},
+            "unreachableTimeout": "30s",
+        })),
+        &["a", "b"],
+        2,
+    );
+    s.run(3);
+    assert_eq!(s.cluster("a").phase, Phase::CordoningBlue);
+    let sent = s.kinds("a").len();
+    s.members.get_mut("a").unwrap().health = Health::Unreachable;
+    s.at(1_000);
+    s.at(30_000);
+    assert_eq!(s.cluster("a").phase, Phase::CordoningBlue, "not yet");
+    // Back for a moment: the clock starts again.
+    s.members.get_mut("a").unwrap().health = Health::Ready;
+    s.at(30_500);
+    s.members.get_mut("a").unwrap().health = Health::Unreachable;
+    s.at(31_000);
+    s.at(60_999);
+    assert_eq!(s.cluster("a").phase, Phase::CordoningBlue, "29.999 s");
+    s.at(61_000);
+    let a = s.cluster("a");
+    assert_eq!(a.phase, Phase::Failed);
+    assert!(a.failed, "counts against the budget");
+    assert!(a.reason.contains("unreachable for 30s"), "{}", a.reason);
+    assert!(a.step.is_none());
+    // Nothing more is sent to it (a rollback could not reach it).
+    assert_eq!(s.kinds("a").len(), sent);
+    // Within the stage's budget, b runs.
+    assert_eq!(s.kinds("b"), ["preflight"]);
+    // Over it, nothing new would start: a second partition fails the stage.
+    s.members.get_mut("b").unwrap().health = Health::Unreachable;
+    s.at(62_000);
+    s.at(92_000);
+    assert_eq!(s.cluster("b").phase, Phase::Failed);
+    assert_eq!(s.c.state, RunState::Failed);
 }
 
 #[test]

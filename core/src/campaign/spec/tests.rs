@@ -27,6 +27,7 @@ fn defaults_follow_the_peers() {
     assert_eq!(s.failure_budget_per_campaign, None);
     assert!(!s.traffic_shift);
     assert_eq!(s.health.green_gpu_allocatable_percent, 100);
+    assert_eq!(s.unreachable_timeout, Duration::from_secs(5 * 60));
 }
 
 #[test]
@@ -136,6 +137,7 @@ fn a_full_spec_validates() {
 fn errors_name_the_field() {
     let cases: &[(&str, &str)] = &[
         (r#"{"name": "Driver_550"}"#, "name"),
+        (r#"{"unreachableTimeout": "soon"}"#, "unreachableTimeout"),
         (r#"{"pool": {}}"#, "pool"),
         (
             r#"{"pool": {"name": "a", "machineDeployment": "b"}}"#,
