@@ -68,15 +68,36 @@ pub fn hub(
     backend: Backend<'_>,
     id: u64,
     dir: &Path,
-    (port, http, dns): (u16, u16, u16),
+    ports: (u16, u16, u16),
     join: Option<u16>,
 ) -> Child {
+    hub_on(bin, backend, id, dir, ports, join, None)
+}
+
+/// [`hub`], its gRPC port also reachable at `expose` (an address of this host, e.g. a
+/// [`Netns`]'s host side), which it advertises to agents and peers.
+pub fn hub_on(
+    bin: &Path,
+    backend: Backend<'_>,
+    id: u64,
+    dir: &Path,
+    (port, http, dns): (u16, u16, u16),
+    join: Option<u16>,
+    expose: Option<&str>,
+) -> Child {
     let mut cmd = Command::new(bin.join("flotilla-hub"));
+    let listen = match expose {
+        Some(ip) => {
+            cmd.args(["--advertise", &format!("{ip}:{port}")]);
+            format!("0.0.0.0:{port}")
+        }
+        None => format!("127.0.0.1:{port}"),
+    };
     cmd.args([
         "--node-id",
         &id.to_string(),
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        &listen,
         "--http",
         &format!("127.0.0.1:{http}"),
         "--dns",
@@ -153,13 +174,26 @@ pub async fn leader(
 /// Start an agent for `cluster` against the hubs on `hubs` (its log beside the kubeconfig).
 pub fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &Path) -> Child {
     let hubs: Vec<String> = hubs.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    agent_in(None, bin, (cluster, ""), &hubs, token, kubeconfig)
+}
+
+/// [`agent`] inside `ns` when given, with the cluster's `labels` (`k=v,…`), dialling the hubs
+/// at `hubs` (`host:port`).
+pub fn agent_in(
+    ns: Option<&Netns>,
+    bin: &Path,
+    (cluster, labels): (&str, &str),
+    hubs: &[String],
+    token: &str,
+    kubeconfig: &Path,
+) -> Child {
     // Beside the kubeconfigs; appended to, so a restarted agent's log follows the first.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(kubeconfig.with_extension("agent.log"))
         .expect("agent log");
-    Command::new(bin.join("flotilla-agent"))
+    command(ns, &bin.join("flotilla-agent"))
         .args([
             "--cluster",
             cluster,
@@ -172,6 +206,7 @@ pub fn agent(bin: &Path, cluster: &str, hubs: &[u16], token: &str, kubeconfig: &
         ])
         .arg("--kubeconfig")
         .arg(kubeconfig)
+        .env("FLOTILLA_LABELS", labels)
         .env("RUST_LOG", "info")
         .stderr(log.try_clone().expect("agent log"))
         .stdout(log)
@@ -241,7 +276,12 @@ pub fn health(cs: &[v1::Cluster], name: &str) -> Option<v1::ClusterHealth> {
 
 /// `flotilla-kube-sim` serving `scenario`, writing each cluster's kubeconfig under `kc`.
 pub fn kube_sim(bin: &Path, scenario: &Path, kc: &Path) -> Child {
-    Command::new(bin.join("flotilla-kube-sim"))
+    kube_sim_in(None, bin, scenario, kc)
+}
+
+/// [`kube_sim`], inside `ns` when given.
+pub fn kube_sim_in(ns: Option<&Netns>, bin: &Path, scenario: &Path, kc: &Path) -> Child {
+    command(ns, &bin.join("flotilla-kube-sim"))
         .arg("--scenario")
         .arg(scenario)
         .arg("--kubeconfig-dir")
@@ -254,30 +294,19 @@ pub fn kube_sim(bin: &Path, scenario: &Path, kc: &Path) -> Child {
 }
 
 /// An agent per cluster in `names`, each with a new join token from the hub on `token_port`,
-/// started once kube-sim has written its kubeconfig under `kc`; the agents and their tokens.
+/// started once kube-sim has written its kubeconfig under `kc`, with the cluster labels
+/// `labels` gives (`k=v,…`); the agents and their tokens.
 pub async fn agents(
     bin: &Path,
-    names: &[&str],
+    (names, labels): (&[&str], &dyn Fn(&str) -> String),
     hubs: &[u16],
     token_port: u16,
     kc: &Path,
     limit: Duration,
 ) -> (Vec<Child>, Vec<String>) {
-    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(
-        channel(token_port).await.expect("a hub to ask for tokens"),
-    );
     let mut tokens = Vec::new();
     for n in names {
-        let t = fleet
-            .create_join_token(v1::CreateJoinTokenRequest {
-                cluster: n.to_string(),
-                ttl_seconds: 600,
-            })
-            .await
-            .expect("a join token")
-            .into_inner()
-            .token;
-        tokens.push(t);
+        tokens.push(join_token(token_port, n).await);
     }
     wait_until("kubeconfigs written", limit, || async {
         names
@@ -288,7 +317,127 @@ pub async fn agents(
     let children = names
         .iter()
         .zip(&tokens)
-        .map(|(n, t)| agent(bin, n, hubs, t, &kc.join(format!("{n}.kubeconfig"))))
+        .map(|(n, t)| {
+            let hubs: Vec<String> = hubs.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let kubeconfig = kc.join(format!("{n}.kubeconfig"));
+            agent_in(None, bin, (n, &labels(n)), &hubs, t, &kubeconfig)
+        })
         .collect();
     (children, tokens)
+}
+
+/// A join token for `cluster` from the hub on `port`.
+pub async fn join_token(port: u16, cluster: &str) -> String {
+    let mut fleet = v1::fleet_service_client::FleetServiceClient::new(
+        channel(port).await.expect("a hub to ask for a token"),
+    );
+    fleet
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster: cluster.to_string(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("a join token")
+        .into_inner()
+        .token
+}
+
+/// `program`, run inside `ns` when given.
+fn command(ns: Option<&Netns>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            // `ip netns exec` execs the program: the child's pid is the program's.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A network namespace joined to this host by a veth pair, to partition the processes in it
+/// from the rest as a network does (their link goes down; processes here still reach the
+/// host side's address). Needs root and `ip`; dropping it deletes the namespace and the pair.
+pub struct Netns {
+    /// The namespace's name.
+    pub name: String,
+    /// This host's address on the pair, which processes inside reach it at.
+    pub host_ip: String,
+    inside: String,
+}
+
+impl Netns {
+    /// A new namespace, or why there cannot be one here.
+    pub fn create() -> Result<Self, String> {
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| format!("cannot run id: {e}"))?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("needs root to create a network namespace".into());
+        }
+        let pid = std::process::id();
+        let name = format!("flt{pid}");
+        let (host, inside) = (format!("flt{pid}h"), format!("flt{pid}n"));
+        let octet = pid % 250 + 1;
+        let (host_ip, inside_ip) = (format!("10.213.{octet}.1"), format!("10.213.{octet}.2"));
+        let ns = Self {
+            name: name.clone(),
+            host_ip: host_ip.clone(),
+            inside: inside.clone(),
+        };
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &name],
+            &[
+                "link", "add", &host, "type", "veth", "peer", "name", &inside,
+            ],
+            &["link", "set", &inside, "netns", &name],
+            &["addr", "add", &format!("{host_ip}/30"), "dev", &host],
+            &["link", "set", &host, "up"],
+            &[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{inside_ip}/30"),
+                "dev",
+                &inside,
+            ],
+            &["-n", &name, "link", "set", &inside, "up"],
+            &["-n", &name, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            ip(args)?;
+        }
+        Ok(ns)
+    }
+
+    /// Cut the namespace off (true) or join it again (false).
+    pub fn partition(&self, cut: bool) {
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.name, "link", "set", &self.inside, state]).expect("partition");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // The pair goes with the namespace.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }

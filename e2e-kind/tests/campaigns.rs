@@ -1,13 +1,19 @@
-//! An upgrade campaign end to end with the real binaries: `flotilla-kube-sim` serving six
-//! simulated clusters, three `flotilla-hub` replicas on their Raft store, six `flotilla-agent`
-//! processes.
+//! An upgrade campaign end to end with the real binaries: `flotilla-kube-sim` serving nine
+//! simulated clusters, three `flotilla-hub` replicas on their Raft store, nine
+//! `flotilla-agent` processes.
 //!
 //! - three stages, an approval gate after the first, traffic shift on;
+//! - at the gate, no agent of a later stage has been sent a step;
 //! - the hub leader is killed while the second stage runs: the new leader continues from the
-//!   store; every cluster ends Done;
-//! - the agents' logs are the step log: no step ran twice, and every cluster drained each of
-//!   its blue nodes once;
-//! - a surviving hub's DNS answers the service throughout.
+//!   store;
+//! - one cluster of the third stage (its kube-sim and agent in their own network namespace)
+//!   is partitioned from every hub mid-rollout: its cluster fails after `unreachableTimeout`
+//!   and counts against the stage's budget of one; the others end Done (without root, the
+//!   partition is skipped with a printed reason and all nine end Done);
+//! - the agents' logs are the step log: no step ran twice, every step of a stage came after
+//!   every step of the stage before, and every cluster drained each of its blue nodes once;
+//! - a surviving hub's DNS answers the service throughout;
+//! - healed, the partitioned cluster is retried and ends Done.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,25 +21,38 @@ use std::time::Duration;
 use flotilla_api::v1;
 use flotilla_api::v1::campaign_service_client::CampaignServiceClient;
 use flotilla_e2e::{
-    Backend, agents, binaries, clusters, dns_a, free_udp_port, health, hub, kube_sim, leader,
+    Backend, Netns, agent_in, agents, binaries, clusters, dns_a, free_udp_port, health, hub_on,
+    join_token, kube_sim, kube_sim_in, leader,
 };
 use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-const NAMES: [&str; 6] = ["one-a", "one-b", "two-a", "two-b", "three-a", "three-b"];
+const NAMES: [&str; 9] = [
+    "one-a", "one-b", "one-c", "two-a", "two-b", "two-c", "three-a", "three-b", "three-c",
+];
 
-fn scenario() -> String {
+/// The cluster partitioned mid-rollout: it has twice the blue nodes, so its rollout is still
+/// going when the test sees it start.
+const CUT: &str = "three-c";
+
+/// A cluster's labels: its ring, which selects its stage.
+fn ring(name: &str) -> String {
+    format!("ring={}", name.split('-').next().unwrap())
+}
+
+fn scenario(names: &[&str]) -> String {
     let mut s = String::from("clusters:\n");
-    for n in NAMES {
+    for n in names {
         let ring = n.split('-').next().unwrap();
+        let count = if *n == CUT { 6 } else { 3 };
         s.push_str(&format!(
             "  - name: {n}
     provider: cluster-api
     labels: {{ring: {ring}}}
     timing: {{node_ready_ms: 200, device_plugin_ms: 200, pod_start_ms: 100, grace_second_ms: 1}}
     pools:
-      - {{name: gpu, count: 3, gpu: {{vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}}}
+      - {{name: gpu, count: {count}, gpu: {{vendor: nvidia, product: NVIDIA-H100-80GB-HBM3, memory_mib: 81559, count: 8, family: hopper}}}}
     workloads:
       - {{name: llm, namespace: ml, replicas: 2, gpus: 4, pdb: {{max_unavailable: 1}}, service: {{port: 8000, type: LoadBalancer}}, export: true}}
 "
@@ -55,7 +74,8 @@ const SPEC: &str = r#"{
   ],
   "blueGreen": {"batch": 1, "batchSoak": "0s", "finalSoak": "0s"},
   "trafficShift": true,
-  "failureBudget": {"perStage": 0}
+  "failureBudget": {"perStage": 1},
+  "unreachableTimeout": "3s"
 }"#;
 
 async fn campaign(port: u16, id: &str) -> Option<v1::CampaignInfo> {
@@ -66,8 +86,8 @@ async fn campaign(port: u16, id: &str) -> Option<v1::CampaignInfo> {
         .map(|r| r.into_inner())
 }
 
-/// `(seq, kind)` of every step an agent's log says it finished.
-fn steps_done(log: &str) -> Vec<(u64, String)> {
+/// `(seq, kind)` of every step an agent's log says `what` of (`step started`, `step done`).
+fn steps(log: &str, what: &str) -> Vec<(u64, String)> {
     let mut out = Vec::new();
     for line in log.lines() {
         // Without the terminal colours tracing writes.
@@ -84,7 +104,7 @@ fn steps_done(log: &str) -> Vec<(u64, String)> {
                 plain.push(c);
             }
         }
-        if !plain.contains("step done") {
+        if !plain.contains(what) {
             continue;
         }
         let field = |name: &str| {
@@ -101,39 +121,57 @@ fn steps_done(log: &str) -> Vec<(u64, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_campaign_survives_the_hub_leader_being_killed() {
+async fn a_campaign_survives_a_hub_leader_kill_and_a_partitioned_agent() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let bin = binaries();
     let mut procs = Procs(Vec::new());
+    // The partitioned cluster and its agent live in their own network namespace (with root);
+    // without one, it runs with the others and nothing is partitioned.
+    let ns = match Netns::create() {
+        Ok(ns) => Some(ns),
+        Err(why) => {
+            eprintln!("skipping the partition ({why}); nine clusters run without it");
+            None
+        }
+    };
+    let main_names: Vec<&str> = NAMES
+        .iter()
+        .copied()
+        .filter(|n| ns.is_none() || *n != CUT)
+        .collect();
     let scenario_path = dir.join("scenario.yaml");
-    std::fs::write(&scenario_path, scenario()).unwrap();
+    std::fs::write(&scenario_path, scenario(&main_names)).unwrap();
     let kc = dir.join("kc");
     procs.0.push(kube_sim(&bin, &scenario_path, &kc));
+    let kc_cut = dir.join("kc-cut");
     let ports = [free_port(), free_port(), free_port()];
     let http = [free_port(), free_port(), free_port()];
     let dns = [free_udp_port(), free_udp_port(), free_udp_port()];
     let backend = Backend::Raft;
-    procs.0.push(hub(
+    let expose = ns.as_ref().map(|n| n.host_ip.as_str());
+    procs.0.push(hub_on(
         &bin,
         backend,
         1,
         dir,
         (ports[0], http[0], dns[0]),
         None,
+        expose,
     ));
     wait_until("hub 1 leads", LIMIT, || async {
         leader(backend, (&ports, &http), &[0]).await == Some(0)
     })
     .await;
     for i in 1..3 {
-        procs.0.push(hub(
+        procs.0.push(hub_on(
             &bin,
             backend,
             i as u64 + 1,
             dir,
             (ports[i], http[i], dns[i]),
             Some(ports[0]),
+            expose,
         ));
     }
     wait_until("three voters", LIMIT, || async {
@@ -143,9 +181,35 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
     })
     .await;
     // Killed on drop like the rest, so a failed assertion leaves no agent running.
-    let _agents = Procs(agents(&bin, &NAMES, &ports, ports[0], &kc, LIMIT).await.0);
+    let mut running = agents(&bin, (&main_names, &ring), &ports, ports[0], &kc, LIMIT)
+        .await
+        .0;
+    if let Some(ns) = &ns {
+        let path = dir.join("cut.yaml");
+        std::fs::write(&path, scenario(&[CUT])).unwrap();
+        running.push(kube_sim_in(Some(ns), &bin, &path, &kc_cut));
+        let kubeconfig = kc_cut.join(format!("{CUT}.kubeconfig"));
+        wait_until("the partitioned cluster's kubeconfig", LIMIT, || async {
+            kubeconfig.exists()
+        })
+        .await;
+        let hubs: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{}:{p}", ns.host_ip))
+            .collect();
+        let token = join_token(ports[0], CUT).await;
+        running.push(agent_in(
+            Some(ns),
+            &bin,
+            (CUT, &ring(CUT)),
+            &hubs,
+            &token,
+            &kubeconfig,
+        ));
+    }
+    let _agents = Procs(running);
     wait_until(
-        "six clusters Ready and able to run campaigns",
+        "nine clusters Ready and able to run campaigns",
         LIMIT,
         || async {
             clusters(ports[1]).await.is_some_and(|cs| {
@@ -190,6 +254,14 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
             (asked, unanswered)
         })
     };
+    let log = |n: &str| {
+        let dir = if ns.is_some() && n == CUT {
+            &kc_cut
+        } else {
+            &kc
+        };
+        std::fs::read_to_string(dir.join(format!("{n}.agent.log"))).unwrap()
+    };
 
     wait_until("stage one done, its gate waiting", LIMIT, || async {
         campaign(ports[lead], &id)
@@ -197,6 +269,18 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
             .is_some_and(|c| c.waiting_approvals == ["one-after-0"])
     })
     .await;
+    // The first stage ran its own three clusters, and nothing outside it has been touched.
+    let info = campaign(ports[lead], &id).await.unwrap();
+    assert_eq!(
+        info.clusters_by_phase.get("Done"),
+        Some(&3),
+        "{:?}",
+        info.clusters_by_phase
+    );
+    for n in NAMES.iter().filter(|n| !n.starts_with("one-")) {
+        let started = steps(&log(n), "step started");
+        assert!(started.is_empty(), "{n} ran {started:?} during stage one");
+    }
     api.act_on_campaign(v1::CampaignActionRequest {
         id: id.clone(),
         action: v1::CampaignAction::Approve as i32,
@@ -208,7 +292,7 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
     let seen = wait_until_some("stage two rolling", LIMIT, || async {
         let c = campaign(ports[lead], &id).await?;
         let done = c.clusters_by_phase.get("Done").copied().unwrap_or(0);
-        (c.current_stage != "one" || done > 2 || c.state != v1::CampaignState::Running as i32)
+        (c.current_stage != "one" || done > 3 || c.state != v1::CampaignState::Running as i32)
             .then_some(c)
     })
     .await;
@@ -228,7 +312,120 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
             .is_some_and(|l| l != lead)
     })
     .await;
+    // Partition the third stage's slow cluster once its rollout has begun.
+    if let Some(ns) = &ns {
+        let phase = wait_until_some(
+            "the partitioned cluster to start",
+            Duration::from_secs(180),
+            || async {
+                let c = campaign(ports[survivor], &id).await?;
+                let p = cluster_phase(&c, CUT)?;
+                (p != "Pending").then_some(p)
+            },
+        )
+        .await;
+        assert!(
+            !matches!(phase.as_str(), "Done" | "Failed" | "RolledBack" | "Skipped"),
+            "{CUT} ended ({phase}) before it could be partitioned"
+        );
+        ns.partition(true);
+    }
     let info = wait_until_some("the campaign to end", Duration::from_secs(180), || async {
+        let c = campaign(ports[survivor], &id).await?;
+        (c.state != v1::CampaignState::Running as i32).then_some(c)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        info.state,
+        v1::CampaignState::Succeeded as i32,
+        "{}",
+        info.detail_json
+    );
+    if ns.is_some() {
+        // One failure is within the stage's budget: the campaign completes around it.
+        assert_eq!(
+            info.clusters_by_phase.get("Done"),
+            Some(&8),
+            "{:?}",
+            info.clusters_by_phase
+        );
+        assert_eq!(info.clusters_by_phase.get("Failed"), Some(&1));
+        let detail: serde_json::Value = serde_json::from_str(&info.detail_json).unwrap();
+        let cut = cluster_run(&detail, CUT).unwrap();
+        assert_eq!(cut["failed"], true, "counts against the budget: {cut}");
+        assert!(
+            cut["reason"]
+                .as_str()
+                .unwrap()
+                .contains("unreachable for 3s"),
+            "{cut}"
+        );
+    } else {
+        assert_eq!(info.clusters_by_phase.get("Done"), Some(&9));
+    }
+    let (asked, unanswered) = dns_watch.await.unwrap();
+    assert!(asked > 20, "DNS was asked {asked} times");
+    assert_eq!(
+        unanswered, 0,
+        "{unanswered} of {asked} DNS queries unanswered"
+    );
+
+    // The step log: no step ran twice; every stage's steps came after the stage before's;
+    // every cluster drained each blue node once.
+    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+    let mut stages: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
+    for n in NAMES {
+        let log = log(n);
+        let done = steps(&log, "step done");
+        for (seq, kind) in &done {
+            if let Some(other) = seen.insert(*seq, format!("{n} {kind}")) {
+                panic!("step {seq} ran twice: {other} and {n} {kind}");
+            }
+        }
+        let stage = ["one-", "two-", "three-"]
+            .iter()
+            .position(|p| n.starts_with(p))
+            .unwrap();
+        for (seq, _) in steps(&log, "step started") {
+            let (lo, hi) = stages.entry(stage).or_insert((u64::MAX, 0));
+            *lo = (*lo).min(seq);
+            *hi = (*hi).max(seq);
+        }
+        if ns.is_some() && n == CUT {
+            continue;
+        }
+        let drains = done.iter().filter(|(_, k)| k == "drain-batch").count();
+        assert_eq!(drains, 3, "{n}: {done:?}");
+        assert!(
+            done.iter().any(|(_, k)| k == "retire-blue"),
+            "{n}: {done:?}"
+        );
+    }
+    assert!(
+        stages[&0].1 < stages[&1].0 && stages[&1].1 < stages[&2].0,
+        "stages overlapped (first and last seq per stage): {stages:?}"
+    );
+
+    // Healed, the cluster comes back and a retry finishes it.
+    let Some(ns) = &ns else { return };
+    ns.partition(false);
+    wait_until(&format!("{CUT} Ready again"), LIMIT, || async {
+        clusters(ports[survivor])
+            .await
+            .is_some_and(|cs| health(&cs, CUT) == Some(v1::ClusterHealth::Ready))
+    })
+    .await;
+    let new_lead = leader(backend, (&ports, &http), &others).await.unwrap();
+    let mut api = CampaignServiceClient::new(channel(ports[new_lead]).await.unwrap());
+    api.act_on_campaign(v1::CampaignActionRequest {
+        id: id.clone(),
+        action: v1::CampaignAction::Retry as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let info = wait_until_some("the retry to end", Duration::from_secs(180), || async {
         let c = campaign(ports[survivor], &id).await?;
         (c.state != v1::CampaignState::Running as i32).then_some(c)
     })
@@ -239,32 +436,30 @@ async fn a_campaign_survives_the_hub_leader_being_killed() {
         "{}",
         info.detail_json
     );
-    assert_eq!(info.clusters_by_phase.get("Done"), Some(&6));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (asked, unanswered) = dns_watch.await.unwrap();
-    assert!(asked > 20, "DNS was asked {asked} times");
     assert_eq!(
-        unanswered, 0,
-        "{unanswered} of {asked} DNS queries unanswered"
+        info.clusters_by_phase.get("Done"),
+        Some(&9),
+        "{:?}",
+        info.clusters_by_phase
     );
+}
 
-    // The step log: no step ran twice; every cluster drained each blue node once.
-    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
-    for n in NAMES {
-        let log = std::fs::read_to_string(kc.join(format!("{n}.agent.log"))).unwrap();
-        let done = steps_done(&log);
-        for (seq, kind) in &done {
-            if let Some(other) = seen.insert(*seq, format!("{n} {kind}")) {
-                panic!("step {seq} ran twice: {other} and {n} {kind}");
-            }
-        }
-        let drains = done.iter().filter(|(_, k)| k == "drain-batch").count();
-        assert_eq!(drains, 3, "{n}: {done:?}");
-        assert!(
-            done.iter().any(|(_, k)| k == "retire-blue"),
-            "{n}: {done:?}"
-        );
-    }
+/// One cluster's run in a campaign's detail.
+fn cluster_run<'a>(detail: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    detail["stages"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s["clusters"].as_array())
+        .flatten()
+        .find(|c| c["name"] == name)
+}
+
+/// One cluster's phase, from the campaign's detail.
+fn cluster_phase(c: &v1::CampaignInfo, name: &str) -> Option<String> {
+    let detail: serde_json::Value = serde_json::from_str(&c.detail_json).ok()?;
+    cluster_run(&detail, name)?["phase"]
+        .as_str()
+        .map(str::to_string)
 }
 
 fn tokio_util_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {

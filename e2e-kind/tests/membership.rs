@@ -134,7 +134,15 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
     // Tokens and agents, killed on drop like the rest, so a failed assertion leaves no agent
     // running.
     let names = ["east", "west", "north"];
-    let (children, tokens) = agents(&bin, &names, &ports, ports[1], &kc, LIMIT).await;
+    let (children, tokens) = agents(
+        &bin,
+        (&names, &|_| String::new()),
+        &ports,
+        ports[1],
+        &kc,
+        LIMIT,
+    )
+    .await;
     let mut agents = Procs(children);
     wait_until("all three clusters Ready", LIMIT, || async {
         clusters(ports[2]).await.is_some_and(|cs| {

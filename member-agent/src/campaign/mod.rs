@@ -223,6 +223,7 @@ async fn runner(
         tokio::spawn(
             async move {
                 let report = |st: &StepStatus| conv::status_to_wire(&step.campaign, step.seq, st);
+                tracing::info!("step started");
                 let _ = out.send(report(&StepStatus::Accepted)).await;
                 let progress = exec::Progress::new(out.clone(), step.campaign.clone(), step.seq);
                 let st = tokio::select! {
