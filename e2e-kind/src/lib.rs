@@ -293,12 +293,15 @@ pub fn kube_sim_in(ns: Option<&Netns>, bin: &Path, scenario: &Path, kc: &Path) -
         .expect("spawn flotilla-kube-sim")
 }
 
+/// A cluster's labels by its name (`k=v,…`).
+pub type Labels = dyn Fn(&str) -> String;
+
 /// An agent per cluster in `names`, each with a new join token from the hub on `token_port`,
 /// started once kube-sim has written its kubeconfig under `kc`, with the cluster labels
 /// `labels` gives (`k=v,…`); the agents and their tokens.
 pub async fn agents(
     bin: &Path,
-    (names, labels): (&[&str], &dyn Fn(&str) -> String),
+    (names, labels): (&[&str], &Labels),
     hubs: &[u16],
     token_port: u16,
     kc: &Path,
