@@ -5,11 +5,18 @@
 //! time, each stage transition (last cluster of a stage done → first of the next started)
 //! and per-cluster durations.
 //!
+//! With `--split`, kube-sim and the agents run in processes of their own (the hub stays in
+//! this one), for fleets whose sockets exceed one process's open-file limit, and each
+//! process's CPU time is reported apart: where the time goes.
+//!
 //! ```text
-//! cargo build --release -p flotilla-hub
+//! cargo build --release -p flotilla-hub -p flotilla-kube-sim
 //! ./target/release/flotilla-campaign-bench --clusters 100 --nodes 10
+//! ./target/release/flotilla-campaign-bench --clusters 1000 --nodes 10 --split
 //! ```
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,6 +25,11 @@ use flotilla_api::v1;
 use flotilla_api::v1::campaign_service_client::CampaignServiceClient;
 use flotilla_api::v1::fleet_service_client::FleetServiceClient;
 use tokio_util::sync::CancellationToken;
+
+#[path = "support/procs.rs"]
+#[allow(dead_code)]
+mod procs;
+use procs::{Procs, proc_stat};
 
 #[derive(Parser, Debug)]
 #[command(about = "A whole upgrade campaign over simulated clusters")]
@@ -40,17 +52,163 @@ struct Args {
     /// Give up after this long.
     #[arg(long, default_value = "30m", value_parser = flotilla_core::duration::parse)]
     timeout: Duration,
+    /// Run kube-sim (`flotilla-kube-sim` beside this binary) and the agents in processes of
+    /// their own, and report each process's CPU.
+    #[arg(long)]
+    split: bool,
+    /// Internal (`--split`): run the agents this file lists, until killed.
+    #[arg(long, hide = true)]
+    run_agents: Option<PathBuf>,
+}
+
+/// One agent a `--split` agent process runs: a line `cluster token ring kubeconfig` of its
+/// file (after the hub's address on the first).
+struct AgentEntry {
+    cluster: String,
+    token: String,
+    ring: String,
+    kubeconfig: PathBuf,
+}
+
+/// A cluster's stage label: stages of 20%, 30% and 50% of the clusters.
+fn ring(i: usize, clusters: usize) -> &'static str {
+    match i * 10 / clusters.max(1) {
+        0 | 1 => "first",
+        2..=4 => "second",
+        _ => "third",
+    }
+}
+
+/// The agent process of `--split`: every agent the file lists, as `--dev` runs them.
+async fn run_agents(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)?;
+    let mut lines = text.lines();
+    let hub = lines.next().context("the hub's address")?.to_string();
+    let shutdown = CancellationToken::new();
+    for line in lines {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [cluster, token, ring, kubeconfig] = f[..] else {
+            bail!("a bad agent line: {line:?}");
+        };
+        let a = AgentEntry {
+            cluster: cluster.into(),
+            token: token.into(),
+            ring: ring.into(),
+            kubeconfig: kubeconfig.into(),
+        };
+        let kc = kube::config::Kubeconfig::read_from(&a.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let opts = flotilla_agent::AgentOptions {
+            cluster: a.cluster,
+            hubs: vec![hub.clone()],
+            token: a.token,
+            pool_label: None,
+            region: String::new(),
+            labels: [("ring".to_string(), a.ring)].into(),
+            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
+            flat_network: false,
+            imports: true,
+            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
+            campaigns: true,
+        };
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = flotilla_agent::run(config, opts, None, s).await {
+                eprintln!("agent stopped: {e}");
+            }
+        });
+    }
+    // Until the benchmark kills this process.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// `--split`: kube-sim as a child process; once every kubeconfig is written, join tokens
+/// from the hub and the agents in a second child. The children, in that order.
+async fn split_fleet(
+    a: &Args,
+    dir: &Path,
+    scenario_path: &Path,
+    hub: std::net::SocketAddr,
+) -> anyhow::Result<Procs> {
+    let me = std::env::current_exe()?;
+    let sim_bin = me.with_file_name("flotilla-kube-sim");
+    if !sim_bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p flotilla-kube-sim)",
+            sim_bin.display()
+        );
+    }
+    let kc = dir.join("kc");
+    let mut procs = Procs(vec![
+        Command::new(&sim_bin)
+            .arg("--scenario")
+            .arg(scenario_path)
+            .arg("--kubeconfig-dir")
+            .arg(&kc)
+            .args(["--control", &format!("127.0.0.1:{}", procs::free_port())])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting flotilla-kube-sim")?,
+    ]);
+    let names: Vec<String> = (0..a.clusters).map(|i| format!("c{i:04}")).collect();
+    let started = Instant::now();
+    while !names
+        .iter()
+        .all(|n| kc.join(format!("{n}.kubeconfig")).exists())
+    {
+        if started.elapsed() > a.timeout {
+            bail!("kube-sim did not write every kubeconfig");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{hub}"))?
+        .connect()
+        .await?;
+    let mut fleet = FleetServiceClient::new(ch);
+    let mut agents = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let token = fleet
+            .create_join_token(v1::CreateJoinTokenRequest {
+                cluster: n.clone(),
+                ttl_seconds: 3600,
+            })
+            .await?
+            .into_inner()
+            .token;
+        agents.push(AgentEntry {
+            cluster: n.clone(),
+            token,
+            ring: ring(i, a.clusters).to_string(),
+            kubeconfig: kc.join(format!("{n}.kubeconfig")),
+        });
+    }
+    let file = dir.join("agents.tsv");
+    let mut text = format!("{hub}\n");
+    for e in &agents {
+        text.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            e.cluster,
+            e.token,
+            e.ring,
+            e.kubeconfig.display()
+        ));
+    }
+    std::fs::write(&file, text)?;
+    procs.0.push(
+        Command::new(&me)
+            .arg("--run-agents")
+            .arg(&file)
+            .spawn()
+            .context("starting the agent process")?,
+    );
+    Ok(procs)
 }
 
 fn scenario(clusters: usize, nodes: u32) -> String {
     let mut s = String::from("clusters:\n");
     for i in 0..clusters {
-        // Stages of 20%, 30%, 50% by label.
-        let ring = match i * 10 / clusters.max(1) {
-            0 | 1 => "first",
-            2..=4 => "second",
-            _ => "third",
-        };
+        let ring = ring(i, clusters);
         s.push_str(&format!(
             "  - name: c{i:04}
     provider: cluster-api
@@ -102,25 +260,37 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn,flotilla_dns=error".into()),
         )
         .init();
+    if let Some(file) = &a.run_agents {
+        return run_agents(file).await;
+    }
     let dir = tempfile::tempdir()?;
     let scenario_path = dir.path().join("scenario.yaml");
     std::fs::write(&scenario_path, scenario(a.clusters, a.nodes))?;
     let data = dir.path().join("data");
-    let args = <flotilla_hub::Args as clap::Parser>::parse_from([
-        "flotilla-hub",
-        "--dev",
-        "--dev-scenario",
-        scenario_path.to_str().context("path")?,
-        "--data-dir",
-        data.to_str().context("path")?,
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-    ]);
+    let mut hub_args = vec![
+        "flotilla-hub".to_string(),
+        "--data-dir".into(),
+        data.to_str().context("path")?.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+    ];
+    if !a.split {
+        hub_args.extend([
+            "--dev".into(),
+            "--dev-scenario".into(),
+            scenario_path.to_str().context("path")?.into(),
+        ]);
+    }
+    let args = <flotilla_hub::Args as clap::Parser>::parse_from(hub_args);
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let hub = flotilla_hub::start(args, shutdown.clone()).await?;
+    let children = match a.split {
+        true => Some(split_fleet(&a, dir.path(), &scenario_path, hub.addr).await?),
+        false => None,
+    };
     let addr = format!("http://{}", hub.addr);
     let ch = tonic::transport::Endpoint::from_shared(addr)?
         .connect()
@@ -151,6 +321,14 @@ async fn main() -> anyhow::Result<()> {
         a.nodes,
         started.elapsed().as_secs_f64()
     );
+    let cpu = |children: &Option<Procs>| {
+        let mut v = vec![proc_stat(std::process::id()).0];
+        if let Some(p) = children {
+            v.extend(p.0.iter().map(|c| proc_stat(c.id()).0));
+        }
+        v
+    };
+    let cpu0 = cpu(&children);
     let t0 = Instant::now();
     let id = api
         .create_campaign(v1::CreateCampaignRequest {
@@ -180,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let total = t0.elapsed();
+    let cpu1 = cpu(&children);
     let c = flotilla_api::convert::campaign::campaign_from_info(&info)?;
     println!(
         "campaign: {} clusters × {} nodes, 3 stages, concurrency {}, batch {}, surge {}",
@@ -190,6 +369,20 @@ async fn main() -> anyhow::Result<()> {
         c.state, info.clusters_by_phase
     );
     println!("total: {:.2} s", total.as_secs_f64());
+    let spent: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect();
+    match spent.as_slice() {
+        [hub, sim, agents] => println!(
+            "CPU during the campaign: hub {hub:.1} s, kube-sim {sim:.1} s, agents {agents:.1} s \
+             ({:.2} cores of 2)",
+            (hub + sim + agents) / total.as_secs_f64()
+        ),
+        [all] => println!(
+            "CPU during the campaign: {all:.1} s in one process (hub, kube-sim and agents; \
+             --split tells them apart), {:.2} cores",
+            all / total.as_secs_f64()
+        ),
+        _ => {}
+    }
     for w in c.stages.windows(2) {
         let last_done = w[0].clusters.iter().filter_map(|r| r.finished_ms).max();
         let first_start = w[1].clusters.iter().filter_map(|r| r.started_ms).min();
@@ -225,6 +418,8 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // The agents go first, so the hub has no streams to wait for.
+    drop(children);
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), hub.wait()).await;
     if c.state != flotilla_core::campaign::machine::RunState::Succeeded {

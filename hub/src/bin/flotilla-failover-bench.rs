@@ -11,6 +11,7 @@
 //!     ./target/release/flotilla-failover-bench --rounds 10
 
 #[path = "support/procs.rs"]
+#[allow(dead_code)]
 mod procs;
 
 use std::process::Command;

@@ -27,6 +27,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+#[path = "support/procs.rs"]
+#[allow(dead_code)]
+mod procs;
+use procs::{free_port, proc_stat};
+
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-fleet-bench")]
 struct Args {
@@ -100,29 +105,6 @@ fn start_etcd(bin: &str, dir: &std::path::Path) -> anyhow::Result<(HubProc, Stri
         .spawn()
         .with_context(|| format!("spawn {bin} (install etcd-server, or set --etcd-bin)"))?;
     Ok((HubProc(child), url))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn proc_stat(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let cpu = (t(11) + t(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0);
-    (cpu, rss)
 }
 
 /// The hub child process; killed and reaped when dropped (also on early returns).

@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 
 #[path = "support/procs.rs"]
+#[allow(dead_code)]
 mod procs;
 
 use procs::Procs;

@@ -33,6 +33,22 @@ impl Drop for Procs {
     }
 }
 
+/// A process's CPU seconds (user + system) and resident memory in MiB, from `/proc`.
+pub fn proc_stat(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = (t(11) + t(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0);
+    (cpu, rss)
+}
+
 /// `flotilla-hub` next to this binary.
 pub fn hub_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
