@@ -13,7 +13,8 @@
 //! - the agents' logs are the step log: no step ran twice, every step of a stage came after
 //!   every step of the stage before, and every cluster drained each of its blue nodes once;
 //! - a surviving hub's DNS answers the service throughout;
-//! - healed, the partitioned cluster is retried and ends Done.
+//! - healed, the partitioned cluster is retried (`flotctl campaign retry` sent to a follower,
+//!   which names the leader) and ends Done.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -416,15 +417,19 @@ async fn a_campaign_survives_a_hub_leader_kill_and_a_partitioned_agent() {
             .is_some_and(|cs| health(&cs, CUT) == Some(v1::ClusterHealth::Ready))
     })
     .await;
+    // flotctl (the hub binary's `ctl`) pointed at a follower: the write goes to the leader.
     let new_lead = leader(backend, (&ports, &http), &others).await.unwrap();
-    let mut api = CampaignServiceClient::new(channel(ports[new_lead]).await.unwrap());
-    api.act_on_campaign(v1::CampaignActionRequest {
-        id: id.clone(),
-        action: v1::CampaignAction::Retry as i32,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let follower = others.iter().copied().find(|i| *i != new_lead).unwrap();
+    let out = std::process::Command::new(bin.join("flotilla-hub"))
+        .args(["ctl", "--hub", &format!("127.0.0.1:{}", ports[follower])])
+        .args(["campaign", "retry", &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flotctl campaign retry via a follower: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info = wait_until_some("the retry to end", Duration::from_secs(180), || async {
         let c = campaign(ports[survivor], &id).await?;
         (c.state != v1::CampaignState::Running as i32).then_some(c)

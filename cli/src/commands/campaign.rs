@@ -88,6 +88,33 @@ fn client(ctx: &Ctx) -> CampaignServiceClient<Channel> {
     CampaignServiceClient::new(ctx.channel.clone())
 }
 
+/// A campaign write: only the leader takes one, so a replica's answer naming the leader sends
+/// it there once (any replica's address works for `--hub`).
+async fn write<T, F, Fut>(ctx: &Ctx, call: F) -> Result<T, Failure>
+where
+    F: Fn(CampaignServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let s = match call(client(ctx)).await {
+        Ok(r) => return Ok(r.into_inner()),
+        Err(s) => s,
+    };
+    let leader = s
+        .metadata()
+        .get(flotilla_api::convert::kv::LEADER_HINT_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| s.code() == tonic::Code::Unavailable)
+        .map(str::to_string);
+    let Some(leader) = leader else {
+        return Err(ctx.explain(s));
+    };
+    let lead = Ctx::connect(leader, ctx.output).await?;
+    call(client(&lead))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| lead.explain(s))
+}
+
 fn state_name(s: i32) -> &'static str {
     match v1::CampaignState::try_from(s) {
         Ok(v1::CampaignState::Running) => "Running",
@@ -161,11 +188,12 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
     let req = match c {
         Campaign::Create { file, dry_run } => {
             let spec_json = super::services::read_policy(&file)?;
-            let r = client(ctx)
-                .create_campaign(v1::CreateCampaignRequest { spec_json, dry_run })
-                .await
-                .map_err(|s| ctx.explain(s))?
-                .into_inner();
+            let req = v1::CreateCampaignRequest { spec_json, dry_run };
+            let r = write(ctx, |mut c| {
+                let req = req.clone();
+                async move { c.create_campaign(req).await }
+            })
+            .await?;
             let info = r.campaign.unwrap_or_default();
             if dry_run {
                 let mut v = as_json(&info);
@@ -270,11 +298,11 @@ pub async fn run(ctx: &mut Ctx, c: Campaign) -> Result<(), Failure> {
         Campaign::Retry { id } => act(id, v1::CampaignAction::Retry, None, None),
         Campaign::Complete { id } => act(id, v1::CampaignAction::Complete, None, None),
     };
-    let info = client(ctx)
-        .act_on_campaign(req)
-        .await
-        .map_err(|s| ctx.explain(s))?
-        .into_inner();
+    let info = write(ctx, |mut c| {
+        let req = req.clone();
+        async move { c.act_on_campaign(req).await }
+    })
+    .await?;
     ctx.print(&as_json(&info), || table(&HEADER, vec![row(&info, now)]));
     Ok(())
 }

@@ -22,8 +22,9 @@ pub fn free_port() -> u16 {
 pub struct Procs(pub Vec<Child>);
 
 impl Drop for Procs {
+    /// Newest first: what was started on top of another goes before it.
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for c in self.0.iter_mut().rev() {
             let _ = Command::new("kill")
                 .args(["-CONT", &c.id().to_string()])
                 .status();
