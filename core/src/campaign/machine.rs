@@ -226,6 +226,19 @@ impl StageRun {
     pub fn failures(&self) -> u32 {
         self.clusters.iter().filter(|c| c.failed).count() as u32
     }
+
+    /// The stage without its clusters' runs, cloned without them.
+    pub fn header(&self) -> StageRun {
+        StageRun {
+            name: self.name.clone(),
+            phase: self.phase,
+            phase_since_ms: self.phase_since_ms,
+            healthy_since_ms: self.healthy_since_ms,
+            concurrency: self.concurrency,
+            budget: self.budget,
+            clusters: Vec::new(),
+        }
+    }
 }
 
 /// A whole campaign: the spec and member snapshot it was created with, and where it is.
@@ -257,6 +270,57 @@ pub struct Campaign {
     pub next_seq: u64,
     /// When it ended (Unix ms).
     pub finished_ms: Option<i64>,
+}
+
+impl Campaign {
+    /// The campaign without its clusters' runs (a record's header), cloned without them:
+    /// O(stages), not O(clusters).
+    pub fn header(&self) -> Campaign {
+        Campaign {
+            id: self.id.clone(),
+            spec: self.spec.clone(),
+            unselected: self.unselected.clone(),
+            created_ms: self.created_ms,
+            state: self.state,
+            reason: self.reason.clone(),
+            aborting: self.aborting,
+            current: self.current,
+            stages: self.stages.iter().map(StageRun::header).collect(),
+            budget: self.budget,
+            approvals: self.approvals.clone(),
+            next_seq: self.next_seq,
+            finished_ms: self.finished_ms,
+        }
+    }
+
+    /// Make `other` equal to this campaign, cloning only the cluster runs that differ (how a
+    /// controller keeps its copy of what is stored after each write: a write changes a few
+    /// runs, and cloning every run each time grew with the fleet times its steps).
+    pub fn copy_into(&self, other: &mut Campaign) {
+        let same_shape = other.stages.len() == self.stages.len()
+            && other
+                .stages
+                .iter()
+                .zip(&self.stages)
+                .all(|(a, b)| a.clusters.len() == b.clusters.len());
+        if !same_shape {
+            *other = self.clone();
+            return;
+        }
+        let mut stages = std::mem::take(&mut other.stages);
+        *other = self.header();
+        for (dst, src) in stages.iter_mut().zip(&self.stages) {
+            let mut runs = std::mem::take(&mut dst.clusters);
+            for (d, s) in runs.iter_mut().zip(&src.clusters) {
+                if d != s {
+                    *d = s.clone();
+                }
+            }
+            *dst = src.header();
+            dst.clusters = runs;
+        }
+        other.stages = stages;
+    }
 }
 
 /// What a member looks like to the campaign now.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use flotilla_api::convert::campaign as conv;
 use flotilla_api::convert::fleet::health_from_wire;
 use flotilla_api::v1;
-use flotilla_core::campaign::machine::{Campaign, Ctx, MemberInfo, Refusal};
+use flotilla_core::campaign::machine::{Campaign, ClusterRun, Ctx, MemberInfo, Refusal};
 use flotilla_core::campaign::plan::{Member, snapshot};
 use flotilla_core::campaign::step::{Step, StepKind, StepOutput, StepStatus};
 use flotilla_core::health::Health;
@@ -424,8 +424,8 @@ impl<B: KvBackend + Clone> CampaignController<B> {
                     if rev > 0 {
                         l.revision = rev;
                     }
-                    let before = std::mem::replace(&mut l.stored, l.c.clone());
-                    self.sync(&l.stored, if all { None } else { Some(&before) });
+                    self.sync(&l.c, if all { None } else { Some(&l.stored) });
+                    l.c.copy_into(&mut l.stored);
                 }
                 Ok(None) => return Err(Fenced),
                 // Kept dirty: written again on the next tick, and nothing is sent before.
@@ -438,25 +438,30 @@ impl<B: KvBackend + Clone> CampaignController<B> {
     }
 
     /// Put the stored campaign's steps in flight in their clusters' outboxes, and take out
-    /// those no longer in flight; only clusters whose run changed since `before`.
+    /// those no longer in flight; only clusters whose step changed since `before`.
     fn sync(&self, c: &Campaign, before: Option<&Campaign>) {
-        let old: BTreeMap<&str, Option<&Step>> = before
-            .map(|b| {
-                b.clusters()
-                    .map(|(_, r)| (r.name.as_str(), r.step.as_ref()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // What goes out: the step in flight, unless its end is parked.
+        fn out(r: &ClusterRun) -> Option<&Step> {
+            r.step.as_ref().filter(|_| r.parked.is_none())
+        }
         let key = outbox_key(&c.id);
-        for (_, r) in c.clusters() {
-            let step = r.step.as_ref().filter(|_| r.parked.is_none());
-            if before.is_some() && old.get(r.name.as_str()).copied().flatten() == step {
-                continue;
-            }
-            let ob = self.campaigns.outboxes.of(&r.name);
-            match step {
-                Some(s) => ob.put(&key, command(s)),
-                None => ob.remove(&key),
+        for (i, stage) in c.stages.iter().enumerate() {
+            for (j, r) in stage.clusters.iter().enumerate() {
+                let step = out(r);
+                // By position: a campaign's stages and clusters never move.
+                if let Some(b) = before
+                    && b.stages
+                        .get(i)
+                        .and_then(|s| s.clusters.get(j))
+                        .is_some_and(|o| o.name == r.name && out(o) == step)
+                {
+                    continue;
+                }
+                let ob = self.campaigns.outboxes.of(&r.name);
+                match step {
+                    Some(s) => ob.put(&key, command(s)),
+                    None => ob.remove(&key),
+                }
             }
         }
     }

@@ -105,23 +105,6 @@ pub async fn load<B: KvBackend>(b: &B, id: &str) -> Result<Option<(Campaign, i64
     Ok(gather(r.kvs).into_iter().next())
 }
 
-/// The header's form of a campaign: without the clusters' runs.
-fn header(c: &Campaign) -> Campaign {
-    let mut h = Campaign {
-        stages: Vec::new(),
-        ..c.clone()
-    };
-    h.stages = c
-        .stages
-        .iter()
-        .map(|s| flotilla_core::campaign::machine::StageRun {
-            clusters: Vec::new(),
-            ..s.clone()
-        })
-        .collect();
-    h
-}
-
 /// Write what changed from `before` (the stored version; `None`: a new campaign) to `c`,
 /// fenced by `term`. `Ok(None)`: another term has started, nothing was written.
 pub async fn save<B: KvBackend>(
@@ -132,8 +115,8 @@ pub async fn save<B: KvBackend>(
     now_ms: i64,
 ) -> Result<Option<i64>, KvError> {
     let mut ops = Vec::new();
-    let h = header(c);
-    if before.map(header).as_ref() != Some(&h) {
+    let h = c.header();
+    if before.map(Campaign::header).as_ref() != Some(&h) {
         let rec = v1::CampaignRecord {
             id: c.id.clone(),
             state_json: serde_json::to_string(&h).expect("a campaign serializes"),

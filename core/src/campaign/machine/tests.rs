@@ -824,3 +824,28 @@ fn failing_health_gates_are_checked_again_until_their_window_closes() {
     assert_eq!(a.phase, Phase::RolledBack, "{a:?}");
     assert!(a.reason.contains("for 60s"), "{}", a.reason);
 }
+
+#[test]
+fn the_header_has_no_runs_and_copy_into_makes_an_equal_copy() {
+    let mut s = Sim::new(spec(serde_json::json!({})), &["a", "b", "c"], 2);
+    let stored = s.c.clone();
+    let h = s.c.header();
+    assert!(h.stages.iter().all(|st| st.clusters.is_empty()));
+    assert_eq!(h.stages.len(), s.c.stages.len());
+    assert_eq!(
+        Campaign {
+            stages: s.c.stages.iter().map(StageRun::header).collect(),
+            ..s.c.clone()
+        },
+        h
+    );
+    s.run(5);
+    assert_ne!(s.c, stored);
+    let mut copy = stored.clone();
+    s.c.copy_into(&mut copy);
+    assert_eq!(copy, s.c);
+    // A different shape is copied whole.
+    let mut other = Sim::new(spec(serde_json::json!({})), &["x"], 1).c;
+    s.c.copy_into(&mut other);
+    assert_eq!(other, s.c);
+}
