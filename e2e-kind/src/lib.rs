@@ -193,25 +193,27 @@ pub fn agent_in(
         .append(true)
         .open(kubeconfig.with_extension("agent.log"))
         .expect("agent log");
-    command(ns, &bin.join("flotilla-agent"))
-        .args([
-            "--cluster",
-            cluster,
-            "--token",
-            token,
-            "--http",
-            "",
-            "--hub",
-            &hubs.join(","),
-        ])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .env("FLOTILLA_LABELS", labels)
-        .env("RUST_LOG", "info")
-        .stderr(log.try_clone().expect("agent log"))
-        .stdout(log)
-        .spawn()
-        .expect("spawn flotilla-agent")
+    let mut cmd = command(ns, &bin.join("flotilla-agent"));
+    if !labels.is_empty() {
+        cmd.env("FLOTILLA_LABELS", labels);
+    }
+    cmd.args([
+        "--cluster",
+        cluster,
+        "--token",
+        token,
+        "--http",
+        "",
+        "--hub",
+        &hubs.join(","),
+    ])
+    .arg("--kubeconfig")
+    .arg(kubeconfig)
+    .env("RUST_LOG", "info")
+    .stderr(log.try_clone().expect("agent log"))
+    .stdout(log)
+    .spawn()
+    .expect("spawn flotilla-agent")
 }
 
 /// The member clusters as the hub on `port` lists them (`None`: it did not answer).

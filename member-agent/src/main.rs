@@ -73,7 +73,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let mut labels = BTreeMap::new();
-    for l in &args.labels {
+    // An empty value (FLOTILLA_LABELS="" in a manifest) means no labels.
+    for l in args.labels.iter().filter(|l| !l.is_empty()) {
         let (k, v) = l
             .split_once('=')
             .with_context(|| format!("--labels: {l:?} is not key=value"))?;
