@@ -116,24 +116,14 @@ pub async fn start(
         records::put_if(store, &keys::token_key(&token), &rec, 0).await?;
         let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-        let opts = flotilla_agent::AgentOptions {
-            cluster: c.name().to_string(),
-            hubs: vec![grpc.to_string()],
-            token,
-            pool_label: None,
-            region: String::new(),
-            labels: scenario
-                .clusters
-                .iter()
-                .find(|s| s.name == c.name())
-                .map(|s| s.labels.clone())
-                .unwrap_or_default(),
-            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-            flat_network: false,
-            imports: true,
-            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-            campaigns: true,
-        };
+        let labels = scenario
+            .clusters
+            .iter()
+            .find(|s| s.name == c.name())
+            .map(|s| s.labels.clone())
+            .unwrap_or_default();
+        let opts =
+            flotilla_agent::AgentOptions::simulated(c.name(), &grpc.to_string(), token, labels);
         let s = shutdown.clone();
         let span = tracing::info_span!("dev-agent", cluster = %c.name());
         tokio::spawn(tracing::Instrument::instrument(

@@ -52,6 +52,31 @@ pub struct AgentOptions {
     pub campaigns: bool,
 }
 
+impl AgentOptions {
+    /// What `--dev` gives its in-process agents (and the benchmarks theirs): every feature on,
+    /// the defaults otherwise.
+    pub fn simulated(
+        cluster: &str,
+        hub: &str,
+        token: String,
+        labels: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            hubs: vec![hub.to_string()],
+            token,
+            pool_label: None,
+            region: String::new(),
+            labels,
+            gpu_advertise_bound: DEFAULT_GPU_ADVERTISE_BOUND,
+            flat_network: false,
+            imports: true,
+            inference_interval: inference::DEFAULT_INTERVAL,
+            campaigns: true,
+        }
+    }
+}
+
 /// Watch the cluster (through a client built from `config`) and report to the hub until
 /// `shutdown`.
 pub async fn run(

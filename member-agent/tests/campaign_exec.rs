@@ -452,16 +452,20 @@ async fn a_bare_pod_refuses_the_drain_unless_forced() {
     assert!(matches!(st, StepStatus::Done(_)), "{st:?}");
 }
 
-#[tokio::test]
-async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
-    let (fleet, client, exec) = setup(&scenario(None, "pdb: {min_available: 1}", 1)).await;
-    let pod = llm_pods(&client).await.remove(0);
+/// Step `seq` of campaign `c1`: drain the node the PDB-held pod runs on, within `timeout`;
+/// the node and the step.
+async fn held_drain(
+    client: &kube::Client,
+    seq: u64,
+    timeout: Duration,
+) -> (String, flotilla_core::campaign::step::Step) {
+    let pod = llm_pods(client).await.remove(0);
     let node = pod.spec.unwrap().node_name.unwrap();
     let mut rules = spec(serde_json::json!({})).drain;
-    rules.timeout_per_node = Duration::from_secs(60);
+    rules.timeout_per_node = timeout;
     let step = flotilla_core::campaign::step::Step {
         campaign: "c1".into(),
-        seq: 7,
+        seq,
         term: 1,
         kind: StepKind::DrainBatch {
             index: 0,
@@ -469,6 +473,13 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
             rules,
         },
     };
+    (node, step)
+}
+
+#[tokio::test]
+async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
+    let (fleet, client, exec) = setup(&scenario(None, "pdb: {min_available: 1}", 1)).await;
+    let (node, step) = held_drain(&client, 7, Duration::from_secs(60)).await;
     let (out, _rx) = tokio::sync::mpsc::channel(1024);
     // The agent dies while the PDB holds the drain: the node is cordoned, the pod stays.
     let cut = tokio::time::timeout(
@@ -540,20 +551,7 @@ async fn a_drain_cut_short_by_an_agent_restart_is_finished_by_the_same_step() {
 #[tokio::test]
 async fn a_resumed_drain_counts_its_timeout_from_the_first_start() {
     let (_fleet, client, exec) = setup(&scenario(None, "pdb: {min_available: 1}", 1)).await;
-    let pod = llm_pods(&client).await.remove(0);
-    let node = pod.spec.unwrap().node_name.unwrap();
-    let mut rules = spec(serde_json::json!({})).drain;
-    rules.timeout_per_node = Duration::from_secs(2);
-    let step = flotilla_core::campaign::step::Step {
-        campaign: "c1".into(),
-        seq: 3,
-        term: 1,
-        kind: StepKind::DrainBatch {
-            index: 0,
-            nodes: vec![node.clone()],
-            rules,
-        },
-    };
+    let (_, step) = held_drain(&client, 3, Duration::from_secs(2)).await;
     let (out, _rx) = tokio::sync::mpsc::channel(1024);
     let cut = tokio::time::timeout(
         Duration::from_millis(500),

@@ -98,19 +98,8 @@ async fn run_agents(file: &Path) -> anyhow::Result<()> {
         };
         let kc = kube::config::Kubeconfig::read_from(&a.kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-        let opts = flotilla_agent::AgentOptions {
-            cluster: a.cluster,
-            hubs: vec![hub.clone()],
-            token: a.token,
-            pool_label: None,
-            region: String::new(),
-            labels: [("ring".to_string(), a.ring)].into(),
-            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-            flat_network: false,
-            imports: true,
-            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-            campaigns: true,
-        };
+        let labels = [("ring".to_string(), a.ring)].into();
+        let opts = flotilla_agent::AgentOptions::simulated(&a.cluster, &hub, a.token, labels);
         let s = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = flotilla_agent::run(config, opts, None, s).await {
