@@ -1,11 +1,68 @@
-//! HTTP/2 limits every Flotilla gRPC server and client sets, so that both sides agree.
+//! The one seam every Flotilla gRPC connection and listener goes through: the HTTP/2 limits
+//! both sides agree on, how a client dials (`host:port` or a URL, with its [`Security`]), and
+//! how a server is built. The agent session, flotctl, flotilla-dns's follower, the store
+//! client and the Raft transport all dial with [`connect`] or [`endpoint`]; the hub and the
+//! standalone store build their listeners with [`server`]. Transport security (issue 22)
+//! lives here and nowhere else.
 
-use tonic::transport::{Endpoint, Server};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint, Server};
 
 /// Streams a peer may reset on one connection before it is given up. h2's server default is
 /// 20: after a pause, a client shared by many tasks whose requests time out resets more than
 /// that at once, and the whole connection (with its watches and in-flight writes) would drop.
 pub const MAX_RESET_STREAMS: usize = 1024;
+
+/// How a connection is secured. Plaintext is the only form yet; TLS joins it here, so every
+/// client and listener already takes the setting from one place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Security {
+    /// No transport security.
+    #[default]
+    Plaintext,
+}
+
+/// How a client dials.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// Transport security.
+    pub security: Security,
+    /// How long a TCP connect may take.
+    pub connect_timeout: Duration,
+}
+
+impl Dial {
+    /// Plaintext, with `connect_timeout`.
+    pub fn plaintext(connect_timeout: Duration) -> Self {
+        Self {
+            security: Security::Plaintext,
+            connect_timeout,
+        }
+    }
+}
+
+/// Why a client could not dial.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The address is not one Flotilla can dial with these settings.
+    #[error("{addr:?}: {reason}")]
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Nothing answered, or the connection failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// The transport's error.
+        reason: String,
+    },
+}
 
 /// A server builder with Flotilla's HTTP/2 limits.
 pub fn server() -> Server {
@@ -19,4 +76,92 @@ pub fn client(endpoint: Endpoint) -> Endpoint {
     endpoint
         .http2_max_concurrent_reset_streams(MAX_RESET_STREAMS)
         .http2_max_local_error_reset_streams(MAX_RESET_STREAMS)
+}
+
+/// The endpoint for `addr` (`host:port`, or an `http://` URL) as `dial` says: Flotilla's
+/// HTTP/2 limits, the connect timeout, no Nagle delay.
+pub fn endpoint(addr: &str, dial: &Dial) -> Result<Endpoint, DialError> {
+    let bad = |reason: String| DialError::Address {
+        addr: addr.to_string(),
+        reason,
+    };
+    let url = match addr.split_once("://") {
+        None => format!("http://{addr}"),
+        Some(("http", _)) => addr.to_string(),
+        Some((scheme, _)) => {
+            return Err(bad(format!(
+                "the scheme {scheme:?} is not supported with {:?} (give host:port)",
+                dial.security
+            )));
+        }
+    };
+    let ep = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
+    Ok(client(
+        ep.connect_timeout(dial.connect_timeout).tcp_nodelay(true),
+    ))
+}
+
+/// Dial `addr` now.
+pub async fn connect(addr: &str, dial: &Dial) -> Result<Channel, DialError> {
+    endpoint(addr, dial)?
+        .connect()
+        .await
+        .map_err(|e| DialError::Connect {
+            addr: addr.to_string(),
+            reason: error_chain(&e),
+        })
+}
+
+/// The transport error with its causes (tonic's own message is only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_host_port_or_http_urls() {
+        let d = Dial::plaintext(Duration::from_secs(1));
+        assert_eq!(
+            endpoint("127.0.0.1:7400", &d).unwrap().uri().to_string(),
+            "http://127.0.0.1:7400/"
+        );
+        assert_eq!(
+            endpoint("http://hub.example:7400", &d)
+                .unwrap()
+                .uri()
+                .to_string(),
+            "http://hub.example:7400/"
+        );
+        let e = endpoint("https://hub.example:7400", &d).unwrap_err();
+        assert!(e.to_string().contains("\"https\" is not supported"), "{e}");
+        let e = endpoint("not a host", &d).unwrap_err();
+        assert!(matches!(e, DialError::Address { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_address_and_the_cause() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let e = connect(&addr, &Dial::plaintext(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with(&format!("cannot connect to {addr}")), "{s}");
+        assert!(s.to_lowercase().contains("refused"), "{s}");
+    }
 }

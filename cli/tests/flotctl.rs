@@ -81,19 +81,7 @@ async fn get_describe_fit_join_and_errors() {
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
-    let opts = flotilla_agent::AgentOptions {
-        cluster: "cli-test".into(),
-        hubs: vec![hub.clone()],
-        token,
-        pool_label: None,
-        region: String::new(),
-        labels: Default::default(),
-        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-        flat_network: false,
-        imports: true,
-        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-        campaigns: true,
-    };
+    let opts = flotilla_agent::AgentOptions::simulated("cli-test", &hub, token, Default::default());
     tokio::spawn(flotilla_agent::run(config, opts, None, shutdown.clone()));
 
     let h = hub.clone();

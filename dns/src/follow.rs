@@ -147,17 +147,10 @@ pub async fn follow(
 }
 
 async fn stream_once(hub: &str, cluster: Option<&str>, table: &SharedTable) -> Result<(), String> {
-    let url = if hub.starts_with("http") {
-        hub.to_string()
-    } else {
-        format!("http://{hub}")
-    };
-    let ch = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
+    let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(3));
+    let ch = flotilla_api::grpc::connect(hub, &dial)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let mut client = v1::discovery_service_client::DiscoveryServiceClient::new(ch);
     let mut stream = client
         .watch_routes(v1::WatchRoutesRequest {

@@ -441,13 +441,7 @@ async fn open_raft(
     };
     let node = open.node().clone();
     let store = HubStore::Raft(node.clone());
-    let routes = node
-        .services(shutdown.clone())
-        .routes()
-        .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
-        .add_service(fleet.fleet_service(store.clone()))
-        .add_service(fleet.discovery_service(store.clone()))
-        .add_service(fleet.campaign_service(store.clone(), Arc::new(store.clone())));
+    let routes = server::routes(node.services(shutdown.clone()).routes(), fleet, &store);
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone())
             .instrument(info_span!("hub-grpc", node = args.node_id)),
@@ -489,15 +483,10 @@ async fn open_etcd(
         .await
         .context("--etcd-endpoints")?;
     let store = HubStore::Etcd(Box::new(kv), leadership);
-    let routes = tonic::service::Routes::default()
-        .add_service(crate::store::kv_service::BackendKv::new(
-            store.clone(),
-            shutdown.clone(),
-        ))
-        .add_service(fleet.agent_service(store.clone(), Arc::new(store.clone())))
-        .add_service(fleet.fleet_service(store.clone()))
-        .add_service(fleet.discovery_service(store.clone()))
-        .add_service(fleet.campaign_service(store.clone(), Arc::new(store.clone())));
+    let kv = tonic::service::Routes::default().add_service(
+        crate::store::kv_service::BackendKv::new(store.clone(), shutdown.clone()),
+    );
+    let routes = server::routes(kv, fleet, &store);
     let server = tokio::spawn(
         server::serve(listener, routes, shutdown.clone()).instrument(info_span!("hub-grpc")),
     );

@@ -9,6 +9,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::store::backend::HubStore;
+use std::sync::Arc;
+
+/// The hub's routes, assembled here once for every store backend: the store's own services
+/// (`store`: Kv, and on Raft also Raft and StoreAdmin), then the fleet's over `hub`.
+pub fn routes(store: Routes, fleet: &crate::fleet::Fleet, hub: &HubStore) -> Routes {
+    let leadership = || -> Arc<dyn crate::controllers::Leadership> { Arc::new(hub.clone()) };
+    store
+        .add_service(fleet.agent_service(hub.clone(), leadership()))
+        .add_service(fleet.fleet_service(hub.clone()))
+        .add_service(fleet.discovery_service(hub.clone()))
+        .add_service(fleet.campaign_service(hub.clone(), leadership()))
+}
+
 /// Serves `routes` plus gRPC health and reflection on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,

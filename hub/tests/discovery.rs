@@ -282,19 +282,12 @@ async fn start_fleet(sim: &str) -> Fleet {
             .into_inner()
             .token;
         let stop = shutdown.child_token();
-        let opts = flotilla_agent::AgentOptions {
-            cluster: c.name().into(),
-            hubs: vec![hub.addr.to_string()],
+        let opts = flotilla_agent::AgentOptions::simulated(
+            c.name(),
+            &hub.addr.to_string(),
             token,
-            pool_label: None,
-            region: String::new(),
-            labels: Default::default(),
-            gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-            flat_network: false,
-            imports: true,
-            inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-            campaigns: true,
-        };
+            Default::default(),
+        );
         tokio::spawn(flotilla_agent::run(
             kube_config(c).await,
             opts,

@@ -628,19 +628,12 @@ async fn a_real_agent_reports_a_simulated_cluster() {
         .await
         .unwrap();
     let agent_stop = CancellationToken::new();
-    let opts = flotilla_agent::AgentOptions {
-        cluster: "sim-one".into(),
-        hubs: vec![hub.addr.trim_start_matches("http://").to_string()],
+    let opts = flotilla_agent::AgentOptions::simulated(
+        "sim-one",
+        hub.addr.trim_start_matches("http://"),
         token,
-        pool_label: None,
-        region: String::new(),
-        labels: Default::default(),
-        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-        flat_network: false,
-        imports: true,
-        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-        campaigns: true,
-    };
+        Default::default(),
+    );
     let agent_http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_http_addr = agent_http.local_addr().unwrap();
     let agent = tokio::spawn(flotilla_agent::run(

@@ -50,6 +50,8 @@ pub struct AgentOptions {
     pub inference_interval: Duration,
     /// Run campaign steps when the credentials allow it (`--campaigns`).
     pub campaigns: bool,
+    /// How the hub is dialled.
+    pub security: flotilla_api::grpc::Security,
 }
 
 impl AgentOptions {
@@ -73,6 +75,7 @@ impl AgentOptions {
             imports: true,
             inference_interval: inference::DEFAULT_INTERVAL,
             campaigns: true,
+            security: flotilla_api::grpc::Security::Plaintext,
         }
     }
 }
@@ -183,6 +186,10 @@ pub async fn run(
         imports,
         loads: Some(loads),
         steps,
+        dial: flotilla_api::grpc::Dial {
+            security: opts.security,
+            connect_timeout: Duration::from_secs(3),
+        },
     };
     session::run(cfg, watch, shutdown).await
 }

@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         imports: args.imports,
         inference_interval: args.inference_sample_interval,
         campaigns: args.campaigns,
+        security: flotilla_api::grpc::Security::Plaintext,
     };
     let http = if args.http.is_empty() {
         None

@@ -46,6 +46,8 @@ pub struct SessionConfig {
     pub loads: Option<crate::inference::Latest>,
     /// The campaign step runner, if this agent runs campaigns.
     pub steps: Option<crate::campaign::Steps>,
+    /// How the hub is dialled.
+    pub dial: flotilla_api::grpc::Dial,
 }
 
 pub use crate::stream::SessionError;
@@ -182,18 +184,13 @@ async fn session(
     shutdown: &CancellationToken,
     learned_heartbeat: &mut Option<Duration>,
 ) -> Result<(), SessionError> {
-    let url = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map(flotilla_api::grpc::client)
-        .map_err(|e| SessionError::Retry(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
+    use flotilla_api::grpc::DialError;
+    let channel = flotilla_api::grpc::connect(addr, &cfg.dial)
         .await
-        .map_err(|e| SessionError::Unreachable(e.to_string()))?;
+        .map_err(|e| match e {
+            DialError::Address { .. } => SessionError::Retry(e.to_string()),
+            DialError::Connect { .. } => SessionError::Unreachable(e.to_string()),
+        })?;
     let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };

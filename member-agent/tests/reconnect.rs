@@ -78,19 +78,12 @@ async fn a_hint_naming_the_same_hub_waits_a_poll_interval() {
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .unwrap();
-    let opts = flotilla_agent::AgentOptions {
-        cluster: "bounce".into(),
-        hubs: vec![addr],
-        token: "flt_test".into(),
-        pool_label: None,
-        region: String::new(),
-        labels: Default::default(),
-        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-        flat_network: false,
-        imports: true,
-        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-        campaigns: true,
-    };
+    let opts = flotilla_agent::AgentOptions::simulated(
+        "bounce",
+        &addr,
+        "flt_test".into(),
+        Default::default(),
+    );
     let agent = tokio::spawn(flotilla_agent::run(cfg, opts, None, shutdown.clone()));
     // Wait for the first connect (the agent fills its caches first), then watch 3 s.
     let start = tokio::time::Instant::now();

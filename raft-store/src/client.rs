@@ -28,7 +28,7 @@ use flotilla_core::kv::{
     WatchRequest, WatchStream,
 };
 use futures::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A client for one store cluster.
 #[derive(Clone)]
@@ -61,19 +61,10 @@ impl StoreClient {
         let channels = endpoints
             .iter()
             .map(|e| {
-                let uri = if e.contains("://") {
-                    e.clone()
-                } else {
-                    format!("http://{e}")
-                };
-                Endpoint::from_shared(uri)
-                    .map(|ep| {
-                        flotilla_api::grpc::client(
-                            ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
-                        )
-                        .connect_lazy()
-                    })
-                    .map_err(|err| KvError::invalid("endpoints", format!("{e:?}: {err}")))
+                let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(1));
+                flotilla_api::grpc::endpoint(e, &dial)
+                    .map(|ep| ep.connect_lazy())
+                    .map_err(|err| KvError::invalid("endpoints", err.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let endpoints = endpoints

@@ -30,4 +30,4 @@ pub use node::StoreNode;
 pub use service::StoreServices;
 pub use standalone::{RunningNode, nodelay_incoming};
 pub use start::{NodeConfig, OpenMember, Tuning};
-pub use transport::{PlainTransport, Transport};
+pub use transport::{DialTransport, Transport};

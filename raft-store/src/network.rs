@@ -97,7 +97,7 @@ impl NetCtx {
     }
 
     /// A lazily connecting, cached channel to `addr` (host:port).
-    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, flotilla_api::grpc::DialError> {
         let mut g = self.channels.lock().expect("channels lock");
         if let Some(c) = g.get(addr) {
             return Ok(c.clone());

@@ -22,7 +22,7 @@ use crate::network::{Faults, NetCtx, NetworkFactory};
 use crate::node::{Inner, StoreNode};
 use crate::proposer::{MAX_BATCH, propose_loop};
 use crate::state_machine::SmConfig;
-use crate::transport::{PlainTransport, Transport};
+use crate::transport::{DialTransport, Transport};
 use crate::types::{NodeId, Raft};
 
 /// Timing and retention knobs.
@@ -101,7 +101,7 @@ impl NodeConfig {
             tuning: Tuning::default(),
             limits: Limits::default(),
             faults: None,
-            transport: Arc::new(PlainTransport::default()),
+            transport: Arc::new(DialTransport::default()),
         }
     }
 }

@@ -1,39 +1,36 @@
 //! How a member reaches the other members (Raft messages, forwarded requests, joins). The
-//! embedding program chooses it, so TLS and custom connectors live with the server that
-//! terminates them.
+//! embedding program chooses it; the default dials through Flotilla's one transport seam
+//! (`flotilla_api::grpc`), where transport security lives.
 
 use std::fmt::Debug;
 use std::time::Duration;
 
+use flotilla_api::grpc::{Dial, DialError};
 use tonic::transport::Endpoint;
 
 /// Builds the endpoint for another member's `host:port`.
 pub trait Transport: Debug + Send + Sync + 'static {
-    /// An endpoint (scheme, timeouts, TLS) for the member at `addr`.
-    fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error>;
+    /// An endpoint (scheme, timeouts, security) for the member at `addr`.
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, DialError>;
 }
 
-/// Plaintext HTTP/2 with a short connect timeout and Nagle off.
+/// Members dialled as `dial` says (default: plaintext, a short connect timeout).
 #[derive(Debug, Clone)]
-pub struct PlainTransport {
-    /// How long a connection attempt may take.
-    pub connect_timeout: Duration,
+pub struct DialTransport {
+    /// How members are dialled.
+    pub dial: Dial,
 }
 
-impl Default for PlainTransport {
+impl Default for DialTransport {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(1),
+            dial: Dial::plaintext(Duration::from_secs(1)),
         }
     }
 }
 
-impl Transport for PlainTransport {
-    fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-        Ok(flotilla_api::grpc::client(
-            Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(self.connect_timeout)
-                .tcp_nodelay(true),
-        ))
+impl Transport for DialTransport {
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, DialError> {
+        flotilla_api::grpc::endpoint(addr, &self.dial)
     }
 }

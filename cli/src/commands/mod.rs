@@ -43,23 +43,16 @@ pub struct Ctx {
 impl Ctx {
     /// Connects to `hub`.
     pub async fn connect(hub: String, output: Output) -> Result<Self, Failure> {
-        let url = if hub.starts_with("http") {
-            hub.clone()
-        } else {
-            format!("http://{hub}")
-        };
-        let ch = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| (format!("--hub {hub}: {e}"), 2))?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .connect()
+        use flotilla_api::grpc::{Dial, DialError};
+        let dial = Dial::plaintext(std::time::Duration::from_secs(3));
+        let ch = flotilla_api::grpc::connect(&hub, &dial)
             .await
-            .map_err(|e| {
-                (
-                    format!(
-                        "cannot reach the hub at {hub}: {e}; is it running? set --hub or FLOTILLA_HUB"
-                    ),
+            .map_err(|e| match e {
+                DialError::Address { .. } => (format!("--hub {e}"), 2),
+                DialError::Connect { .. } => (
+                    format!("{e}; is the hub running? set --hub or FLOTILLA_HUB"),
                     4,
-                )
+                ),
             })?;
         Ok(Self {
             hub,

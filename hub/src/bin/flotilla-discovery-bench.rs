@@ -139,19 +139,12 @@ fn start_agent(
     config: kube::Config,
     stop: CancellationToken,
 ) {
-    let opts = flotilla_agent::AgentOptions {
-        cluster: cluster.into(),
-        hubs: vec![hub.to_string()],
-        token: token.into(),
-        pool_label: None,
-        region: String::new(),
-        labels: Default::default(),
-        gpu_advertise_bound: flotilla_agent::DEFAULT_GPU_ADVERTISE_BOUND,
-        flat_network: false,
-        imports: true,
-        inference_interval: flotilla_agent::inference::DEFAULT_INTERVAL,
-        campaigns: true,
-    };
+    let opts = flotilla_agent::AgentOptions::simulated(
+        cluster,
+        &hub.to_string(),
+        token.into(),
+        Default::default(),
+    );
     tokio::spawn(flotilla_agent::run(config, opts, None, stop));
 }
 
