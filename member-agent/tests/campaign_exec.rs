@@ -5,6 +5,8 @@
 //! - a bounded-surge rollout moves every GPU pod to green, never over the cap, none lost;
 //! - a PDB that never allows an eviction: the 429 path, then pause, quarantine or forceAfter;
 //! - a bare pod refuses the drain unless `force`; the rules' words name the setting;
+//! - DaemonSet and mirror pods stay, emptyDir data holds the drain unless
+//!   `deleteEmptyDirData`, a `waitCompleted` pod is waited for until its deadline, then evicted;
 //! - green that never becomes Ready rolls back: green removed, blue untouched and uncordoned;
 //! - quota: pre-flight lowers the surge to what the quota allows;
 //! - an agent restart mid-drain: the same step finishes the drain, counting its timeout from
@@ -578,4 +580,119 @@ async fn a_resumed_drain_counts_its_timeout_from_the_first_start() {
     )
     .await;
     assert!(rx.try_recv().is_ok(), "the new step waits its own timeout");
+}
+
+#[tokio::test]
+async fn daemonset_mirror_emptydir_and_wait_completed_pods_follow_the_rules() {
+    let (_fleet, client, exec) = setup(&scenario(None, "", 1)).await;
+    let (_, _, nodes) = pools(&client).await;
+    let node = nodes
+        .iter()
+        .map(|n| n.metadata.name.clone().unwrap())
+        .min()
+        .unwrap();
+    let owned = |kind: &str| {
+        serde_json::json!([{"apiVersion": "batch/v1", "kind": kind, "name": "owner",
+                            "uid": format!("{kind}-uid"), "controller": true}])
+    };
+    let pods: [serde_json::Value; 3] = [
+        // A static pod's mirror: the kubelet owns it.
+        serde_json::json!({"metadata": {"name": "static-probe", "namespace": "ml",
+                              "annotations": {"kubernetes.io/config.mirror": "probe"}},
+                           "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}],
+                                    "tolerations": [{"operator": "Exists"}]}}),
+        // A controller's pod with emptyDir data.
+        serde_json::json!({"metadata": {"name": "cache", "namespace": "ml",
+                              "ownerReferences": owned("StatefulSet")},
+                           "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}],
+                                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                                    "tolerations": [{"operator": "Exists"}]}}),
+        // A training job's pod, which a rule lets finish first (up to its deadline).
+        serde_json::json!({"metadata": {"name": "train", "namespace": "ml",
+                              "labels": {"job": "train"}, "ownerReferences": owned("Job")},
+                           "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}],
+                                    "tolerations": [{"operator": "Exists"}]}}),
+    ];
+    let api = Api::<Pod>::namespaced(client.clone(), "ml");
+    for p in pods {
+        api.create(&PostParams::default(), &serde_json::from_value(p).unwrap())
+            .await
+            .unwrap();
+    }
+    let on_node = || async {
+        Api::<Pod>::all(client.clone())
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let daemonset_pods = |names: &[String]| {
+        names
+            .iter()
+            .filter(|n| n.starts_with("nvidia-device-plugin"))
+            .count()
+    };
+    assert_eq!(daemonset_pods(&on_node().await), 1, "{:?}", on_node().await);
+    let rules = |extra: serde_json::Value| {
+        let mut bg = serde_json::json!({
+            "podRules": [{"selector": {"matchLabels": {"job": "train"}},
+                          "action": "waitCompleted", "deadline": "1s"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            bg[k] = v.clone();
+        }
+        spec(serde_json::json!({ "blueGreen": bg })).drain
+    };
+    let step = |seq, rules| flotilla_core::campaign::step::Step {
+        campaign: "c1".into(),
+        seq,
+        term: 1,
+        kind: StepKind::DrainBatch {
+            index: 0,
+            nodes: vec![node.clone()],
+            rules,
+        },
+    };
+    let (out, mut rx) = tokio::sync::mpsc::channel(1024);
+    let st = exec
+        .run(
+            &step(1, rules(serde_json::json!({}))),
+            &Progress::new(out, "c1".into(), 1),
+        )
+        .await;
+    // The emptyDir pod holds the drain past its timeout, and says which setting frees it.
+    let StepStatus::Failed { blocked, .. } = &st else {
+        panic!("{st:?}")
+    };
+    assert!(
+        blocked
+            .iter()
+            .any(|b| b.pod == "ml/cache" && b.reason.contains("deleteEmptyDirData")),
+        "{blocked:?}"
+    );
+    // The training pod was waited for while its deadline lasted, then evicted.
+    let mut waited = false;
+    while let Ok(r) = rx.try_recv() {
+        waited |= r.status_json.contains("waiting for it to complete");
+    }
+    assert!(waited, "the training pod was not waited for");
+    let left = on_node().await;
+    assert!(!left.contains(&"train".to_string()), "{left:?}");
+    assert!(left.contains(&"cache".to_string()), "{left:?}");
+    // With the setting, the drain finishes; the mirror and DaemonSet pods stay.
+    let (out, _rx) = tokio::sync::mpsc::channel(1024);
+    let st = exec
+        .run(
+            &step(2, rules(serde_json::json!({"deleteEmptyDirData": true}))),
+            &Progress::new(out, "c1".into(), 2),
+        )
+        .await;
+    assert!(matches!(st, StepStatus::Done(_)), "{st:?}");
+    let left = on_node().await;
+    assert!(left.contains(&"static-probe".to_string()), "{left:?}");
+    assert_eq!(daemonset_pods(&left), 1, "{left:?}");
+    assert!(!left.contains(&"cache".to_string()), "{left:?}");
 }
