@@ -2,7 +2,8 @@
 //! hub drives it (without the hub: each step in flight is run by the real executor through
 //! kube-rs, and its status fed back):
 //!
-//! - a bounded-surge rollout moves every GPU pod to green, never over the cap, none lost;
+//! - a bounded-surge rollout moves every GPU pod to green, never over the cap, never past the
+//!   PDB after any step, none lost;
 //! - a PDB that never allows an eviction: the 429 path, then pause, quarantine or forceAfter;
 //! - a bare pod refuses the drain unless `force`; the rules' words name the setting;
 //! - DaemonSet and mirror pods stay, emptyDir data holds the drain unless
@@ -113,12 +114,12 @@ async fn llm_pods(client: &kube::Client) -> Vec<Pod> {
 }
 
 /// Run the campaign to its end (or until `stop` says so) with the real executor; after every
-/// step, `check` looks at the cluster.
+/// step, `check` looks at the cluster: blue and green nodes, and the workload's running pods.
 async fn drive(
     c: &mut Campaign,
     exec: &Exec,
     client: &kube::Client,
-    mut check: impl FnMut(usize, usize),
+    mut check: impl FnMut(usize, usize, usize),
     stop: impl Fn(&Campaign) -> bool,
 ) {
     let members: BTreeMap<String, MemberInfo> = [(
@@ -167,7 +168,13 @@ async fn drive(
         };
         c.on_status(&ctx, &cluster, step.seq, st);
         let (blue, green, _) = pools(client).await;
-        check(blue, green);
+        let running = llm_pods(client)
+            .await
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        check(blue, green, running);
     }
 }
 
@@ -225,9 +232,11 @@ async fn a_bounded_surge_rollout_moves_gpu_pods_to_green_within_the_cap() {
         &mut c,
         &exec,
         &client,
-        |b, g| {
+        |b, g, running| {
             max_total = max_total.max(b + g);
             assert!(b + g <= 4 + 2, "over the surge cap: {b} blue + {g} green");
+            // maxUnavailable 1 of 3: no step took more than the budget allows.
+            assert!(running >= 2, "{running} of 3 pods running: past the PDB");
         },
         |_| false,
     )
@@ -313,7 +322,7 @@ async fn a_pdb_that_never_allows_eviction_pauses_quarantines_or_forces() {
             &mut c,
             &exec,
             &client,
-            |_, _| {},
+            |_, _, _| {},
             |c| {
                 let r = &c.stages[0].clusters[0];
                 r.held.is_some() || r.phase.is_final() || r.batch >= 4
@@ -368,7 +377,7 @@ async fn green_that_never_becomes_ready_rolls_back_leaving_blue_serving() {
         })
         .unwrap();
     let mut c = campaign(spec(serde_json::json!({"surge": 2})));
-    drive(&mut c, &exec, &client, |_, _| {}, |_| false).await;
+    drive(&mut c, &exec, &client, |_, _, _| {}, |_| false).await;
     let r = &c.stages[0].clusters[0];
     assert_eq!(r.phase, Phase::RolledBack, "{r:#?}");
     assert!(r.reason.contains("green nodes Ready"), "{}", r.reason);
@@ -391,7 +400,7 @@ async fn preflight_sees_the_quota_and_lowers_the_surge() {
         &mut c,
         &exec,
         &client,
-        |b, g| max_total = max_total.max(b + g),
+        |b, g, _| max_total = max_total.max(b + g),
         |_| false,
     )
     .await;
