@@ -31,14 +31,27 @@ pub struct Dial {
     pub security: Security,
     /// How long a TCP connect may take.
     pub connect_timeout: Duration,
+    /// For long-lived streams: an HTTP/2 ping this often, and a connection whose peer does not
+    /// answer within as long is dropped. A partition that drops packets (no reset) otherwise
+    /// leaves the stream hanging until TCP gives up, many minutes later.
+    pub keepalive: Option<Duration>,
 }
 
 impl Dial {
-    /// Plaintext, with `connect_timeout`.
+    /// Plaintext, with `connect_timeout`, no pings.
     pub fn plaintext(connect_timeout: Duration) -> Self {
         Self {
             security: Security::Plaintext,
             connect_timeout,
+            keepalive: None,
+        }
+    }
+
+    /// The same, pinging every `every` (see [`Dial::keepalive`]).
+    pub fn with_keepalive(self, every: Duration) -> Self {
+        Self {
+            keepalive: Some(every),
+            ..self
         }
     }
 }
@@ -95,10 +108,17 @@ pub fn endpoint(addr: &str, dial: &Dial) -> Result<Endpoint, DialError> {
             )));
         }
     };
-    let ep = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
-    Ok(client(
-        ep.connect_timeout(dial.connect_timeout).tcp_nodelay(true),
-    ))
+    let mut ep = Endpoint::from_shared(url)
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(dial.connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(every) = dial.keepalive {
+        ep = ep
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(every)
+            .keep_alive_while_idle(true);
+    }
+    Ok(client(ep))
 }
 
 /// Dial `addr` now.

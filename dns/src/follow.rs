@@ -147,7 +147,9 @@ pub async fn follow(
 }
 
 async fn stream_once(hub: &str, cluster: Option<&str>, table: &SharedTable) -> Result<(), String> {
-    let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(3));
+    // A long-lived watch: pings find a partition that drops packets.
+    let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(3))
+        .with_keepalive(Duration::from_secs(5));
     let ch = flotilla_api::grpc::connect(hub, &dial)
         .await
         .map_err(|e| e.to_string())?;

@@ -411,10 +411,22 @@ async fn a_campaign_survives_a_hub_leader_kill_and_a_partitioned_agent() {
     // Healed, the cluster comes back and a retry finishes it.
     let Some(ns) = &ns else { return };
     ns.partition(false);
-    wait_until(&format!("{CUT} Ready again"), LIMIT, || async {
-        clusters(ports[survivor])
+    // Ready, and staying so: the stream cut by the partition may deliver its buffered
+    // heartbeats and then end, leaving the cluster Unreachable until the agent's new session
+    // (a retry landing then would skip it, as it skips any cluster unreachable at its turn).
+    let stable = std::cell::Cell::new(None::<tokio::time::Instant>);
+    wait_until(&format!("{CUT} Ready for 3 s"), LIMIT, || async {
+        let ready = clusters(ports[survivor])
             .await
-            .is_some_and(|cs| health(&cs, CUT) == Some(v1::ClusterHealth::Ready))
+            .is_some_and(|cs| health(&cs, CUT) == Some(v1::ClusterHealth::Ready));
+        let since = if ready {
+            stable.get().unwrap_or_else(tokio::time::Instant::now)
+        } else {
+            stable.set(None);
+            return false;
+        };
+        stable.set(Some(since));
+        since.elapsed() >= Duration::from_secs(3)
     })
     .await;
     // flotctl (the hub binary's `ctl`) pointed at a follower: the write goes to the leader.
@@ -441,11 +453,13 @@ async fn a_campaign_survives_a_hub_leader_kill_and_a_partitioned_agent() {
         "{}",
         info.detail_json
     );
+    let detail: serde_json::Value = serde_json::from_str(&info.detail_json).unwrap();
     assert_eq!(
         info.clusters_by_phase.get("Done"),
         Some(&9),
-        "{:?}",
-        info.clusters_by_phase
+        "{:?}; {CUT}: {}",
+        info.clusters_by_phase,
+        cluster_run(&detail, CUT).unwrap()
     );
 }
 

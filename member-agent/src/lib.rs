@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_GPU_ADVERTISE_BOUND: Duration =
     Duration::from_millis(flotilla_core::inventory::NOT_ADVERTISED_BOUND_MS as u64);
 
+/// How often the agent pings the hub on its stream; a hub silent as long is taken as gone.
+pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// Everything an agent needs besides the Kubernetes client.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -186,9 +189,11 @@ pub async fn run(
         imports,
         loads: Some(loads),
         steps,
+        // The stream lives for hours: pings find a partition that drops packets.
         dial: flotilla_api::grpc::Dial {
             security: opts.security,
             connect_timeout: Duration::from_secs(3),
+            keepalive: Some(STREAM_KEEPALIVE),
         },
     };
     session::run(cfg, watch, shutdown).await
