@@ -414,12 +414,7 @@ async fn preflight_sees_the_quota_and_lowers_the_surge() {
 #[tokio::test]
 async fn a_bare_pod_refuses_the_drain_unless_forced() {
     let (_fleet, client, exec) = setup(&scenario(None, "pdb: {max_unavailable: 1}", 1)).await;
-    let (_, _, nodes) = pools(&client).await;
-    let first = nodes
-        .iter()
-        .map(|n| n.metadata.name.clone().unwrap())
-        .min()
-        .unwrap();
+    let first = first_node(&client).await;
     let bare: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "scratch", "namespace": "ml"},
         "spec": {"nodeName": first, "containers": [{"name": "c", "image": "busybox"}],
@@ -430,16 +425,7 @@ async fn a_bare_pod_refuses_the_drain_unless_forced() {
         .create(&PostParams::default(), &bare)
         .await
         .unwrap();
-    let step = flotilla_core::campaign::step::Step {
-        campaign: "c1".into(),
-        seq: 1,
-        term: 1,
-        kind: StepKind::DrainBatch {
-            index: 0,
-            nodes: vec![first.clone()],
-            rules: spec(serde_json::json!({})).drain,
-        },
-    };
+    let step = drain_step(1, &first, spec(serde_json::json!({})).drain);
     let (out, _rx) = tokio::sync::mpsc::channel(1024);
     let st = exec
         .run(&step, &Progress::new(out.clone(), "c1".into(), 1))
@@ -463,6 +449,34 @@ async fn a_bare_pod_refuses_the_drain_unless_forced() {
     assert!(matches!(st, StepStatus::Done(_)), "{st:?}");
 }
 
+/// Step `seq` of campaign `c1`: drain `node` under `rules`.
+fn drain_step(
+    seq: u64,
+    node: &str,
+    rules: flotilla_core::campaign::spec::DrainRules,
+) -> flotilla_core::campaign::step::Step {
+    flotilla_core::campaign::step::Step {
+        campaign: "c1".into(),
+        seq,
+        term: 1,
+        kind: StepKind::DrainBatch {
+            index: 0,
+            nodes: vec![node.to_string()],
+            rules,
+        },
+    }
+}
+
+/// The cluster's first node by name.
+async fn first_node(client: &kube::Client) -> String {
+    let (_, _, nodes) = pools(client).await;
+    nodes
+        .iter()
+        .map(|n| n.metadata.name.clone().unwrap())
+        .min()
+        .unwrap()
+}
+
 /// Step `seq` of campaign `c1`: drain the node the PDB-held pod runs on, within `timeout`;
 /// the node and the step.
 async fn held_drain(
@@ -474,16 +488,7 @@ async fn held_drain(
     let node = pod.spec.unwrap().node_name.unwrap();
     let mut rules = spec(serde_json::json!({})).drain;
     rules.timeout_per_node = timeout;
-    let step = flotilla_core::campaign::step::Step {
-        campaign: "c1".into(),
-        seq,
-        term: 1,
-        kind: StepKind::DrainBatch {
-            index: 0,
-            nodes: vec![node.clone()],
-            rules,
-        },
-    };
+    let step = drain_step(seq, &node, rules);
     (node, step)
 }
 
@@ -594,12 +599,7 @@ async fn a_resumed_drain_counts_its_timeout_from_the_first_start() {
 #[tokio::test]
 async fn daemonset_mirror_emptydir_and_wait_completed_pods_follow_the_rules() {
     let (_fleet, client, exec) = setup(&scenario(None, "", 1)).await;
-    let (_, _, nodes) = pools(&client).await;
-    let node = nodes
-        .iter()
-        .map(|n| n.metadata.name.clone().unwrap())
-        .min()
-        .unwrap();
+    let node = first_node(&client).await;
     let owned = |kind: &str| {
         serde_json::json!([{"apiVersion": "batch/v1", "kind": kind, "name": "owner",
                             "uid": format!("{kind}-uid"), "controller": true}])
@@ -655,16 +655,7 @@ async fn daemonset_mirror_emptydir_and_wait_completed_pods_follow_the_rules() {
         }
         spec(serde_json::json!({ "blueGreen": bg })).drain
     };
-    let step = |seq, rules| flotilla_core::campaign::step::Step {
-        campaign: "c1".into(),
-        seq,
-        term: 1,
-        kind: StepKind::DrainBatch {
-            index: 0,
-            nodes: vec![node.clone()],
-            rules,
-        },
-    };
+    let step = |seq, rules| drain_step(seq, &node, rules);
     let (out, mut rx) = tokio::sync::mpsc::channel(1024);
     let st = exec
         .run(
