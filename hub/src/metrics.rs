@@ -15,7 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(String, String)>;
+/// A series' labels, in order.
+pub(crate) type Labels = Vec<(String, String)>;
 
 use crate::fleet::view::FleetView;
 
@@ -33,7 +34,8 @@ impl std::fmt::Debug for FleetView {
     }
 }
 
-fn gauges(
+/// One gauge family from rows of labels and values, encoded at scrape time.
+pub(crate) fn gauges(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,

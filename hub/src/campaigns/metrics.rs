@@ -8,11 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use flotilla_core::campaign::machine::{Campaign, Phase, RunState, StagePhase};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 
-type Labels = Vec<(String, String)>;
+use crate::metrics::{Labels, gauges};
 
 /// Every phase a cluster can be in, so each campaign's counts are complete series.
 const PHASES: [Phase; 17] = [
@@ -95,19 +93,6 @@ impl CampaignSeries {
             .collect();
         *self.rows.lock().expect("series lock") = rows;
     }
-}
-
-fn gauges(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, i64)],
-) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 fn l(pairs: &[(&str, &str)]) -> Labels {
