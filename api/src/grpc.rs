@@ -7,21 +7,29 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint, Server};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Server, Uri};
+
+use crate::tls::ClientTls;
 
 /// Streams a peer may reset on one connection before it is given up. h2's server default is
 /// 20: after a pause, a client shared by many tasks whose requests time out resets more than
 /// that at once, and the whole connection (with its watches and in-flight writes) would drop.
 pub const MAX_RESET_STREAMS: usize = 1024;
 
-/// How a connection is secured. Plaintext is the only form yet; TLS joins it here, so every
-/// client and listener already takes the setting from one place.
+/// How a client's connection is secured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Security {
-    /// No transport security.
+    /// No transport security (`--insecure`, or `--dev` on loopback).
     #[default]
     Plaintext,
+    /// TLS (rustls), with the trust and identity these settings carry.
+    Tls(ClientTls),
 }
 
 /// How a client dials.
@@ -101,6 +109,9 @@ pub fn endpoint(addr: &str, dial: &Dial) -> Result<Endpoint, DialError> {
     let url = match addr.split_once("://") {
         None => format!("http://{addr}"),
         Some(("http", _)) => addr.to_string(),
+        Some(("https", rest)) if matches!(dial.security, Security::Tls(_)) => {
+            format!("http://{rest}")
+        }
         Some((scheme, _)) => {
             return Err(bad(format!(
                 "the scheme {scheme:?} is not supported with {:?} (give host:port)",
@@ -123,13 +134,51 @@ pub fn endpoint(addr: &str, dial: &Dial) -> Result<Endpoint, DialError> {
 
 /// Dial `addr` now.
 pub async fn connect(addr: &str, dial: &Dial) -> Result<Channel, DialError> {
-    endpoint(addr, dial)?
-        .connect()
-        .await
-        .map_err(|e| DialError::Connect {
-            addr: addr.to_string(),
-            reason: error_chain(&e),
+    let ep = endpoint(addr, dial)?;
+    let connected = match &dial.security {
+        Security::Plaintext => ep.connect().await,
+        Security::Tls(tls) => ep.connect_with_connector(TlsConnector(tls.clone())).await,
+    };
+    connected.map_err(|e| DialError::Connect {
+        addr: addr.to_string(),
+        reason: error_chain(&e),
+    })
+}
+
+/// A channel to `addr` that connects on first use (and reconnects after a failure).
+pub fn lazy(addr: &str, dial: &Dial) -> Result<Channel, DialError> {
+    let ep = endpoint(addr, dial)?;
+    Ok(match &dial.security {
+        Security::Plaintext => ep.connect_lazy(),
+        Security::Tls(tls) => ep.connect_with_connector_lazy(TlsConnector(tls.clone())),
+    })
+}
+
+/// Dials TLS for tonic: TCP, then the handshake, checking the server's name is the host dialled.
+#[derive(Clone)]
+struct TlsConnector(ClientTls);
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.0.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            Ok(TokioIo::new(tls.dial(&host, port).await?))
         })
+    }
 }
 
 /// The transport error with its causes (tonic's own message is only "transport error").

@@ -4,6 +4,8 @@
 pub mod convert;
 pub mod grpc;
 pub mod http;
+pub mod pki;
+pub mod tls;
 
 /// Generated code for package `flotilla.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -15,4 +15,5 @@ pub mod membership;
 pub mod report;
 pub mod routing;
 pub mod routing_table;
+pub mod security;
 pub mod selector;

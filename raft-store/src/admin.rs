@@ -18,12 +18,7 @@ pub(crate) async fn admin_client(
     transport: &dyn Transport,
     addr: &str,
 ) -> Result<v1::store_admin_client::StoreAdminClient<Channel>, String> {
-    let channel = transport
-        .endpoint(addr)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+    let channel = transport.channel(addr).map_err(|e| e.to_string())?;
     Ok(v1::store_admin_client::StoreAdminClient::new(channel))
 }
 

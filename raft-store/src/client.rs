@@ -50,8 +50,20 @@ pub struct StoreClient {
 const AVOID_FOR: Duration = Duration::from_secs(3);
 
 impl StoreClient {
-    /// A client for the members at `endpoints` (host:port). Connections are made lazily.
+    /// A plaintext client for the members at `endpoints` (host:port). Connections are made
+    /// lazily.
     pub fn new(endpoints: &[String]) -> Result<Self, KvError> {
+        Self::with_dial(
+            endpoints,
+            &flotilla_api::grpc::Dial::plaintext(Duration::from_secs(1)),
+        )
+    }
+
+    /// A client for the members at `endpoints`, dialled as `dial` says.
+    pub fn with_dial(
+        endpoints: &[String],
+        dial: &flotilla_api::grpc::Dial,
+    ) -> Result<Self, KvError> {
         if endpoints.is_empty() {
             return Err(KvError::invalid(
                 "endpoints",
@@ -61,9 +73,7 @@ impl StoreClient {
         let channels = endpoints
             .iter()
             .map(|e| {
-                let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(1));
-                flotilla_api::grpc::endpoint(e, &dial)
-                    .map(|ep| ep.connect_lazy())
+                flotilla_api::grpc::lazy(e, dial)
                     .map_err(|err| KvError::invalid("endpoints", err.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -102,7 +102,7 @@ impl NetCtx {
         if let Some(c) = g.get(addr) {
             return Ok(c.clone());
         }
-        let c = self.transport.endpoint(addr)?.connect_lazy();
+        let c = self.transport.channel(addr)?;
         g.insert(addr.to_string(), c.clone());
         Ok(c)
     }

@@ -6,12 +6,12 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use flotilla_api::grpc::{Dial, DialError};
-use tonic::transport::Endpoint;
+use tonic::transport::Channel;
 
-/// Builds the endpoint for another member's `host:port`.
+/// Builds the channel to another member's `host:port`.
 pub trait Transport: Debug + Send + Sync + 'static {
-    /// An endpoint (scheme, timeouts, security) for the member at `addr`.
-    fn endpoint(&self, addr: &str) -> Result<Endpoint, DialError>;
+    /// A lazily connecting channel (timeouts, security) to the member at `addr`.
+    fn channel(&self, addr: &str) -> Result<Channel, DialError>;
 }
 
 /// Members dialled as `dial` says (default: plaintext, a short connect timeout).
@@ -30,7 +30,7 @@ impl Default for DialTransport {
 }
 
 impl Transport for DialTransport {
-    fn endpoint(&self, addr: &str) -> Result<Endpoint, DialError> {
-        flotilla_api::grpc::endpoint(addr, &self.dial)
+    fn channel(&self, addr: &str) -> Result<Channel, DialError> {
+        flotilla_api::grpc::lazy(addr, &self.dial)
     }
 }
