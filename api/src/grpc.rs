@@ -32,6 +32,42 @@ pub enum Security {
     Tls(ClientTls),
 }
 
+impl Security {
+    /// TLS from PEM files: the CA bundle to check the hub against and, optionally, a client
+    /// certificate and key; plaintext without a CA. Errors name the flag (`--ca`, `--cert`,
+    /// `--key`) at fault.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Security, String> {
+        use crate::tls::Identity;
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+        };
+        let Some(ca) = ca else {
+            if cert.is_some() || key.is_some() {
+                return Err(
+                    "--cert and --key need --ca: the CA the hub's certificate is checked against"
+                        .into(),
+                );
+            }
+            return Ok(Security::Plaintext);
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some(
+                Identity::from_pem(&read("--cert", c)?, &read("--key", k)?)
+                    .map_err(|e| format!("--cert/--key: {e}"))?,
+            ),
+            (None, None) => None,
+            _ => return Err("--cert and --key go together".into()),
+        };
+        ClientTls::new(&read("--ca", ca)?, identity)
+            .map(Security::Tls)
+            .map_err(|e| format!("--ca: {e}"))
+    }
+}
+
 /// How a client dials.
 #[derive(Debug, Clone)]
 pub struct Dial {

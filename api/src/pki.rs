@@ -217,6 +217,8 @@ pub struct Leaf {
     pub uris: Vec<String>,
     /// Its serial number, as colon-free lower-case hex.
     pub serial: String,
+    /// When it becomes valid (Unix seconds).
+    pub not_before: i64,
     /// When it stops being valid (Unix seconds).
     pub not_after: i64,
     /// Whether it may sign certificates.
@@ -239,6 +241,7 @@ pub fn leaf(der: &[u8]) -> Result<Leaf, PkiError> {
     Ok(Leaf {
         uris,
         serial: flotilla_core::security::hex(x.raw_serial()),
+        not_before: x.validity().not_before.timestamp(),
         not_after: x.validity().not_after.timestamp(),
         is_ca,
     })

@@ -104,10 +104,12 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
     Ok(roots)
 }
 
-/// A client's TLS settings: whom it trusts and, optionally, who it is.
+/// A client's TLS settings: whom it trusts and, optionally, who it is. Clones share them, so
+/// [`ClientTls::set_roots`] reaches every clone.
 #[derive(Debug, Clone)]
 pub struct ClientTls {
-    config: Arc<ClientConfig>,
+    config: Arc<ArcSwap<ClientConfig>>,
+    identity: Option<Arc<Identity>>,
 }
 
 impl PartialEq for ClientTls {
@@ -142,6 +144,18 @@ impl ClientTls {
         )
     }
 
+    /// Trusts a new CA bundle from the next connection on (a CA rotation).
+    pub fn set_roots(&self, ca_pem: &str) -> Result<(), PkiError> {
+        let next = Self::new(ca_pem, self.identity.clone())?;
+        self.config.store(next.config.load_full());
+        Ok(())
+    }
+
+    /// The identity presented, if any.
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
     fn with_verifier(
         verifier: Arc<dyn ServerCertVerifier>,
         identity: Option<Arc<Identity>>,
@@ -151,8 +165,8 @@ impl ClientTls {
             .expect("ring supports the default protocol versions")
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let mut config = match identity {
-            Some(id) => builder.with_client_cert_resolver(id),
+        let mut config = match &identity {
+            Some(id) => builder.with_client_cert_resolver(id.clone()),
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -161,7 +175,8 @@ impl ClientTls {
         // long-lived, so the full handshake costs little.
         config.resumption = rustls::client::Resumption::disabled();
         ClientTls {
-            config: Arc::new(config),
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            identity,
         }
     }
 
@@ -175,7 +190,7 @@ impl ClientTls {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))?;
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
-        tokio_rustls::TlsConnector::from(self.config.clone())
+        tokio_rustls::TlsConnector::from(self.config.load_full())
             .connect(name, tcp)
             .await
     }

@@ -23,6 +23,15 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// The fleet CA (PEM) the hub's certificate is checked against; turns TLS on.
+    #[arg(long, global = true, env = "FLOTILLA_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// Your client certificate (PEM; from `flotctl ca init` or `ca issue`).
+    #[arg(long, global = true, env = "FLOTILLA_CERT")]
+    cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_KEY")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +86,23 @@ enum Command {
         #[command(subcommand)]
         what: commands::campaign::Campaign,
     },
+    /// The fleet CA and identities for people and tools (offline, where the CA key is).
+    Ca {
+        #[command(subcommand)]
+        what: commands::security::CaCmd,
+    },
+    /// Join tokens: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        what: commands::security::TokenCmd,
+    },
+    /// Cluster membership: approve a waiting join, remove a cluster.
+    Cluster {
+        #[command(subcommand)]
+        what: commands::security::ClusterCmd,
+    },
+    /// The audit log: every change and every refusal.
+    Audit(commands::security::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,8 +124,16 @@ enum Routes {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let mut ctx = Ctx::connect(cli.hub, cli.output).await?;
+    if let Command::Ca { what } = cli.command {
+        return commands::security::ca(what);
+    }
+    let security = commands::security(cli.ca.as_deref(), cli.cert.as_deref(), cli.key.as_deref())?;
+    let mut ctx = Ctx::connect(cli.hub, cli.output, security).await?;
     match cli.command {
+        Command::Ca { .. } => unreachable!("handled above"),
+        Command::Token { what } => commands::security::token(&mut ctx, what).await,
+        Command::Cluster { what } => commands::security::cluster(&mut ctx, what).await,
+        Command::Audit(a) => commands::security::audit(&mut ctx, a).await,
         Command::Get { what } => commands::get::run(&mut ctx, what).await,
         Command::Describe { what } => commands::describe::run(&mut ctx, what).await,
         Command::Fit(a) => commands::fit::run(&mut ctx, a).await,

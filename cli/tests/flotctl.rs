@@ -43,6 +43,7 @@ async fn get_describe_fit_join_and_errors() {
     let d = dir.path().display().to_string();
     let args = flotilla_hub::Args::parse_from([
         "flotilla-hub",
+        "--insecure",
         "--data-dir",
         &d,
         "--listen",

@@ -18,7 +18,12 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(secs))
 }
@@ -35,13 +40,14 @@ mod tests {
             ("3s", 3000),
             ("2.5s", 2500),
             ("5m", 300_000),
+            ("2d", 172_800_000),
             ("1h", 3_600_000),
             ("7", 7000),
         ];
         for (text, ms) in cases {
             assert_eq!(parse(text), Ok(Duration::from_millis(ms)), "{text}");
         }
-        assert!(parse("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse("5w").unwrap_err().contains("unknown unit"));
         assert!(parse("soon").is_err());
     }
 }

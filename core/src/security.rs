@@ -220,6 +220,18 @@ impl JoinToken {
         })
     }
 
+    /// A token from random bytes: the id from `id` (base 36), the secret `secret` in hex.
+    pub fn from_random(id: [u8; 6], secret: [u8; 16]) -> JoinToken {
+        const DIGITS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        JoinToken {
+            id: id
+                .iter()
+                .map(|b| DIGITS[*b as usize % 36] as char)
+                .collect(),
+            secret: hex(&secret),
+        }
+    }
+
     /// The secret's SHA-256 in hex: what the store keeps.
     pub fn secret_hash(&self) -> String {
         hex(&Sha256::digest(self.secret.as_bytes()))
@@ -270,6 +282,82 @@ impl JoinString {
     pub fn reveal(&self) -> String {
         format!("{}@sha256:{}", self.token.reveal(), self.ca_hash)
     }
+}
+
+/// A stored join token, as the admission decision needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// The cluster it admits.
+    pub cluster: String,
+    /// When it stops admitting (Unix ms).
+    pub expires_at_unix_ms: i64,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// Joins it still admits.
+    pub uses_left: u32,
+}
+
+/// Why a join token admits nobody; each says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    /// Unknown id, or the secret does not match (the two are not told apart).
+    #[error(
+        "the join token is not valid (unknown, revoked or mistyped); create one with `flotctl token create`"
+    )]
+    Invalid,
+    /// Past its expiry.
+    #[error("the join token expired; create a new one with `flotctl token create`")]
+    Expired,
+    /// Every use spent.
+    #[error("the join token has been used up; create a new one with `flotctl token create`")]
+    UsedUp,
+    /// Made for another cluster.
+    #[error("this join token is for cluster {token:?}, not {hello:?}")]
+    OtherCluster {
+        /// The token's cluster.
+        token: String,
+        /// The cluster the agent named.
+        hello: String,
+    },
+}
+
+/// Whether `stored` (`None`: no such id) admits `presented` for `cluster` at `now`; on success
+/// the record with one use spent, which the caller writes with a compare-and-swap on the
+/// record's revision, so two replicas cannot both spend the last use.
+pub fn spend(
+    stored: Option<&StoredToken>,
+    presented: &JoinToken,
+    cluster: &str,
+    now_unix_ms: i64,
+) -> Result<StoredToken, TokenRefused> {
+    let t = stored.ok_or(TokenRefused::Invalid)?;
+    if !constant_time_eq(&t.secret_sha256, &presented.secret_hash()) {
+        return Err(TokenRefused::Invalid);
+    }
+    if t.expires_at_unix_ms <= now_unix_ms {
+        return Err(TokenRefused::Expired);
+    }
+    if t.cluster != cluster {
+        return Err(TokenRefused::OtherCluster {
+            token: t.cluster.clone(),
+            hello: cluster.to_string(),
+        });
+    }
+    if t.uses_left == 0 {
+        return Err(TokenRefused::UsedUp);
+    }
+    Ok(StoredToken {
+        uses_left: t.uses_left - 1,
+        ..t.clone()
+    })
+}
+
+/// When a certificate valid from `not_before` to `not_after` should be renewed: at a point
+/// 60-90% through its life chosen by `jitter` in [0, 1), so a fleet's agents spread their
+/// renewals out (Consul's window).
+pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
+    let life = (not_after - not_before).max(0) as f64;
+    not_before + (life * (0.6 + 0.3 * jitter.clamp(0.0, 1.0))).round() as i64
 }
 
 /// Lower-case hex.
@@ -401,6 +489,52 @@ mod tests {
             let e = JoinString::parse(input).unwrap_err();
             assert!(e.contains(want), "{input}: {e}");
         }
+    }
+
+    #[test]
+    fn a_token_is_spent_once_per_use_and_refused_with_what_to_do() {
+        let presented = JoinToken::parse(&format!("abc123.{}", "0f".repeat(16))).unwrap();
+        let stored = StoredToken {
+            cluster: "a".into(),
+            expires_at_unix_ms: 1000,
+            secret_sha256: presented.secret_hash(),
+            uses_left: 2,
+        };
+        let once = spend(Some(&stored), &presented, "a", 10).unwrap();
+        assert_eq!(once.uses_left, 1);
+        let twice = spend(Some(&once), &presented, "a", 10).unwrap();
+        assert_eq!(
+            spend(Some(&twice), &presented, "a", 10),
+            Err(TokenRefused::UsedUp)
+        );
+        assert_eq!(
+            spend(Some(&stored), &presented, "a", 1000),
+            Err(TokenRefused::Expired)
+        );
+        assert!(matches!(
+            spend(Some(&stored), &presented, "b", 10),
+            Err(TokenRefused::OtherCluster { .. })
+        ));
+        assert_eq!(spend(None, &presented, "a", 10), Err(TokenRefused::Invalid));
+        let wrong = JoinToken::parse(&format!("abc123.{}", "1f".repeat(16))).unwrap();
+        // A wrong secret is not told apart from an unknown id, even for an expired token.
+        assert_eq!(
+            spend(Some(&stored), &wrong, "a", 5000),
+            Err(TokenRefused::Invalid)
+        );
+        assert!(
+            TokenRefused::UsedUp
+                .to_string()
+                .contains("flotctl token create")
+        );
+    }
+
+    #[test]
+    fn renewal_falls_between_60_and_90_percent_of_the_life() {
+        assert_eq!(renew_at(0, 1000, 0.0), 600);
+        assert_eq!(renew_at(0, 1000, 0.5), 750);
+        assert_eq!(renew_at(100, 1100, 0.999_999), 1000);
+        assert_eq!(renew_at(0, 1000, 7.0), 900, "jitter is clamped");
     }
 
     #[test]

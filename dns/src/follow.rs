@@ -114,10 +114,11 @@ pub fn table_of(
 }
 
 /// Follow `hub`'s routes, as answered to clients in `cluster` (if given), into `table` until
-/// `shutdown`, reconnecting with backoff.
+/// `shutdown`, reconnecting with backoff; dialled as `security` says.
 pub async fn follow(
     hub: String,
     cluster: Option<String>,
+    security: flotilla_api::grpc::Security,
     table: SharedTable,
     shutdown: CancellationToken,
 ) {
@@ -130,7 +131,7 @@ pub async fn follow(
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = stream_once(&hub, cluster.as_deref(), &table) => r,
+            r = stream_once(&hub, cluster.as_deref(), &security, &table) => r,
         };
         match r {
             Ok(()) => tracing::info!(%hub, "the hub ended the route stream; resuming"),
@@ -146,10 +147,18 @@ pub async fn follow(
     }
 }
 
-async fn stream_once(hub: &str, cluster: Option<&str>, table: &SharedTable) -> Result<(), String> {
+async fn stream_once(
+    hub: &str,
+    cluster: Option<&str>,
+    security: &flotilla_api::grpc::Security,
+    table: &SharedTable,
+) -> Result<(), String> {
     // A long-lived watch: pings find a partition that drops packets.
-    let dial = flotilla_api::grpc::Dial::plaintext(Duration::from_secs(3))
-        .with_keepalive(Duration::from_secs(5));
+    let dial = flotilla_api::grpc::Dial {
+        security: security.clone(),
+        ..flotilla_api::grpc::Dial::plaintext(Duration::from_secs(3))
+    }
+    .with_keepalive(Duration::from_secs(5));
     let ch = flotilla_api::grpc::connect(hub, &dial)
         .await
         .map_err(|e| e.to_string())?;

@@ -29,6 +29,15 @@ struct Args {
     /// client of unknown location.
     #[arg(long, env = "FLOTILLA_CLUSTER")]
     cluster: Option<String>,
+    /// The fleet CA (PEM) the hub's certificate is checked against; turns TLS on.
+    #[arg(long, env = "FLOTILLA_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// This server's client certificate (PEM; a viewer identity: `flotctl ca issue --role viewer`).
+    #[arg(long, env = "FLOTILLA_CERT")]
+    cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "FLOTILLA_KEY")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -39,6 +48,12 @@ async fn main() -> anyhow::Result<()> {
         ))
         .init();
     let args = Args::parse();
+    let security = flotilla_api::grpc::Security::from_files(
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let zones =
         flotilla_dns::Zones::new(args.global_zone.as_deref()).map_err(anyhow::Error::msg)?;
     let table = flotilla_dns::follow::empty_table();
@@ -54,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(flotilla_dns::follow::follow(
         args.hub.clone(),
         args.cluster.clone(),
+        security,
         table,
         shutdown.clone(),
     ));

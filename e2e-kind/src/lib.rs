@@ -113,6 +113,14 @@ pub fn hub_on(
     ])
     .args(["--leader-grace", "3s"])
     .env("RUST_LOG", "info");
+    // A test that made a fleet CA in `<dir>/tls` (see [`fleet_ca`]) gets TLS; others run
+    // plaintext.
+    let tls = dir.join("tls");
+    if tls.join("ca.key").exists() {
+        cmd.arg("--tls-dir").arg(&tls).args(["--fleet", "e2e"]);
+    } else {
+        cmd.arg("--insecure");
+    }
     // Kept for a failed run: `hub<id>.log` beside the test's data (tracing writes stdout).
     let log = std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log");
     cmd.stderr(log.try_clone().expect("hub log")).stdout(log);
@@ -340,6 +348,7 @@ pub async fn join_token(port: u16, cluster: &str) -> String {
         .create_join_token(v1::CreateJoinTokenRequest {
             cluster: cluster.to_string(),
             ttl_seconds: 600,
+            ..Default::default()
         })
         .await
         .expect("a join token")

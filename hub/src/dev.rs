@@ -5,12 +5,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use flotilla_api::v1;
 use flotilla_kube_sim::{Scenario, SimFleet};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::backend::HubStore;
-use crate::store::{keys, records};
 
 /// The campaign `--dev` suggests (`examples/campaigns/dev.yaml`).
 const DEV_CAMPAIGN: &str = include_str!("../../examples/campaigns/dev.yaml");
@@ -108,12 +106,16 @@ pub async fn start(
         "  {ctl} campaign describe <id>     (then: campaign approve <id>; campaign get <id> -w)"
     );
     for c in sim.clusters() {
-        let token = format!("flt_dev_{}", uuid::Uuid::new_v4().simple());
-        let rec = v1::JoinTokenRecord {
-            cluster: c.name().to_string(),
-            expires_at_unix_ms: i64::MAX,
+        let mint = crate::security::tokens::Mint {
+            cluster: c.name(),
+            ttl: std::time::Duration::from_secs(365 * 24 * 3600),
+            uses: 1,
+            require_approval: false,
+            by: "dev",
         };
-        records::put_if(store, &keys::token_key(&token), &rec, 0).await?;
+        let (token, _) =
+            crate::security::tokens::mint(store, &mint, crate::controllers::unix_ms()).await?;
+        let token = token.reveal();
         let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         let labels = scenario

@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod security;
 pub mod server;
 pub mod store;
 
@@ -134,6 +135,28 @@ pub struct Args {
     /// Default: off, except with --dev (127.0.0.1:7453, or a free port when --listen's is 0).
     #[arg(long, env = "FLOTILLA_DNS")]
     pub dns: Option<SocketAddr>,
+    /// Serve and dial without TLS, and let every caller do anything. Only on a network where
+    /// everything that can reach the hub is trusted; the hub warns at every start.
+    #[arg(long, env = "FLOTILLA_INSECURE")]
+    pub insecure: bool,
+    /// Directory with the fleet CA, `ca.crt` and `ca.key` (made by `flotctl ca init`, the same
+    /// on every replica). Default: `<data-dir>/tls`. Changes are picked up without a restart.
+    #[arg(long, env = "FLOTILLA_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The fleet's name: the trust domain every certificate names (`spiffe://<fleet>/...`).
+    #[arg(long, env = "FLOTILLA_FLEET", default_value = "flotilla")]
+    pub fleet: String,
+    /// Lifetime of the certificates the hub signs for agents and itself (agents renew at a
+    /// jittered 60-90% of it).
+    #[arg(long, env = "FLOTILLA_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// More names (DNS names or IP addresses) the hub's own certificate is valid for,
+    /// comma-separated (the --advertise host, localhost and 127.0.0.1 always are).
+    #[arg(long, env = "FLOTILLA_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+    /// How long audit records are kept (e.g. 30d, 720h).
+    #[arg(long, env = "FLOTILLA_AUDIT_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub audit_retention: Duration,
     /// A global DNS zone for clients outside the clusters: `<svc>.<ns>.<zone>` (e.g.
     /// fleet.example.com, delegated to the hubs).
     #[arg(long, env = "FLOTILLA_GLOBAL_ZONE")]
@@ -229,6 +252,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             anyhow::bail!("--data-dir (FLOTILLA_DATA_DIR) is required unless --dev is given")
         }
     };
+    let tls = security_mode(&args, &data_dir)?;
     let fleet = fleet::Fleet::new(fleet::FleetConfig {
         policy: flotilla_core::health::Policy {
             unreachable_after: args.unreachable_after,
@@ -242,6 +266,10 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         max_concurrent_joins: args.max_concurrent_joins,
         metrics_per_node: args.metrics_per_node,
     });
+    let fleet = match &tls {
+        Some(t) => fleet.with_tls(t.clone()),
+        None => fleet,
+    };
     let limits = Limits {
         max_key_bytes: args.max_key_bytes,
         max_value_bytes: args.max_value_bytes,
@@ -253,12 +281,35 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
     };
 
     // The view first: discovery reads cluster records when it decides.
-    let mirror = StoreMirror::new(vec![fleet.view.clone(), fleet.discovery.clone()]);
+    let mirror = StoreMirror::new(vec![
+        fleet.view.clone(),
+        fleet.discovery.clone(),
+        fleet.security.revocations.clone(),
+    ]);
     let mut tasks = vec![tokio::spawn(
         mirror
             .run(store.clone(), shutdown.clone())
             .instrument(info_span!("store-mirror")),
     )];
+    let queue = fleet
+        .security
+        .audit_queue
+        .lock()
+        .expect("audit queue")
+        .take();
+    if let Some(queue) = queue {
+        tasks.push(tokio::spawn(
+            security::audit::run_writer(store.clone(), queue, shutdown.clone())
+                .instrument(info_span!("audit-writer")),
+        ));
+    }
+    if let Some(t) = &tls {
+        tasks.push(tokio::spawn(
+            t.clone()
+                .maintain(shutdown.clone())
+                .instrument(info_span!("tls")),
+        ));
+    }
     tasks.push(tokio::spawn(
         fleet
             .discovery
@@ -297,6 +348,11 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
             backend: store.clone(),
         }),
         Arc::new(fleet.campaign_controller(store.clone())),
+        Arc::new(security::audit::TrimController {
+            backend: store.clone(),
+            clock: fleet.health.clock_arc(),
+            retention: args.audit_retention,
+        }),
     ];
     tasks.push(tokio::spawn(
         run_while_leader(
@@ -363,6 +419,50 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
     })
 }
 
+/// The hub's TLS: none with `--insecure` (warned) or `--dev` without a CA (plaintext on
+/// loopback, said so); otherwise the fleet CA from `--tls-dir`, which must exist.
+fn security_mode(
+    args: &Args,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<Arc<security::HubTls>>> {
+    let dir = args.tls_dir.clone().unwrap_or_else(|| data_dir.join("tls"));
+    if args.insecure {
+        tracing::warn!(
+            "--insecure: no TLS, and every caller may do anything (read the fleet, drain its \
+             nodes, steer its traffic); use it only where everything that can reach this hub \
+             is trusted"
+        );
+        return Ok(None);
+    }
+    if args.dev && args.tls_dir.is_none() {
+        info!(
+            "--dev: plaintext on loopback, every caller allowed (give --tls-dir to try TLS; \
+             docs/security.md)"
+        );
+        return Ok(None);
+    }
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if let Some(a) = &args.advertise {
+        let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+        names.push(host.trim_matches(['[', ']']).to_string());
+    }
+    if !args.listen.ip().is_unspecified() {
+        names.push(args.listen.ip().to_string());
+    }
+    names.extend(args.tls_san.iter().cloned());
+    names.sort();
+    names.dedup();
+    let tls = security::HubTls::load(
+        &dir,
+        &args.fleet,
+        &args.node_id.to_string(),
+        names,
+        args.cert_ttl,
+    )?;
+    info!(fleet = %args.fleet, ca = %format!("sha256:{}", tls.pin()), "TLS on, every caller authenticated");
+    Ok(Some(tls))
+}
+
 /// Refuses an agent heartbeat that is not well below the Unreachable threshold: with less
 /// than two heartbeats per window, one late heartbeat makes a live cluster Unreachable.
 pub fn check_liveness_flags(
@@ -408,6 +508,14 @@ async fn open_raft(
     let mut config = NodeConfig::new(args.node_id, data_dir, args.listen);
     config.advertise = args.advertise.clone();
     config.join = args.join.clone();
+    if let Some(tls) = &fleet.security.tls {
+        config.transport = Arc::new(flotilla_raft_store::DialTransport {
+            dial: flotilla_api::grpc::Dial {
+                security: flotilla_api::grpc::Security::Tls(tls.client.clone()),
+                ..flotilla_api::grpc::Dial::plaintext(Duration::from_secs(1))
+            },
+        });
+    }
     config.tuning = Tuning {
         heartbeat,
         // openraft adds the longest timeout as a leader lease before a follower campaigns, so
@@ -443,7 +551,7 @@ async fn open_raft(
     let store = HubStore::Raft(node.clone());
     let routes = server::routes(node.services(shutdown.clone()).routes(), fleet, &store);
     let server = tokio::spawn(
-        server::serve(listener, routes, shutdown.clone())
+        server::serve(listener, routes, fleet.clone(), shutdown.clone())
             .instrument(info_span!("hub-grpc", node = args.node_id)),
     );
     info!(node = args.node_id, addr = %node.addr(), "store member listening");
@@ -488,7 +596,8 @@ async fn open_etcd(
     );
     let routes = server::routes(kv, fleet, &store);
     let server = tokio::spawn(
-        server::serve(listener, routes, shutdown.clone()).instrument(info_span!("hub-grpc")),
+        server::serve(listener, routes, fleet.clone(), shutdown.clone())
+            .instrument(info_span!("hub-grpc")),
     );
     let desc = format!(
         "etcd {} under {}",

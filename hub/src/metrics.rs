@@ -245,6 +245,10 @@ pub struct HubMetrics {
     pub leader: Gauge,
     /// Current Raft term.
     pub leader_term: Gauge,
+    /// Audit records dropped because the writer's queue was full.
+    pub audit_dropped: Counter,
+    /// Requests and agent messages refused by authentication, authorization or a limit.
+    pub denied: Counter,
     /// One counter per message kind, looked up without allocating (thousands per second).
     kinds: Vec<(&'static str, Counter)>,
 }
@@ -279,6 +283,18 @@ impl HubMetrics {
         let clusters = Family::<Labels, Gauge>::default();
         let leader = Gauge::default();
         let leader_term = Gauge::default();
+        let audit_dropped = Counter::default();
+        let denied = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit records dropped because the store fell behind (see docs/security.md)",
+            audit_dropped.clone(),
+        );
+        registry.register(
+            "denied",
+            "Requests and agent messages refused (authentication, role, limit, rate)",
+            denied.clone(),
+        );
         registry.register(
             "agents_connected",
             "Agent streams open on this replica",
@@ -327,6 +343,8 @@ impl HubMetrics {
             .collect();
         Arc::new(Self {
             kinds,
+            audit_dropped,
+            denied,
             registry,
             agents_connected,
             reports,

@@ -3,7 +3,6 @@
 //! security, authentication and authorization have one place to go.
 
 use flotilla_api::v1;
-use flotilla_raft_store::nodelay_incoming;
 use flotilla_raft_store::service::KvService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,12 +22,21 @@ pub fn routes(store: Routes, fleet: &crate::fleet::Fleet, hub: &HubStore) -> Rou
         .add_service(fleet.campaign_service(hub.clone(), leadership()))
 }
 
-/// Serves `routes` plus gRPC health and reflection on `listener` until `shutdown`.
+/// Serves `routes` plus gRPC health and reflection on `listener` until `shutdown`: with TLS
+/// when the fleet has it, every request authenticated, checked against the role table and
+/// audited (`crate::security::authz`).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    fleet: crate::fleet::Fleet,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let tls = fleet.security.tls.clone();
+    let authz = crate::security::authz::AuthzLayer {
+        fleet: tls.as_ref().map(|t| Arc::from(t.fleet.as_str())),
+        audit: fleet.security.audit.clone(),
+        denied: fleet.metrics.denied.clone(),
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
         .set_serving::<v1::kv_server::KvServer<KvService>>()
@@ -38,10 +46,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
+    let incoming = flotilla_api::tls::incoming(listener, tls.map(|t| t.server.clone()));
     flotilla_api::grpc::server()
+        .layer(authz)
         .add_routes(routes)
         .add_service(health_svc)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(nodelay_incoming(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -19,7 +19,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-hub"));
-    cmd.arg("--node-id")
+    cmd.arg("--insecure")
+        .arg("--node-id")
         .arg(id.to_string())
         .arg("--data-dir")
         .arg(dir.join(format!("n{id}")))

@@ -237,6 +237,7 @@ async fn start_fleet(sim: &str) -> Fleet {
     let d = dir.path().display().to_string();
     let args = flotilla_hub::Args::parse_from([
         "flotilla-hub",
+        "--insecure",
         "--data-dir",
         &d,
         "--listen",
@@ -276,6 +277,7 @@ async fn start_fleet(sim: &str) -> Fleet {
             .create_join_token(v1::CreateJoinTokenRequest {
                 cluster: c.name().into(),
                 ttl_seconds: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -373,6 +375,7 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     tokio::spawn(flotilla_dns::follow::follow(
         hub.addr.to_string(),
         None,
+        flotilla_api::grpc::Security::Plaintext,
         follower_table.clone(),
         shutdown.clone(),
     ));
@@ -403,6 +406,7 @@ async fn exports_answer_in_dns_by_policy_as_endpoints_and_agents_fail() {
     tokio::spawn(flotilla_dns::follow::follow(
         hub.addr.to_string(),
         Some("us".into()),
+        flotilla_api::grpc::Security::Plaintext,
         local_table.clone(),
         shutdown.clone(),
     ));

@@ -254,7 +254,7 @@ mod with_etcd {
         let dev = flotilla_hub::start(hub(&["--dev"]), shutdown.clone())
             .await
             .unwrap();
-        let replica = flotilla_hub::start(hub(&[]), shutdown.clone())
+        let replica = flotilla_hub::start(hub(&["--insecure"]), shutdown.clone())
             .await
             .unwrap();
         let (a, b) = (dev.addr, replica.addr);
@@ -325,6 +325,7 @@ mod with_etcd {
         kv(&url, "/flotilla/").await;
         let args = flotilla_hub::Args::parse_from([
             "flotilla-hub",
+            "--insecure",
             "--store",
             "etcd",
             "--etcd-endpoints",

@@ -30,6 +30,7 @@ async fn hub_with(max_concurrent_joins: usize) -> Hub {
     let joins = max_concurrent_joins.to_string();
     let args = flotilla_hub::Args::parse_from([
         "flotilla-hub",
+        "--insecure",
         "--data-dir",
         &d,
         "--listen",
@@ -155,6 +156,7 @@ async fn token(fleet: &mut FleetServiceClient<Channel>, cluster: &str) -> String
         .create_join_token(v1::CreateJoinTokenRequest {
             cluster: cluster.into(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -201,6 +203,7 @@ async fn agents_join_report_and_are_judged() {
         .create_join_token(v1::CreateJoinTokenRequest {
             cluster: "UPPER".into(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

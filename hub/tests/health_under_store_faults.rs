@@ -109,6 +109,7 @@ async fn hub() -> Hub {
     tokio::spawn(flotilla_hub::server::serve(
         listener,
         routes,
+        fleet.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(StoreMirror::new(vec![fleet.view.clone()]).run(store.clone(), shutdown.clone()));
@@ -185,6 +186,7 @@ async fn join(
         .create_join_token(v1::CreateJoinTokenRequest {
             cluster: name.into(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -13,7 +13,8 @@ use flotilla_test_support::{Procs, free_port, store_status, wait_until};
 fn spawn(id: u64, dir: &Path, port: u16, join: Option<u16>) -> Child {
     let log = std::fs::File::create(dir.join(format!("n{id}.log"))).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-hub"));
-    cmd.arg("--node-id")
+    cmd.arg("--insecure")
+        .arg("--node-id")
         .arg(id.to_string())
         .arg("--data-dir")
         .arg(dir.join(format!("n{id}")))

@@ -24,6 +24,7 @@ async fn many_timed_out_requests_after_a_pause_do_not_drop_the_connection() {
     let port = free_port();
     let hub = Procs(vec![
         Command::new(env!("CARGO_BIN_EXE_flotilla-hub"))
+            .arg("--insecure")
             .arg("--data-dir")
             .arg(dir.path())
             .args([

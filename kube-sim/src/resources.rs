@@ -124,10 +124,12 @@ pub mod idx {
     pub const MACHINEDEPLOYMENTS: usize = 16;
     /// coordination.k8s.io/v1 leases
     pub const LEASES: usize = 17;
+    /// core/v1 secrets
+    pub const SECRETS: usize = 18;
 }
 
 /// Every served type. Order matches [`idx`].
-pub static RESOURCES: [ResourceType; 18] = [
+pub static RESOURCES: [ResourceType; 19] = [
     with(
         rt(
             "",
@@ -336,6 +338,7 @@ pub static RESOURCES: [ResourceType; 18] = [
         true,
         false,
     ),
+    rt("", "v1", "secrets", "secret", "Secret", true, false),
 ];
 
 /// Find a type by group, version and plural.
@@ -527,6 +530,7 @@ mod tests {
         assert_eq!(RESOURCES[idx::DEVICECLASSES].kind, "DeviceClass");
         assert_eq!(RESOURCES[idx::MACHINEDEPLOYMENTS].kind, "MachineDeployment");
         assert_eq!(RESOURCES[idx::LEASES].kind, "Lease");
+        assert_eq!(RESOURCES[idx::SECRETS].kind, "Secret");
     }
 
     #[test]

@@ -523,6 +523,19 @@ fn printer(kind: &str) -> (Vec<Value>, RowFn) {
             ],
             event_row,
         ),
+        "Secret" => (
+            vec![
+                c("Name", "string", 0),
+                c("Type", "string", 0),
+                c("Data", "string", 0),
+                c("Age", "string", 0),
+            ],
+            |o| {
+                let n = o["data"].as_object().map_or(0, |d| d.len());
+                let t = o["type"].as_str().unwrap_or("Opaque");
+                vec![name(o), json!(t), json!(n), age(o)]
+            },
+        ),
         "ConfigMap" => (
             vec![
                 c("Name", "string", 0),

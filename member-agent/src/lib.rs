@@ -4,6 +4,7 @@
 pub mod campaign;
 pub mod convert;
 pub mod exports;
+pub mod identity;
 pub mod imports;
 pub mod inference;
 pub mod metrics;
@@ -33,8 +34,10 @@ pub struct AgentOptions {
     pub cluster: String,
     /// Hub addresses.
     pub hubs: Vec<String>,
-    /// Join token.
+    /// Join string (`<id>.<secret>@sha256:<CA hash>`), or a bare token for a hub without TLS.
     pub token: String,
+    /// The Secret (`namespace/name`) the agent keeps its identity in; `None`: memory only.
+    pub identity_secret: Option<(String, String)>,
     /// Node label naming pools, overriding provider detection.
     pub pool_label: Option<String>,
     /// Region; when empty, the most common node region.
@@ -70,6 +73,7 @@ impl AgentOptions {
             cluster: cluster.to_string(),
             hubs: vec![hub.to_string()],
             token,
+            identity_secret: None,
             pool_label: None,
             region: String::new(),
             labels,
@@ -143,7 +147,7 @@ pub async fn run(
         None
     };
     let watch = ClusterWatch::start(
-        client,
+        client.clone(),
         WatchOptions {
             pool_label: opts.pool_label.clone(),
             not_advertised_bound: opts.gpu_advertise_bound,
@@ -176,10 +180,15 @@ pub async fn run(
     } else {
         opts.region.clone()
     };
+    let keeper = opts
+        .identity_secret
+        .as_ref()
+        .map(|(ns, name)| identity::Keeper::new(client.clone(), ns, name));
+    let credentials = identity::Credentials::load(&opts.cluster, &opts.token, keeper).await?;
     let cfg = session::SessionConfig {
         cluster: opts.cluster,
         hubs: opts.hubs,
-        token: opts.token,
+        credentials,
         region,
         labels: opts.labels,
         kubernetes_version: version,

@@ -22,9 +22,19 @@ struct Args {
         default_value = "127.0.0.1:7400"
     )]
     hub: Vec<String>,
-    /// Join token from `flotctl join`.
-    #[arg(long, env = "FLOTILLA_TOKEN")]
+    /// Join string from `flotctl join` / `flotctl token create`
+    /// (`<id>.<secret>@sha256:<CA hash>`: the agent trusts only that CA). A bare token means a
+    /// hub without TLS. Not needed once the agent's identity is in its Secret.
+    #[arg(long, env = "FLOTILLA_TOKEN", default_value = "")]
     token: String,
+    /// The Secret (`namespace/name`) the agent keeps its certificate in, so a restart needs no
+    /// new token ("" to keep it in memory only).
+    #[arg(
+        long,
+        env = "FLOTILLA_IDENTITY_SECRET",
+        default_value = "flotilla-system/flotilla-agent-identity"
+    )]
+    identity_secret: String,
     /// Kubeconfig to use (default: in-cluster, then ~/.kube/config).
     #[arg(long, env = "FLOTILLA_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -101,6 +111,16 @@ async fn main() -> anyhow::Result<()> {
         cluster: args.cluster,
         hubs: args.hub,
         token: args.token,
+        identity_secret: match args.identity_secret.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                Some((ns.to_string(), name.to_string()))
+            }
+            _ if args.identity_secret.is_empty() => None,
+            _ => anyhow::bail!(
+                "--identity-secret {:?}: namespace/name",
+                args.identity_secret
+            ),
+        },
         pool_label: args.pool_label,
         region: args.region,
         labels,

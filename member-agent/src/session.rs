@@ -26,8 +26,8 @@ pub struct SessionConfig {
     pub cluster: String,
     /// Hub gRPC addresses (`host:port`), any replica.
     pub hubs: Vec<String>,
-    /// Join token.
-    pub token: String,
+    /// How each connection identifies itself (certificate, or join token).
+    pub credentials: std::sync::Arc<crate::identity::Credentials>,
     /// Cluster region.
     pub region: String,
     /// Cluster labels.
@@ -185,7 +185,12 @@ async fn session(
     learned_heartbeat: &mut Option<Duration>,
 ) -> Result<(), SessionError> {
     use flotilla_api::grpc::DialError;
-    let channel = flotilla_api::grpc::connect(addr, &cfg.dial)
+    let attempt = cfg.credentials.attempt(unix_secs())?;
+    let dial = flotilla_api::grpc::Dial {
+        security: attempt.security,
+        ..cfg.dial.clone()
+    };
+    let channel = flotilla_api::grpc::connect(addr, &dial)
         .await
         .map_err(|e| match e {
             DialError::Address { .. } => SessionError::Retry(e.to_string()),
@@ -196,7 +201,7 @@ async fn session(
     let send = |m: v1::agent_message::Msg| v1::AgentMessage { msg: Some(m) };
     tx.send(send(v1::agent_message::Msg::Hello(v1::Hello {
         cluster: cfg.cluster.clone(),
-        token: cfg.token.clone(),
+        token: attempt.token,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kubernetes_version: cfg.kubernetes_version.clone(),
         labels: cfg.labels.clone().into_iter().collect(),
@@ -204,6 +209,7 @@ async fn session(
         imports: cfg.imports.is_some(),
         imports_by_namespace: cfg.imports.is_some(),
         campaigns: cfg.steps.is_some(),
+        csr: attempt.csr,
     })))
     .await
     .map_err(|_| SessionError::Retry("stream closed".into()))?;
@@ -223,6 +229,11 @@ async fn session(
         }
     };
     tracing::info!(hub = %addr, "connected to the hub");
+    if let Some(c) = &welcome.certificate
+        && let Err(e) = cfg.credentials.accept(c).await
+    {
+        tracing::error!(error = %e, "the hub's certificate could not be used");
+    }
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
     *learned_heartbeat = Some(heartbeat);
     // Send only what the hub does not hold already. A malformed digest matches nothing, so
@@ -296,6 +307,12 @@ async fn perform(
                     i.apply(u);
                 }
             }
+            Action::Certificate(c) => {
+                // A failed renewal keeps the current certificate; the next try comes later.
+                if let Err(e) = cfg.credentials.accept(&c).await {
+                    tracing::error!(error = %e, "the renewed certificate could not be used");
+                }
+            }
             Action::End(e) => return Err(e),
         }
     }
@@ -324,6 +341,9 @@ async fn follow(
     };
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
+    // The next renewal try (Unix seconds): when the certificate says, then every minute
+    // until one succeeds.
+    let mut renew_try = cfg.credentials.renew_at();
     loop {
         let status_rx = match statuses_guard.as_mut() {
             Some(g) => &mut **g,
@@ -375,11 +395,55 @@ async fn follow(
                 latest.map(|l| Input::Loads((*l).clone())).into_iter().collect()
             }
             Some(report) = status_rx.recv() => vec![Input::StepStatus(report)],
+            () = until_unix(renew_try) => {
+                let now = unix_secs();
+                match cfg.credentials.renew_at() {
+                    Some(at) if at > now => {
+                        // Renewed since: wait for the new certificate's time.
+                        renew_try = Some(at);
+                        Vec::new()
+                    }
+                    _ => {
+                        renew_try = Some(now + RENEW_RETRY_SECS);
+                        match cfg.credentials.renewal() {
+                            Ok(csr) => {
+                                tracing::info!("renewing the agent's certificate");
+                                vec![Input::Renew(csr)]
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot make a renewal request");
+                                Vec::new()
+                            }
+                        }
+                    }
+                }
+            }
             m = inbound.message() => vec![Input::Hub(m)],
         };
         for input in inputs {
             perform(cfg, tx, machine.on(input)).await?;
         }
+    }
+}
+
+/// Seconds between renewal tries after one failed.
+const RENEW_RETRY_SECS: i64 = 60;
+
+/// Seconds since the Unix epoch.
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Resolves at `at` (Unix seconds); never without one.
+async fn until_unix(at: Option<i64>) {
+    match at {
+        Some(at) => {
+            let left = (at - unix_secs()).max(0) as u64;
+            tokio::time::sleep(Duration::from_secs(left)).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -113,6 +113,8 @@ pub enum Input {
     Loads(v1::InferenceLoads),
     /// A campaign step's status.
     StepStatus(v1::StepStatusReport),
+    /// Time to renew the certificate: this CSR (DER) asks for it.
+    Renew(Vec<u8>),
     /// What the hub sent (`Ok(None)`: it closed the stream).
     Hub(Result<Option<v1::HubMessage>, tonic::Status>),
 }
@@ -128,6 +130,8 @@ pub enum Action {
     Submit(v1::StepCommand),
     /// Apply an imports update.
     ApplyImports(v1::ImportsUpdate),
+    /// Keep a certificate the hub signed.
+    Certificate(v1::IssuedCertificate),
     /// End the session.
     End(SessionError),
 }
@@ -250,12 +254,14 @@ impl Machine {
             }
             Input::Loads(l) => vec![msg(Msg::Loads(l))],
             Input::StepStatus(r) => vec![msg(Msg::StepStatus(r))],
+            Input::Renew(csr) => vec![msg(Msg::Renew(v1::RenewCertificate { csr }))],
             Input::Hub(Ok(Some(m))) => {
                 use v1::hub_message::Msg as Hub;
                 match m.msg {
                     Some(Hub::ExportStatus(s)) => vec![Action::ApplyStatus(s)],
                     Some(Hub::Command(c)) => vec![Action::Submit(c)],
                     Some(Hub::Imports(u)) => vec![Action::ApplyImports(u)],
+                    Some(Hub::Certificate(c)) => vec![Action::Certificate(c)],
                     // Acks, and anything newer than this agent.
                     _ => Vec::new(),
                 }
@@ -334,11 +340,13 @@ mod tests {
                 Some(Msg::ImportNamespaces(n)) => format!("namespaces {:?}", n.names),
                 Some(Msg::Loads(_)) => "loads".into(),
                 Some(Msg::StepStatus(r)) => format!("step status {}#{}", r.campaign, r.seq),
+                Some(Msg::Renew(r)) => format!("renew {} bytes", r.csr.len()),
                 other => format!("send {other:?}"),
             },
             Action::ApplyStatus(s) => format!("apply status {}", s.exports.len()),
             Action::Submit(c) => format!("submit {}#{}", c.campaign, c.seq),
             Action::ApplyImports(u) => format!("apply imports {}", u.upsert.len()),
+            Action::Certificate(c) => format!("certificate until {}", c.not_after_unix),
             Action::End(SessionError::Refused(s)) => format!("end refused {:?}", s.code()),
             Action::End(e) => format!("end {e}"),
         }
@@ -468,6 +476,17 @@ mod tests {
                     hub(v1::hub_message::Msg::Ack(Default::default())),
                 ],
                 vec!["apply status 0", "submit c1#3", "apply imports 0"],
+            ),
+            (
+                "a renewal goes to the hub, and the certificate it sends back is kept",
+                vec![
+                    Input::Renew(vec![7; 5]),
+                    hub(v1::hub_message::Msg::Certificate(v1::IssuedCertificate {
+                        not_after_unix: 99,
+                        ..Default::default()
+                    })),
+                ],
+                vec!["renew 5 bytes", "certificate until 99"],
             ),
             (
                 "a closed stream is retried",

@@ -108,7 +108,7 @@ where
     let Some(leader) = leader else {
         return Err(ctx.explain(s));
     };
-    let lead = Ctx::connect(leader, ctx.output).await?;
+    let lead = Ctx::connect(leader, ctx.output, ctx.security.clone()).await?;
     call(client(&lead))
         .await
         .map(tonic::Response::into_inner)

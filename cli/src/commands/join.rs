@@ -16,6 +16,9 @@ pub struct JoinArgs {
     /// Token lifetime in seconds (0 = the hub's default, 24 h).
     #[arg(long, default_value_t = 0)]
     ttl: u32,
+    /// The join waits for `flotctl cluster approve CLUSTER`.
+    #[arg(long)]
+    require_approval: bool,
 }
 
 /// Runs `join`.
@@ -25,12 +28,14 @@ pub async fn run(ctx: &mut Ctx, a: JoinArgs) -> Result<(), Failure> {
         .create_join_token(v1::CreateJoinTokenRequest {
             cluster: a.cluster.clone(),
             ttl_seconds: a.ttl,
+            uses: 1,
+            require_approval: a.require_approval,
         })
         .await
         .map_err(|s| ctx.explain(s))?
         .into_inner();
     let manifest = include_str!("../../../deploy/agent.yaml")
-        .replace("{{TOKEN}}", &t.token)
+        .replace("{{TOKEN}}", &t.join)
         .replace("{{CLUSTER}}", &a.cluster)
         .replace("{{HUB}}", a.agent_hub.as_deref().unwrap_or(&ctx.hub))
         .replace("{{VERSION}}", env!("CARGO_PKG_VERSION"));

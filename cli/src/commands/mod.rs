@@ -5,6 +5,7 @@ pub mod describe;
 pub mod fit;
 pub mod get;
 pub mod join;
+pub mod security;
 pub mod services;
 pub mod store;
 pub mod watch;
@@ -13,6 +14,15 @@ use clap::ValueEnum;
 use flotilla_api::v1::fleet_service_client::FleetServiceClient;
 use serde_json::Value;
 use tonic::transport::Channel;
+
+/// TLS from `--ca` (and `--cert`/`--key` for an identity); plaintext without `--ca`.
+pub fn security(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<flotilla_api::grpc::Security, Failure> {
+    flotilla_api::grpc::Security::from_files(ca, cert, key).map_err(|e| (e, 2))
+}
 
 /// A failure a person can act on, and the exit code.
 pub type Failure = (String, u8);
@@ -38,13 +48,22 @@ pub struct Ctx {
     pub client: FleetServiceClient<Channel>,
     /// The connection, for the hub's other APIs (the store's `Kv`).
     pub channel: Channel,
+    /// How it was dialled (another replica is dialled the same way).
+    pub security: flotilla_api::grpc::Security,
 }
 
 impl Ctx {
-    /// Connects to `hub`.
-    pub async fn connect(hub: String, output: Output) -> Result<Self, Failure> {
+    /// Connects to `hub` as `security` says.
+    pub async fn connect(
+        hub: String,
+        output: Output,
+        security: flotilla_api::grpc::Security,
+    ) -> Result<Self, Failure> {
         use flotilla_api::grpc::{Dial, DialError};
-        let dial = Dial::plaintext(std::time::Duration::from_secs(3));
+        let dial = Dial {
+            security: security.clone(),
+            ..Dial::plaintext(std::time::Duration::from_secs(3))
+        };
         let ch = flotilla_api::grpc::connect(&hub, &dial)
             .await
             .map_err(|e| match e {
@@ -59,6 +78,7 @@ impl Ctx {
             output,
             client: FleetServiceClient::new(ch.clone()),
             channel: ch,
+            security,
         })
     }
 
@@ -76,6 +96,9 @@ impl Ctx {
                 s.message()
             ),
             (Code::NotFound | Code::Aborted, _) => s.message().to_string(),
+            (Code::PermissionDenied | Code::Unauthenticated, _) => {
+                format!("the hub refused: {}", s.message())
+            }
             (Code::InvalidArgument, Some(f)) => {
                 let why = s
                     .message()
@@ -89,6 +112,7 @@ impl Ctx {
             Code::NotFound => 3,
             Code::InvalidArgument => 2,
             Code::Unavailable | Code::DeadlineExceeded => 4,
+            Code::PermissionDenied | Code::Unauthenticated => 5,
             _ => 1,
         };
         (msg, code)

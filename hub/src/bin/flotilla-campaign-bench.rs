@@ -161,6 +161,7 @@ async fn split_fleet(
             .create_join_token(v1::CreateJoinTokenRequest {
                 cluster: n.clone(),
                 ttl_seconds: 3600,
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -258,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
     let data = dir.path().join("data");
     let mut hub_args = vec![
         "flotilla-hub".to_string(),
+        "--insecure".into(),
         "--data-dir".into(),
         data.to_str().context("path")?.into(),
         "--listen".into(),

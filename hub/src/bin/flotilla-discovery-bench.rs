@@ -170,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
     let ua = format!("{}ms", args.unreachable_after.as_millis());
     let hub_args = <flotilla_hub::Args as clap::Parser>::parse_from([
         "flotilla-hub",
+        "--insecure",
         "--data-dir",
         &d,
         "--listen",
@@ -213,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
             .create_join_token(v1::CreateJoinTokenRequest {
                 cluster: c.name().into(),
                 ttl_seconds: 86_400,
+                ..Default::default()
             })
             .await?
             .into_inner()

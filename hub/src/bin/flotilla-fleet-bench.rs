@@ -130,6 +130,7 @@ fn start_hub(
     heartbeat: Duration,
 ) -> HubProc {
     let mut cmd = Command::new(exe);
+    cmd.arg("--insecure");
     match store {
         Store::Raft(data) => cmd.arg("--data-dir").arg(data),
         Store::Etcd(url) => cmd.args(["--store", "etcd", "--etcd-endpoints", url]),
@@ -576,6 +577,7 @@ async fn main() -> anyhow::Result<()> {
             f.create_join_token(v1::CreateJoinTokenRequest {
                 cluster: format!("bench-{i:05}"),
                 ttl_seconds: 3600,
+                ..Default::default()
             })
             .await
         });

@@ -246,6 +246,7 @@ impl State {
                     }
                 }
             }
+            Change::Revoked { .. } => {}
             // GPU pools matter only to a policy that judges GPU saturation.
             Change::Inventory { name, .. } => {
                 if self.by_cluster.contains_key(&name) && self.uses_gpu_saturation() {

@@ -29,6 +29,8 @@ use crate::discovery::exports::HeldExports;
 use crate::fleet::outbox::OutboxReader;
 use crate::fleet::stream::{self, Action, Input, Stream as Machine};
 use crate::metrics::HubMetrics;
+use crate::security::audit::Decision;
+use crate::security::authz::Caller;
 use crate::store::{keys, records};
 
 /// The agent-facing service.
@@ -51,6 +53,19 @@ pub struct AgentSvc<B> {
     pub discovery: Arc<crate::discovery::Discovery>,
     /// Campaigns: the cluster's outbox, and where step statuses go.
     pub campaigns: Arc<crate::campaigns::Campaigns>,
+    /// TLS and the CA, revocations, the audit log.
+    pub security: Arc<super::FleetSecurity>,
+}
+
+/// How a stream was admitted, and what every later message is checked against.
+#[derive(Debug, Clone)]
+struct Admitted {
+    /// When its credential was issued (Unix seconds): a revocation after this ends it.
+    issued_at_s: i64,
+    /// When its certificate expires (Unix ms), if it has one.
+    not_after_ms: Option<i64>,
+    /// The certificate signed for the hello's CSR (a bootstrap over TLS).
+    certificate: Option<v1::IssuedCertificate>,
 }
 
 /// UNAVAILABLE naming the leader's address (in `flotilla-leader`), when this replica knows it.
@@ -164,39 +179,152 @@ impl Held {
 }
 
 impl<B: KvBackend + Clone> AgentSvc<B> {
-    async fn authenticate(&self, hello: &v1::Hello) -> Result<(), Status> {
+    /// Who may open this stream: the cluster its certificate names; over TLS without one, a
+    /// join token (one use spent) with a CSR, signed here; without TLS, a join token.
+    async fn admit(&self, hello: &v1::Hello, caller: &Caller) -> Result<Admitted, Status> {
+        use flotilla_core::security::{JoinToken, Principal};
         conv::cluster_name("hello.cluster", &hello.cluster).map_err(|e| e.to_status())?;
+        let now = self.health.clock().unix_ms();
+        if let Principal::Cluster(name) = &caller.principal {
+            if *name != hello.cluster {
+                return Err(Status::permission_denied(format!(
+                    "hello.cluster: this certificate is for cluster {name:?}, not {:?}",
+                    hello.cluster
+                )));
+            }
+            let not_after = caller.not_after.map(|s| s * 1000);
+            let issued = caller
+                .not_before
+                .map_or(0, |s| s + flotilla_api::pki::SKEW_SECS);
+            if self.security.revocations.revoked(name, issued) {
+                return Err(Status::permission_denied(format!(
+                    "cluster {name:?} was removed from the fleet; rejoin it with a new token \
+                     (flotctl join {name})"
+                )));
+            }
+            return Ok(Admitted {
+                issued_at_s: issued,
+                not_after_ms: not_after,
+                certificate: None,
+            });
+        }
+        let tls =
+            match caller.principal {
+                Principal::Anonymous => Some(self.security.tls.as_ref().ok_or_else(|| {
+                    Status::internal("an anonymous TLS peer on a hub without TLS")
+                })?),
+                Principal::Unauthenticated => None,
+                _ => {
+                    return Err(Status::permission_denied(
+                        "only member clusters' agents connect here",
+                    ));
+                }
+            };
         if hello.token.is_empty() {
-            return Err(Status::unauthenticated(
-                "hello.token: a join token is required (flotctl join)",
+            let why = match tls {
+                Some(_) => {
+                    "hello.token: no client certificate and no join token: start the agent \
+                            with a join string (flotctl join), or, if its certificate expired while \
+                            it was offline, with a new one"
+                }
+                None => "hello.token: a join token is required (flotctl join)",
+            };
+            return Err(Status::unauthenticated(why));
+        }
+        let token = JoinToken::parse(&hello.token)
+            .map_err(|e| Status::unauthenticated(format!("hello.token: {e}")))?;
+        if tls.is_some() && hello.csr.is_empty() {
+            return Err(Status::invalid_argument(
+                "hello.csr: a join over TLS sends a certificate request",
             ));
         }
-        // Locally first; a token this replica has not applied yet is looked up linearizably.
-        let key = keys::token_key(&hello.token);
-        let (mut rec, _) = records::get_local::<B, v1::JoinTokenRecord>(&self.backend, &key)
-            .await
-            .map_err(store_err)?;
-        if rec.is_none() {
-            rec = records::get::<B, v1::JoinTokenRecord>(&self.backend, &key)
-                .await
-                .map_err(store_err)?
-                .0;
-        }
-        let Some(rec) = rec else {
-            return Err(Status::unauthenticated("hello.token: unknown join token"));
-        };
-        if rec.expires_at_unix_ms <= self.health.clock().unix_ms() {
-            return Err(Status::unauthenticated(
-                "hello.token: the join token has expired; create a new one with flotctl join",
-            ));
-        }
-        if rec.cluster != hello.cluster {
-            return Err(Status::permission_denied(format!(
-                "hello.token: this token is for cluster {:?}, not {:?}",
-                rec.cluster, hello.cluster
+        if hello.csr.len() > super::stream::MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "hello.csr: at most {} bytes",
+                super::stream::MAX_CSR_BYTES
             )));
         }
-        Ok(())
+        let refused = |e: crate::security::tokens::Refused| match e {
+            crate::security::tokens::Refused::Token(t) => match t {
+                flotilla_core::security::TokenRefused::OtherCluster { .. } => {
+                    Status::permission_denied(format!("hello.token: {t}"))
+                }
+                _ => Status::unauthenticated(format!("hello.token: {t}")),
+            },
+            crate::security::tokens::Refused::Store(e) => store_err(e),
+        };
+        // Checked without spending first, so a join waiting for approval keeps its use.
+        let rec = crate::security::tokens::admit(&self.backend, &token, &hello.cluster, now, false)
+            .await
+            .map_err(refused)?;
+        if rec.require_approval {
+            self.await_approval(&hello.cluster, &token.id, caller, now)
+                .await?;
+        }
+        let issued = self
+            .security
+            .revocations
+            .issue_time(&hello.cluster, now / 1000);
+        let Some(tls) = tls else {
+            // Without TLS there is no identity to issue: the token is the credential on every
+            // connect until it expires.
+            return Ok(Admitted {
+                issued_at_s: issued,
+                not_after_ms: None,
+                certificate: None,
+            });
+        };
+        // Signed before the use is spent: a malformed CSR must not cost the operator a token.
+        let (pem, not_after) = tls
+            .sign_cluster(&hello.cluster, &hello.csr, issued)
+            .map_err(|e| Status::invalid_argument(format!("hello.{e}")))?;
+        crate::security::tokens::admit(&self.backend, &token, &hello.cluster, now, true)
+            .await
+            .map_err(refused)?;
+        Ok(Admitted {
+            issued_at_s: issued,
+            not_after_ms: Some(not_after * 1000),
+            certificate: Some(v1::IssuedCertificate {
+                certificate_pem: pem,
+                ca_bundle_pem: tls.bundle(),
+                not_after_unix: not_after,
+            }),
+        })
+    }
+
+    /// A join whose token asks for approval: recorded as waiting until an admin approves it.
+    async fn await_approval(
+        &self,
+        cluster: &str,
+        token_id: &str,
+        caller: &Caller,
+        now: i64,
+    ) -> Result<(), Status> {
+        let key = keys::approval_key(cluster);
+        let (cur, _) = records::get::<B, v1::ApprovalRecord>(&self.backend, &key)
+            .await
+            .map_err(store_err)?;
+        if cur
+            .as_ref()
+            .is_some_and(|a| a.approved && a.token_id == token_id)
+        {
+            return Ok(());
+        }
+        if cur.is_none() {
+            let rec = v1::ApprovalRecord {
+                cluster: cluster.to_string(),
+                approved: false,
+                token_id: token_id.to_string(),
+                requested_at_unix_ms: now,
+                from: caller.remote.map(|a| a.to_string()).unwrap_or_default(),
+            };
+            records::put_if(&self.backend, &key, &rec, 0)
+                .await
+                .map_err(store_err)?;
+        }
+        Err(Status::failed_precondition(format!(
+            "cluster {cluster:?} is waiting for approval: an admin runs `flotctl cluster approve {cluster}`"
+        )))
     }
 
     /// Create or refresh the cluster record, with the (re)join's health transition, in one
@@ -279,6 +407,11 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
         if !self.leader.is_leader() {
             return Err(not_leader(&*self.leader));
         }
+        let req_caller = tonic::Request::new(());
+        let mut req_caller = req_caller;
+        if let Some(c) = req.extensions().get::<Caller>() {
+            req_caller.extensions_mut().insert(c.clone());
+        }
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -291,7 +424,28 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                 "msg: the first message must be a hello",
             ));
         };
-        self.authenticate(&hello).await?;
+        let caller = Caller::of(&req_caller);
+        let admitted = match self.admit(&hello, &caller).await {
+            Ok(a) => a,
+            Err(s) => {
+                self.metrics.denied.inc();
+                self.security.audit.record(
+                    Some(&caller),
+                    "flotilla.v1.AgentService/Connect:join",
+                    &format!("cluster/{}", hello.cluster),
+                    Decision::Denied(s.message().to_string()),
+                    s.code(),
+                );
+                return Err(s);
+            }
+        };
+        self.security.audit.record(
+            Some(&caller),
+            "flotilla.v1.AgentService/Connect:join",
+            &format!("cluster/{}", hello.cluster),
+            Decision::Allowed,
+            tonic::Code::Ok,
+        );
         let cluster = hello.cluster.clone();
         let joined = self.health.joined(&cluster);
         self.register(&hello, joined.as_ref()).await?;
@@ -325,6 +479,7 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             msg: Some(v1::hub_message::Msg::Welcome(v1::Welcome {
                 heartbeat_interval_ms: self.heartbeat.as_millis() as u32,
                 held: digests,
+                certificate: admitted.certificate.clone(),
             })),
         };
         tx.send(Ok(welcome))
@@ -351,6 +506,9 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             cluster: cluster.clone(),
             held,
             exports,
+            security: self.security.clone(),
+            caller,
+            admitted,
         };
         let machine = Machine::new(&hello);
         self.metrics.agents_connected.inc();
@@ -396,13 +554,16 @@ struct Exec<B> {
     cluster: String,
     held: Held,
     exports: HeldExports,
+    security: Arc<super::FleetSecurity>,
+    caller: Caller,
+    admitted: Admitted,
 }
 
 /// What the stream does after an action.
 enum Flow {
     Go,
     /// Give this result back to the machine.
-    Feed(Input),
+    Feed(Box<Input>),
     Stop,
 }
 
@@ -461,7 +622,7 @@ impl<B: KvBackend + Clone> Exec<B> {
                         .report_seconds
                         .observe(started.elapsed().as_secs_f64());
                 }
-                Flow::Feed(Input::Done(r))
+                Flow::Feed(Box::new(Input::Done(r)))
             }
             Action::Observe(l) => {
                 let now = self.health.clock().unix_ms();
@@ -471,19 +632,79 @@ impl<B: KvBackend + Clone> Exec<B> {
                     .observe(&self.cluster, &l, now)
                     .map(|()| None)
                     .map_err(|e| e.to_status());
-                Flow::Feed(Input::Done(r))
+                Flow::Feed(Box::new(Input::Done(r)))
             }
             Action::Health(s) => {
                 self.health.report(&self.cluster, s);
                 Flow::Go
             }
             Action::Leave => {
+                self.security.audit.record(
+                    Some(&self.caller),
+                    "flotilla.v1.AgentService/Connect:leave",
+                    &format!("cluster/{}", self.cluster),
+                    Decision::Allowed,
+                    tonic::Code::Ok,
+                );
                 self.health.left(&self.cluster);
                 Flow::Go
             }
             Action::Forward(r) => {
+                self.security.audit.record(
+                    Some(&self.caller),
+                    "flotilla.v1.AgentService/Connect:step_status",
+                    &format!("campaign/{}#{} cluster/{}", r.campaign, r.seq, self.cluster),
+                    Decision::Allowed,
+                    tonic::Code::Ok,
+                );
                 self.campaigns.status(&self.cluster, r).await;
                 Flow::Go
+            }
+            Action::Renew(csr) => {
+                let Some(tls) = &self.security.tls else {
+                    let _ = self
+                        .tx
+                        .send(Err(Status::failed_precondition(
+                            "renew: this hub runs without TLS",
+                        )))
+                        .await;
+                    return Flow::Stop;
+                };
+                let now = self.health.clock().unix_ms() / 1000;
+                let issued = self.security.revocations.issue_time(&self.cluster, now);
+                let signed = tls.sign_cluster(&self.cluster, &csr, issued);
+                let code = signed
+                    .as_ref()
+                    .map_or(tonic::Code::InvalidArgument, |_| tonic::Code::Ok);
+                self.security.audit.record(
+                    Some(&self.caller),
+                    "flotilla.v1.AgentService/Connect:renew",
+                    &format!("cluster/{}", self.cluster),
+                    match &signed {
+                        Ok(_) => Decision::Allowed,
+                        Err(e) => Decision::Denied(e.to_string()),
+                    },
+                    code,
+                );
+                match signed {
+                    Ok((pem, not_after)) => {
+                        self.send(v1::HubMessage {
+                            msg: Some(v1::hub_message::Msg::Certificate(v1::IssuedCertificate {
+                                certificate_pem: pem,
+                                ca_bundle_pem: tls.bundle(),
+                                not_after_unix: not_after,
+                            })),
+                        })
+                        .await
+                    }
+                    Err(e) => {
+                        let _ = self
+                            .tx
+                            .send(Err(Status::invalid_argument(format!("renew.{e}"))))
+                            .await;
+                        Flow::Stop
+                    }
+                }
             }
             Action::ReleaseJoinSlot => {
                 self.permit.take();
@@ -506,6 +727,42 @@ impl<B: KvBackend + Clone> Exec<B> {
     }
 }
 
+impl<B> Exec<B> {
+    /// Why this stream's credential no longer holds, if it does not.
+    fn credential_refusal(&self) -> Option<Status> {
+        if self
+            .security
+            .revocations
+            .revoked(&self.cluster, self.admitted.issued_at_s)
+        {
+            return Some(Status::permission_denied(format!(
+                "cluster {:?} was removed from the fleet; its identity is revoked",
+                self.cluster
+            )));
+        }
+        let now = self.health.clock().unix_ms();
+        match self.admitted.not_after_ms {
+            // Aborted, not Unauthenticated: the agent reconnects with its renewed certificate
+            // rather than stopping.
+            Some(t) if now >= t => Some(Status::aborted(
+                "the agent's certificate expired; reconnect with the renewed one",
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves when a certificate valid until `not_after_ms` expires (never without one).
+async fn expiry(not_after_ms: Option<i64>, health: &HealthCtl) {
+    match not_after_ms {
+        Some(t) => {
+            let left = (t - health.clock().unix_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(left)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What a stream waits on besides its machine: the agent's messages, its cluster's export
 /// status builds, and import batches.
 type Feeds = (
@@ -525,13 +782,29 @@ async fn run_stream<B: KvBackend + Clone>(
     let join_deadline = tokio::time::sleep(JOIN_SLOT_TIMEOUT);
     tokio::pin!(join_deadline);
     let (discovery, cluster) = (exec.discovery.clone(), exec.cluster.clone());
+    let mut revocations = exec.security.revocations.changes();
     let mut next = Some(Input::Opened);
     'stream: loop {
+        // The identity is checked before every input, not only at the handshake: a revoked
+        // cluster's stream ends at once, an expired certificate's at its expiry.
+        if let Some(refusal) = exec.credential_refusal() {
+            exec.metrics.denied.inc();
+            exec.security.audit.record(
+                Some(&exec.caller),
+                "flotilla.v1.AgentService/Connect:message",
+                &format!("cluster/{cluster}"),
+                Decision::Denied(refusal.message().to_string()),
+                refusal.code(),
+            );
+            tracing::warn!(reason = %refusal.message(), "agent stream closed");
+            let _ = exec.tx.send(Err(refusal)).await;
+            break 'stream;
+        }
         while let Some(input) = next.take() {
             for action in machine.on(input) {
                 match exec.perform(action).await {
                     Flow::Go => {}
-                    Flow::Feed(i) => next = Some(i),
+                    Flow::Feed(i) => next = Some(*i),
                     Flow::Stop => break 'stream,
                 }
             }
@@ -547,6 +820,9 @@ async fn run_stream<B: KvBackend + Clone>(
             },
             _ = &mut join_deadline, if machine.holds_join_slot() => Input::JoinDeadline,
             Ok(()) = builds.changed() => Input::Statuses(discovery.statuses_for(&cluster)),
+            // Checked at the top of the loop; nothing to feed the machine.
+            Ok(()) = revocations.changed() => continue 'stream,
+            () = expiry(exec.admitted.not_after_ms, &exec.health) => continue 'stream,
             () = exec.outbox.changed() => Input::Outbox,
             r = routes.recv(), if machine.wants_imports() => match r {
                 Ok(keys) => Input::Imports(keys),

@@ -50,8 +50,22 @@ pub struct Fleet {
     pub metrics: Arc<HubMetrics>,
     /// Campaigns' outboxes and controller inbox, shared by the agent streams.
     pub campaigns: Arc<crate::campaigns::Campaigns>,
+    /// TLS and the CA (when secure), revocations, the audit log.
+    pub security: Arc<FleetSecurity>,
     /// Admission to the join handshake, shared by every stream this replica serves.
     joins: Arc<tokio::sync::Semaphore>,
+}
+
+/// The security parts the fleet's services share.
+pub struct FleetSecurity {
+    /// The hub's TLS and CA; `None` without TLS (`--insecure`, `--dev`).
+    pub tls: Option<Arc<crate::security::HubTls>>,
+    /// Revoked cluster identities (mirrored).
+    pub revocations: Arc<crate::security::Revocations>,
+    /// The audit log.
+    pub audit: crate::security::audit::Audit,
+    /// The audit writer's queue, taken once by whoever runs the writer.
+    pub audit_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<v1::AuditRecord>>>,
 }
 
 impl Fleet {
@@ -64,12 +78,21 @@ impl Fleet {
     pub fn with_clock(config: FleetConfig, clock: Arc<dyn Clock>) -> Self {
         let view = view::FleetView::new();
         let campaigns = crate::campaigns::Campaigns::new();
+        let metrics = HubMetrics::new(
+            view.clone(),
+            config.metrics_per_node,
+            vec![Box::new(campaigns.series.clone())],
+        );
+        let (audit, queue) =
+            crate::security::audit::Audit::new(clock.clone(), metrics.audit_dropped.clone());
         Self {
-            metrics: HubMetrics::new(
-                view.clone(),
-                config.metrics_per_node,
-                vec![Box::new(campaigns.series.clone())],
-            ),
+            security: Arc::new(FleetSecurity {
+                tls: None,
+                revocations: Default::default(),
+                audit,
+                audit_queue: std::sync::Mutex::new(Some(queue)),
+            }),
+            metrics,
             discovery: crate::discovery::Discovery::new(view.clone()),
             view,
             health: HealthCtl::new(config.policy, clock),
@@ -79,6 +102,14 @@ impl Fleet {
                 config.max_concurrent_joins.max(1),
             )),
         }
+    }
+
+    /// The same fleet serving with TLS and signing with `tls`'s CA (before any service is
+    /// made).
+    pub fn with_tls(mut self, tls: Arc<crate::security::HubTls>) -> Self {
+        let s = Arc::get_mut(&mut self.security).expect("with_tls before the services are made");
+        s.tls = Some(tls);
+        self
     }
 
     /// The agent-facing gRPC service.
@@ -97,6 +128,7 @@ impl Fleet {
             joins: self.joins.clone(),
             discovery: self.discovery.clone(),
             campaigns: self.campaigns.clone(),
+            security: self.security.clone(),
         })
     }
 
@@ -154,6 +186,8 @@ impl Fleet {
         v1::fleet_service_server::FleetServiceServer::new(service::FleetSvc {
             backend,
             view: self.view.clone(),
+            security: self.security.clone(),
+            clock: self.health.clock_arc(),
         })
     }
 

@@ -17,18 +17,68 @@ use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
 use super::view::FleetView;
-use crate::controllers::unix_ms;
 use crate::store::{keys, records};
 
 /// Default join token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// The fleet read API.
+/// Longest join token lifetime.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most joins one token may admit.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+
+/// The fleet API: reads from this replica's view; tokens, approvals, removal and the audit
+/// log through the store.
 pub struct FleetSvc<B> {
-    /// Store (for tokens).
+    /// Store.
     pub backend: B,
     /// This replica's view.
     pub view: Arc<FleetView>,
+    /// TLS, revocations and the audit log.
+    pub security: Arc<super::FleetSecurity>,
+    /// Time.
+    pub clock: Arc<dyn crate::controllers::Clock>,
+}
+
+fn kv_status(e: flotilla_core::kv::KvError) -> Status {
+    flotilla_api::convert::kv::to_status(e)
+}
+
+impl<B: KvBackend + Clone> FleetSvc<B> {
+    /// Deletes every record of `cluster` (its cluster record, inventory, exports, loads,
+    /// approval and traffic shift); returns how many went.
+    async fn remove_records(&self, cluster: &str) -> Result<u32, Status> {
+        use flotilla_core::kv::{KeyRange, Op, TxnRequest};
+        let ranges = [
+            KeyRange::key(keys::cluster_key(cluster)),
+            KeyRange::key(keys::inventory_key(cluster)),
+            KeyRange::prefix(keys::exports_of(cluster)),
+            KeyRange::prefix(format!("{}{cluster}/", keys::LOADS)),
+            KeyRange::key(keys::approval_key(cluster)),
+            KeyRange::key(keys::shift_key(cluster)),
+        ];
+        let r = self
+            .backend
+            .txn(TxnRequest {
+                success: ranges
+                    .into_iter()
+                    .map(|range| Op::Delete {
+                        range,
+                        prev_kv: false,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(kv_status)?;
+        Ok(r.results
+            .iter()
+            .map(|o| match o {
+                flotilla_core::kv::OpResult::Delete { deleted, .. } => *deleted as u32,
+                _ => 0,
+            })
+            .sum())
+    }
 }
 
 /// A stored inventory as core types (records were validated when written).
@@ -253,26 +303,174 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
         &self,
         req: Request<v1::CreateJoinTokenRequest>,
     ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
-        let r = req.into_inner();
+        let by = crate::security::authz::Caller::of(&req)
+            .principal
+            .to_string();
+        let r = req.get_ref();
         conv::cluster_name("cluster", &r.cluster).map_err(|e| e.to_status())?;
-        let ttl = if r.ttl_seconds == 0 {
-            DEFAULT_TOKEN_TTL
-        } else {
-            Duration::from_secs(u64::from(r.ttl_seconds))
+        let ttl = match r.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            s => Duration::from_secs(u64::from(s)),
         };
-        let token = format!("flt_{}", uuid::Uuid::new_v4().simple());
-        let expires = unix_ms() + ttl.as_millis() as i64;
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: at most {} (30 days)",
+                MAX_TOKEN_TTL.as_secs()
+            )));
+        }
+        if r.uses > MAX_TOKEN_USES {
+            return Err(Status::invalid_argument(format!(
+                "uses: at most {MAX_TOKEN_USES}"
+            )));
+        }
+        let token = flotilla_core::security::JoinToken::from_random(rand::random(), rand::random());
+        crate::security::authz::audit_target(
+            &req,
+            format!("token/{} cluster/{}", token.id, r.cluster),
+        );
+        let now = self.clock.unix_ms();
+        let expires = now + ttl.as_millis() as i64;
+        let uses = r.uses.max(1);
         let rec = v1::JoinTokenRecord {
-            cluster: r.cluster,
+            cluster: r.cluster.clone(),
             expires_at_unix_ms: expires,
+            id: token.id.clone(),
+            secret_sha256: token.secret_hash(),
+            uses_left: uses,
+            uses,
+            require_approval: r.require_approval,
+            created_at_unix_ms: now,
+            created_by: by,
         };
-        records::put_if(&self.backend, &keys::token_key(&token), &rec, 0)
+        records::put_if(&self.backend, &keys::token_key(&token.id), &rec, 0)
             .await
-            .map_err(flotilla_api::convert::kv::to_status)?
-            .ok_or_else(|| Status::aborted("token collision; retry"))?;
+            .map_err(kv_status)?
+            .ok_or_else(|| Status::aborted("token id collision; retry"))?;
+        let join = match &self.security.tls {
+            Some(tls) => flotilla_core::security::JoinString {
+                token: token.clone(),
+                ca_hash: tls.pin(),
+            }
+            .reveal(),
+            None => token.reveal(),
+        };
         Ok(Response::new(v1::CreateJoinTokenResponse {
-            token,
+            token: token.reveal(),
             expires_at_unix_ms: expires,
+            id: token.id,
+            join,
         }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _: Request<v1::ListJoinTokensRequest>,
+    ) -> Result<Response<v1::ListJoinTokensResponse>, Status> {
+        use flotilla_core::kv::{KeyRange, RangeRequest};
+        use prost::Message;
+        let r = self
+            .backend
+            .range(RangeRequest::new(KeyRange::prefix(keys::TOKENS)))
+            .await
+            .map_err(kv_status)?;
+        let tokens = r
+            .kvs
+            .iter()
+            .filter_map(|kv| v1::JoinTokenRecord::decode(kv.value.as_slice()).ok())
+            .map(|t| v1::JoinTokenRecord {
+                secret_sha256: String::new(),
+                ..t
+            })
+            .collect();
+        Ok(Response::new(v1::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<v1::RevokeJoinTokenRequest>,
+    ) -> Result<Response<v1::RevokeJoinTokenResponse>, Status> {
+        let id = req.get_ref().id.clone();
+        crate::security::authz::audit_target(&req, format!("token/{id}"));
+        if id.is_empty() || id.len() > 16 {
+            return Err(Status::invalid_argument(
+                "id: the token's id (flotctl token list)",
+            ));
+        }
+        let deleted = records::delete(&self.backend, &keys::token_key(&id))
+            .await
+            .map_err(kv_status)?;
+        if !deleted {
+            return Err(Status::not_found(format!("id: no join token {id:?}")));
+        }
+        Ok(Response::new(v1::RevokeJoinTokenResponse {}))
+    }
+
+    async fn approve_cluster(
+        &self,
+        req: Request<v1::ApproveClusterRequest>,
+    ) -> Result<Response<v1::ApproveClusterResponse>, Status> {
+        let cluster = req.get_ref().cluster.clone();
+        crate::security::authz::audit_target(&req, format!("cluster/{cluster}"));
+        conv::cluster_name("cluster", &cluster).map_err(|e| e.to_status())?;
+        let key = keys::approval_key(&cluster);
+        let mut missing = false;
+        records::update::<B, v1::ApprovalRecord, _>(&self.backend, &key, |cur| match cur {
+            Some(a) => Some(v1::ApprovalRecord {
+                approved: true,
+                ..a
+            }),
+            None => {
+                missing = true;
+                None
+            }
+        })
+        .await
+        .map_err(kv_status)?;
+        if missing {
+            return Err(Status::not_found(format!(
+                "cluster: no join of {cluster:?} is waiting for approval"
+            )));
+        }
+        Ok(Response::new(v1::ApproveClusterResponse {}))
+    }
+
+    async fn remove_cluster(
+        &self,
+        req: Request<v1::RemoveClusterRequest>,
+    ) -> Result<Response<v1::RemoveClusterResponse>, Status> {
+        let by = crate::security::authz::Caller::of(&req)
+            .principal
+            .to_string();
+        let cluster = req.get_ref().cluster.clone();
+        crate::security::authz::audit_target(&req, format!("cluster/{cluster}"));
+        conv::cluster_name("cluster", &cluster).map_err(|e| e.to_status())?;
+        // Revoke first: from this write on, every replica refuses the cluster's certificates
+        // and the leader closes its stream; only then are its records removed, so a report in
+        // flight cannot bring them back.
+        let rec = v1::RevocationRecord {
+            cluster: cluster.clone(),
+            revoked_at_unix_ms: self.clock.unix_ms(),
+            by,
+        };
+        records::put(&self.backend, &keys::revoked_key(&cluster), &rec)
+            .await
+            .map_err(kv_status)?;
+        let removed = self.remove_records(&cluster).await?;
+        Ok(Response::new(v1::RemoveClusterResponse { removed }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<v1::ListAuditResponse>, Status> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(100_000) as usize,
+        };
+        let records = crate::security::audit::list(&self.backend, r.since_unix_ms, &r.who, limit)
+            .await
+            .map_err(kv_status)?;
+        Ok(Response::new(v1::ListAuditResponse { records }))
     }
 }

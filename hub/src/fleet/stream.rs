@@ -63,6 +63,8 @@ pub enum Action {
     Leave,
     /// Hand a campaign step's status to the campaign controller.
     Forward(v1::StepStatusReport),
+    /// Sign a renewal CSR and send the certificate back.
+    Renew(Vec<u8>),
     /// Give the join slot back.
     ReleaseJoinSlot,
     /// Count one message of this kind (or `rejected`).
@@ -88,6 +90,9 @@ pub struct Stream {
     closed: bool,
 }
 
+/// Largest CSR accepted (a P-256 or RSA-4096 request is well under this).
+pub const MAX_CSR_BYTES: usize = 8 * 1024;
+
 /// The metrics label of a message.
 pub fn kind(msg: &v1::AgentMessage) -> &'static str {
     use v1::agent_message::Msg;
@@ -103,6 +108,7 @@ pub fn kind(msg: &v1::AgentMessage) -> &'static str {
         Some(Msg::Networks(_)) => "networks",
         Some(Msg::ImportNamespaces(_)) => "import_namespaces",
         Some(Msg::StepStatus(_)) => "step_status",
+        Some(Msg::Renew(_)) => "renew",
         None => "other",
     }
 }
@@ -255,6 +261,10 @@ impl Stream {
             }
             Msg::Leave(_) => vec![Action::Count(kind), Action::Leave],
             Msg::StepStatus(r) => vec![Action::Count(kind), Action::Forward(r)],
+            Msg::Renew(r) if r.csr.is_empty() || r.csr.len() > MAX_CSR_BYTES => self.reject(
+                Status::invalid_argument(format!("renew.csr: 1 to {MAX_CSR_BYTES} bytes of DER")),
+            ),
+            Msg::Renew(r) => vec![Action::Count(kind), Action::Renew(r.csr)],
             Msg::ImportNamespaces(n) => match import_namespaces(&n) {
                 Ok(set) => {
                     self.namespaces_known = true;
@@ -310,6 +320,7 @@ mod tests {
             Action::Health(s) => format!("health nodes_not_ready={}", s.nodes_not_ready),
             Action::Leave => "leave".into(),
             Action::Forward(r) => format!("forward {}#{}", r.campaign, r.seq),
+            Action::Renew(_) => "renew".into(),
             Action::ReleaseJoinSlot => "release join slot".into(),
             Action::Count(k) => format!("count {k}"),
             Action::NotLeader => "not leader".into(),
@@ -474,6 +485,20 @@ mod tests {
                 (false, false),
                 vec![msg(Msg::Leave(Default::default()))],
                 vec!["count leave", "leave"],
+            ),
+            (
+                "a renewal is signed; an empty or oversized one is refused",
+                (false, false),
+                vec![
+                    msg(Msg::Renew(v1::RenewCertificate { csr: vec![1; 10] })),
+                    msg(Msg::Renew(v1::RenewCertificate { csr: vec![] })),
+                ],
+                vec![
+                    "count renew",
+                    "renew",
+                    "count rejected",
+                    "reject InvalidArgument: renew.csr: 1 to 8192 bytes of DER",
+                ],
             ),
             (
                 "step statuses go to the campaign controller",

@@ -240,7 +240,8 @@ impl FleetView {
             Change::Export { .. }
             | Change::Policy { .. }
             | Change::Load { .. }
-            | Change::Shift { .. } => None,
+            | Change::Shift { .. }
+            | Change::Revoked { .. } => None,
         };
         if let Some((cluster, e)) = event
             && notify

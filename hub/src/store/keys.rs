@@ -5,7 +5,10 @@
 //! | --- | --- | --- |
 //! | `/clusters/<name>` | `Cluster` (health, identity, history) | the leader: agent streams and the health controller |
 //! | `/inventory/<name>` | `Inventory` (nodes and pools) | the leader: that cluster's agent stream only |
-//! | `/tokens/<sha256>` | `JoinTokenRecord` | `FleetService.CreateJoinToken` (any replica) |
+//! | `/tokens/<id>` | `JoinTokenRecord` (the secret only hashed) | `FleetService.CreateJoinToken` (any replica); uses spent by the leader's agent streams with a compare-and-swap |
+//! | `/approvals/<cluster>` | `ApprovalRecord` | a join with an approval token (pending); `FleetService.ApproveCluster` |
+//! | `/revoked/<cluster>` | `RevocationRecord` | `FleetService.RemoveCluster` |
+//! | `/audit/<ms, 16 digits>-<id>` | `AuditRecord` | every replica's audit writer; trimmed by the leader after the retention |
 //! | `/exports/<cluster>/<namespace>/<name>` | `ServiceExport` | the leader: that cluster's agent stream only |
 //! | `/policies/<namespace>/<name>`, `/policies/_default` | `RoutingPolicyRecord` | `DiscoveryService.SetPolicy` (any replica) |
 //! | `/loads/<cluster>/<namespace>/<name>` | `InferenceLoadRecord` | the leader's load tracker, when a verdict changes |
@@ -14,14 +17,18 @@
 //! | `/shifts/<cluster>` | `TrafficShiftRecord` | the campaign controller, in the same txn as the campaign |
 //! | `/campaign-epoch` | empty; its mod revision is the controller's fencing term | the campaign controller, when it starts leading |
 
-use sha2::{Digest, Sha256};
-
 /// Prefix of cluster records (`v1::Cluster`).
 pub const CLUSTERS: &str = "/clusters/";
 /// Prefix of inventory records (`v1::Inventory`).
 pub const INVENTORY: &str = "/inventory/";
-/// Prefix of join tokens (`v1::JoinTokenRecord`, keyed by the token's SHA-256).
+/// Prefix of join tokens (`v1::JoinTokenRecord`, keyed by the token's id).
 pub const TOKENS: &str = "/tokens/";
+/// Prefix of join approvals (`v1::ApprovalRecord`).
+pub const APPROVALS: &str = "/approvals/";
+/// Prefix of revoked cluster identities (`v1::RevocationRecord`).
+pub const REVOKED: &str = "/revoked/";
+/// Prefix of the audit log (`v1::AuditRecord`), in time order.
+pub const AUDIT: &str = "/audit/";
 
 /// Prefix of exported services (`v1::ServiceExport`).
 pub const EXPORTS: &str = "/exports/";
@@ -38,8 +45,11 @@ pub const CAMPAIGN_EPOCH: &str = "/campaign-epoch";
 /// The fleet default policy's name under [`POLICIES`] (no namespace has an underscore).
 pub const DEFAULT_POLICY: &str = "_default";
 
-/// The prefixes every replica mirrors in memory (tokens and campaigns are read on demand).
-pub const MIRRORED: [&str; 6] = [CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS, SHIFTS];
+/// The prefixes every replica mirrors in memory (tokens, approvals, the audit log and
+/// campaigns are read on demand).
+pub const MIRRORED: [&str; 7] = [
+    CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS, SHIFTS, REVOKED,
+];
 
 /// Key of one cluster's export.
 pub fn export_key(cluster: &str, namespace: &str, name: &str) -> String {
@@ -94,13 +104,24 @@ pub fn inventory_key(name: &str) -> String {
     format!("{INVENTORY}{name}")
 }
 
-/// Key of a token record: the token is stored only as its hash.
-pub fn token_key(token: &str) -> String {
-    let hex: String = Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{TOKENS}{hex}")
+/// Key of a join token's record (by its id; the secret is stored only as its hash).
+pub fn token_key(id: &str) -> String {
+    format!("{TOKENS}{id}")
+}
+
+/// Key of a cluster's join approval.
+pub fn approval_key(cluster: &str) -> String {
+    format!("{APPROVALS}{cluster}")
+}
+
+/// Key of a cluster's revocation.
+pub fn revoked_key(cluster: &str) -> String {
+    format!("{REVOKED}{cluster}")
+}
+
+/// Key of an audit record: time first, so a range from a time reads in order.
+pub fn audit_key(at_unix_ms: i64, id: &str) -> String {
+    format!("{AUDIT}{:016}-{id}", at_unix_ms.max(0))
 }
 
 /// A mirrored key, parsed.
@@ -118,6 +139,8 @@ pub enum Key<'a> {
     Load(&'a str, &'a str, &'a str),
     /// `/shifts/<cluster>`.
     Shift(&'a str),
+    /// `/revoked/<cluster>`.
+    Revoked(&'a str),
 }
 
 /// `<cluster>/<namespace>/<name>`, each part non-empty.
@@ -141,6 +164,8 @@ impl<'a> Key<'a> {
             three(rest).map(|(c, ns, n)| Key::Export(c, ns, n))
         } else if let Some(c) = key.strip_prefix(SHIFTS) {
             (!c.is_empty()).then_some(Key::Shift(c))
+        } else if let Some(c) = key.strip_prefix(REVOKED) {
+            (!c.is_empty()).then_some(Key::Revoked(c))
         } else if let Some(rest) = key.strip_prefix(LOADS) {
             three(rest).map(|(c, ns, n)| Key::Load(c, ns, n))
         } else if let Some(rest) = key.strip_prefix(POLICIES) {
@@ -160,11 +185,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_stored_hashed() {
-        let k = token_key("secret-token");
-        assert!(k.starts_with(TOKENS));
-        assert!(!k.contains("secret"));
-        assert_eq!(k.len(), TOKENS.len() + 64);
+    fn audit_keys_sort_by_time() {
+        assert!(audit_key(999, "b") < audit_key(1000, "a"));
+        assert_eq!(audit_key(5, "x"), "/audit/0000000000000005-x");
     }
 
     #[test]
@@ -178,6 +201,11 @@ mod tests {
             Some(Key::Inventory("b"))
         );
         assert_eq!(Key::parse(token_key("t").as_bytes()), None);
+        assert_eq!(Key::parse(audit_key(1, "a").as_bytes()), None);
+        assert_eq!(
+            Key::parse(revoked_key("c").as_bytes()),
+            Some(Key::Revoked("c"))
+        );
         assert_eq!(
             Key::parse(export_key("c", "ml", "llm").as_bytes()),
             Some(Key::Export("c", "ml", "llm"))

@@ -58,6 +58,14 @@ pub enum Change {
         /// The campaign's id.
         campaign: Option<String>,
     },
+    /// `/revoked/<cluster>`: the time before which the cluster's certificates are refused
+    /// (`None`: not revoked).
+    Revoked {
+        /// Cluster name.
+        cluster: String,
+        /// Unix ms.
+        at_unix_ms: Option<i64>,
+    },
     /// `/policies/...`: a routing policy (empty namespace and name: the fleet default).
     Policy {
         /// Namespace.
@@ -127,6 +135,13 @@ impl Change {
                 Ok(r) => Ok(Change::Shift {
                     cluster: cluster.to_string(),
                     campaign: r.map(|r| r.campaign),
+                }),
+                Err(e) => Err(undecodable(e)),
+            },
+            Key::Revoked(cluster) => match value.map(v1::RevocationRecord::decode).transpose() {
+                Ok(r) => Ok(Change::Revoked {
+                    cluster: cluster.to_string(),
+                    at_unix_ms: r.map(|r| r.revoked_at_unix_ms),
                 }),
                 Err(e) => Err(undecodable(e)),
             },
@@ -245,6 +260,25 @@ pub async fn put_bytes<B: KvBackend>(b: &B, key: &str, value: Vec<u8>) -> Result
         })
         .await?;
     Ok(r.revision)
+}
+
+/// Write a record unconditionally. Returns the revision.
+pub async fn put<B: KvBackend, M: Message>(b: &B, key: &str, m: &M) -> Result<i64, KvError> {
+    put_bytes(b, key, m.encode_to_vec()).await
+}
+
+/// Delete one key; whether it existed.
+pub async fn delete<B: KvBackend>(b: &B, key: &str) -> Result<bool, KvError> {
+    let r = b
+        .txn(TxnRequest {
+            compare: vec![],
+            success: vec![Op::delete(key)],
+            failure: vec![],
+        })
+        .await?;
+    Ok(
+        matches!(r.results.first(), Some(flotilla_core::kv::OpResult::Delete { deleted, .. }) if *deleted > 0),
+    )
 }
 
 /// Read-modify-write a record with compare-on-revision, retrying on conflicts. `f` gets the

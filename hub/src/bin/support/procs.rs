@@ -106,6 +106,7 @@ pub fn member_command(bin: &Path, dir: &Path, ports: &[u16], id: usize) -> Comma
         "--http",
         "127.0.0.1:0",
     ])
+    .arg("--insecure")
     .arg("--data-dir")
     .arg(dir.join(format!("flotilla-{id}")))
     .env("RUST_LOG", "error")
