@@ -12,6 +12,7 @@ pub mod kv;
 pub mod kv_apply;
 pub mod lincheck;
 pub mod membership;
+pub mod rate;
 pub mod report;
 pub mod routing;
 pub mod routing_table;

@@ -349,7 +349,11 @@ pub fn answer(
     asker: Asker,
     seed: u64,
 ) -> Reply {
-    if qclass != DNSClass::IN && qclass != DNSClass::ANY {
+    // No zone transfers: the zones are generated per client, and a transfer would hand out
+    // the whole fleet's topology.
+    if qclass != DNSClass::IN && qclass != DNSClass::ANY
+        || matches!(qtype, RecordType::AXFR | RecordType::IXFR)
+    {
         return Reply::new(ResponseCode::Refused);
     }
     let Some(split) = Split::of(zones, qname) else {

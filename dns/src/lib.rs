@@ -7,6 +7,7 @@ pub mod follow;
 pub mod server;
 
 pub use answer::{Asker, Reply, SCHEMA_VERSION, Zones, answer};
+pub use flotilla_core::rate::RrlConfig;
 pub use server::{DnsError, DnsServer, DnsStats, MAX_UDP_PAYLOAD, SharedTable};
 
 /// The DNS wire types the server speaks (hickory-proto), for clients and tests.

@@ -29,6 +29,13 @@ struct Args {
     /// client of unknown location.
     #[arg(long, env = "FLOTILLA_CLUSTER")]
     cluster: Option<String>,
+    /// UDP answers per second per client /24 (IPv4) or /56 (IPv6) and name; over it, every
+    /// `--slip`-th answer is an empty truncated one and the rest are dropped (0: off).
+    #[arg(long, env = "FLOTILLA_DNS_RATE_LIMIT", default_value_t = 200)]
+    rate_limit: u32,
+    /// Every this many rate-limited answers, one is sent truncated (0: never).
+    #[arg(long, env = "FLOTILLA_DNS_SLIP", default_value_t = 2)]
+    slip: u32,
     /// The fleet CA (PEM) the hub's certificate is checked against; turns TLS on.
     #[arg(long, env = "FLOTILLA_CA")]
     ca: Option<std::path::PathBuf>,
@@ -59,7 +66,12 @@ async fn main() -> anyhow::Result<()> {
     let table = flotilla_dns::follow::empty_table();
     let server = flotilla_dns::DnsServer::bind(args.listen, zones, table.clone())
         .await
-        .with_context(|| format!("--listen {}", args.listen))?;
+        .with_context(|| format!("--listen {}", args.listen))?
+        .with_rate_limit(flotilla_dns::RrlConfig {
+            rate: args.rate_limit,
+            slip: args.slip,
+            ..Default::default()
+        });
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! one handler that reads the current routing table (one atomic load per query) and calls
 //! [`crate::answer`]. Decoding and encoding are hickory-proto's.
 
+use flotilla_core::rate::{Rrl, RrlConfig, Verdict, prefix};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,10 @@ pub struct DnsStats {
     pub refused: AtomicU64,
     /// FORMERR, NOTIMP and BADVERS answers.
     pub errors: AtomicU64,
+    /// UDP answers not sent: over the response rate limit.
+    pub rate_limited: AtomicU64,
+    /// UDP answers sent empty and truncated instead (slip), so a real client retries on TCP.
+    pub slipped: AtomicU64,
 }
 
 struct Handler {
@@ -287,12 +292,67 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Datagrams answered in a row before the loop lets other tasks run.
 const UDP_BATCH: usize = 64;
 
+/// The end of the question section of the DNS message `m` (one question), if it is whole.
+fn question_end(m: &[u8]) -> Option<usize> {
+    let mut i = 12;
+    loop {
+        let len = usize::from(*m.get(i)?);
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len & 0xc0 != 0 {
+            // A compressed name cannot start a question.
+            return None;
+        }
+        i += 1 + len;
+    }
+    (i + 4 <= m.len()).then_some(i + 4)
+}
+
+/// The rate-limit key of a response: its question (name case-folded, type, class) for an
+/// answer or NODATA; 0 for an error, so a client's errors count together whatever the name
+/// (a flood of random names is limited as one).
+fn rrl_key(response: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let rcode = response.get(3).map_or(0, |b| b & 0x0f);
+    match (rcode, question_end(response)) {
+        (0, Some(end)) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for b in &response[12..end] {
+                b.to_ascii_lowercase().hash(&mut h);
+            }
+            h.finish() | 1
+        }
+        _ => 0,
+    }
+}
+
+/// Turns the response in `out` into its slipped form: the header with TC set and no records,
+/// and the question.
+fn slip(out: &mut Vec<u8>) {
+    let end = question_end(out).unwrap_or(12.min(out.len()));
+    out.truncate(end);
+    if out.len() >= 12 {
+        out[2] |= 0x02;
+        out[6..12].fill(0);
+    }
+}
+
 /// The UDP loop: drains every datagram that has arrived and answers each in place, with no
 /// task or channel per query (hickory-server's UDP path spent most of a core on those).
-async fn serve_udp(socket: UdpSocket, handler: Arc<Handler>, shutdown: CancellationToken) {
+/// Answers pass the response rate limit first (TCP needs none: it cannot be spoofed).
+async fn serve_udp(
+    socket: UdpSocket,
+    handler: Arc<Handler>,
+    rrl: RrlConfig,
+    shutdown: CancellationToken,
+) {
     // A query larger than this is cut by the kernel and answered FORMERR.
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::with_capacity(usize::from(MAX_UDP_PAYLOAD));
+    let mut limit = Rrl::new(rrl);
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -312,6 +372,21 @@ async fn serve_udp(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
             };
             if !handler.answer_udp(&buf[..n], src, &mut out) {
                 continue;
+            }
+            if let Some((limit, cfg)) = &mut limit {
+                let client = prefix(src.ip(), cfg.ipv4_prefix, cfg.ipv6_prefix);
+                let now = started.elapsed().as_millis() as u64;
+                match limit.check(client, rrl_key(&out), now) {
+                    Verdict::Answer => {}
+                    Verdict::Slip => {
+                        handler.stats.slipped.fetch_add(1, Ordering::Relaxed);
+                        slip(&mut out);
+                    }
+                    Verdict::Drop => {
+                        handler.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
             }
             match socket.try_send_to(&out, src) {
                 Ok(_) => {}
@@ -335,9 +410,17 @@ pub struct DnsServer {
     zones: Arc<Zones>,
     table: SharedTable,
     stats: Arc<DnsStats>,
+    rrl: RrlConfig,
 }
 
 impl DnsServer {
+    /// Limits UDP answers as `rrl` says (the default: NSD's 200 per second per client /24 or
+    /// /56 and name, slip 2; `rate: 0` turns it off).
+    pub fn with_rate_limit(mut self, rrl: RrlConfig) -> Self {
+        self.rrl = rrl;
+        self
+    }
+
     /// Bind UDP and TCP on `addr` (port 0: any free port, the same for both).
     pub async fn bind(
         addr: SocketAddr,
@@ -368,6 +451,7 @@ impl DnsServer {
             zones: Arc::new(zones),
             table,
             stats: Arc::default(),
+            rrl: RrlConfig::default(),
         })
     }
 
@@ -392,7 +476,8 @@ impl DnsServer {
                 stats: self.stats,
             });
             let udp = tokio::spawn(
-                serve_udp(self.udp, handler.clone(), shutdown.clone()).instrument(Span::current()),
+                serve_udp(self.udp, handler.clone(), self.rrl, shutdown.clone())
+                    .instrument(Span::current()),
             );
             let mut server = Server::new(Tcp(handler));
             // A TCP client gets 10 s between requests, and a 64 KiB response buffer.

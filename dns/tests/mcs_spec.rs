@@ -212,11 +212,16 @@ impl Drop for Running {
 }
 
 async fn start() -> Running {
+    start_with(flotilla_dns::RrlConfig::default()).await
+}
+
+async fn start_with(rrl: flotilla_dns::RrlConfig) -> Running {
     let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table(&fixture_exports(), 1)));
     let zones = Zones::new(Some("fleet.example.com")).unwrap();
     let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), zones, shared.clone())
         .await
-        .unwrap();
+        .unwrap()
+        .with_rate_limit(rrl);
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));
@@ -772,4 +777,115 @@ async fn a_swapped_table_answers_from_the_next_query() {
     )
     .await;
     assert_eq!(rdata(&m), ["A 192.0.2.2"]);
+}
+
+/// Sends `n` copies of `q` over UDP at once and gathers what comes back within a moment.
+async fn burst(addr: SocketAddr, q: &Message, n: usize) -> Vec<Message> {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bytes = q.to_vec().unwrap();
+    for _ in 0..n {
+        s.send_to(&bytes, addr).await.unwrap();
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0; 65535];
+    while let Ok(Ok((len, _))) =
+        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
+    {
+        out.push(Message::from_vec(&buf[..len]).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_udp_answers_slip_or_drop_and_tcp_still_answers() {
+    let r = start_with(flotilla_dns::RrlConfig {
+        rate: 5,
+        slip: 2,
+        ..Default::default()
+    })
+    .await;
+    let name = format!("llm.ml.{S}");
+    let q = build(&name, RecordType::A, Opts::default());
+    let got = burst(r.addr, &q, 25).await;
+    let full: Vec<&Message> = got.iter().filter(|m| !m.metadata.truncation).collect();
+    let slipped: Vec<&Message> = got.iter().filter(|m| m.metadata.truncation).collect();
+    // The bucket holds 5 (and refills 5 a second, so a slow machine may see one or two more).
+    assert!((5..=7).contains(&full.len()), "{} full answers", full.len());
+    assert!(full.iter().all(|m| !m.answers.is_empty()));
+    // Of the other 18 to 20, every second one slips: empty, truncated, with the question, so
+    // a real client retries over TCP; the rest are dropped.
+    assert!(
+        (8..=10).contains(&slipped.len()),
+        "{} slipped",
+        slipped.len()
+    );
+    for m in &slipped {
+        assert!(m.answers.is_empty() && m.additionals.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.metadata.id, q.metadata.id);
+    }
+    assert!(got.len() < 25, "nothing was dropped");
+    // Another name has its own budget; TCP is never limited.
+    let other = ask(r.addr, &name, RecordType::SRV, Opts::default()).await;
+    assert!(!other.metadata.truncation);
+    let tcp = ask(
+        r.addr,
+        &name,
+        RecordType::A,
+        Opts {
+            tcp: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(!tcp.answers.is_empty() && !tcp.metadata.truncation);
+}
+
+#[tokio::test]
+async fn errors_for_random_names_share_one_budget_and_zone_transfers_are_refused() {
+    let r = start_with(flotilla_dns::RrlConfig {
+        rate: 5,
+        slip: 0,
+        ..Default::default()
+    })
+    .await;
+    // A flood of distinct nonexistent names is limited as one.
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..30 {
+        let q = build(&format!("nope{i}.prod.{S}"), RecordType::A, Opts::default());
+        s.send_to(&q.to_vec().unwrap(), r.addr).await.unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = vec![0; 65535];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await
+    {
+        answered += 1;
+    }
+    assert!(
+        (5..=7).contains(&answered),
+        "{answered} NXDOMAIN answers sent"
+    );
+    // No zone transfer, over TCP either.
+    for t in [RecordType::AXFR, RecordType::IXFR] {
+        let m = ask(
+            r.addr,
+            S,
+            t,
+            Opts {
+                tcp: true,
+                ..Opts::default()
+            },
+        )
+        .await;
+        assert!(
+            matches!(
+                m.metadata.response_code,
+                ResponseCode::Refused | ResponseCode::NotImp
+            ),
+            "{t:?}: {:?}",
+            m.metadata.response_code
+        );
+        assert!(m.answers.is_empty());
+    }
 }

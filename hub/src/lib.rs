@@ -157,6 +157,14 @@ pub struct Args {
     /// How long audit records are kept (e.g. 30d, 720h).
     #[arg(long, env = "FLOTILLA_AUDIT_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub audit_retention: Duration,
+    /// DNS answers per second per client /24 (IPv4) or /56 (IPv6) and name over UDP; over it,
+    /// every --dns-slip-th answer is an empty truncated one and the rest are dropped, so the
+    /// hub amplifies no spoofed flood (0: off).
+    #[arg(long, env = "FLOTILLA_DNS_RATE_LIMIT", default_value_t = 200)]
+    pub dns_rate_limit: u32,
+    /// Every this many rate-limited DNS answers, one is sent truncated (0: never).
+    #[arg(long, env = "FLOTILLA_DNS_SLIP", default_value_t = 2)]
+    pub dns_slip: u32,
     /// A global DNS zone for clients outside the clusters: `<svc>.<ns>.<zone>` (e.g.
     /// fleet.example.com, delegated to the hubs).
     #[arg(long, env = "FLOTILLA_GLOBAL_ZONE")]
@@ -329,7 +337,12 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         Some(a) => {
             let server = flotilla_dns::DnsServer::bind(a, zones, fleet.discovery.table())
                 .await
-                .with_context(|| format!("--dns {a}"))?;
+                .with_context(|| format!("--dns {a}"))?
+                .with_rate_limit(flotilla_dns::RrlConfig {
+                    rate: args.dns_rate_limit,
+                    slip: args.dns_slip,
+                    ..Default::default()
+                });
             let bound = server.local_addr();
             let s = shutdown.clone();
             tasks.push(tokio::spawn(async move {

@@ -51,6 +51,10 @@ struct Args {
     /// Core dnsperf is pinned to.
     #[arg(long, default_value_t = 1)]
     client_core: usize,
+    /// Response rate limit of both servers, answers per second per client /24 and name (0:
+    /// off); NSD's default and Flotilla's are 200.
+    #[arg(long, default_value_t = 200)]
+    rate_limit: u32,
     /// Internal: serve Flotilla DNS on this port (the benchmark starts itself this way).
     #[arg(long, hide = true)]
     serve: Option<u16>,
@@ -132,7 +136,7 @@ fn table(services: usize, clusters: usize) -> RoutingTable {
     )
 }
 
-fn serve(port: u16, services: usize, clusters: usize) -> anyhow::Result<()> {
+fn serve(port: u16, services: usize, clusters: usize, rate_limit: u32) -> anyhow::Result<()> {
     // One core, one thread: the runtime the measurement is about.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -143,7 +147,11 @@ fn serve(port: u16, services: usize, clusters: usize) -> anyhow::Result<()> {
         let zones = flotilla_dns::Zones::new(None).map_err(anyhow::Error::msg)?;
         let server =
             flotilla_dns::DnsServer::bind(SocketAddr::from(([127, 0, 0, 1], port)), zones, shared)
-                .await?;
+                .await?
+                .with_rate_limit(flotilla_dns::RrlConfig {
+                    rate: rate_limit,
+                    ..Default::default()
+                });
         println!("ready");
         std::io::stdout().flush()?;
         server
@@ -189,12 +197,18 @@ fn write_inputs(
     Ok((zone, queries))
 }
 
-fn start_nsd(dir: &Path, zone: &Path, port: u16, core: usize) -> anyhow::Result<procs::Procs> {
+fn start_nsd(
+    dir: &Path,
+    zone: &Path,
+    port: u16,
+    core: usize,
+    rate_limit: u32,
+) -> anyhow::Result<procs::Procs> {
     let conf = dir.join("nsd.conf");
     std::fs::write(
         &conf,
         format!(
-            "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 0\nremote-control:\n  control-enable: no\nzone:\n  name: clusterset.local\n  zonefile: \"{z}\"\n",
+            "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 0\n  rrl-ratelimit: {rate_limit}\nremote-control:\n  control-enable: no\nzone:\n  name: clusterset.local\n  zonefile: \"{z}\"\n",
             d = dir.display(),
             z = zone.display()
         ),
@@ -332,17 +346,19 @@ fn latency(port: u16, queries: &Path, qps: u64, core: usize) -> anyhow::Result<(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(port) = args.serve {
-        return serve(port, args.services, args.clusters);
+        return serve(port, args.services, args.clusters, args.rate_limit);
     }
     let dir = tempfile::tempdir()?;
     let (zone, queries) = write_inputs(dir.path(), args.services, args.clusters)?;
     println!(
-        "# {} services × {} clusters ({} A records), servers on core {}, dnsperf on core {}",
+        "# {} services × {} clusters ({} A records), servers on core {}, dnsperf on core {}, \
+         response rate limit {}/s per /24 and name",
         args.services,
         args.clusters,
         args.services * args.clusters,
         args.server_core,
-        args.client_core
+        args.client_core,
+        args.rate_limit
     );
 
     let port = procs::free_port();
@@ -355,6 +371,8 @@ fn main() -> anyhow::Result<()> {
             &args.services.to_string(),
             "--clusters",
             &args.clusters.to_string(),
+            "--rate-limit",
+            &args.rate_limit.to_string(),
             "--serve",
             &port.to_string(),
         ])
@@ -369,7 +387,13 @@ fn main() -> anyhow::Result<()> {
     drop(_flotilla);
 
     let nsd_port = procs::free_port();
-    let _nsd = start_nsd(dir.path(), &zone, nsd_port, args.server_core)?;
+    let _nsd = start_nsd(
+        dir.path(),
+        &zone,
+        nsd_port,
+        args.server_core,
+        args.rate_limit,
+    )?;
     wait_answering(nsd_port)?;
     let n = dnsperf(nsd_port, &queries, args.seconds, args.client_core)?;
     let (n50, n99, nn) = latency(nsd_port, &queries, args.latency_qps, args.client_core)?;
