@@ -189,7 +189,7 @@ impl Rrl {
         b.refused = b.refused.saturating_add(1);
         match self.slip {
             0 => Verdict::Drop,
-            s if b.refused % s == 0 => Verdict::Slip,
+            s if b.refused.is_multiple_of(s) => Verdict::Slip,
             _ => Verdict::Drop,
         }
     }
