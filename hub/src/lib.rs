@@ -109,6 +109,10 @@ pub struct Args {
     /// Page cache of the store's state file, in MiB (the log file gets a quarter of this).
     #[arg(long, env = "FLOTILLA_STORE_CACHE_MIB", default_value_t = 128)]
     pub store_cache_mib: usize,
+    /// Messages per second one agent may send on its stream (bursts of four times as many); a
+    /// flooding agent's stream is closed with RESOURCE_EXHAUSTED and the others are unaffected.
+    #[arg(long, env = "FLOTILLA_AGENT_MESSAGE_RATE", default_value_t = 50)]
+    pub agent_message_rate: u32,
     /// Agents admitted to the join handshake (hello to first acknowledged report) at once;
     /// the rest wait their turn, so a reconnect storm queues instead of timing out.
     #[arg(long, env = "FLOTILLA_MAX_CONCURRENT_JOINS", default_value_t = 256)]
@@ -273,6 +277,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         },
         max_concurrent_joins: args.max_concurrent_joins,
         metrics_per_node: args.metrics_per_node,
+        message_rate: args.agent_message_rate,
     });
     let fleet = match &tls {
         Some(t) => fleet.with_tls(t.clone()),

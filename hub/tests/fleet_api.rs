@@ -879,3 +879,104 @@ async fn an_incomplete_report_is_shown_as_such_and_not_placed_on() {
     assert_eq!(r.candidates.len(), 1, "{r:?}");
     assert_eq!(r.candidates[0].resource, "nvidia.com/gpu");
 }
+
+#[tokio::test]
+async fn a_flooding_agent_is_cut_off_and_the_others_are_not() {
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    let (quiet_tx, mut quiet_rx) =
+        connect(&hub.addr, hello("quiet", &token(&mut fleet, "quiet").await))
+            .await
+            .unwrap();
+    quiet_rx.message().await.unwrap().expect("welcome");
+    let (flood_tx, mut flood_rx) =
+        connect(&hub.addr, hello("flood", &token(&mut fleet, "flood").await))
+            .await
+            .unwrap();
+    flood_rx.message().await.unwrap().expect("welcome");
+    // Far over 50 a second with bursts of 200.
+    let flooding = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            let hb = msg(v1::agent_message::Msg::Heartbeat(v1::Heartbeat::default()));
+            if flood_tx.send(hb).await.is_err() {
+                break;
+            }
+        }
+        flood_tx
+    });
+    let cut = loop {
+        match flood_rx.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the flooding stream ended without a reason"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(cut.code(), tonic::Code::ResourceExhausted, "{cut}");
+    assert!(cut.message().contains("per second"), "{cut}");
+    drop(flooding.await.unwrap());
+    // The quiet cluster's stream is untouched: its report is stored and acknowledged.
+    quiet_tx
+        .send(msg(v1::agent_message::Msg::Snapshot(
+            v1::InventorySnapshot {
+                nodes: vec![node("q1", 8, 8)],
+                signals: None,
+            },
+        )))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), quiet_rx.message())
+        .await
+        .expect("the quiet agent is answered")
+        .unwrap();
+    assert!(ack_revision(m) > 0);
+    // Nothing of the flood was stored as the flooding cluster's inventory.
+    assert_eq!(inventory_nodes(&mut fleet, "flood").await, 0);
+}
+
+#[tokio::test]
+async fn oversized_reports_are_refused_naming_the_limit_and_nothing_is_stored() {
+    let hub = hub().await;
+    let mut fleet = FleetServiceClient::new(channel(&hub.addr).await);
+    // More nodes than --max-report-nodes (5,000).
+    let (tx, mut rx) = connect(&hub.addr, hello("big", &token(&mut fleet, "big").await))
+        .await
+        .unwrap();
+    rx.message().await.unwrap().expect("welcome");
+    let nodes = (0..5_001).map(|i| node(&format!("n{i}"), 8, 8)).collect();
+    tx.send(msg(v1::agent_message::Msg::Snapshot(
+        v1::InventorySnapshot {
+            nodes,
+            signals: None,
+        },
+    )))
+    .await
+    .unwrap();
+    let e = rx.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("5000"), "{e}");
+    assert_eq!(inventory_nodes(&mut fleet, "big").await, 0);
+
+    // A message over the stream's byte limit: one node with a 17 MiB name.
+    let (tx, mut rx) = connect(&hub.addr, hello("huge", &token(&mut fleet, "huge").await))
+        .await
+        .unwrap();
+    rx.message().await.unwrap().expect("welcome");
+    tx.send(msg(v1::agent_message::Msg::Snapshot(
+        v1::InventorySnapshot {
+            nodes: vec![node(&"x".repeat(17 << 20), 8, 8)],
+            signals: None,
+        },
+    )))
+    .await
+    .unwrap();
+    let e = rx.message().await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e}"
+    );
+    assert!(e.message().contains(&(16usize << 20).to_string()), "{e}");
+    assert_eq!(inventory_nodes(&mut fleet, "huge").await, 0);
+}

@@ -98,6 +98,7 @@ async fn hub() -> Hub {
         limits: Default::default(),
         max_concurrent_joins: 8,
         metrics_per_node: false,
+        message_rate: 50,
     });
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

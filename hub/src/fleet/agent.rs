@@ -33,8 +33,14 @@ use crate::security::audit::Decision;
 use crate::security::authz::Caller;
 use crate::store::{keys, records};
 
+/// Largest message an agent may send (a 5,000-node snapshot with every GPU resource fits);
+/// a larger one ends the stream with OUT_OF_RANGE naming this limit.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
 /// The agent-facing service.
 pub struct AgentSvc<B> {
+    /// Messages per second one stream may send.
+    pub message_rate: u32,
     /// Store.
     pub backend: B,
     /// Health controller.
@@ -509,6 +515,11 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
             security: self.security.clone(),
             caller,
             admitted,
+            rate: {
+                let r = f64::from(self.message_rate.max(1));
+                flotilla_core::rate::Buckets::new(r, (4.0 * r).max(100.0), 1)
+            },
+            message_rate: self.message_rate,
         };
         let machine = Machine::new(&hello);
         self.metrics.agents_connected.inc();
@@ -557,6 +568,9 @@ struct Exec<B> {
     security: Arc<super::FleetSecurity>,
     caller: Caller,
     admitted: Admitted,
+    /// This stream's message budget.
+    rate: flotilla_core::rate::Buckets<()>,
+    message_rate: u32,
 }
 
 /// What the stream does after an action.
@@ -811,9 +825,39 @@ async fn run_stream<B: KvBackend + Clone>(
         }
         next = Some(tokio::select! {
             m = messages.recv() => match m {
-                Some(Ok(Some(msg))) => Input::Message { msg, leads: exec.leader.is_leader() },
+                Some(Ok(Some(msg))) => {
+                    let now = exec.health.clock().monotonic().as_millis() as u64;
+                    if !exec.rate.take(&(), now) {
+                        let s = Status::resource_exhausted(format!(
+                            "agent messages: over {} per second (--agent-message-rate); \
+                             this stream is closed, other clusters are unaffected",
+                            exec.message_rate
+                        ));
+                        exec.metrics.denied.inc();
+                        exec.security.audit.record(
+                            Some(&exec.caller),
+                            "flotilla.v1.AgentService/Connect:message",
+                            &format!("cluster/{cluster}"),
+                            Decision::Denied(s.message().to_string()),
+                            s.code(),
+                        );
+                        tracing::warn!(reason = %s.message(), "agent stream closed");
+                        let _ = exec.tx.send(Err(s)).await;
+                        break 'stream;
+                    }
+                    Input::Message { msg, leads: exec.leader.is_leader() }
+                }
                 Some(Err(e)) => {
                     tracing::info!(error = %e, "agent stream ended");
+                    // A message the hub could not take (over the size limit, undecodable):
+                    // tell the agent why, rather than only closing.
+                    if matches!(
+                        e.code(),
+                        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
+                    ) {
+                        exec.metrics.denied.inc();
+                        let _ = exec.tx.send(Err(e)).await;
+                    }
                     Input::Ended
                 }
                 Some(Ok(None)) | None => Input::Ended,

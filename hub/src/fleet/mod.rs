@@ -33,6 +33,9 @@ pub struct FleetConfig {
     pub max_concurrent_joins: usize,
     /// Export per-node GPU series too (`--metrics-per-node`).
     pub metrics_per_node: bool,
+    /// Messages per second one agent stream may send (bursts of four times as many, at
+    /// least 100); over it the stream is closed with RESOURCE_EXHAUSTED.
+    pub message_rate: u32,
 }
 
 /// The fleet's shared parts, created before the hub serves.
@@ -119,6 +122,7 @@ impl Fleet {
         leader: Arc<dyn Leadership>,
     ) -> v1::agent_service_server::AgentServiceServer<agent::AgentSvc<B>> {
         v1::agent_service_server::AgentServiceServer::new(agent::AgentSvc {
+            message_rate: self.config.message_rate,
             backend,
             health: self.health.clone(),
             leader,
@@ -130,6 +134,7 @@ impl Fleet {
             campaigns: self.campaigns.clone(),
             security: self.security.clone(),
         })
+        .max_decoding_message_size(agent::MAX_MESSAGE_BYTES)
     }
 
     /// The campaign API.
