@@ -2,6 +2,7 @@
 //! between wire types and `flotilla-core` domain types (one module per type family).
 
 pub mod convert;
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod pki;

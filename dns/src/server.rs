@@ -194,6 +194,31 @@ impl Handler {
     }
 }
 
+/// The fuzz target's entry (`fuzz/`, and its corpus replayed as a test): one datagram from
+/// anyone, answered from `table` as the UDP loop answers it. Panics if the answer breaks a
+/// rule: larger than the client may take, not a response, not the query's id, or not a
+/// message hickory can read back.
+pub fn fuzz_datagram(table: &SharedTable, zones: &Arc<Zones>, data: &[u8]) {
+    let handler = Handler {
+        table: table.clone(),
+        zones: zones.clone(),
+        seq: AtomicU64::new(1),
+        stats: Arc::default(),
+    };
+    let mut out = Vec::new();
+    let src: SocketAddr = "192.0.2.1:5353".parse().expect("a literal address");
+    if !handler.answer_udp(data, src, &mut out) {
+        return;
+    }
+    assert!(out.len() <= usize::from(MAX_UDP_PAYLOAD), "{} bytes over UDP", out.len());
+    let reply = hickory_proto::op::Message::from_vec(&out).expect("the answer decodes");
+    assert_eq!(reply.metadata.message_type, MessageType::Response);
+    assert_eq!(&out[..2], &data[..2], "the answer carries the query's id");
+    // The slipped form of any answer is a valid message too.
+    slip(&mut out);
+    hickory_proto::op::Message::from_vec(&out).expect("the slipped answer decodes");
+}
+
 /// A header-only response to `request` with `rcode` (for what could not be decoded or
 /// encoded).
 fn encode_header(request: &Header, rcode: ResponseCode, out: &mut Vec<u8>) -> bool {

@@ -161,14 +161,22 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A snapshot file read and checked whole.
-struct Loaded {
-    revision: i64,
-    kvs: Vec<(Vec<u8>, Vec<u8>)>,
+/// A snapshot file's contents.
+pub struct Loaded {
+    /// The store revision it was taken at.
+    pub revision: i64,
+    /// Every key and value.
+    pub kvs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn load(file: &Path) -> Result<Loaded, String> {
     let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let mut lines = std::io::BufReader::new(f).lines();
+    parse(std::io::BufReader::new(f))
+}
+
+/// Reads a snapshot file's lines: the header, every key, the footer with its checksum.
+pub fn parse(reader: impl BufRead) -> Result<Loaded, String> {
+    let mut lines = reader.lines();
     let mut next = |what: &str| -> Result<String, String> {
         match lines.next() {
             Some(Ok(l)) => Ok(l),
@@ -190,7 +198,8 @@ fn load(file: &Path) -> Result<Loaded, String> {
     let count = header["keys"].as_u64().ok_or("header: no key count")? as usize;
     let revision = header["revision"].as_i64().unwrap_or(0);
     let mut hash = Sha256::new();
-    let mut kvs = Vec::with_capacity(count);
+    // The count is the file's word: reserve no more than a modest start on it.
+    let mut kvs = Vec::with_capacity(count.min(1 << 16));
     for i in 0..count {
         let l = next(&format!("key {} of {count}", i + 1))?;
         hash.update(l.as_bytes());
