@@ -271,6 +271,7 @@ impl ServerCertVerifier for PinnedCa {
 pub struct ServerTls {
     config: ArcSwap<ServerConfig>,
     identity: Arc<Identity>,
+    alpn: Vec<Vec<u8>>,
 }
 
 impl ServerTls {
@@ -278,14 +279,33 @@ impl ServerTls {
     /// and verifies client certificates against `ca_pem`. Clients without one are let in
     /// as anonymous: only an agent bootstrapping with a join token is allowed anything then.
     pub fn new(ca_pem: &str, identity: Arc<Identity>) -> Result<Arc<ServerTls>, PkiError> {
-        let config = Self::config(ca_pem, &identity)?;
+        Self::with_alpn(ca_pem, identity, &[b"h2"])
+    }
+
+    /// The same for HTTP/1.1 (the metrics and health port).
+    pub fn http1(ca_pem: &str, identity: Arc<Identity>) -> Result<Arc<ServerTls>, PkiError> {
+        Self::with_alpn(ca_pem, identity, &[b"http/1.1"])
+    }
+
+    fn with_alpn(
+        ca_pem: &str,
+        identity: Arc<Identity>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerTls>, PkiError> {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
+        let config = Self::config(ca_pem, &identity, &alpn)?;
         Ok(Arc::new(ServerTls {
             config: ArcSwap::from_pointee(config),
             identity,
+            alpn,
         }))
     }
 
-    fn config(ca_pem: &str, identity: &Arc<Identity>) -> Result<ServerConfig, PkiError> {
+    fn config(
+        ca_pem: &str,
+        identity: &Arc<Identity>,
+        alpn: &[Vec<u8>],
+    ) -> Result<ServerConfig, PkiError> {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
                 .allow_unauthenticated()
@@ -299,14 +319,14 @@ impl ServerTls {
             .expect("ring supports the default protocol versions")
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(identity.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.to_vec();
         Ok(config)
     }
 
     /// Trusts a new CA bundle from the next handshake on.
     pub fn set_roots(&self, ca_pem: &str) -> Result<(), PkiError> {
         self.config
-            .store(Arc::new(Self::config(ca_pem, &self.identity)?));
+            .store(Arc::new(Self::config(ca_pem, &self.identity, &self.alpn)?));
         Ok(())
     }
 

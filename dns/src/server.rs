@@ -210,7 +210,11 @@ pub fn fuzz_datagram(table: &SharedTable, zones: &Arc<Zones>, data: &[u8]) {
     if !handler.answer_udp(data, src, &mut out) {
         return;
     }
-    assert!(out.len() <= usize::from(MAX_UDP_PAYLOAD), "{} bytes over UDP", out.len());
+    assert!(
+        out.len() <= usize::from(MAX_UDP_PAYLOAD),
+        "{} bytes over UDP",
+        out.len()
+    );
     let reply = hickory_proto::op::Message::from_vec(&out).expect("the answer decodes");
     assert_eq!(reply.metadata.message_type, MessageType::Response);
     assert_eq!(&out[..2], &data[..2], "the answer carries the query's id");

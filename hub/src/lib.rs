@@ -158,6 +158,10 @@ pub struct Args {
     /// comma-separated (the --advertise host, localhost and 127.0.0.1 always are).
     #[arg(long, env = "FLOTILLA_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// A file holding a bearer token Prometheus may scrape /metrics with instead of a client
+    /// certificate (with TLS; the hub keeps only its hash).
+    #[arg(long, env = "FLOTILLA_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     /// How long audit records are kept (e.g. 30d, 720h).
     #[arg(long, env = "FLOTILLA_AUDIT_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub audit_retention: Duration,
@@ -391,9 +395,28 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         view: fleet.view.clone(),
         store: store.clone(),
     });
+    let metrics_auth = flotilla_api::http::MetricsAuth {
+        token_sha256: match &args.metrics_token_file {
+            Some(f) => {
+                use sha2::Digest;
+                let t = std::fs::read_to_string(f)
+                    .with_context(|| format!("--metrics-token-file {}", f.display()))?;
+                Some(flotilla_core::security::hex(&sha2::Sha256::digest(
+                    t.trim().as_bytes(),
+                )))
+            }
+            None => None,
+        },
+    };
     tasks.push(tokio::spawn(
-        flotilla_api::http::serve(http_listener, probe, shutdown.clone())
-            .instrument(info_span!("hub-http")),
+        flotilla_api::http::serve_tls(
+            http_listener,
+            probe,
+            tls.as_ref().map(|t| t.http.clone()),
+            metrics_auth,
+            shutdown.clone(),
+        )
+        .instrument(info_span!("hub-http")),
     ));
     info!(addr = %http_addr, "metrics and health on HTTP");
     info!(addr = %addr, store = %store_desc, "flotilla-hub ready");

@@ -8,12 +8,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| {
             let p = e.unwrap().path();
-            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
         })
         .collect();
     out.sort();
@@ -26,7 +31,8 @@ fn dns_query_corpus() {
     let zones = Arc::new(flotilla_dns::Zones::new(Some("fleet.example.com")).unwrap());
     let table = flotilla_dns::follow::empty_table();
     for (name, data) in corpus("dns_query") {
-        let r = std::panic::catch_unwind(|| flotilla_dns::server::fuzz_datagram(&table, &zones, &data));
+        let r =
+            std::panic::catch_unwind(|| flotilla_dns::server::fuzz_datagram(&table, &zones, &data));
         assert!(r.is_ok(), "dns_query/{name}");
     }
 }
@@ -45,7 +51,11 @@ fn campaign_spec_corpus() {
         let r = std::panic::catch_unwind(|| flotilla_api::fuzzing::campaign_spec(&data));
         assert!(r.is_ok(), "campaign_spec/{name}");
     }
-    let dev = corpus("campaign_spec").into_iter().find(|(n, _)| n == "dev.json").unwrap().1;
+    let dev = corpus("campaign_spec")
+        .into_iter()
+        .find(|(n, _)| n == "dev.json")
+        .unwrap()
+        .1;
     flotilla_core::campaign::spec::parse_json(std::str::from_utf8(&dev).unwrap())
         .expect("the dev campaign seed is a valid spec");
 }

@@ -718,3 +718,95 @@ async fn a_real_agent_keeps_its_identity_in_a_secret_across_a_restart() {
     stop.cancel();
     second.await.unwrap().unwrap();
 }
+
+/// GET `path` over HTTPS (HTTP/1.1) from the hub's HTTP port, trusting `ca_pem`, presenting
+/// `identity` and `bearer` if given; the status line.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<std::sync::Arc<Identity>>,
+    bearer: Option<&str>,
+    path: &str,
+) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in flotilla_api::pki::certs(ca_pem, "ca").unwrap() {
+        roots.add(c).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(id) => b.with_client_cert_resolver(id),
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.lines().next().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn metrics_need_a_fleet_certificate_or_the_token_and_probes_stay_open() {
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "scrape-me\n").unwrap();
+    let hub = hub(&["--metrics-token-file", token_file.to_str().unwrap()]).await;
+    let http = hub._running.http_addr;
+    // Plain HTTP gets no answer.
+    let plain = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    .await;
+    assert!(!plain.contains("200"), "{plain}");
+    let ca = &hub.ca_pem;
+    assert!(
+        https_get(http, ca, None, None, "/healthz")
+            .await
+            .unwrap()
+            .contains("200")
+    );
+    assert!(
+        https_get(http, ca, None, None, "/metrics")
+            .await
+            .unwrap()
+            .contains("401")
+    );
+    assert!(
+        https_get(http, ca, None, Some("wrong"), "/metrics")
+            .await
+            .unwrap()
+            .contains("401")
+    );
+    assert!(
+        https_get(http, ca, None, Some("scrape-me"), "/metrics")
+            .await
+            .unwrap()
+            .contains("200")
+    );
+    let viewer = hub.identity(&SpiffeId::user(FLEET, Role::Viewer, "prometheus"));
+    assert!(
+        https_get(http, ca, Some(viewer), None, "/metrics")
+            .await
+            .unwrap()
+            .contains("200")
+    );
+}

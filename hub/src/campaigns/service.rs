@@ -53,6 +53,8 @@ impl<B: KvBackend + Clone> v1::campaign_service_server::CampaignService for Camp
         &self,
         req: Request<v1::CreateCampaignRequest>,
     ) -> Result<Response<v1::CreateCampaignResponse>, Status> {
+        // The id is known only once created; until then the target is the name asked for.
+        let target = crate::security::authz::AuditTarget::of(&req);
         let r = req.into_inner();
         let spec = flotilla_core::campaign::spec::parse_json(&r.spec_json).map_err(|e| {
             flotilla_api::convert::fleet::Invalid {
@@ -61,6 +63,8 @@ impl<B: KvBackend + Clone> v1::campaign_service_server::CampaignService for Camp
             }
             .to_status()
         })?;
+        let dry = if r.dry_run { " dry-run" } else { "" };
+        target.set(format!("campaign name={}{dry}", spec.name));
         if !self.leader.is_leader() {
             return Err(not_leader(&*self.leader));
         }
@@ -76,6 +80,10 @@ impl<B: KvBackend + Clone> v1::campaign_service_server::CampaignService for Camp
                 DRY_RUN_WAIT + Duration::from_secs(10),
             )
             .await?;
+        target.set(format!(
+            "campaign/{} name={}{dry}",
+            created.campaign.id, created.campaign.spec.name
+        ));
         Ok(Response::new(v1::CreateCampaignResponse {
             campaign: Some(conv::info(&created.campaign, created.revision)),
             preflight_missing: created.missing,
@@ -145,6 +153,18 @@ impl<B: KvBackend + Clone> v1::campaign_service_server::CampaignService for Camp
         &self,
         req: Request<v1::CampaignActionRequest>,
     ) -> Result<Response<v1::CampaignInfo>, Status> {
+        {
+            let r = req.get_ref();
+            let action =
+                v1::CampaignAction::try_from(r.action).map_or("unknown", |a| a.as_str_name());
+            let mut t = format!("campaign/{} {action}", r.id);
+            for (k, v) in [("gate", &r.gate), ("cluster", &r.cluster)] {
+                if !v.is_empty() {
+                    t.push_str(&format!(" {k}={v}"));
+                }
+            }
+            crate::security::authz::audit_target(&req, t);
+        }
         let r = req.into_inner();
         check_id(&r.id)?;
         let opt = |s: String| (!s.is_empty()).then_some(s);

@@ -258,6 +258,10 @@ impl<B: KvBackend + Clone> v1::discovery_service_server::DiscoveryService for Di
         &self,
         req: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::RoutingPolicyRecord>, Status> {
+        crate::security::authz::audit_target(
+            &req,
+            format!("policy/{}/{}", req.get_ref().namespace, req.get_ref().name),
+        );
         let r = req.into_inner();
         check_key(&r.namespace, &r.name, true)?;
         let policy: RoutingPolicy =
@@ -315,6 +319,10 @@ impl<B: KvBackend + Clone> v1::discovery_service_server::DiscoveryService for Di
         &self,
         req: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
+        crate::security::authz::audit_target(
+            &req,
+            format!("policy/{}/{}", req.get_ref().namespace, req.get_ref().name),
+        );
         let r = req.into_inner();
         check_key(&r.namespace, &r.name, true)?;
         let res = self

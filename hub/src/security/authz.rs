@@ -201,12 +201,25 @@ pub struct Caller {
 #[derive(Debug, Clone, Default)]
 pub struct AuditTarget(Arc<std::sync::Mutex<String>>);
 
+impl AuditTarget {
+    /// The slot of `req` (a detached one when no layer ran), to fill once the target is known.
+    pub fn of<T>(req: &tonic::Request<T>) -> AuditTarget {
+        req.extensions()
+            .get::<AuditTarget>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Names the target.
+    pub fn set(&self, target: impl Into<String>) {
+        *self.0.lock().expect("audit target lock") = target.into();
+    }
+}
+
 /// Names what the call `req` acts on (`campaign/<id>`, `policy/<ns>/<name>`), for its audit
 /// record.
 pub fn audit_target<T>(req: &tonic::Request<T>, target: impl Into<String>) {
-    if let Some(t) = req.extensions().get::<AuditTarget>() {
-        *t.0.lock().expect("audit target lock") = target.into();
-    }
+    AuditTarget::of(req).set(target);
 }
 
 impl Caller {

@@ -44,8 +44,10 @@ pub fn unix_now() -> i64 {
 pub struct HubTls {
     /// The trust domain certificates name (`spiffe://<fleet>/...`).
     pub fleet: String,
-    /// What the listener serves.
+    /// What the gRPC listener serves.
     pub server: Arc<ServerTls>,
+    /// What the HTTP (metrics, health) listener serves.
+    pub http: Arc<ServerTls>,
     /// What this replica dials the others with (its peer certificate; the fleet's roots).
     pub client: ClientTls,
     /// Lifetime of the certificates it signs.
@@ -107,6 +109,7 @@ impl HubTls {
         let tls = HubTls {
             fleet: fleet.to_string(),
             server: ServerTls::new(&bundle, identity.clone())?,
+            http: ServerTls::http1(&bundle, identity.clone())?,
             client: ClientTls::new(&bundle, Some(identity.clone()))?,
             cert_ttl,
             ca: ArcSwap::from_pointee(ca),
@@ -200,6 +203,7 @@ impl HubTls {
         let (bundle, key) = (read(&self.dir, CA_CERT)?, read(&self.dir, CA_KEY)?);
         let ca = Ca::from_pem(&bundle, &key)?;
         self.server.set_roots(&bundle)?;
+        self.http.set_roots(&bundle)?;
         self.client.set_roots(&bundle)?;
         self.ca.store(Arc::new(ca));
         self.bundle.store(Arc::new(bundle));
