@@ -144,10 +144,21 @@ impl ClientTls {
         )
     }
 
+    /// The same trust and identity for HTTP/1.1 over TLS (a hub's metrics port).
+    pub fn http1(ca_pem: &str, identity: Option<Arc<Identity>>) -> Result<ClientTls, PkiError> {
+        let t = Self::new(ca_pem, identity)?;
+        let mut config = (*t.config.load_full()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        t.config.store(Arc::new(config));
+        Ok(t)
+    }
+
     /// Trusts a new CA bundle from the next connection on (a CA rotation).
     pub fn set_roots(&self, ca_pem: &str) -> Result<(), PkiError> {
         let next = Self::new(ca_pem, self.identity.clone())?;
-        self.config.store(next.config.load_full());
+        let mut config = (*next.config.load_full()).clone();
+        config.alpn_protocols = self.config.load().alpn_protocols.clone();
+        self.config.store(Arc::new(config));
         Ok(())
     }
 

@@ -6,8 +6,117 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::sync::LazyLock;
+
+use flotilla_api::grpc::{Dial, Security};
+use flotilla_api::pki::{Ca, Pair, Usage};
+use flotilla_api::tls::{ClientTls, Identity};
 use flotilla_api::v1;
-use flotilla_test_support::{channel, free_port, store_status as status, wait_until};
+use flotilla_core::security::{Role, SpiffeId};
+use flotilla_test_support::{free_port, wait_until};
+use tonic::transport::Channel;
+
+/// The fleet name every e2e hub serves.
+pub const FLEET: &str = "e2e";
+
+/// One fleet CA for the whole test process, and an admin identity from it: every hub the
+/// suite starts serves TLS with it, and every call the suite makes presents the admin.
+struct FleetCa {
+    ca: Ca,
+    pair: Pair,
+    admin: Pair,
+}
+
+static FLEET_CA: LazyLock<FleetCa> = LazyLock::new(|| {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (ca, pair) = Ca::generate(FLEET, now).expect("a CA");
+    let admin = ca
+        .issue(
+            &SpiffeId::user(FLEET, Role::Admin, "e2e"),
+            &Usage::Client,
+            now,
+            86_400,
+        )
+        .expect("an admin certificate");
+    FleetCa { ca, pair, admin }
+});
+
+/// Writes the suite's fleet CA and admin identity into `<dir>/tls` (what `flotctl ca init`
+/// makes) and returns it.
+pub fn fleet_tls(dir: &Path) -> PathBuf {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).expect("tls dir");
+    let f = &*FLEET_CA;
+    for (name, text) in [
+        ("ca.crt", &f.pair.cert_pem),
+        ("ca.key", &f.pair.key_pem),
+        ("admin.crt", &f.admin.cert_pem),
+        ("admin.key", &f.admin.key_pem),
+    ] {
+        std::fs::write(tls.join(name), text).expect("tls file");
+    }
+    std::fs::write(tls.join("fleet"), FLEET).expect("tls file");
+    tls
+}
+
+/// How the suite dials a hub: TLS, as the admin.
+pub fn security() -> Security {
+    let f = &*FLEET_CA;
+    let id = Identity::from_pem(&f.admin.cert_pem, &f.admin.key_pem).expect("admin identity");
+    Security::Tls(ClientTls::new(&f.pair.cert_pem, Some(id)).expect("client TLS"))
+}
+
+/// TLS as cluster `name`'s agent would present it (a certificate the fleet CA signed).
+pub fn cluster_security(name: &str) -> Security {
+    let f = &*FLEET_CA;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let p =
+        f.ca.issue(&SpiffeId::cluster(FLEET, name), &Usage::Client, now, 3600)
+            .expect("a cluster certificate");
+    let id = Identity::from_pem(&p.cert_pem, &p.key_pem).expect("cluster identity");
+    Security::Tls(ClientTls::new(&f.pair.cert_pem, Some(id)).expect("client TLS"))
+}
+
+/// A connection to the hub on `port` as `security` says, or `None` while it does not answer.
+pub async fn channel_as(port: u16, security: Security) -> Option<Channel> {
+    let dial = Dial {
+        security,
+        ..Dial::plaintext(Duration::from_secs(2))
+    };
+    flotilla_api::grpc::connect(&format!("127.0.0.1:{port}"), &dial)
+        .await
+        .ok()
+}
+
+/// A connection to the hub on `port` as the admin, or `None` while it does not answer.
+pub async fn channel(port: u16) -> Option<Channel> {
+    channel_as(port, security()).await
+}
+
+/// The store status of the hub on `port`, or `None` while it does not answer.
+pub async fn status(port: u16) -> Option<v1::StatusResponse> {
+    let mut c = v1::store_admin_client::StoreAdminClient::new(channel(port).await?);
+    c.status(v1::StatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// `flotctl` flags that reach the suite's hubs as the admin (`--ca`, `--cert`, `--key`).
+pub fn ctl_tls_args(dir: &Path) -> Vec<String> {
+    let tls = fleet_tls(dir);
+    ["ca", "cert", "key"]
+        .iter()
+        .zip(["ca.crt", "admin.crt", "admin.key"])
+        .flat_map(|(flag, file)| [format!("--{flag}"), tls.join(file).display().to_string()])
+        .collect()
+}
 
 /// The workspace's binaries for this profile, built on demand (a test cannot depend on
 /// another package's binaries directly).
@@ -113,14 +222,10 @@ pub fn hub_on(
     ])
     .args(["--leader-grace", "3s"])
     .env("RUST_LOG", "info");
-    // A test that made a fleet CA in `<dir>/tls` (see [`fleet_ca`]) gets TLS; others run
-    // plaintext.
-    let tls = dir.join("tls");
-    if tls.join("ca.key").exists() {
-        cmd.arg("--tls-dir").arg(&tls).args(["--fleet", "e2e"]);
-    } else {
-        cmd.arg("--insecure");
-    }
+    // Every e2e hub serves TLS with the suite's fleet CA.
+    cmd.arg("--tls-dir")
+        .arg(fleet_tls(dir))
+        .args(["--fleet", FLEET]);
     // Kept for a failed run: `hub<id>.log` beside the test's data (tracing writes stdout).
     let log = std::fs::File::create(dir.join(format!("hub{id}.log"))).expect("hub log");
     cmd.stderr(log.try_clone().expect("hub log")).stdout(log);
@@ -139,10 +244,14 @@ pub fn hub_on(
     cmd.spawn().expect("spawn flotilla-hub")
 }
 
-/// Whether the hub with HTTP port `http` says it leads (`flotilla_hub_leader 1`).
+/// Whether the hub with HTTP port `http` says it leads (`flotilla_hub_leader 1`), read over
+/// HTTPS as the admin.
 pub async fn leads(http: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
+    let f = &*FLEET_CA;
+    let id = Identity::from_pem(&f.admin.cert_pem, &f.admin.key_pem).expect("admin identity");
+    let tls = ClientTls::http1(&f.pair.cert_pem, Some(id)).expect("client TLS");
+    let Ok(mut s) = tls.dial("127.0.0.1", http).await else {
         return false;
     };
     let req = "GET /metrics HTTP/1.0\r\nHost: hub\r\n\r\n";
@@ -205,11 +314,15 @@ pub fn agent_in(
     if !labels.is_empty() {
         cmd.env("FLOTILLA_LABELS", labels);
     }
+    // kube-sim has no flotilla-system namespace (the install manifest makes it on a real
+    // cluster): the identity Secret goes in `default`, so a restarted agent finds it.
     cmd.args([
         "--cluster",
         cluster,
         "--token",
         token,
+        "--identity-secret",
+        "default/flotilla-agent-identity",
         "--http",
         "",
         "--hub",
@@ -339,7 +452,7 @@ pub async fn agents(
     (children, tokens)
 }
 
-/// A join token for `cluster` from the hub on `port`.
+/// A join string for `cluster` from the hub on `port` (single use, pinning the fleet CA).
 pub async fn join_token(port: u16, cluster: &str) -> String {
     let mut fleet = v1::fleet_service_client::FleetServiceClient::new(
         channel(port).await.expect("a hub to ask for a token"),
@@ -353,7 +466,7 @@ pub async fn join_token(port: u16, cluster: &str) -> String {
         .await
         .expect("a join token")
         .into_inner()
-        .token
+        .join
 }
 
 /// `program`, run inside `ns` when given.

@@ -25,7 +25,8 @@ use flotilla_e2e::{
     Backend, Netns, agent_in, agents, binaries, clusters, dns_a, free_udp_port, health, hub_on,
     join_token, kube_sim, kube_sim_in, leader,
 };
-use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
+use flotilla_e2e::{channel, status};
+use flotilla_test_support::{Procs, free_port, wait_until};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -434,6 +435,7 @@ async fn a_campaign_survives_a_hub_leader_kill_and_a_partitioned_agent() {
     let follower = others.iter().copied().find(|i| *i != new_lead).unwrap();
     let out = std::process::Command::new(bin.join("flotilla-hub"))
         .args(["ctl", "--hub", &format!("127.0.0.1:{}", ports[follower])])
+        .args(flotilla_e2e::ctl_tls_args(dir))
         .args(["campaign", "retry", &id])
         .output()
         .unwrap();

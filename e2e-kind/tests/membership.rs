@@ -13,10 +13,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use flotilla_api::v1;
+use flotilla_e2e::status;
 use flotilla_e2e::{
     Backend, agent, agents, binaries, clusters, dns_a, free_udp_port, health, hub, kube_sim, leader,
 };
-use flotilla_test_support::{Procs, channel, free_port, store_status as status, wait_until};
+use flotilla_test_support::{Procs, free_port, wait_until};
 
 /// Liveness bound for every wait in this test.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -275,15 +276,15 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let m = |msg| v1::AgentMessage { msg: Some(msg) };
+    // As the west cluster's agent: its certificate, no token.
     tx.send(m(v1::agent_message::Msg::Hello(v1::Hello {
         cluster: "west".into(),
-        token: tokens[1].clone(),
         ..Default::default()
     })))
     .await
     .unwrap();
-    let mut a =
-        v1::agent_service_client::AgentServiceClient::new(channel(leader_port).await.unwrap());
+    let west = flotilla_e2e::channel_as(leader_port, flotilla_e2e::cluster_security("west"));
+    let mut a = v1::agent_service_client::AgentServiceClient::new(west.await.unwrap());
     let mut replies = a
         .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
