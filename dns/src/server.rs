@@ -360,11 +360,20 @@ fn rrl_key(response: &[u8]) -> u64 {
 /// Turns the response in `out` into its slipped form: the header with TC set and no records,
 /// and the question.
 fn slip(out: &mut Vec<u8>) {
-    let end = question_end(out).unwrap_or(12.min(out.len()));
-    out.truncate(end);
-    if out.len() >= 12 {
-        out[2] |= 0x02;
-        out[6..12].fill(0);
+    match question_end(out) {
+        Some(end) => {
+            out.truncate(end);
+            out[2] |= 0x02;
+            out[6..12].fill(0);
+        }
+        // No whole question to keep (none, or a compressed name): the header alone, with no
+        // records of any section.
+        None if out.len() >= 12 => {
+            out.truncate(12);
+            out[2] |= 0x02;
+            out[4..12].fill(0);
+        }
+        None => out.clear(),
     }
 }
 

@@ -28,7 +28,7 @@ impl DevFleet {
 /// How a newcomer runs `flotctl` against this hub at once: this very binary's `ctl`, by the
 /// path it was started from (relative to the working directory when it is under it). Building
 /// `flotctl` on its own would compile the dependencies again with other features.
-fn flotctl(grpc: SocketAddr) -> String {
+fn flotctl(grpc: SocketAddr, tls: Option<&crate::security::HubTls>) -> String {
     let hub = if grpc.to_string() == "127.0.0.1:7400" {
         String::new()
     } else {
@@ -43,7 +43,23 @@ fn flotctl(grpc: SocketAddr) -> String {
             rel.unwrap_or_else(|| p.display().to_string())
         })
         .unwrap_or_else(|| "flotilla-hub".into());
-    format!("{exe} ctl{hub}")
+    // With --tls-dir: the CA, and the admin identity `flotctl ca init` left beside it.
+    let tls = match tls {
+        None => String::new(),
+        Some(t) => {
+            let d = t.dir();
+            let mut f = format!(" --ca {}", d.join("ca.crt").display());
+            if d.join("admin.crt").exists() {
+                f.push_str(&format!(
+                    " --cert {} --key {}",
+                    d.join("admin.crt").display(),
+                    d.join("admin.key").display()
+                ));
+            }
+            f
+        }
+    };
+    format!("{exe} ctl{hub}{tls}")
 }
 
 /// Starts the scenario's clusters (default: three clusters in three regions), prints what to
@@ -54,6 +70,7 @@ pub async fn start(
     scenario: Option<&Path>,
     data_dir: &Path,
     (grpc, http, dns): (SocketAddr, SocketAddr, Option<SocketAddr>),
+    tls: Option<&crate::security::HubTls>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<DevFleet> {
     let scenario = match scenario {
@@ -63,12 +80,13 @@ pub async fn start(
     let sim = SimFleet::start(&scenario, Default::default()).await?;
     let paths: Vec<PathBuf> = sim.write_kubeconfigs(&data_dir.join("kubeconfigs"))?;
     println!("flotilla-hub --dev: hub on {grpc}, fleet state in {store_desc}");
-    println!("metrics and health: http://{http}/metrics, /healthz, /readyz");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("metrics and health: {scheme}://{http}/metrics, /healthz, /readyz");
     println!("simulated clusters (kube-sim, a test double, not real Kubernetes):");
     for (c, p) in sim.clusters().iter().zip(&paths) {
         println!("  {:<20} {}  kubeconfig {}", c.name(), c.url(), p.display());
     }
-    let ctl = flotctl(grpc);
+    let ctl = flotctl(grpc, tls);
     println!("an in-process agent per cluster reports to the hub; try (`ctl` is flotctl):");
     println!("  {ctl} get clusters");
     println!("  {ctl} get gpus --by region");
@@ -115,7 +133,15 @@ pub async fn start(
         };
         let (token, _) =
             crate::security::tokens::mint(store, &mint, crate::controllers::unix_ms()).await?;
-        let token = token.reveal();
+        // With TLS the agent pins the CA, as a real one started from a join string does.
+        let token = match tls {
+            Some(t) => flotilla_core::security::JoinString {
+                token,
+                ca_hash: t.pin(),
+            }
+            .reveal(),
+            None => token.reveal(),
+        };
         let kc = kube::config::Kubeconfig::from_yaml(&c.kubeconfig())?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         let labels = scenario

@@ -148,8 +148,10 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
     /// The fleet's name: the trust domain every certificate names (`spiffe://<fleet>/...`).
-    #[arg(long, env = "FLOTILLA_FLEET", default_value = "flotilla")]
-    pub fleet: String,
+    /// Default: the name `flotctl ca init` wrote beside the CA (`<tls-dir>/fleet`), else
+    /// `flotilla`.
+    #[arg(long, env = "FLOTILLA_FLEET")]
+    pub fleet: Option<String>,
     /// Lifetime of the certificates the hub signs for agents and itself (agents renew at a
     /// jittered 60-90% of it).
     #[arg(long, env = "FLOTILLA_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -439,6 +441,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
                 args.dev_scenario.as_deref(),
                 &data_dir,
                 (addr, http_addr, dns_addr),
+                tls.as_deref(),
                 &shutdown,
             )
             .await?,
@@ -493,14 +496,26 @@ fn security_mode(
     names.extend(args.tls_san.iter().cloned());
     names.sort();
     names.dedup();
+    let written = std::fs::read_to_string(dir.join("fleet"))
+        .ok()
+        .map(|f| f.trim().to_string());
+    let fleet = match (&args.fleet, written) {
+        (Some(f), Some(w)) if *f != w => anyhow::bail!(
+            "--fleet {f:?}, but the CA in {} was made for fleet {w:?}",
+            dir.display()
+        ),
+        (Some(f), _) => f.clone(),
+        (None, Some(w)) => w,
+        (None, None) => "flotilla".to_string(),
+    };
     let tls = security::HubTls::load(
         &dir,
-        &args.fleet,
+        &fleet,
         &args.node_id.to_string(),
         names,
         args.cert_ttl,
     )?;
-    info!(fleet = %args.fleet, ca = %format!("sha256:{}", tls.pin()), "TLS on, every caller authenticated");
+    info!(%fleet, ca = %format!("sha256:{}", tls.pin()), "TLS on, every caller authenticated");
     Ok(Some(tls))
 }
 

@@ -1,7 +1,7 @@
-//! The fuzz targets' corpora (`fuzz/corpus/<target>/`) replayed on stable, every input through
-//! the same entry point the target calls: hostile input must never panic, and the DNS
-//! handler's answers must keep their rules. New crashes found by `cargo fuzz` go into the
-//! corpus, so they stay fixed. A few seeds are also checked for the answer they should get, so
+//! The fuzz targets' seed corpora (`fuzz/seeds/<target>/`) replayed on stable, every input
+//! through the same entry point the target calls: hostile input must never panic, and the DNS
+//! handler's answers must keep their rules. A crash `cargo fuzz` finds is added to the seeds
+//! (`crash-*`), so it stays fixed. A few seeds are also checked for the answer they should get, so
 //! the corpus keeps reaching past the first parser.
 
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../fuzz/seeds")
         .join(target);
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

@@ -99,6 +99,16 @@ impl Ctx {
             (Code::PermissionDenied | Code::Unauthenticated, _) => {
                 format!("the hub refused: {}", s.message())
             }
+            // Plaintext h2 meeting a TLS listener fails this way.
+            (Code::Internal | Code::Unknown, _)
+                if self.security == flotilla_api::grpc::Security::Plaintext =>
+            {
+                format!(
+                    "hub {} did not answer plaintext gRPC ({}); if it serves TLS, give --ca                      (FLOTILLA_CA) and your --cert/--key",
+                    self.hub,
+                    s.message()
+                )
+            }
             (Code::InvalidArgument, Some(f)) => {
                 let why = s
                     .message()

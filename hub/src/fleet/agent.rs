@@ -72,6 +72,8 @@ struct Admitted {
     not_after_ms: Option<i64>,
     /// The certificate signed for the hello's CSR (a bootstrap over TLS).
     certificate: Option<v1::IssuedCertificate>,
+    /// The join token it was admitted with, if any (`token <id>`, for the audit log).
+    token: Option<String>,
 }
 
 /// UNAVAILABLE naming the leader's address (in `flotilla-leader`), when this replica knows it.
@@ -212,6 +214,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 issued_at_s: issued,
                 not_after_ms: not_after,
                 certificate: None,
+                token: None,
             });
         }
         let tls =
@@ -278,6 +281,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 issued_at_s: issued,
                 not_after_ms: None,
                 certificate: None,
+                token: Some(format!("token {}", token.id)),
             });
         };
         // Signed before the use is spent: a malformed CSR must not cost the operator a token.
@@ -295,6 +299,7 @@ impl<B: KvBackend + Clone> AgentSvc<B> {
                 ca_bundle_pem: tls.bundle(),
                 not_after_unix: not_after,
             }),
+            token: Some(format!("token {}", token.id)),
         })
     }
 
@@ -445,6 +450,12 @@ impl<B: KvBackend + Clone> v1::agent_service_server::AgentService for AgentSvc<B
                 return Err(s);
             }
         };
+        // From here on the stream speaks for its cluster, whatever its credential.
+        let mut caller = caller;
+        caller.principal = flotilla_core::security::Principal::Cluster(hello.cluster.clone());
+        if let Some(t) = &admitted.token {
+            caller.credential = Some(t.clone());
+        }
         self.security.audit.record(
             Some(&caller),
             "flotilla.v1.AgentService/Connect:join",

@@ -136,6 +136,11 @@ impl HubTls {
         Ok(now + ttl)
     }
 
+    /// The directory the CA is read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The pin a join string carries (SHA-256 of the signing CA's public key).
     pub fn pin(&self) -> String {
         self.ca.load().pin()
