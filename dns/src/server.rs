@@ -361,9 +361,11 @@ fn rrl_key(response: &[u8]) -> u64 {
 /// and the question.
 fn slip(out: &mut Vec<u8>) {
     match question_end(out) {
+        // The first question only (an error answer may echo more than one).
         Some(end) => {
             out.truncate(end);
             out[2] |= 0x02;
+            out[4..6].copy_from_slice(&1u16.to_be_bytes());
             out[6..12].fill(0);
         }
         // No whole question to keep (none, or a compressed name): the header alone, with no

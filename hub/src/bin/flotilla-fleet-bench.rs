@@ -73,6 +73,11 @@ struct Args {
     /// The etcd binary, with `--store etcd`.
     #[arg(long, env = "BENCH_ETCD", default_value = "etcd")]
     etcd_bin: String,
+    /// Mutual TLS: the hub on a fleet CA the benchmark makes, every agent with its own
+    /// cluster certificate and its own connection (as real agents), the benchmark's own calls
+    /// as an admin.
+    #[arg(long, env = "BENCH_TLS")]
+    tls: bool,
 }
 
 /// A single-member etcd in `dir`, with its client URL.
@@ -128,9 +133,13 @@ fn start_hub(
     store: &Store<'_>,
     (port, http): (u16, u16),
     heartbeat: Duration,
+    tls: Option<&std::path::Path>,
 ) -> HubProc {
     let mut cmd = Command::new(exe);
-    cmd.arg("--insecure");
+    match tls {
+        Some(dir) => cmd.arg("--tls-dir").arg(dir).args(["--fleet", "bench"]),
+        None => cmd.arg("--insecure"),
+    };
     match store {
         Store::Raft(data) => cmd.arg("--data-dir").arg(data),
         Store::Etcd(url) => cmd.args(["--store", "etcd", "--etcd-endpoints", url]),
@@ -159,11 +168,11 @@ fn start_hub(
 }
 
 async fn channel(port: u16) -> anyhow::Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-            .connect()
-            .await?,
-    )
+    let dial = flotilla_api::grpc::Dial {
+        security: procs::security(),
+        ..flotilla_api::grpc::Dial::plaintext(Duration::from_secs(5))
+    };
+    Ok(flotilla_api::grpc::connect(&format!("127.0.0.1:{port}"), &dial).await?)
 }
 
 /// Waits until the hub says it leads (`flotilla_hub_leader 1`, on either store).
@@ -182,16 +191,26 @@ async fn wait_leader(http: u16) {
 
 /// The hub's `/metrics` text, or empty while it does not answer.
 async fn metrics(http: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
-        return String::new();
-    };
-    let req = "GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n";
-    let mut body = String::new();
-    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
-        return String::new();
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn get(mut s: impl AsyncRead + AsyncWrite + Unpin) -> String {
+        let req = "GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n";
+        let mut body = String::new();
+        if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err()
+        {
+            return String::new();
+        }
+        body
     }
-    body
+    match procs::METRICS_TLS.get() {
+        Some(tls) => match tls.dial("127.0.0.1", http).await {
+            Ok(s) => get(s).await,
+            Err(_) => String::new(),
+        },
+        None => match tokio::net::TcpStream::connect(("127.0.0.1", http)).await {
+            Ok(s) => get(s).await,
+            Err(_) => String::new(),
+        },
+    }
 }
 
 fn nodes(cluster: usize, n: usize) -> Vec<v1::NodeInventory> {
@@ -532,6 +551,11 @@ async fn main() -> anyhow::Result<()> {
     );
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("hub");
+    let tls = match args.tls {
+        true => Some(procs::BenchTls::install(dir.path())?),
+        false => None,
+    };
+    let tls_dir = tls.as_ref().map(|t| t.dir.clone());
     let port = free_port();
     let http = free_port();
     let etcd = match args.store.as_str() {
@@ -545,7 +569,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let etcd_pid = etcd.as_ref().map(|(p, _)| p.0.id());
     // etcd takes a moment to serve; the hub exits if it cannot reach it, so retry.
-    let mut hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+    let mut hub = start_hub(
+        &exe,
+        &store,
+        (port, http),
+        args.heartbeat,
+        tls_dir.as_deref(),
+    );
     let started = Instant::now();
     while tokio::time::timeout(Duration::from_secs(5), wait_leader(http))
         .await
@@ -556,7 +586,13 @@ async fn main() -> anyhow::Result<()> {
             "the hub never led"
         );
         if hub.0.try_wait()?.is_some() {
-            hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+            hub = start_hub(
+                &exe,
+                &store,
+                (port, http),
+                args.heartbeat,
+                tls_dir.as_deref(),
+            );
         }
     }
     println!(
@@ -600,13 +636,36 @@ async fn main() -> anyhow::Result<()> {
 
     // Join.
     let mut chans = Vec::new();
-    let conns = if args.connections == 0 {
-        args.clusters.div_ceil(100).max(1)
-    } else {
-        args.connections
-    };
-    for _ in 0..conns {
-        chans.push(channel(port).await?);
+    match &tls {
+        // Each agent its own identity, so its own connection (made on first use).
+        Some(t) => {
+            let t0 = Instant::now();
+            for i in 0..args.clusters {
+                let dial = flotilla_api::grpc::Dial {
+                    security: t.cluster(i)?,
+                    ..flotilla_api::grpc::Dial::plaintext(Duration::from_secs(10))
+                };
+                chans.push(flotilla_api::grpc::lazy(
+                    &format!("127.0.0.1:{port}"),
+                    &dial,
+                )?);
+            }
+            println!(
+                "tls: {} cluster certificates in {:.1} s, one connection each",
+                args.clusters,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        None => {
+            let conns = if args.connections == 0 {
+                args.clusters.div_ceil(100).max(1)
+            } else {
+                args.connections
+            };
+            for _ in 0..conns {
+                chans.push(channel(port).await?);
+            }
+        }
     }
     let channels = Arc::new(chans);
     let shared = Arc::new(Shared {
@@ -724,7 +783,13 @@ async fn main() -> anyhow::Result<()> {
     let sessions_before = shared.sessions.load(Ordering::Relaxed);
     drop(hub);
     let t_restart = Instant::now();
-    let hub = start_hub(&exe, &store, (port, http), args.heartbeat);
+    let hub = start_hub(
+        &exe,
+        &store,
+        (port, http),
+        args.heartbeat,
+        tls_dir.as_deref(),
+    );
     wait_leader(http).await;
     let mut worst_unreachable = 0;
     let mut reconnected = None;

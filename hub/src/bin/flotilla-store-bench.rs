@@ -54,6 +54,10 @@ struct Args {
     /// Skip etcd even when the feature is built.
     #[arg(long, env = "BENCH_NO_ETCD")]
     no_etcd: bool,
+    /// Flotilla with mutual TLS between the members and from the clients (an admin identity
+    /// from a CA the benchmark makes).
+    #[arg(long, env = "BENCH_TLS")]
+    tls: bool,
 }
 
 /// One measured run.
@@ -280,6 +284,9 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|");
 
     let mut results: Vec<(String, String, Stats)> = Vec::new();
+    if args.tls {
+        procs::BenchTls::install(dir.path())?;
+    }
     {
         let (_procs, eps) = start_flotilla(dir.path(), args.members).await?;
         let spread = if args.leader_only { 1 } else { eps.len() };
@@ -287,10 +294,19 @@ async fn main() -> anyhow::Result<()> {
             .map(|i| {
                 let mut e = eps.clone();
                 e.rotate_left(i);
-                StoreClient::new(&e).map_err(anyhow::Error::from)
+                let dial = flotilla_api::grpc::Dial {
+                    security: procs::security(),
+                    ..flotilla_api::grpc::Dial::plaintext(Duration::from_secs(1))
+                };
+                StoreClient::with_dial(&e, &dial).map_err(anyhow::Error::from)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        run_workloads("flotilla", FlotillaWriter(clients), &args, &mut results).await;
+        let name = if args.tls {
+            "flotilla (mTLS)"
+        } else {
+            "flotilla"
+        };
+        run_workloads(name, FlotillaWriter(clients), &args, &mut results).await;
     }
 
     #[cfg(feature = "etcd")]
@@ -302,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
         println!("| workload | flotilla/etcd writes/s | flotilla/etcd p99 |");
         println!("|---|---|---|");
         for (sys, what, f) in &results {
-            if sys != "flotilla" {
+            if !sys.starts_with("flotilla") {
                 continue;
             }
             if let Some((_, _, e)) = results.iter().find(|(s, w, _)| s == "etcd" && w == what) {

@@ -63,20 +63,93 @@ pub fn hub_binary() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// A benchmark's fleet CA (its `--tls` mode): hubs serve TLS with it, the benchmark calls as
+/// an admin, simulated agents as their clusters.
+pub struct BenchTls {
+    ca: flotilla_api::pki::Ca,
+    ca_pem: String,
+    /// The `--tls-dir` the hubs are started with.
+    pub dir: PathBuf,
+}
+
+/// How the benchmark dials the hubs (set once by [`BenchTls::install`]; plaintext without).
+static SECURITY: std::sync::OnceLock<flotilla_api::grpc::Security> = std::sync::OnceLock::new();
+/// How it reads the hubs' metrics over HTTPS (with TLS).
+pub static METRICS_TLS: std::sync::OnceLock<flotilla_api::tls::ClientTls> =
+    std::sync::OnceLock::new();
+/// The fleet CA directory hubs are started with (with TLS).
+static TLS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// How the benchmark dials the hubs: TLS as its admin after [`BenchTls::install`], else
+/// plaintext.
+pub fn security() -> flotilla_api::grpc::Security {
+    SECURITY.get().cloned().unwrap_or_default()
+}
+
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl BenchTls {
+    /// Makes the CA in `dir/tls` and switches this process's hub commands and calls to TLS.
+    pub fn install(dir: &std::path::Path) -> anyhow::Result<Self> {
+        use flotilla_api::pki::{Ca, Usage};
+        use flotilla_api::tls::{ClientTls, Identity};
+        use flotilla_core::security::{Role, SpiffeId};
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let (ca, pair) = Ca::generate("bench", unix_secs())?;
+        std::fs::write(tls.join("ca.crt"), &pair.cert_pem)?;
+        std::fs::write(tls.join("ca.key"), &pair.key_pem)?;
+        let admin = ca.issue(
+            &SpiffeId::user("bench", Role::Admin, "bench"),
+            &Usage::Client,
+            unix_secs(),
+            86_400,
+        )?;
+        let id = Identity::from_pem(&admin.cert_pem, &admin.key_pem)?;
+        let _ = METRICS_TLS.set(ClientTls::http1(&pair.cert_pem, Some(id.clone()))?);
+        let _ = SECURITY.set(flotilla_api::grpc::Security::Tls(ClientTls::new(
+            &pair.cert_pem,
+            Some(id),
+        )?));
+        let _ = TLS_DIR.set(tls.clone());
+        Ok(Self {
+            ca,
+            ca_pem: pair.cert_pem,
+            dir: tls,
+        })
+    }
+
+    /// TLS as cluster `bench-<id>`.
+    pub fn cluster(&self, id: usize) -> anyhow::Result<flotilla_api::grpc::Security> {
+        use flotilla_api::pki::Usage;
+        use flotilla_api::tls::{ClientTls, Identity};
+        let uri = flotilla_core::security::SpiffeId::cluster("bench", &format!("bench-{id:05}"));
+        let p = self.ca.issue(&uri, &Usage::Client, unix_secs(), 86_400)?;
+        let ident = Identity::from_pem(&p.cert_pem, &p.key_pem)?;
+        Ok(flotilla_api::grpc::Security::Tls(ClientTls::new(
+            &self.ca_pem,
+            Some(ident),
+        )?))
+    }
+}
+
 /// The store status of the member on `port`, or `None` while it does not answer.
 pub async fn status(port: u16) -> Option<v1::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_millis(500))
-        .connect()
+    let dial = flotilla_api::grpc::Dial {
+        security: security(),
+        ..flotilla_api::grpc::Dial::plaintext(Duration::from_millis(500))
+    };
+    let channel = flotilla_api::grpc::connect(&format!("127.0.0.1:{port}"), &dial)
         .await
         .ok()?;
     let mut c = v1::store_admin_client::StoreAdminClient::new(channel);
-    c.status(v1::StatusRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner())
+    let mut req = tonic::Request::new(v1::StatusRequest {});
+    req.set_timeout(Duration::from_millis(500));
+    c.status(req).await.ok().map(|r| r.into_inner())
 }
 
 /// Polls `f` every 20 ms until it holds, or fails naming `what` after 60 s.
@@ -106,12 +179,15 @@ pub fn member_command(bin: &Path, dir: &Path, ports: &[u16], id: usize) -> Comma
         "--http",
         "127.0.0.1:0",
     ])
-    .arg("--insecure")
     .arg("--data-dir")
     .arg(dir.join(format!("flotilla-{id}")))
     .env("RUST_LOG", "error")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    match TLS_DIR.get() {
+        Some(tls) => cmd.arg("--tls-dir").arg(tls).args(["--fleet", "bench"]),
+        None => cmd.arg("--insecure"),
+    };
     if id > 1 {
         cmd.args(["--join", &format!("127.0.0.1:{}", ports[0])]);
     }
