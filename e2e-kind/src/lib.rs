@@ -568,3 +568,38 @@ fn ip(args: &[&str]) -> Result<(), String> {
         ))
     }
 }
+
+/// A join as an agent makes it, against the hub on `port`: a connection trusting only the CA
+/// the join string pins, a hello with the token and a CSR; `Ok` once a certificate comes back.
+pub async fn bootstrap(port: u16, cluster: &str, join: &str) -> Result<(), tonic::Status> {
+    let j = flotilla_core::security::JoinString::parse(join)
+        .map_err(tonic::Status::invalid_argument)?;
+    let ch = channel_as(port, Security::Tls(ClientTls::pinned(&j.ca_hash)))
+        .await
+        .ok_or_else(|| tonic::Status::unavailable("no connection"))?;
+    let (csr, _key) =
+        flotilla_api::pki::csr().map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let hello = v1::AgentMessage {
+        msg: Some(v1::agent_message::Msg::Hello(v1::Hello {
+            cluster: cluster.into(),
+            token: j.token.reveal(),
+            csr,
+            ..Default::default()
+        })),
+    };
+    let _ = tx.send(hello).await;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut replies = v1::agent_service_client::AgentServiceClient::new(ch)
+        .connect(stream)
+        .await?
+        .into_inner();
+    match replies.message().await? {
+        Some(v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Welcome(w)),
+        }) if w.certificate.is_some() => Ok(()),
+        other => Err(tonic::Status::internal(format!(
+            "no certificate: {other:?}"
+        ))),
+    }
+}

@@ -326,5 +326,24 @@ async fn survive_kills(backend: Backend<'_>, dir: &Path) {
         (after.nodes, after.physical_gpus),
         (before.nodes, before.physical_gpus)
     );
+
+    // A single-use join token raced: two attempts at every live replica at once. Exactly one
+    // gets a certificate (followers send agents to the leader; the leader spends the use
+    // with a compare-and-swap), and the rest are told why.
+    let join = flotilla_e2e::join_token(leader_port, "raced").await;
+    let tries = alive
+        .iter()
+        .flat_map(|&i| [ports[i], ports[i]])
+        .map(|p| flotilla_e2e::bootstrap(p, "raced", &join));
+    let results = futures::future::join_all(tries).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .any(|s| s.message().contains("used up")),
+        "{results:?}"
+    );
     drop(agents);
 }
