@@ -173,6 +173,13 @@ impl Handler {
             return false;
         }
         out.clear();
+        // A question's name is the first in the message, so it has nothing to point back to:
+        // a compression pointer there (into the header) is hostile, and hickory would echo it
+        // into an answer that points at garbage. FORMERR, header only.
+        if header.counts.queries == 1 && question_end(raw).is_none() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return encode_header(&header, ResponseCode::FormErr, out);
+        }
         let mut encoder = BinEncoder::new(out);
         match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
             Ok(request) => {
@@ -215,7 +222,8 @@ pub fn fuzz_datagram(table: &SharedTable, zones: &Arc<Zones>, data: &[u8]) {
         "{} bytes over UDP",
         out.len()
     );
-    let reply = hickory_proto::op::Message::from_vec(&out).expect("the answer decodes");
+    let reply = hickory_proto::op::Message::from_vec(&out)
+        .unwrap_or_else(|e| panic!("the answer {out:02x?} does not decode: {e}"));
     assert_eq!(reply.metadata.message_type, MessageType::Response);
     assert_eq!(&out[..2], &data[..2], "the answer carries the query's id");
     // The slipped form of any answer is a valid message too.
