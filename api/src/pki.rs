@@ -247,6 +247,21 @@ pub fn leaf(der: &[u8]) -> Result<Leaf, PkiError> {
     })
 }
 
+/// Whether the certificate `leaf` (DER) carries a valid signature by the CA certificate
+/// `ca_pem`'s key.
+pub fn signed_by(leaf: &[u8], ca_pem: &str) -> bool {
+    let Ok(ca) = first_cert(ca_pem, "CA") else {
+        return false;
+    };
+    let (Ok((_, l)), Ok((_, c))) = (
+        x509_parser::parse_x509_certificate(leaf),
+        x509_parser::parse_x509_certificate(&ca),
+    ) else {
+        return false;
+    };
+    l.verify_signature(Some(c.public_key())).is_ok()
+}
+
 /// SHA-256 of a certificate's SubjectPublicKeyInfo, lower-case hex (the join string's pin).
 pub fn spki_sha256(der: &[u8]) -> Result<String, PkiError> {
     let (_, x) = x509_parser::parse_x509_certificate(der)
@@ -339,6 +354,18 @@ mod tests {
         assert_ne!(a.pin(), b.pin());
         let e = Ca::from_pem("nonsense", &pair.key_pem).err().unwrap();
         assert!(e.to_string().contains("CA certificate"), "{e}");
+    }
+
+    #[test]
+    fn a_leaf_verifies_against_its_own_ca_only() {
+        let (a, _) = Ca::generate("fleet", NOW).unwrap();
+        let (b, _) = Ca::generate("fleet", NOW).unwrap();
+        let p = a
+            .issue("spiffe://fleet/hub/1", &Usage::Client, NOW, 60)
+            .unwrap();
+        let der = certs(&p.cert_pem, "t").unwrap().remove(0);
+        assert!(signed_by(&der, a.cert_pem()));
+        assert!(!signed_by(&der, b.cert_pem()));
     }
 
     #[test]

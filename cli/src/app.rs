@@ -96,6 +96,11 @@ enum Command {
         #[command(subcommand)]
         what: commands::security::TokenCmd,
     },
+    /// Bearer tokens for tools that cannot present a client certificate.
+    Apitoken {
+        #[command(subcommand)]
+        what: commands::security::ApiTokenCmd,
+    },
     /// Cluster membership: approve a waiting join, remove a cluster.
     Cluster {
         #[command(subcommand)]
@@ -132,6 +137,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Ca { .. } => unreachable!("handled above"),
         Command::Token { what } => commands::security::token(&mut ctx, what).await,
+        Command::Apitoken { what } => commands::security::apitoken(&mut ctx, what).await,
         Command::Cluster { what } => commands::security::cluster(&mut ctx, what).await,
         Command::Audit(a) => commands::security::audit(&mut ctx, a).await,
         Command::Get { what } => commands::get::run(&mut ctx, what).await,

@@ -129,6 +129,16 @@ pub struct Args {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
+    /// The CA (PEM) etcd's serving certificate is checked against, for `https://` endpoints
+    /// (with --store etcd).
+    #[arg(long, env = "FLOTILLA_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// The hub's client certificate (PEM) for an etcd with `--client-cert-auth`.
+    #[arg(long, env = "FLOTILLA_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "FLOTILLA_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// Key prefix of this fleet in etcd (with --store etcd).
     #[arg(long, env = "FLOTILLA_ETCD_PREFIX", default_value = "/flotilla/")]
     pub etcd_prefix: String,
@@ -304,6 +314,7 @@ pub async fn start(args: Args, shutdown: CancellationToken) -> anyhow::Result<Ru
         fleet.view.clone(),
         fleet.discovery.clone(),
         fleet.security.revocations.clone(),
+        fleet.security.api_tokens.clone(),
     ]);
     let mut tasks = vec![tokio::spawn(
         mirror
@@ -632,9 +643,26 @@ async fn open_etcd(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Opened> {
     use crate::store::etcd::{EtcdConfig, EtcdKv, EtcdLeadership};
+    let read = |flag: &str, p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
+    };
+    let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => Some(crate::store::etcd::EtcdTls {
+            ca_pem: read("--etcd-ca", ca)?,
+            identity: match (cert, key) {
+                (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+                _ => None,
+            },
+        }),
+        (None, _, _) => anyhow::bail!(
+            "--etcd-cert needs --etcd-ca: the CA etcd's certificate is checked against"
+        ),
+    };
     let config = EtcdConfig {
         prefix: args.etcd_prefix.clone(),
         lease_ttl: args.etcd_lease_ttl,
+        tls,
         ..EtcdConfig::new(args.etcd_endpoints.clone())
     };
     let kv = EtcdKv::connect(&config, limits)

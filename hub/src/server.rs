@@ -36,6 +36,8 @@ pub async fn serve(
         fleet: tls.as_ref().map(|t| Arc::from(t.fleet.as_str())),
         audit: fleet.security.audit.clone(),
         denied: fleet.metrics.denied.clone(),
+        api_tokens: fleet.security.api_tokens.clone(),
+        clock: fleet.health.clock_arc(),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

@@ -40,6 +40,87 @@ mod with_etcd {
         panic!("etcd at {url} never served: {last:?}");
     }
 
+    /// etcd with TLS and client-certificate authentication: the hub connects with its client
+    /// certificate, and is refused without one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hub_reaches_an_etcd_that_requires_client_certificates() {
+        use flotilla_api::pki::{Ca, Usage};
+        use flotilla_hub::store::etcd::EtcdTls;
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let (ca, pair) = Ca::generate("etcd", now).unwrap();
+        let server = ca
+            .issue(
+                "spiffe://etcd/hub/etcd",
+                &Usage::Peer(vec!["127.0.0.1".into()]),
+                now,
+                3600,
+            )
+            .unwrap();
+        let client = ca
+            .issue("spiffe://etcd/hub/1", &Usage::Client, now, 3600)
+            .unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ca.crt"), &pair.cert_pem).unwrap();
+        std::fs::write(p("etcd.crt"), &server.cert_pem).unwrap();
+        std::fs::write(p("etcd.key"), &server.key_pem).unwrap();
+        let tls = Some((p("etcd.crt"), p("etcd.key"), p("ca.crt")));
+        let tls = tls
+            .as_ref()
+            .map(|(a, b, c)| (a.as_path(), b.as_path(), c.as_path()));
+        let Some((_etcd, url)) = flotilla_test_support::start_etcd_with(dir.path(), tls).await
+        else {
+            return;
+        };
+        assert!(url.starts_with("https://"));
+        let with = |identity| EtcdConfig {
+            tls: Some(EtcdTls {
+                ca_pem: pair.cert_pem.clone(),
+                identity,
+            }),
+            ..EtcdConfig::new(vec![url.clone()])
+        };
+        let mut last = None;
+        let mut kv = None;
+        for _ in 0..100 {
+            match EtcdKv::connect(
+                &with(Some((client.cert_pem.clone(), client.key_pem.clone()))),
+                Limits::default(),
+            )
+            .await
+            {
+                Ok(k) => match k.range(RangeRequest::new(KeyRange::key("/ping"))).await {
+                    Ok(_) => {
+                        kv = Some(k);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let kv = kv.unwrap_or_else(|| panic!("etcd over TLS never served: {last:?}"));
+        kv.txn(TxnRequest::put("/tls/x", "1")).await.unwrap();
+        let r = kv
+            .range(RangeRequest::new(KeyRange::key("/tls/x")))
+            .await
+            .unwrap();
+        assert_eq!(r.kvs[0].value, b"1");
+        // Without a client certificate etcd refuses the hub.
+        let refused = match EtcdKv::connect(&with(None), Limits::default()).await {
+            Err(_) => true,
+            Ok(k) => k
+                .range(RangeRequest::new(KeyRange::key("/tls/x")))
+                .await
+                .is_err(),
+        };
+        assert!(refused, "etcd served a hub without a client certificate");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn etcd_passes_the_battery() {
         let dir = tempfile::tempdir().unwrap();

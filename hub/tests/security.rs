@@ -810,3 +810,100 @@ async fn metrics_need_a_fleet_certificate_or_the_token_and_probes_stay_open() {
             .contains("200")
     );
 }
+
+#[tokio::test]
+async fn a_bearer_token_speaks_for_its_role_until_revoked() {
+    let hub = hub(&[]).await;
+    let mut admin = hub.user(Role::Admin).await;
+    let t = admin
+        .create_api_token(v1::CreateApiTokenRequest {
+            name: "grafana".into(),
+            role: "viewer".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = admin
+        .create_api_token(v1::CreateApiTokenRequest {
+            name: "x".into(),
+            role: "root".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // TLS without a client certificate; the token in every request's metadata.
+    let ch = hub.channel(None).await;
+    fn with<T>(token: &str, m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    let mut fleet = FleetServiceClient::new(ch.clone());
+    // Mirrored a moment after the write.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fleet
+        .list_clusters(with(&t.token, v1::ListClustersRequest {}))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the token never worked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut campaigns = v1::campaign_service_client::CampaignServiceClient::new(ch.clone());
+    let e = campaigns
+        .create_campaign(with(&t.token, v1::CreateCampaignRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("viewer/grafana"), "{e}");
+    let forged = format!("{}.{}", t.id, "0".repeat(32));
+    let e = fleet
+        .list_clusters(with(&forged, v1::ListClustersRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    // Revoked: refused from the next call the mirror has seen.
+    admin
+        .revoke_api_token(v1::RevokeApiTokenRequest { id: t.id.clone() })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fleet
+        .list_clusters(with(&t.token, v1::ListClustersRequest {}))
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revoked token kept working"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = admin
+        .list_api_tokens(v1::ListApiTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(listed.is_empty(), "{listed:?}");
+    let records = admin
+        .list_audit(v1::ListAuditRequest {
+            who: "viewer/grafana".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(
+        records.iter().any(|r| r.action.ends_with("CreateCampaign")
+            && r.credential == format!("apitoken {}", t.id)),
+        "{records:#?}"
+    );
+}

@@ -322,3 +322,117 @@ fn expired(cluster: &str, not_after: i64) -> SessionError {
          and restart the agent with the join string"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::pki::{Ca, Usage};
+    use flotilla_core::security::SpiffeId;
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn credentials(join: Option<String>) -> Credentials {
+        Credentials {
+            cluster: "a".into(),
+            token: join.clone().unwrap_or_default(),
+            join: join.map(|j| JoinString::parse(&j).unwrap()),
+            keeper: None,
+            held: Mutex::new(None),
+            identity: Arc::new(Identity::default()),
+            pending: Mutex::new(None),
+            jitter: 0.5,
+        }
+    }
+
+    fn held(ca: &Ca, issued: i64, ttl: i64) -> Held {
+        let p = ca
+            .issue(&SpiffeId::cluster("f", "a"), &Usage::Client, issued, ttl)
+            .unwrap();
+        Held::new(p.cert_pem, p.key_pem, ca.cert_pem().to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_valid_certificate_connects_without_a_token() {
+        let (ca, _) = Ca::generate("f", now()).unwrap();
+        let c = credentials(None);
+        c.install(held(&ca, now(), 3600)).unwrap();
+        let a = c.attempt(now()).unwrap();
+        assert!(matches!(a.security, Security::Tls(_)));
+        assert!(a.token.is_empty() && a.csr.is_empty());
+        // Renewal is due 60-90% through the life (0.5 jitter: 75%).
+        let at = c.renew_at().unwrap();
+        assert!(
+            (at - (now() - flotilla_api::pki::SKEW_SECS
+                + (3600 + flotilla_api::pki::SKEW_SECS) * 3 / 4))
+                .abs()
+                <= 2
+        );
+    }
+
+    #[test]
+    fn a_certificate_that_expired_offline_fails_clearly_without_a_join_string() {
+        let (ca, _) = Ca::generate("f", now() - 7200).unwrap();
+        let c = credentials(None);
+        c.install(held(&ca, now() - 7200, 3600)).unwrap();
+        let Err(SessionError::Refused(s)) = c.attempt(now()) else {
+            panic!("an expired certificate was used");
+        };
+        assert_eq!(s.code(), tonic::Code::Unauthenticated);
+        assert!(s.message().contains("expired"), "{s}");
+        assert!(s.message().contains("flotctl token create a"), "{s}");
+        // With a fresh join string it bootstraps again instead.
+        let join = format!("abc123.{}@sha256:{}", "0f".repeat(16), ca.pin());
+        let c = credentials(Some(join));
+        c.install(held(&ca, now() - 7200, 3600)).unwrap();
+        let a = c.attempt(now()).unwrap();
+        assert_eq!(a.token, format!("abc123.{}", "0f".repeat(16)));
+        assert!(!a.csr.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_keeps_the_valid_certificate() {
+        let (ca, _) = Ca::generate("f", now()).unwrap();
+        let c = credentials(None);
+        c.install(held(&ca, now(), 3600)).unwrap();
+        let before = c.serial().unwrap();
+        // A certificate arriving with no request in flight is refused; so is one whose key is
+        // not the pending request's.
+        let stray = ca
+            .issue(&SpiffeId::cluster("f", "a"), &Usage::Client, now(), 7200)
+            .unwrap();
+        let issued = v1::IssuedCertificate {
+            certificate_pem: stray.cert_pem.clone(),
+            ca_bundle_pem: ca.cert_pem().to_string(),
+            not_after_unix: now() + 7200,
+        };
+        assert!(c.accept(&issued).await.is_err());
+        c.renewal().unwrap();
+        assert!(
+            c.accept(&issued).await.is_err(),
+            "a certificate for another key was taken"
+        );
+        assert_eq!(c.serial().unwrap(), before);
+        assert!(matches!(
+            c.attempt(now()).unwrap().security,
+            Security::Tls(_)
+        ));
+        // The renewal that matches is taken.
+        let csr = c.renewal().unwrap();
+        let pem = ca
+            .sign_csr(&csr, &SpiffeId::cluster("f", "a"), now(), 7200)
+            .unwrap();
+        c.accept(&v1::IssuedCertificate {
+            certificate_pem: pem,
+            ca_bundle_pem: ca.cert_pem().to_string(),
+            not_after_unix: now() + 7200,
+        })
+        .await
+        .unwrap();
+        assert_ne!(c.serial().unwrap(), before);
+    }
+}

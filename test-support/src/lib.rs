@@ -70,11 +70,31 @@ where
 /// `etcd` binary is on the PATH (`FLOTILLA_ETCD` names another). Returns the process and its
 /// client URL.
 pub async fn start_etcd(dir: &std::path::Path) -> Option<(Procs, String)> {
+    start_etcd_with(dir, None).await
+}
+
+/// [`start_etcd`], serving TLS when `tls` names its certificate, key and the CA it checks
+/// client certificates against (`--client-cert-auth`); the URL is then `https://`.
+pub async fn start_etcd_with(
+    dir: &std::path::Path,
+    tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+) -> Option<(Procs, String)> {
     let bin = std::env::var("FLOTILLA_ETCD").unwrap_or_else(|_| "etcd".into());
     let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = std::process::Command::new(&bin)
+    let mut cmd = std::process::Command::new(&bin);
+    if let Some((cert, key, ca)) = tls {
+        cmd.arg("--cert-file")
+            .arg(cert)
+            .arg("--key-file")
+            .arg(key)
+            .arg("--trusted-ca-file")
+            .arg(ca)
+            .arg("--client-cert-auth");
+    }
+    let child = cmd
         .args(["--name", "e0", "--log-level", "error"])
         .arg("--data-dir")
         .arg(dir.join("etcd"))

@@ -71,6 +71,99 @@ pub enum TokenCmd {
     },
 }
 
+/// `flotctl apitoken`: bearer tokens for tools that cannot present a client certificate.
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCmd {
+    /// A new bearer token (shown once) for a person or tool with a role; sent as
+    /// `authorization: Bearer <token>` over TLS.
+    Create {
+        /// Whose it is (shown in the audit log).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Lifetime (default 90 days, at most a year).
+        #[arg(long, value_parser = flotilla_core::duration::parse)]
+        ttl: Option<Duration>,
+    },
+    /// Bearer tokens: id, name, role, expiry (never secrets).
+    List,
+    /// Delete a bearer token: it authenticates nobody from then on.
+    Revoke {
+        /// The token's id (`flotctl apitoken list`).
+        id: String,
+    },
+}
+
+/// Runs `apitoken`.
+pub async fn apitoken(ctx: &mut Ctx, what: ApiTokenCmd) -> Result<(), Failure> {
+    match what {
+        ApiTokenCmd::Create { name, role, ttl } => {
+            let t = ctx
+                .client
+                .create_api_token(v1::CreateApiTokenRequest {
+                    name: name.clone(),
+                    role: role.clone(),
+                    ttl_seconds: ttl.map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32),
+                })
+                .await
+                .map_err(|s| ctx.explain(s))?
+                .into_inner();
+            let v = json!({"id": t.id, "name": name, "role": role, "token": t.token, "expires_at": crate::rfc3339(t.expires_at_unix_ms)});
+            ctx.print(&v, || {
+                format!(
+                    "bearer token for {role} {name:?} (shown once; expires {}):\n{}\n",
+                    crate::rfc3339(t.expires_at_unix_ms),
+                    t.token
+                )
+            });
+        }
+        ApiTokenCmd::List => {
+            let r = ctx
+                .client
+                .list_api_tokens(v1::ListApiTokensRequest {})
+                .await
+                .map_err(|s| ctx.explain(s))?
+                .into_inner();
+            let now = crate::unix_ms_now();
+            let v = json!(r.tokens.iter().map(|t| json!({
+                "id": t.id, "name": t.name, "role": t.role,
+                "expires_at": crate::rfc3339(t.expires_at_unix_ms), "expired": t.expires_at_unix_ms <= now,
+                "created_by": t.created_by,
+            })).collect::<Vec<_>>());
+            ctx.print(&v, || {
+                let rows = r
+                    .tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.name.clone(),
+                            t.role.clone(),
+                            if t.expires_at_unix_ms <= now {
+                                "expired".into()
+                            } else {
+                                crate::rfc3339(t.expires_at_unix_ms)
+                            },
+                            t.created_by.clone(),
+                        ]
+                    })
+                    .collect();
+                crate::table(&["ID", "NAME", "ROLE", "EXPIRES", "CREATED BY"], rows)
+            });
+        }
+        ApiTokenCmd::Revoke { id } => {
+            ctx.client
+                .revoke_api_token(v1::RevokeApiTokenRequest { id: id.clone() })
+                .await
+                .map_err(|s| ctx.explain(s))?;
+            println!("API token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
 /// `flotctl cluster`.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {

@@ -246,7 +246,7 @@ impl State {
                     }
                 }
             }
-            Change::Revoked { .. } => {}
+            Change::Revoked { .. } | Change::ApiToken { .. } => {}
             // GPU pools matter only to a policy that judges GPU saturation.
             Change::Inventory { name, .. } => {
                 if self.by_cluster.contains_key(&name) && self.uses_gpu_saturation() {

@@ -65,6 +65,8 @@ pub struct FleetSecurity {
     pub tls: Option<Arc<crate::security::HubTls>>,
     /// Revoked cluster identities (mirrored).
     pub revocations: Arc<crate::security::Revocations>,
+    /// API bearer tokens (mirrored).
+    pub api_tokens: Arc<crate::security::api_tokens::ApiTokens>,
     /// The audit log.
     pub audit: crate::security::audit::Audit,
     /// The audit writer's queue, taken once by whoever runs the writer.
@@ -92,6 +94,7 @@ impl Fleet {
             security: Arc::new(FleetSecurity {
                 tls: None,
                 revocations: Default::default(),
+                api_tokens: Default::default(),
                 audit,
                 audit_queue: std::sync::Mutex::new(Some(queue)),
             }),

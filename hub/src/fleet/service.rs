@@ -24,6 +24,10 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest join token lifetime.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default lifetime of an API bearer token.
+pub const DEFAULT_API_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Longest lifetime of an API bearer token.
+pub const MAX_API_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most joins one token may admit.
 pub const MAX_TOKEN_USES: u32 = 10_000;
 
@@ -457,6 +461,106 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
             .map_err(kv_status)?;
         let removed = self.remove_records(&cluster).await?;
         Ok(Response::new(v1::RemoveClusterResponse { removed }))
+    }
+
+    async fn create_api_token(
+        &self,
+        req: Request<v1::CreateApiTokenRequest>,
+    ) -> Result<Response<v1::CreateApiTokenResponse>, Status> {
+        let by = crate::security::authz::Caller::of(&req)
+            .principal
+            .to_string();
+        let r = req.get_ref();
+        let ok = !r.name.is_empty()
+            && r.name.len() <= 64
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+        if !ok {
+            return Err(Status::invalid_argument(
+                "name: 1-64 letters, digits, '-', '_', '.' or '@'",
+            ));
+        }
+        let role = flotilla_core::security::Role::parse(&r.role)
+            .map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
+        let ttl = match r.ttl_seconds {
+            0 => DEFAULT_API_TOKEN_TTL,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        if ttl > MAX_API_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: at most {} (one year)",
+                MAX_API_TOKEN_TTL.as_secs()
+            )));
+        }
+        let token = flotilla_core::security::JoinToken::from_random(rand::random(), rand::random());
+        crate::security::authz::audit_target(
+            &req,
+            format!("apitoken/{} {role}/{}", token.id, r.name),
+        );
+        let now = self.clock.unix_ms();
+        let expires = now + ttl.as_millis() as i64;
+        let rec = v1::ApiTokenRecord {
+            id: token.id.clone(),
+            name: r.name.clone(),
+            role: role.to_string(),
+            secret_sha256: token.secret_hash(),
+            expires_at_unix_ms: expires,
+            created_at_unix_ms: now,
+            created_by: by,
+        };
+        records::put_if(&self.backend, &keys::api_token_key(&token.id), &rec, 0)
+            .await
+            .map_err(kv_status)?
+            .ok_or_else(|| Status::aborted("token id collision; retry"))?;
+        Ok(Response::new(v1::CreateApiTokenResponse {
+            token: token.reveal(),
+            id: token.id,
+            expires_at_unix_ms: expires,
+        }))
+    }
+
+    async fn list_api_tokens(
+        &self,
+        _: Request<v1::ListApiTokensRequest>,
+    ) -> Result<Response<v1::ListApiTokensResponse>, Status> {
+        use flotilla_core::kv::{KeyRange, RangeRequest};
+        use prost::Message;
+        let r = self
+            .backend
+            .range(RangeRequest::new(KeyRange::prefix(keys::API_TOKENS)))
+            .await
+            .map_err(kv_status)?;
+        let tokens = r
+            .kvs
+            .iter()
+            .filter_map(|kv| v1::ApiTokenRecord::decode(kv.value.as_slice()).ok())
+            .map(|t| v1::ApiTokenRecord {
+                secret_sha256: String::new(),
+                ..t
+            })
+            .collect();
+        Ok(Response::new(v1::ListApiTokensResponse { tokens }))
+    }
+
+    async fn revoke_api_token(
+        &self,
+        req: Request<v1::RevokeApiTokenRequest>,
+    ) -> Result<Response<v1::RevokeApiTokenResponse>, Status> {
+        let id = req.get_ref().id.clone();
+        crate::security::authz::audit_target(&req, format!("apitoken/{id}"));
+        if id.is_empty() || id.len() > 16 {
+            return Err(Status::invalid_argument(
+                "id: the token's id (flotctl apitoken list)",
+            ));
+        }
+        if !records::delete(&self.backend, &keys::api_token_key(&id))
+            .await
+            .map_err(kv_status)?
+        {
+            return Err(Status::not_found(format!("id: no API token {id:?}")));
+        }
+        Ok(Response::new(v1::RevokeApiTokenResponse {}))
     }
 
     async fn list_audit(

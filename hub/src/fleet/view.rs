@@ -241,7 +241,8 @@ impl FleetView {
             | Change::Policy { .. }
             | Change::Load { .. }
             | Change::Shift { .. }
-            | Change::Revoked { .. } => None,
+            | Change::Revoked { .. }
+            | Change::ApiToken { .. } => None,
         };
         if let Some((cluster, e)) = event
             && notify

@@ -109,6 +109,21 @@ pub static POLICY: &[(&str, Need, bool)] = &[
         false,
     ),
     (
+        "/flotilla.v1.FleetService/CreateApiToken",
+        Need::Role(Role::Admin),
+        true,
+    ),
+    (
+        "/flotilla.v1.FleetService/ListApiTokens",
+        Need::Role(Role::Admin),
+        false,
+    ),
+    (
+        "/flotilla.v1.FleetService/RevokeApiToken",
+        Need::Role(Role::Admin),
+        true,
+    ),
+    (
         "/flotilla.v1.DiscoveryService/ListServices",
         Need::Role(Role::Viewer),
         false,
@@ -288,6 +303,10 @@ pub struct AuthzLayer {
     pub audit: Audit,
     /// Counts refusals.
     pub denied: prometheus_client::metrics::counter::Counter,
+    /// Bearer tokens, for callers without a client certificate.
+    pub api_tokens: Arc<crate::security::api_tokens::ApiTokens>,
+    /// Time, for token expiry.
+    pub clock: Arc<dyn crate::controllers::Clock>,
 }
 
 impl<S> tower::Layer<S> for AuthzLayer {
@@ -329,7 +348,33 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = req.uri().path().to_string();
-        let caller = caller(req.extensions().get::<Peer>(), self.layer.fleet.as_deref());
+        let peer = req.extensions().get::<Peer>();
+        let mut caller = caller(peer, self.layer.fleet.as_deref());
+        // No client certificate over TLS: a bearer token may speak for a person or tool.
+        let bearer = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let (Ok(c), Some(token)) = (&mut caller, bearer)
+            && c.principal == Principal::Anonymous
+            && peer.is_some_and(|p| p.tls)
+        {
+            match self
+                .layer
+                .api_tokens
+                .authenticate(token, self.layer.clock.unix_ms())
+            {
+                Ok(b) => {
+                    c.principal = Principal::User {
+                        name: b.name,
+                        role: b.role,
+                    };
+                    c.credential = Some(format!("apitoken {}", b.id));
+                }
+                Err(e) => caller = Err(e),
+            }
+        }
         let audit = self.layer.audit.clone();
         let denied = self.layer.denied.clone();
         let decision = match (&caller, rule(&path)) {

@@ -4,6 +4,7 @@
 //! are pure, in `flotilla_core::security`; certificates in `flotilla_api::pki`; TLS in
 //! `flotilla_api::tls`.
 
+pub mod api_tokens;
 pub mod audit;
 pub mod authz;
 pub mod tokens;
@@ -295,6 +296,65 @@ impl Subscriber for Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    /// The runbook's rotation: trust old and new, then sign with the new, then drop the old.
+    #[test]
+    fn a_ca_rotation_overlaps_old_and_new_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, pa) = Ca::generate("f", unix_now()).unwrap();
+        let (b, pb) = Ca::generate("f", unix_now()).unwrap();
+        write(d.path(), CA_CERT, &pa.cert_pem);
+        write(d.path(), CA_KEY, &pa.key_pem);
+        let t = HubTls::load(
+            d.path(),
+            "f",
+            "1",
+            vec!["127.0.0.1".into()],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let own = |t: &HubTls| t.identity.leaf().unwrap();
+        assert!(flotilla_api::pki::signed_by(&own(&t), a.cert_pem()));
+        assert_eq!(t.pin(), a.pin());
+        let (csr, _) = flotilla_api::pki::csr().unwrap();
+        let signed = |t: &HubTls| {
+            let (pem, _) = t.sign_cluster("c", &csr, unix_now()).unwrap();
+            flotilla_api::pki::certs(&pem, "t").unwrap().remove(0)
+        };
+
+        // Step 2: old first (it signs), new beside it: both trusted, still signing with A.
+        write(
+            d.path(),
+            CA_CERT,
+            &format!("{}{}", pa.cert_pem, pb.cert_pem),
+        );
+        t.reload().unwrap();
+        assert!(t.bundle().contains(&pb.cert_pem) && t.bundle().contains(&pa.cert_pem));
+        assert_eq!(t.pin(), a.pin());
+        assert!(flotilla_api::pki::signed_by(&signed(&t), a.cert_pem()));
+
+        // Step 3: the new CA signs; its own certificate is re-issued from it.
+        write(
+            d.path(),
+            CA_CERT,
+            &format!("{}{}", pb.cert_pem, pa.cert_pem),
+        );
+        write(d.path(), CA_KEY, &pb.key_pem);
+        t.reload().unwrap();
+        t.renew_own(unix_now()).unwrap();
+        assert_eq!(t.pin(), b.pin());
+        assert!(flotilla_api::pki::signed_by(&signed(&t), b.cert_pem()));
+        assert!(flotilla_api::pki::signed_by(&own(&t), b.cert_pem()));
+
+        // A broken file leaves the running CA alone.
+        write(d.path(), CA_KEY, "not a key");
+        assert!(t.reload().is_err());
+        assert_eq!(t.pin(), b.pin());
+    }
 
     fn revoke(r: &Revocations, cluster: &str, at_ms: i64) {
         r.apply(

@@ -33,6 +33,26 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
     /// TTL of the leadership lease: a dead leader's controllers move after at most this.
     pub lease_ttl: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate and the
+    /// hub's client certificate, when etcd asks for one (`--client-cert-auth`).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd, as PEM text.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA etcd's serving certificate chains to.
+    pub ca_pem: String,
+    /// The hub's client certificate and key.
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl EtcdConfig {
@@ -43,6 +63,7 @@ impl EtcdConfig {
             prefix: "/flotilla/".into(),
             request_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -303,6 +324,17 @@ fn options(config: &EtcdConfig, timeout: bool) -> etcd::ConnectOptions {
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(false)
         .with_require_leader(true);
+    let o = match &config.tls {
+        Some(t) => {
+            let mut tls =
+                etcd::TlsOptions::new().ca_certificate(etcd::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.identity {
+                tls = tls.identity(etcd::Identity::from_pem(cert, key));
+            }
+            o.with_tls(tls)
+        }
+        None => o,
+    };
     match timeout {
         true => o.with_timeout(config.request_timeout),
         false => o,

@@ -8,6 +8,7 @@
 //! | `/tokens/<id>` | `JoinTokenRecord` (the secret only hashed) | `FleetService.CreateJoinToken` (any replica); uses spent by the leader's agent streams with a compare-and-swap |
 //! | `/approvals/<cluster>` | `ApprovalRecord` | a join with an approval token (pending); `FleetService.ApproveCluster` |
 //! | `/revoked/<cluster>` | `RevocationRecord` | `FleetService.RemoveCluster` |
+//! | `/apitokens/<id>` | `ApiTokenRecord` (the secret only hashed) | `FleetService.CreateApiToken` (any replica) |
 //! | `/audit/<ms, 16 digits>-<id>` | `AuditRecord` | every replica's audit writer; trimmed by the leader after the retention |
 //! | `/exports/<cluster>/<namespace>/<name>` | `ServiceExport` | the leader: that cluster's agent stream only |
 //! | `/policies/<namespace>/<name>`, `/policies/_default` | `RoutingPolicyRecord` | `DiscoveryService.SetPolicy` (any replica) |
@@ -27,6 +28,8 @@ pub const TOKENS: &str = "/tokens/";
 pub const APPROVALS: &str = "/approvals/";
 /// Prefix of revoked cluster identities (`v1::RevocationRecord`).
 pub const REVOKED: &str = "/revoked/";
+/// Prefix of API bearer tokens (`v1::ApiTokenRecord`).
+pub const API_TOKENS: &str = "/apitokens/";
 /// Prefix of the audit log (`v1::AuditRecord`), in time order.
 pub const AUDIT: &str = "/audit/";
 
@@ -47,8 +50,8 @@ pub const DEFAULT_POLICY: &str = "_default";
 
 /// The prefixes every replica mirrors in memory (tokens, approvals, the audit log and
 /// campaigns are read on demand).
-pub const MIRRORED: [&str; 7] = [
-    CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS, SHIFTS, REVOKED,
+pub const MIRRORED: [&str; 8] = [
+    CLUSTERS, INVENTORY, EXPORTS, POLICIES, LOADS, SHIFTS, REVOKED, API_TOKENS,
 ];
 
 /// Key of one cluster's export.
@@ -114,6 +117,11 @@ pub fn approval_key(cluster: &str) -> String {
     format!("{APPROVALS}{cluster}")
 }
 
+/// Key of an API bearer token's record.
+pub fn api_token_key(id: &str) -> String {
+    format!("{API_TOKENS}{id}")
+}
+
 /// Key of a cluster's revocation.
 pub fn revoked_key(cluster: &str) -> String {
     format!("{REVOKED}{cluster}")
@@ -141,6 +149,8 @@ pub enum Key<'a> {
     Shift(&'a str),
     /// `/revoked/<cluster>`.
     Revoked(&'a str),
+    /// `/apitokens/<id>`.
+    ApiToken(&'a str),
 }
 
 /// `<cluster>/<namespace>/<name>`, each part non-empty.
@@ -166,6 +176,8 @@ impl<'a> Key<'a> {
             (!c.is_empty()).then_some(Key::Shift(c))
         } else if let Some(c) = key.strip_prefix(REVOKED) {
             (!c.is_empty()).then_some(Key::Revoked(c))
+        } else if let Some(id) = key.strip_prefix(API_TOKENS) {
+            (!id.is_empty()).then_some(Key::ApiToken(id))
         } else if let Some(rest) = key.strip_prefix(LOADS) {
             three(rest).map(|(c, ns, n)| Key::Load(c, ns, n))
         } else if let Some(rest) = key.strip_prefix(POLICIES) {
@@ -205,6 +217,10 @@ mod tests {
         assert_eq!(
             Key::parse(revoked_key("c").as_bytes()),
             Some(Key::Revoked("c"))
+        );
+        assert_eq!(
+            Key::parse(api_token_key("ab12cd").as_bytes()),
+            Some(Key::ApiToken("ab12cd"))
         );
         assert_eq!(
             Key::parse(export_key("c", "ml", "llm").as_bytes()),

@@ -66,6 +66,13 @@ pub enum Change {
         /// Unix ms.
         at_unix_ms: Option<i64>,
     },
+    /// `/apitokens/<id>`: an API bearer token (`None`: revoked).
+    ApiToken {
+        /// Its id.
+        id: String,
+        /// The record.
+        record: Option<v1::ApiTokenRecord>,
+    },
     /// `/policies/...`: a routing policy (empty namespace and name: the fleet default).
     Policy {
         /// Namespace.
@@ -142,6 +149,13 @@ impl Change {
                 Ok(r) => Ok(Change::Revoked {
                     cluster: cluster.to_string(),
                     at_unix_ms: r.map(|r| r.revoked_at_unix_ms),
+                }),
+                Err(e) => Err(undecodable(e)),
+            },
+            Key::ApiToken(id) => match value.map(v1::ApiTokenRecord::decode).transpose() {
+                Ok(record) => Ok(Change::ApiToken {
+                    id: id.to_string(),
+                    record,
                 }),
                 Err(e) => Err(undecodable(e)),
             },
