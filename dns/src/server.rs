@@ -176,7 +176,7 @@ impl Handler {
         // A question's name is the first in the message, so it has nothing to point back to:
         // a compression pointer there (into the header) is hostile, and hickory would echo it
         // into an answer that points at garbage. FORMERR, header only.
-        if header.counts.queries == 1 && question_end(raw).is_none() {
+        if questions_end(raw, header.counts.queries).is_none() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             return encode_header(&header, ResponseCode::FormErr, out);
         }
@@ -331,7 +331,25 @@ const UDP_BATCH: usize = 64;
 
 /// The end of the question section of the DNS message `m` (one question), if it is whole.
 fn question_end(m: &[u8]) -> Option<usize> {
+    questions_end(m, 1)
+}
+
+/// The end of `count` questions from offset 12 of `m`, if they are whole and none of their
+/// names is compressed.
+fn questions_end(m: &[u8], count: u16) -> Option<usize> {
     let mut i = 12;
+    for _ in 0..count {
+        i = name_end(m, i)? + 4;
+        if i > m.len() {
+            return None;
+        }
+    }
+    Some(i)
+}
+
+/// The end of the uncompressed name at `at` in `m`.
+fn name_end(m: &[u8], at: usize) -> Option<usize> {
+    let mut i = at;
     loop {
         let len = usize::from(*m.get(i)?);
         if len == 0 {
@@ -339,12 +357,13 @@ fn question_end(m: &[u8]) -> Option<usize> {
             break;
         }
         if len & 0xc0 != 0 {
-            // A compressed name cannot start a question.
+            // Compressed (or a reserved label type): a question's name has nothing before it
+            // to point to.
             return None;
         }
         i += 1 + len;
     }
-    (i + 4 <= m.len()).then_some(i + 4)
+    Some(i)
 }
 
 /// The rate-limit key of a response: its question (name case-folded, type, class) for an
