@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::Clock;
-use crate::security::authz::Caller;
+use crate::security::caller::Caller;
 use crate::store::keys;
 
 /// Records waiting for the writer before new ones are dropped.

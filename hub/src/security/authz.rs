@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use flotilla_api::tls::Peer;
-use flotilla_core::security::{Need, Principal, Role, SpiffeId, permits};
+use flotilla_core::security::{Need, Principal, Role, permits};
 use futures::future::BoxFuture;
 use tonic::Status;
 
 use crate::security::audit::{Audit, Decision};
+pub use crate::security::caller::{Caller, caller};
 
 /// Every method the hub serves and what its caller needs. `mutates`: the call changes state,
 /// so it is audited whatever its outcome.
@@ -200,21 +201,6 @@ pub fn rule(path: &str) -> Option<(Need, bool)> {
         .map(|(_, n, m)| (*n, *m))
 }
 
-/// Who called, as the layer established it; every request to a service carries one.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The principal.
-    pub principal: Principal,
-    /// The client certificate's serial (hex), if one was presented.
-    pub credential: Option<String>,
-    /// When that certificate was made valid (Unix seconds).
-    pub not_before: Option<i64>,
-    /// When that certificate expires (Unix seconds).
-    pub not_after: Option<i64>,
-    /// Where from.
-    pub remote: Option<std::net::SocketAddr>,
-}
-
 /// What a mutating call acted on, as its service names it for the audit record.
 #[derive(Debug, Clone, Default)]
 pub struct AuditTarget(Arc<std::sync::Mutex<String>>);
@@ -238,60 +224,6 @@ impl AuditTarget {
 /// record.
 pub fn audit_target<T>(req: &tonic::Request<T>, target: impl Into<String>) {
     AuditTarget::of(req).set(target);
-}
-
-impl Caller {
-    /// The caller of `req` (unauthenticated when no layer ran, as in unit tests).
-    pub fn of<T>(req: &tonic::Request<T>) -> Caller {
-        req.extensions().get::<Caller>().cloned().unwrap_or(Caller {
-            principal: Principal::Unauthenticated,
-            credential: None,
-            not_before: None,
-            not_after: None,
-            remote: None,
-        })
-    }
-}
-
-/// Turns a connection's verified peer into a caller. `fleet: None`: the hub runs without TLS.
-pub fn caller(peer: Option<&Peer>, fleet: Option<&str>) -> Result<Caller, String> {
-    let remote = peer.and_then(|p| p.remote);
-    let Some(fleet) = fleet else {
-        return Ok(Caller {
-            principal: Principal::Unauthenticated,
-            credential: None,
-            not_before: None,
-            not_after: None,
-            remote,
-        });
-    };
-    let Some(leaf) = peer.and_then(|p| p.certs.as_ref()).and_then(|c| c.first()) else {
-        return Ok(Caller {
-            principal: Principal::Anonymous,
-            credential: None,
-            not_before: None,
-            not_after: None,
-            remote,
-        });
-    };
-    let leaf = flotilla_api::pki::leaf(leaf).map_err(|e| e.to_string())?;
-    let [uri] = leaf.uris.as_slice() else {
-        return Err("the client certificate must carry exactly one spiffe:// URI SAN".into());
-    };
-    let id = SpiffeId::parse(uri)?;
-    if id.fleet != fleet {
-        return Err(format!(
-            "the client certificate is for fleet {:?}, this hub serves {fleet:?}",
-            id.fleet
-        ));
-    }
-    Ok(Caller {
-        principal: id.principal,
-        credential: Some(leaf.serial),
-        not_before: Some(leaf.not_before),
-        not_after: Some(leaf.not_after),
-        remote,
-    })
 }
 
 /// The layer: authenticate, authorize, audit.

@@ -7,6 +7,7 @@
 pub mod api_tokens;
 pub mod audit;
 pub mod authz;
+pub mod caller;
 pub mod tokens;
 
 use std::collections::HashMap;
