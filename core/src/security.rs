@@ -7,6 +7,20 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
+/// Checks the name of a person or tool (in certificates and bearer tokens, shown in the
+/// audit log): 1-64 letters, digits, `-`, `_`, `.` or `@`.
+pub fn check_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+    match ok {
+        true => Ok(()),
+        false => Err("1-64 letters, digits, '-', '_', '.' or '@'".into()),
+    }
+}
+
 /// A person's or tool's role. Each includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
@@ -535,6 +549,15 @@ mod tests {
         assert_eq!(renew_at(0, 1000, 0.5), 750);
         assert_eq!(renew_at(100, 1100, 0.999_999), 1000);
         assert_eq!(renew_at(0, 1000, 7.0), 900, "jitter is clamped");
+    }
+
+    #[test]
+    fn user_names_are_short_and_plain() {
+        assert!(check_user_name("alice@example.com").is_ok());
+        assert!(check_user_name("ci-deploy_2").is_ok());
+        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_user_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

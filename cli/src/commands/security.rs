@@ -283,17 +283,8 @@ pub fn ca(what: CaCmd) -> Result<(), Failure> {
             out,
         } => {
             let role = Role::parse(&role).map_err(|e| (format!("--role: {e}"), 2))?;
-            let ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-            if !ok {
-                return Err((
-                    "--name: 1-64 letters, digits, '-', '_', '.' or '@'".into(),
-                    2,
-                ));
-            }
+            flotilla_core::security::check_user_name(&name)
+                .map_err(|e| (format!("--name: {e}"), 2))?;
             let (ca, fleet) = load_ca(&dir)?;
             let pair = ca
                 .issue(

@@ -471,16 +471,8 @@ impl<B: KvBackend + Clone> v1::fleet_service_server::FleetService for FleetSvc<B
             .principal
             .to_string();
         let r = req.get_ref();
-        let ok = !r.name.is_empty()
-            && r.name.len() <= 64
-            && r.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-        if !ok {
-            return Err(Status::invalid_argument(
-                "name: 1-64 letters, digits, '-', '_', '.' or '@'",
-            ));
-        }
+        flotilla_core::security::check_user_name(&r.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let role = flotilla_core::security::Role::parse(&r.role)
             .map_err(|e| Status::invalid_argument(format!("role: {e}")))?;
         let ttl = match r.ttl_seconds {
